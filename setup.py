@@ -1,0 +1,23 @@
+"""t2i_jax: text-to-image diffusion models in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="t2i_jax",
+    version="0.1.0",
+    description="Text-to-image diffusion models (DDPM/DDIM family with guidance) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["t2i_jax", "t2i_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # jax.typeof, jax.sharding.reshard / AxisType, jax.set_mesh and jax.extend.random
+        "jax>=0.7.1",
+        "flax>=0.10.4",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0"],
+        "plots": ["matplotlib>=3.8"],
+    },
+)

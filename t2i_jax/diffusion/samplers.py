@@ -1,0 +1,280 @@
+"""Samplers: one step function per method, all with one signature, driven by one lax.scan.
+
+  ddpm      ancestral sampling of q(x_s | x_t, x0_hat) on any subset of timesteps, with the
+            respaced beta_ts = 1 - abar_t / abar_s (DDPM Alg. 2; Improved DDPM sec. 4)
+  ddim      x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z,
+            sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(beta_ts) (Song et al. 2021, eq. 12, 16)
+  dpmpp_2m  DPM-Solver++(2M), multistep second order in data prediction (Lu et al. 2022, Alg. 2)
+
+Here t is the timestep a step starts from and s the next (less noisy) visited one; after the
+last visited timestep s is the data itself (abar_s = 1), so every sampler ends on x0_hat.
+
+Call `sample` under jax.jit. The guidance weight, eta, classifier scale, rng and x_T are
+traced values: changing them does not recompile; num_steps, the sampler and the functions do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2i_jax.diffusion import forward, guidance, noise
+from t2i_jax.diffusion.schedules import Schedule
+
+SPACINGS = ("trailing", "leading", "linspace")
+DDPM_VARIANCES = ("posterior", "beta")
+
+initial_noise = noise.initial_noise  # re-exported: x_T for sample(), drawn per sample index
+
+
+def timesteps(schedule: Schedule | int, num_steps: int, spacing: str = "trailing") -> np.ndarray:
+    """Returns the num_steps decreasing int32 timesteps [num_steps] a sampler visits (NumPy).
+
+    spacing (T = number of training timesteps, S = num_steps):
+      "trailing" (default): round(T - i T / S) - 1 for i = 0..S-1; always starts at T-1, where x_T
+                 ~ N(0, I) is closest to the forward marginal (Lin et al. 2023, table 2); S = T
+                 visits every timestep.
+      "leading":  i * (T // S), reversed (the DDIM paper's uniform subsequence; starts below T-1
+                 unless S = T).
+      "linspace": round(linspace(0, T-1, S)), reversed (ends at t = 0).
+    """
+    T = schedule.num_timesteps if isinstance(schedule, Schedule) else int(schedule)
+    if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be an int in 1..T = 1..{T}, got {num_steps!r}.")
+    if spacing == "trailing":
+        ts = np.round(T - np.arange(num_steps) * (T / num_steps)).astype(np.int64) - 1
+    elif spacing == "leading":
+        ts = (np.arange(num_steps) * (T // num_steps))[::-1]
+    elif spacing == "linspace":
+        ts = np.round(np.linspace(0, T - 1, num_steps)).astype(np.int64)[::-1]
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}.")
+    assert np.all(np.diff(ts) < 0) and ts[0] <= T - 1 and ts[-1] >= 0, ts
+    return ts.astype(np.int32)  # host array: known at trace time, usable as a static value
+
+
+class StepCoefficients(NamedTuple):
+    """Scalars of one step from timestep t to the next visited s (abar_s = 1 after the last)."""
+    alpha_bar_t: jax.Array
+    alpha_bar_s: jax.Array
+    one_minus_alpha_bar_t: jax.Array  # 1 - abar_t, from the float64-derived sqrt(1 - abar)
+    one_minus_alpha_bar_s: jax.Array
+    beta_ts: jax.Array                # 1 - abar_t / abar_s; betas[t] exactly when s = t - 1
+    half_log_snr_t: jax.Array         # lambda_t = log(alpha_t / sigma_t); -inf at zero SNR
+    half_log_snr_s: jax.Array         # +inf after the last step
+    is_first: jax.Array
+    is_last: jax.Array
+
+
+def step_coefficients(schedule: Schedule, ts: jax.Array) -> StepCoefficients:
+    """Returns the StepCoefficients of every step of the visited timesteps ts [N], each [N]."""
+    n = ts.shape[0]
+    s = jnp.append(ts[1:], -1)  # [N]; -1 stands for the data (abar = 1)
+    last = s < 0
+    s_idx = jnp.maximum(s, 0)
+    ab_t, ab_s = schedule.alphas_cumprod[ts], jnp.where(last, 1.0, schedule.alphas_cumprod[s_idx])
+    om_t = jnp.square(schedule.sqrt_one_minus_alphas_cumprod[ts])
+    om_s = jnp.where(last, 0.0, jnp.square(schedule.sqrt_one_minus_alphas_cumprod[s_idx]))
+    beta_ts = jnp.where(s == ts - 1, schedule.betas[ts], 1.0 - ab_t / ab_s)
+    beta_ts = jnp.where(last, om_t, beta_ts)
+    return StepCoefficients(
+        alpha_bar_t=ab_t, alpha_bar_s=ab_s, one_minus_alpha_bar_t=om_t, one_minus_alpha_bar_s=om_s,
+        beta_ts=beta_ts, half_log_snr_t=0.5 * schedule.log_snr[ts],
+        half_log_snr_s=jnp.where(last, jnp.inf, 0.5 * schedule.log_snr[s_idx]),
+        is_first=jnp.arange(n) == 0, is_last=last)
+
+
+class Options(NamedTuple):
+    eta: jax.Array          # DDIM's eta (traced)
+    ddpm_variance: str      # "posterior" (beta~_ts) or "beta" (beta_ts)
+
+
+# Every step: (x_t, eps_hat, x0_hat, c: StepCoefficients, z, state, opts) -> (x_s, state), where
+# z ~ N(0, I) [B, ...] is the step's noise (None for a sampler that draws none).
+
+def ddpm_step(x_t, eps_hat, x0_hat, c, z, state, opts):
+    """Returns a draw of q(x_s | x_t, x0_hat) with the respaced beta_ts (DDPM eqs. 6-7, Alg. 2)."""
+    del eps_hat
+    alpha_ts = c.alpha_bar_t / c.alpha_bar_s
+    coef_x0 = c.beta_ts * jnp.sqrt(c.alpha_bar_s) / c.one_minus_alpha_bar_t
+    coef_xt = c.one_minus_alpha_bar_s * jnp.sqrt(alpha_ts) / c.one_minus_alpha_bar_t
+    if opts.ddpm_variance == "posterior":
+        var = c.beta_ts * c.one_minus_alpha_bar_s / c.one_minus_alpha_bar_t
+    else:
+        var = c.beta_ts
+    var = jnp.where(c.is_last, 0.0, var)
+    return coef_x0 * x0_hat + coef_xt * x_t + jnp.sqrt(var) * z, state
+
+
+def ddim_step(x_t, eps_hat, x0_hat, c, z, state, opts):
+    """Returns x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z (DDIM eq. 12)."""
+    var = jnp.square(opts.eta) * c.one_minus_alpha_bar_s / c.one_minus_alpha_bar_t * c.beta_ts
+    dir_coef = jnp.sqrt(jnp.maximum(c.one_minus_alpha_bar_s - var, 0.0))
+    x_s = jnp.sqrt(c.alpha_bar_s) * x0_hat + dir_coef * eps_hat
+    if z is not None:
+        x_s = x_s + jnp.sqrt(var) * z
+    return x_s, state
+
+
+def dpmpp_2m_step(x_t, eps_hat, x0_hat, c, z, state, opts):
+    """Returns the DPM-Solver++(2M) update (Lu et al. 2022, Alg. 2); first order on the first
+    and last steps (the last goes to abar_s = 1, where it returns x0_hat)."""
+    del eps_hat, z, opts
+    x0_prev, h_prev = state
+    h = c.half_log_snr_s - c.half_log_snr_t  # > 0; +inf on the last step
+    second = jnp.logical_not(c.is_first | c.is_last)
+    r = jnp.where(second, h_prev / jnp.where(second, h, 1.0), 1.0)
+    d = jnp.where(second, (1.0 + 0.5 / r) * x0_hat - (0.5 / r) * x0_prev, x0_hat)
+    sigma_ratio = jnp.sqrt(c.one_minus_alpha_bar_s / c.one_minus_alpha_bar_t)
+    x_s = sigma_ratio * x_t - jnp.sqrt(c.alpha_bar_s) * jnp.expm1(-h) * d
+    return x_s, (x0_hat, h)
+
+
+class Sampler(NamedTuple):
+    step: Callable
+    init_state: Callable[[jax.Array], Any]
+    stochastic: bool  # whether its step draws noise
+
+
+SAMPLERS = {
+    "ddpm": Sampler(ddpm_step, lambda x: (), stochastic=True),
+    "ddim": Sampler(ddim_step, lambda x: (), stochastic=True),
+    "dpmpp_2m": Sampler(dpmpp_2m_step, lambda x: (jnp.zeros_like(x), jnp.ones((), x.dtype)),
+                        stochastic=False),
+}
+
+
+def _static_value(x) -> Optional[np.ndarray]:
+    """Returns x as a numpy array if it is known at trace time, else None."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_batch(tree, batch: int, name: str, allow_one: bool = False) -> None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        shape = jnp.shape(leaf)
+        if not shape or (shape[0] != batch and not (allow_one and shape[0] == 1)):
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} has shape {shape}, but every leaf of {name} "
+                f"needs a leading batch axis of size {batch} (the batch of x_T)"
+                + (" or 1" if allow_one else "") + ".")
+
+
+def _like(b: jax.Array, a: jax.Array) -> jax.Array:
+    """Returns b broadcast to a's shape and, under a mesh with explicit axes, to a's sharding."""
+    b = jnp.broadcast_to(b, a.shape)
+    sharding = jax.typeof(a).sharding
+    if any(kind == jax.sharding.AxisType.Explicit for kind in sharding.mesh.axis_types):
+        b = jax.sharding.reshard(b, sharding.spec)
+    return b
+
+
+def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Returns [a0, b0, a1, b1, ...] [2B, ...]: each sample's conditional and null rows sit side
+    by side, so a batch sharded over devices stays sharded the same way, with no data movement."""
+    return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
+
+
+def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: Any = None,
+           null_cond: Any = None, guidance_weight=0.0, sampler: str = "ddim", num_steps: int = 50,
+           eta=0.0, rng: Optional[jax.Array] = None, thresholding=None,
+           guidance_fn: Optional[Callable] = None, classifier_scale=1.0,
+           prediction: str = "eps", spacing: str = "trailing", ddpm_variance: str = "posterior",
+           sample_ids: Optional[jax.Array] = None) -> jax.Array:
+    """Returns the final x0 estimate [B, ...] of a reverse diffusion from x_T [B, ...].
+
+    denoise_fn(x_t [N, ...], t int32 [N], cond) -> output [N, ...]: any function (a network or an
+      exact formula); its output predicts `prediction` ("eps", "x0" or "v").
+    cond, null_cond: pytrees whose leaves have a leading batch axis B (null_cond: B or 1). With
+      null_cond given, each step makes ONE denoise_fn call on 2B rows (each sample's conditional
+      and null rows side by side) and combines (1 + w) out(cond) - w out(null), w =
+      guidance_weight ([] or [B]; w = 0 is conditional sampling; "scale" s = 1 + w).
+    guidance_fn(x_t, t, cond) -> [B]: a differentiable log p(y | x_t) or similarity; adds
+      eps -= sqrt(1 - abar_t) * classifier_scale * grad (ADM). classifier_scale is [] or [B].
+    thresholding: None, "static", "dynamic" or a function x0 -> x0, applied to x0_hat each step
+      (eps_hat is then recomputed from it).
+    rng: key for the noise of ddpm and of ddim with eta != 0; sample i's noise comes from
+      fold_in(rng, sample_ids[i]) (default ids 0..B-1), so it is the same in any batch.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {tuple(SAMPLERS)}.")
+    if ddpm_variance not in DDPM_VARIANCES:
+        raise ValueError(f"unknown ddpm_variance {ddpm_variance!r}; choose one of {DDPM_VARIANCES}.")
+    forward.check_prediction(prediction)
+    threshold_fn = guidance.resolve_thresholding(thresholding)
+    if x_T.ndim < 1:
+        raise ValueError(f"x_T must have a leading batch axis, got shape {x_T.shape}.")
+    batch = x_T.shape[0]
+    _check_batch(cond, batch, "cond")
+    if null_cond is not None:
+        if cond is None:
+            raise ValueError("null_cond was given without cond; pass the condition to guide with.")
+        if jax.tree_util.tree_structure(null_cond) != jax.tree_util.tree_structure(cond):
+            raise ValueError("null_cond must have the same pytree structure as cond.")
+        _check_batch(null_cond, batch, "null_cond", allow_one=True)
+    else:
+        w_static = _static_value(guidance_weight)
+        if w_static is None or np.any(w_static != 0):
+            raise ValueError("guidance_weight needs null_cond: pass the null condition (the empty "
+                             "prompt or the learned null embedding) to use classifier-free guidance.")
+    eta_static = _static_value(eta)
+    if eta_static is not None and np.any(eta_static < 0):
+        raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like), got {eta_static}.")
+    if sample_ids is None:
+        sample_ids = jnp.arange(batch)
+    elif jnp.shape(sample_ids) != (batch,):
+        raise ValueError(f"sample_ids must have shape [B] = [{batch}], got {jnp.shape(sample_ids)}.")
+
+    spec = SAMPLERS[sampler]
+    noisy = spec.stochastic and not (sampler == "ddim" and eta_static is not None
+                                     and np.all(eta_static == 0))
+    if noisy and rng is None:
+        raise ValueError(f"sampler {sampler!r}" + (" with eta != 0" if sampler == "ddim" else "")
+                         + " draws noise: pass rng=jax.random.key(seed).")
+    ts = timesteps(schedule, num_steps, spacing)
+    starts_at_zero_snr = schedule.zero_terminal_snr and ts[0] == schedule.num_timesteps - 1
+    if starts_at_zero_snr and prediction == "eps":
+        raise ValueError("the schedule has zero terminal SNR and sampling starts at t = T-1, where "
+                         "x0 cannot be recovered from eps: use a v- or x0-predicting model "
+                         "(prediction='v'), or spacing='leading'.")
+
+    ts = jnp.asarray(ts)
+    coeffs = step_coefficients(schedule, ts)
+    opts = Options(eta=jnp.asarray(eta, x_T.dtype), ddpm_variance=ddpm_variance)
+    if null_cond is not None:  # loop-invariant: paired once, reused at every step
+        paired_cond = jax.tree_util.tree_map(lambda c, n: _interleave(c, _like(n, c)), cond, null_cond)
+    keys = noise.per_sample_keys(rng, sample_ids, noise.STEP_NOISE) if noisy else None
+
+    def model_output(x, t):
+        if null_cond is None:
+            return denoise_fn(x, jnp.full((batch,), t, jnp.int32), cond)
+        out = denoise_fn(_interleave(x, x), jnp.full((2 * batch,), t, jnp.int32), paired_cond)
+        out = out.reshape((batch, 2) + out.shape[1:])
+        return guidance.cfg_combine(out[:, 0], out[:, 1], guidance_weight)
+
+    def body(carry, inputs):
+        x, state = carry
+        i, t, c = inputs
+        alpha_bar = c.alpha_bar_t
+        eps_hat, x0_hat = forward.eps_and_x0(model_output(x, t).astype(x.dtype), x, alpha_bar, prediction)
+        if guidance_fn is not None:
+            eps_hat = guidance.classifier_guidance(
+                eps_hat, x, jnp.full((batch,), t, jnp.int32), cond, guidance_fn,
+                classifier_scale, jnp.sqrt(c.one_minus_alpha_bar_t))
+            # At zero SNR x_t carries no information about y, so the exact gradient is 0.
+            x0_hat = jnp.where(alpha_bar > 0, forward.x0_from_eps(x, eps_hat, alpha_bar), x0_hat)
+        if threshold_fn is not None:
+            x0_hat = threshold_fn(x0_hat)
+            eps_hat = forward.eps_from_x0(x, x0_hat, alpha_bar)
+        z = noise.batch_normal(keys, x.shape[1:], x.dtype, step=i) if noisy else None  # [B, ...]
+        x, state = spec.step(x, eps_hat, x0_hat, c, z, state, opts)
+        return (x, state), None
+
+    (x0, _), _ = jax.lax.scan(body, (x_T, spec.init_state(x_T)),
+                              (jnp.arange(num_steps), ts, coeffs))
+    return x0
