@@ -63,6 +63,10 @@ def test_min_snr_weights_closed_form_and_finite_at_zero_terminal_snr():
     np.testing.assert_allclose(w["v"], np.minimum(snr64, 5.0) / (snr64 + 1), rtol=1e-6)
     np.testing.assert_allclose(w["eps"][:2], np.minimum(snr64[:2], 5.0) / snr64[:2], rtol=1e-6)
     assert w["eps"][-1] == 1.0 and w["x0"][-1] == 0.0 and w["v"][-1] == 0.0
+    # zero_snr_weight trains t = T-1 too (as diffusers' scripts do); other timesteps keep theirs.
+    for p in ("eps", "x0", "v"):
+        w1 = np.asarray(losses.loss_weight(snr, p, "min_snr", 5.0, zero_snr_weight=1.0))
+        assert w1[-1] == 1.0 and np.array_equal(w1[:2], w[p][:2])
     # And the whole loss is finite there, for each target, with gradients.
     x0, noise, _, _ = _batch(s)
     t6 = jnp.full((6,), 999, jnp.int32)

@@ -60,3 +60,20 @@ def test_initial_noise_depends_on_the_index_not_the_batch():
 def test_any_key_implementation_works():
     z = noise.normal(jax.random.key(0, impl="rbg"), (10000,))
     assert abs(float(jnp.mean(z))) < 0.04 and abs(float(jnp.var(z)) - 1) < 0.06
+
+
+def test_draws_do_not_depend_on_the_threefry_partitionable_flag():
+    key = jax.random.fold_in(jax.random.key(3), 9)
+    with jax.threefry_partitionable(True):
+        a = np.asarray(noise.normal(key, (257,)))
+    with jax.threefry_partitionable(False):
+        b = np.asarray(noise.normal(key, (257,)))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_the_uniform_grid_is_symmetric():
+    """u = 2 m - (1 - 2^-23) over all 2^23 mantissas m: symmetric about 0, never +-1."""
+    m = np.arange(2 ** 23, dtype=np.float64) * 2.0 ** -23
+    u = (np.float32(2.0) * m.astype(np.float32) - noise._HALF_BIN).astype(np.float64)
+    assert u.min() == -(1 - 2.0 ** -23) and u.max() == 1 - 2.0 ** -23
+    np.testing.assert_array_equal(u, -u[::-1])

@@ -106,7 +106,7 @@ def test_bad_arguments_are_named():
         make_schedule("quadratic", 1000)
     with pytest.raises(ValueError, match="positive int"):
         make_schedule("cosine", 0)
-    with pytest.raises(ValueError, match="T >= 20"):
-        make_schedule("linear", 10)
+    with pytest.raises(ValueError, match="T > 20"):
+        make_schedule("linear", 20)
     with pytest.raises(ValueError, match="takes no options"):
         make_schedule("linear", 1000, offset=0.1)

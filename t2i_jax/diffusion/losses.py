@@ -11,6 +11,8 @@ terminal SNR), where the eps weight takes its limit 1.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -26,8 +28,13 @@ def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
 
 
 def loss_weight(snr_t: jax.Array, prediction: str = "eps", weighting: str = "uniform",
-                min_snr_gamma: float = 5.0) -> jax.Array:
-    """Returns the weight [B] of the squared error of a `prediction` target at SNR snr_t [B]."""
+                min_snr_gamma: float = 5.0, zero_snr_weight: Optional[float] = None) -> jax.Array:
+    """Returns the weight [B] of the squared error of a `prediction` target at SNR snr_t [B].
+
+    zero_snr_weight: if given, the min-SNR weight used where SNR = 0 (zero terminal SNR). The
+    paper's formula gives x0 and v targets weight 0 there, so t = T-1, where every trailing-
+    spaced sampling run starts, gets no gradient; diffusers' training scripts use 1.
+    """
     forward.check_prediction(prediction)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {WEIGHTINGS}.")
@@ -35,15 +42,19 @@ def loss_weight(snr_t: jax.Array, prediction: str = "eps", weighting: str = "uni
         return jnp.ones_like(snr_t)
     clipped = jnp.minimum(snr_t, min_snr_gamma)
     if prediction == "eps":
-        return jnp.minimum(1.0, min_snr_gamma / snr_t)  # gamma / 0 = inf -> weight 1 at SNR 0
-    if prediction == "x0":
-        return clipped
-    return clipped / (snr_t + 1.0)
+        weight = jnp.minimum(1.0, min_snr_gamma / snr_t)  # gamma / 0 = inf -> weight 1 at SNR 0
+    elif prediction == "x0":
+        weight = clipped
+    else:
+        weight = clipped / (snr_t + 1.0)
+    if zero_snr_weight is not None:
+        weight = jnp.where(snr_t == 0, jnp.asarray(zero_snr_weight, weight.dtype), weight)
+    return weight
 
 
 def per_example_loss(schedule: Schedule, output: jax.Array, x0: jax.Array, t: jax.Array,
                      noise: jax.Array, *, prediction: str = "eps", weighting: str = "uniform",
-                     min_snr_gamma: float = 5.0) -> jax.Array:
+                     min_snr_gamma: float = 5.0, zero_snr_weight: Optional[float] = None) -> jax.Array:
     """Returns the weighted mean squared error [B] of a model output [B, ...] against its target.
 
     The model saw x_t = q_sample(schedule, x0, t, noise); `prediction` says what it predicts.
@@ -57,4 +68,5 @@ def per_example_loss(schedule: Schedule, output: jax.Array, x0: jax.Array, t: ja
     target = forward.prediction_target(x0, noise, alpha_bar, prediction)
     err = jnp.square(output.astype(jnp.float32) - target.astype(jnp.float32))
     mse = jnp.mean(err.reshape(err.shape[0], -1), axis=1)  # [B]
-    return loss_weight(snr(schedule, t), prediction, weighting, min_snr_gamma) * mse
+    weight = loss_weight(snr(schedule, t), prediction, weighting, min_snr_gamma, zero_snr_weight)
+    return weight * mse

@@ -62,7 +62,7 @@ class StepCoefficients(NamedTuple):
     alpha_bar_s: jax.Array
     one_minus_alpha_bar_t: jax.Array  # 1 - abar_t, from the float64-derived sqrt(1 - abar)
     one_minus_alpha_bar_s: jax.Array
-    beta_ts: jax.Array                # 1 - abar_t / abar_s; betas[t] exactly when s = t - 1
+    beta_ts: jax.Array                # 1 - abar_t / abar_s, from the betas in (s, t]; betas[t] if s = t-1
     half_log_snr_t: jax.Array         # lambda_t = log(alpha_t / sigma_t); -inf at zero SNR
     half_log_snr_s: jax.Array         # +inf after the last step
     is_first: jax.Array
@@ -78,7 +78,12 @@ def step_coefficients(schedule: Schedule, ts: jax.Array) -> StepCoefficients:
     ab_t, ab_s = schedule.alphas_cumprod[ts], jnp.where(last, 1.0, schedule.alphas_cumprod[s_idx])
     om_t = jnp.square(schedule.sqrt_one_minus_alphas_cumprod[ts])
     om_s = jnp.where(last, 0.0, jnp.square(schedule.sqrt_one_minus_alphas_cumprod[s_idx]))
-    beta_ts = jnp.where(s == ts - 1, schedule.betas[ts], 1.0 - ab_t / ab_s)
+    # beta_ts = 1 - prod_{s < u <= t} (1 - beta_u) = -expm1(sum log1p(-beta_u)): no cancellation,
+    # unlike 1 - abar_t / abar_s in float32 when the two are close (short strides near t = 0).
+    u = jnp.arange(schedule.num_timesteps)
+    in_window = (u[None, :] > s[:, None]) & (u[None, :] <= ts[:, None])  # [N, T]
+    log_alpha_ts = jnp.sum(jnp.where(in_window, jnp.log1p(-schedule.betas)[None, :], 0.0), axis=1)
+    beta_ts = jnp.where(s == ts - 1, schedule.betas[ts], -jnp.expm1(log_alpha_ts))  # exact at stride 1
     beta_ts = jnp.where(last, om_t, beta_ts)
     return StepCoefficients(
         alpha_bar_t=ab_t, alpha_bar_s=ab_s, one_minus_alpha_bar_t=om_t, one_minus_alpha_bar_s=om_s,
@@ -98,7 +103,7 @@ class Options(NamedTuple):
 def ddpm_step(x_t, eps_hat, x0_hat, c, z, state, opts):
     """Returns a draw of q(x_s | x_t, x0_hat) with the respaced beta_ts (DDPM eqs. 6-7, Alg. 2)."""
     del eps_hat
-    alpha_ts = c.alpha_bar_t / c.alpha_bar_s
+    alpha_ts = 1.0 - c.beta_ts
     coef_x0 = c.beta_ts * jnp.sqrt(c.alpha_bar_s) / c.one_minus_alpha_bar_t
     coef_xt = c.one_minus_alpha_bar_s * jnp.sqrt(alpha_ts) / c.one_minus_alpha_bar_t
     if opts.ddpm_variance == "posterior":
@@ -198,8 +203,9 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
       eps -= sqrt(1 - abar_t) * classifier_scale * grad (ADM). classifier_scale is [] or [B].
     thresholding: None, "static", "dynamic" or a function x0 -> x0, applied to x0_hat each step
       (eps_hat is then recomputed from it).
-    rng: key for the noise of ddpm and of ddim with eta != 0; sample i's noise comes from
-      fold_in(rng, sample_ids[i]) (default ids 0..B-1), so it is the same in any batch.
+    rng: key for the noise of ddpm and of ddim with eta != 0; sample i's noise at step k comes
+      from fold_in(fold_in(fold_in(rng, STEP_NOISE), sample_ids[i]), k) (noise.py; default ids
+      0..B-1), so it is the same in any batch and on any number of devices.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {tuple(SAMPLERS)}.")
@@ -272,8 +278,9 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
             x0_hat = threshold_fn(x0_hat)
             eps_hat = forward.eps_from_x0(x, x0_hat, alpha_bar)
         z = noise.batch_normal(keys, x.shape[1:], x.dtype, step=i) if noisy else None  # [B, ...]
-        x, state = spec.step(x, eps_hat, x0_hat, c, z, state, opts)
-        return (x, state), None
+        x_s, state = spec.step(x, eps_hat, x0_hat, c, z, state, opts)
+        # Coefficients are float32; a bfloat16 / float16 chain keeps its own dtype.
+        return (x_s.astype(x.dtype), jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), state, carry[1])), None
 
     (x0, _), _ = jax.lax.scan(body, (x_T, spec.init_state(x_T)),
                               (jnp.arange(num_steps), ts, coeffs))

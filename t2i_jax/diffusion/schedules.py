@@ -95,8 +95,9 @@ def betas_for_alpha_bar(num_timesteps: int, alpha_bar: Callable[[np.ndarray], np
 
 def linear_betas(num_timesteps: int) -> np.ndarray:
     """Returns DDPM's betas, 1e-4 to 0.02 at T = 1000, scaled by 1000 / T (IDDPM) for other T."""
-    if num_timesteps < 20:
-        raise ValueError(f"the linear schedule needs T >= 20 (its last beta is 20 / T), got {num_timesteps}.")
+    if num_timesteps <= 20:
+        raise ValueError(f"the linear schedule needs T > 20 (its last beta is 20 / T), got {num_timesteps}; "
+                         "for zero terminal SNR say so with zero_terminal_snr=True.")
     scale = 1000.0 / num_timesteps
     return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
 
@@ -110,7 +111,8 @@ def cosine_alpha_bar(s: np.ndarray, offset: float = 0.008) -> np.ndarray:
 def sigmoid_alpha_bar(s: np.ndarray, start: float = -3.0, end: float = 3.0,
                       tau: float = 1.0) -> np.ndarray:
     """Returns abar(s) of the sigmoid schedule (Chen 2023, "On the importance of noise
-    scheduling", Algorithm 1; Jabri et al. 2023): 1 at s = 0, 0 at s = 1."""
+    scheduling", Algorithm 1; Jabri et al. 2023): 1 at s = 0, 0 at s = 1. Chen's clip_min is
+    not applied: discretised through betas_for_alpha_bar, the last beta is capped at 0.999 instead."""
     sigmoid = lambda z: 1.0 / (1.0 + np.exp(-z))
     v_start, v_end = sigmoid(start / tau), sigmoid(end / tau)
     return (v_end - sigmoid((s * (end - start) + start) / tau)) / (v_end - v_start)
