@@ -71,6 +71,19 @@ def test_bfloat16_chain_keeps_its_dtype_and_agrees_with_float32(sampler):
     assert np.mean(np.abs(np.asarray(low, np.float64) - full)) < 0.02  # measured: 0.003-0.004
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+def test_eps_x0_and_v_models_give_the_same_chain(sampler):
+    """The same exact denoiser, parameterised three ways, must produce the same samples."""
+    x_T, _ = MIXTURE.sample(jax.random.key(5), 256, SCHEDULE.alphas_cumprod[-1])
+    outs = {}
+    for prediction, make in [("eps", analytic.eps_fn), ("x0", analytic.x0_fn), ("v", analytic.v_fn)]:
+        outs[prediction] = np.asarray(jax.jit(lambda x: samplers.sample(
+            make(MIXTURE, SCHEDULE), SCHEDULE, x, sampler=sampler, num_steps=25,
+            prediction=prediction, rng=jax.random.key(1)))(x_T))
+    np.testing.assert_allclose(outs["x0"], outs["eps"], atol=1e-4)
+    np.testing.assert_allclose(outs["v"], outs["eps"], atol=1e-4)
+
+
 def _one_step(sampler, t, s, x, eps, noise, **opts):
     ts = jnp.array([t, s] if s >= 0 else [t], jnp.int32)
     c = jax.tree_util.tree_map(lambda a: a[0], samplers.step_coefficients(SCHEDULE, ts))

@@ -106,6 +106,14 @@ def v_fn(mixture: GaussianMixture, schedule: Schedule):
     return denoise
 
 
+def x0_fn(mixture: GaussianMixture, schedule: Schedule):
+    """Returns denoise_fn -> the exact x0* = E[x0 | x_t, y] (the posterior mean, Tweedie)."""
+    def denoise(x_t, t, label):
+        flat, ab, om = _flat_alpha(schedule, x_t, t)
+        return mixture.denoise(flat, ab, om, label)[1].reshape(x_t.shape)
+    return denoise
+
+
 def classifier_fn(mixture: GaussianMixture, schedule: Schedule):
     """Returns guidance_fn(x_t, t, label) -> the exact log p(label | x_t) [B]."""
     def log_prob(x_t, t, label):
