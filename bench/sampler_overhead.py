@@ -112,7 +112,8 @@ def main(argv=None):
     print(f"# jax {jax.__version__} on {jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores); B={args.batch}, {args.size}x{args.size}x3, {args.steps} steps, "
           f"fastest of {args.repeats}")
-    header = f"{'denoise_fn':<10} {'sampler':<9} {'guidance':<9} {'sampler s/step':>15} {'bare s/step':>12} {'overhead':>9}"
+    header = (f"{'denoise_fn':<10} {'sampler':<9} {'guidance':<9} {'sampler s/step':>15} "
+              f"{'bare s/step':>12} {'overhead':>9}")
     print(header)
     print("-" * len(header))
     results = []

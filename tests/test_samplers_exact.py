@@ -128,7 +128,6 @@ def test_classifier_guidance_with_the_exact_classifier():
     gamma = 1 is exact conditional sampling (Bayes: grad log p(x|y) = grad log p(x) + grad log p(y|x))."""
     label = 0
     x_T = _x_T(MIXTURE, COSINE, N, 4)
-    uncond = jnp.full((N,), analytic.NULL_LABEL, jnp.int32)
     cond = jnp.full((N,), label, jnp.int32)
     mass = []
     for gamma in [0.0, 0.5, 1.0, 2.0, 4.0]:
@@ -145,7 +144,6 @@ def test_classifier_guidance_with_the_exact_classifier():
     # gamma = 1 gives class 0's distribution; its start x_T came from the unconditional marginal,
     # which at T-1 is N(0, I) to within abar_{T-1} ~ 1e-8: the same start.
     _assert_matches_data(x_gamma1, MIXTURE, label)
-    del uncond
 
 
 @pytest.mark.parametrize("sampler,num_steps", [("ddpm", 1000), ("ddim", 100), ("dpmpp_2m", 20)])

@@ -278,9 +278,10 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
             x0_hat = threshold_fn(x0_hat)
             eps_hat = forward.eps_from_x0(x, x0_hat, alpha_bar)
         z = noise.batch_normal(keys, x.shape[1:], x.dtype, step=i) if noisy else None  # [B, ...]
-        x_s, state = spec.step(x, eps_hat, x0_hat, c, z, state, opts)
+        x_s, new_state = spec.step(x, eps_hat, x0_hat, c, z, state, opts)
         # Coefficients are float32; a bfloat16 / float16 chain keeps its own dtype.
-        return (x_s.astype(x.dtype), jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), state, carry[1])), None
+        new_state = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), new_state, state)
+        return (x_s.astype(x.dtype), new_state), None
 
     (x0, _), _ = jax.lax.scan(body, (x_T, spec.init_state(x_T)),
                               (jnp.arange(num_steps), ts, coeffs))
