@@ -1,0 +1,106 @@
+"""The model the train step and the sampler call: (x_t, t, Condition) -> eps_hat.
+
+It composes the text encoder and the UNet, split in two methods so that a sampling run encodes
+the prompts ONCE and reuses the features at every step:
+
+    enc = model.apply(params, cond, method=Denoiser.encode)          # once
+    eps = model.apply(params, x_t, t, enc, method=Denoiser.denoise)  # every step
+
+`denoise_fn(model, params)` wraps the second line in the (x_t, t, cond) -> eps form of
+t2i_jax.diffusion.samplers.sample, with `enc` (a pytree with a leading batch axis) as its cond.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from t2i_jax.conditioning import Condition, check_null_mode
+from t2i_jax.models.text import TextConfig, TextEncoder, TextFeatures
+from t2i_jax.models.unet import UNet, UNetConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    unet: UNetConfig = UNetConfig()
+    text: Optional[TextConfig] = TextConfig()  # None: class-conditional or unconditional
+    null: str = "empty_prompt"                 # or "learned" (see t2i_jax.conditioning)
+    pooled_text: bool = True                   # add the pooled text feature to the time embedding
+
+    @classmethod
+    def from_config(cls, config) -> "ModelConfig":
+        """Builds the typed config from a ConfigDict (or dict) with `unet`, `text` and options."""
+        d = dict(config)
+        text_cfg = d.pop("text", None)
+        return cls(unet=UNetConfig(**dict(d.pop("unet"))),
+                   text=None if text_cfg is None else TextConfig(**dict(text_cfg)), **d)
+
+    def __post_init__(self):
+        check_null_mode(self.null)
+        if self.text is not None and self.unet.num_classes is not None:
+            raise ValueError("condition on text or on class labels, not both: set text=None or "
+                             "unet.num_classes=None.")
+
+
+@struct.dataclass
+class Encoded:
+    """A Condition after the text encoder: what every denoising step reads."""
+    context: Optional[jax.Array] = None       # [B, L, D]
+    context_mask: Optional[jax.Array] = None  # bool [B, L]
+    pooled: Optional[jax.Array] = None        # [B, D]
+    label: Optional[jax.Array] = None         # int32 [B]
+
+
+class Denoiser(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.unet = UNet(cfg.unet)
+        if cfg.text is not None:
+            self.text_encoder = TextEncoder(cfg.text)
+            if cfg.null == "learned":
+                init = nn.initializers.normal(0.02)
+                self.null_tokens = self.param("null_tokens", init, (cfg.text.max_length, cfg.text.width))
+                self.null_pooled = self.param("null_pooled", init, (cfg.text.width,))
+
+    def encode(self, cond: Condition) -> Encoded:
+        """Returns the Encoded condition [B, ...] (text through the encoder, labels as they are)."""
+        cfg = self.cfg
+        if cfg.text is None:
+            if cfg.unet.num_classes is not None and cond.label is None:
+                raise ValueError("this model is class-conditional: the Condition needs label [B].")
+            return Encoded(label=cond.label)
+        if cond.tokens is None:
+            raise ValueError("this model is text-conditional: the Condition needs tokens and mask.")
+        feats: TextFeatures = self.text_encoder(cond.tokens, cond.mask)
+        context, mask, pooled = feats.tokens, feats.mask, feats.pooled
+        if cfg.null == "learned":
+            null = cond.is_null.reshape(-1, 1, 1)
+            length = context.shape[1]
+            context = jnp.where(null, self.null_tokens[None, :length], context)
+            mask = jnp.where(null[..., 0], True, mask)
+            pooled = jnp.where(cond.is_null[:, None], self.null_pooled[None], pooled)
+        return Encoded(context=context, context_mask=mask,
+                       pooled=pooled if cfg.pooled_text else None, label=None)
+
+    def denoise(self, x_t, t, enc: Encoded, deterministic: bool = True):
+        """Returns eps_hat [B, H, W, C_out] (float32)."""
+        return self.unet(x_t, t, enc.context, enc.context_mask, enc.pooled, enc.label, deterministic)
+
+    def __call__(self, x_t, t, cond: Condition, deterministic: bool = True):
+        return self.denoise(x_t, t, self.encode(cond), deterministic)
+
+
+def denoise_fn(model: Denoiser, params):
+    """Returns (x_t, t, enc: Encoded) -> eps_hat for samplers.sample (enc from Denoiser.encode)."""
+    return lambda x_t, t, enc: model.apply(params, x_t, t, enc, method=Denoiser.denoise)
+
+
+def encode(model: Denoiser, params, cond: Condition) -> Encoded:
+    return model.apply(params, cond, method=Denoiser.encode)
