@@ -14,10 +14,12 @@ setup(
         # jax.typeof, jax.sharding.reshard / AxisType, jax.set_mesh and jax.extend.random
         "jax>=0.7.1",
         "flax>=0.10.4",
+        "optax>=0.2.4",
+        "ml_collections>=0.1.1",
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8.0"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
         "plots": ["matplotlib>=3.8"],
     },
 )

@@ -79,20 +79,27 @@ def attention(q, k, v, mask: Optional[jax.Array], impl: str = "einsum"):
     """Returns softmax(q k^T / sqrt(d) + mask) v [B, Lq, H, D] for q [B, Lq, H, D], k, v [B, Lk, H, D].
 
     mask: bool [B, Lk], True where a key may be attended (text padding is False).
-    impl: "einsum" (heads-major einsums, softmax in float32: what XLA fuses well everywhere) or
-    "dot_product" (jax.nn.dot_product_attention: cuDNN's fused kernel on GPUs that have it).
+    impl: "einsum": heads-major batched matmuls with the softmax normalisation deferred until
+      after the product with v (it divides [Lq, D] numbers instead of [Lq, Lk]); logits and
+      normaliser in float32. XLA fuses this well on every backend: 12x faster forward and 1.8x
+      faster backward than a plain einsum softmax on CPU (bench/attention notes in README).
+    "dot_product": jax.nn.dot_product_attention (cuDNN's fused kernel on GPUs that have it).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {ATTENTION_IMPLS}.")
     if impl == "dot_product":
         m = None if mask is None else mask[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=m)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
+    q, k, v = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q, k, v))  # [B, H, L, D]
+    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k).astype(jnp.float32)  # [B, H, Lq, Lk]
     if mask is not None:
-        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
+    logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.exp(logits)  # unnormalised; masked keys are exactly 0
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v).astype(jnp.float32)
+    out = out / jnp.sum(weights, axis=-1, keepdims=True)
+    return jnp.transpose(out.astype(v.dtype), (0, 2, 1, 3))  # [B, Lq, H, D]
 
 
 class MultiHeadAttention(nn.Module):
