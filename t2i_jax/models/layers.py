@@ -82,7 +82,7 @@ def attention(q, k, v, mask: Optional[jax.Array], impl: str = "einsum"):
     impl: "einsum": heads-major batched matmuls with the softmax normalisation deferred until
       after the product with v (it divides [Lq, D] numbers instead of [Lq, Lk]); logits and
       normaliser in float32. XLA fuses this well on every backend: 12x faster forward and 1.8x
-      faster backward than a plain einsum softmax on CPU (bench/attention notes in README).
+      faster backward than a plain einsum softmax on CPU (measurements in docs/architecture.md).
     "dot_product": jax.nn.dot_product_attention (cuDNN's fused kernel on GPUs that have it).
     """
     if impl not in ATTENTION_IMPLS:
@@ -113,8 +113,8 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, x, context=None, mask=None):
         context = x if context is None else context
         inner = self.num_heads * self.head_dim
-        dense = lambda name, use_bias=False: nn.DenseGeneral(
-            (self.num_heads, self.head_dim), use_bias=use_bias, dtype=self.dtype, name=name)
+        dense = lambda name: nn.DenseGeneral(
+            (self.num_heads, self.head_dim), use_bias=False, dtype=self.dtype, name=name)
         q = dense("to_q")(x)        # [B, Lq, H, D]
         k = dense("to_k")(context)  # [B, Lk, H, D]
         v = dense("to_v")(context)
