@@ -17,6 +17,15 @@ setup(
         "optax>=0.2.4",
         "ml_collections>=0.1.1",
         "numpy>=1.26",
+        "orbax-checkpoint>=0.11",
+        # Data: TFDS builders in array_record, read with tfds.data_source + grain (no TensorFlow).
+        "tensorflow-datasets>=4.9.7",
+        "grain>=0.2.6",
+        "array-record>=0.7",
+        "scikit-learn>=1.3",        # the embedded `digits` images
+        "pillow>=10.0",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",        # TensorBoard event files without TensorFlow
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5"],

@@ -5,13 +5,19 @@ Read once and turned into typed dataclasses where it enters the library
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 0
 
-    config.data = ml_collections.ConfigDict(dict(image_size=32, channels=3))
+    # t2i_jax/data: embedded "digits" / "shapes" or a TFDS catalog name (needs a network once).
+    config.data = ml_collections.ConfigDict(dict(
+        name="shapes", image_size=32, channels=3,
+        data_dir=config_dict.placeholder(str),  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+        random_flip=False,
+        caption="random"))
 
     config.model = ml_collections.ConfigDict(dict(
         unet=dict(
@@ -29,8 +35,24 @@ def get_config():
         schedule="linear", num_timesteps=1000, zero_terminal_snr=False, prediction="eps"))
 
     config.train = ml_collections.ConfigDict(dict(
-        batch_size=16, learning_rate=1e-4, weight_decay=0.0, p_uncond=0.1))
+        batch_size=16,            # global: divided over all devices (and hosts)
+        num_steps=10_000,
+        # optax AdamW with linear warm-up, then "constant" or "cosine" decay to end_lr_factor * lr
+        learning_rate=1e-4, warmup_steps=500, lr_schedule="constant", end_lr_factor=0.0,
+        weight_decay=0.0, adam_b1=0.9, adam_b2=0.999, grad_clip=1.0,
+        p_uncond=0.1,             # CFG condition dropout (Ho & Salimans 2022)
+        loss_weighting="uniform", min_snr_gamma=5.0,
+        ema_decay=0.9999, ema_warmup=True,   # decay_t = min(decay, (1 + t) / (10 + t))
+        fsdp=1,                   # devices per parameter shard ("fsdp" mesh axis); 1: replicate
+        checkpoint_every=1000, keep_checkpoints=3,
+        log_every=50,             # metrics.jsonl / TensorBoard / progress bar
+        sample_every=1000,        # PNG grid from the EMA parameters (0: only at the end)
+        samples_per_prompt=8))
 
     config.sample = ml_collections.ConfigDict(dict(
-        sampler="ddim", num_steps=50, guidance_weight=3.0))
+        sampler="ddim", num_steps=50, guidance_weight=3.0, eta=0.0,
+        # x0_hat clipped to [-1, 1] each step (DDPM/ADM's clip_denoised), "dynamic" (Imagen) or
+        # "none". Pixel models need it: a trailing-spaced chain starts at abar_T ~ 1e-8, where
+        # x0_hat = (x - sqrt(1 - abar) eps_hat) / sqrt(abar) magnifies eps_hat's error ~1e4 times.
+        thresholding="static"))
     return config

@@ -9,8 +9,35 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402  (after the flag)
+
+# Many tests build the same small programs (a train step, a sampler) in separate calls; a
+# persistent compilation cache lets every call after the first skip XLA's compile.
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "t2i_jax_test_xla_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 assert jax.device_count() == 8, (
     f"tests expect 8 simulated devices, got {jax.device_count()}: jax was imported before "
     "tests/conftest.py could set XLA_FLAGS")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The embedded data sets (digits, shapes), prepared once for all tests.
+
+    One directory for all xdist workers (their basetemps share a parent): the preparation lock
+    makes the first worker prepare and the others reuse it.
+    """
+    from t2i_jax.data import digits, shapes
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    d = str(root / "t2i_data")
+    digits.builder(d)
+    shapes.builder(d)
+    return d

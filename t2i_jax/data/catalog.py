@@ -1,0 +1,219 @@
+"""Every data set by name, and the one place where a data set's stored features become
+(image, captions, label).
+
+Embedded (prepared locally, offline, no TensorFlow): "digits", "shapes".
+TFDS catalog: "mnist", "fashion_mnist", "cifar10", "oxford_flowers102", "coco_captions". These
+are read from array_record files already in data_dir (`DIR/<tfds name>/<version>/`). Preparing
+them needs a network (to download) and TensorFlow (TFDS's catalog builders use it to prepare);
+when the files are missing and that cannot be done, `DatasetUnavailableError` says what to do.
+
+`Spec.converter(data_dir)(record)` returns (image uint8 [H, W, C], captions list[str], label int or -1);
+the pipeline chooses one caption per example and epoch (data.caption="random") or a fixed style
+(data.caption=<one of Spec.caption_styles>; "first" takes the first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.util
+import os
+from typing import Callable, Optional, Sequence
+
+from t2i_jax.data import digits as digits_lib
+from t2i_jax.data import shapes as shapes_lib
+from t2i_jax.data.prepare import default_data_dir
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A catalog data set is not prepared in data_dir and cannot be prepared here."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    name: str                      # data.name
+    tfds_name: str                 # the TFDS builder's name (directory under data_dir)
+    splits: tuple                  # split names; the first is the training split
+    converter: Callable            # data_dir -> (record -> (image uint8 [H, W, C], captions, label))
+    caption_styles: tuple          # the order of convert's captions ("random" picks any)
+    class_names: Optional[Callable[[Optional[str]], Sequence[str]]]  # data_dir -> names
+    prompts: Callable              # style -> fixed prompts for progress grids
+    embedded: bool = False
+    flip_ok: bool = True           # False where a mirror image changes the caption's meaning
+    builder: Optional[Callable] = None  # embedded: data_dir -> prepared TFDS builder
+    extras: Callable = lambda record: {}  # record -> per-example arrays load_split returns too
+
+
+def _text(x):
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def _article(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _class_converter(names: Sequence[str], phrasings: Callable[[str], list]):
+    def convert(record):
+        label = int(record["label"])
+        return record["image"], phrasings(names[label]), label
+    return convert
+
+
+def _photo_phrasings(noun):
+    return [f"a photo of {_article(noun)}", noun, _article(noun)]
+
+
+def _flower_phrasings(noun):
+    return [f"a photo of {_article(noun)}, a type of flower", noun, f"{_article(noun)} flower"]
+
+
+def _class_prompts(names, phrasings, styles):
+    def prompts(style=None):
+        k = styles.index(style) if style in styles else 0
+        return [phrasings(n)[k] for n in names]
+    return prompts
+
+
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck")
+FASHION_NAMES = ("t-shirt or top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                 "sneaker", "bag", "ankle boot")  # TFDS: "T-shirt/top", "Trouser", ...
+PHOTO_STYLES = ("photo", "name", "article")
+FLOWER_STYLES = ("photo", "name", "flower")
+COCO_PROMPTS = ("a man riding a wave on top of a surfboard", "a plate of food with broccoli",
+                "a red double decker bus on a street", "a cat sitting on a laptop keyboard",
+                "a giraffe standing next to a tree", "a bowl of fruit on a wooden table")
+
+
+def _digit_convert(record):
+    label = int(record["label"])
+    return record["image"], digits_lib.captions(label), label
+
+
+def _coco_convert(record):
+    return record["image"], [_text(t) for t in record["captions"]["text"]], -1
+
+
+def _flowers_names(data_dir=None):
+    # The 102 names come with the prepared files, or with TFDS's package metadata (offline).
+    b = _find_prepared("oxford_flowers102", data_dir)
+    if b is None:
+        import tensorflow_datasets as tfds
+        b = tfds.builder("oxford_flowers102", data_dir=default_data_dir(data_dir))
+    return [n.replace("_", " ") for n in b.info.features["label"].names]
+
+
+def _shapes_extras(record):
+    return {k: record[k] for k in shapes_lib.ATTRIBUTE_KEYS + ("id",)}
+
+
+def _fixed(fn):
+    return lambda data_dir=None: fn
+
+
+SPECS = {
+    "digits": Spec("digits", digits_lib.NAME, digits_lib.SPLITS, _fixed(digits_lib.convert),
+                   digits_lib.CAPTION_STYLES, lambda d=None: digits_lib.CLASS_NAMES,
+                   digits_lib.sample_prompts, embedded=True, builder=digits_lib.builder,
+                   extras=lambda r: {"id": r["id"]}),
+    "shapes": Spec("shapes", shapes_lib.NAME, shapes_lib.SPLITS, _fixed(shapes_lib.convert),
+                   shapes_lib.CAPTION_STYLES, None, shapes_lib.sample_prompts, embedded=True,
+                   flip_ok=False, builder=shapes_lib.builder, extras=_shapes_extras),
+    "mnist": Spec("mnist", "mnist", ("train", "test"), _fixed(_digit_convert),
+                  digits_lib.CAPTION_STYLES, lambda d=None: digits_lib.CLASS_NAMES,
+                  digits_lib.sample_prompts),
+    "fashion_mnist": Spec(
+        "fashion_mnist", "fashion_mnist", ("train", "test"),
+        _fixed(_class_converter(FASHION_NAMES, _photo_phrasings)), PHOTO_STYLES,
+        lambda d=None: FASHION_NAMES, _class_prompts(FASHION_NAMES, _photo_phrasings, PHOTO_STYLES)),
+    "cifar10": Spec(
+        "cifar10", "cifar10", ("train", "test"),
+        _fixed(_class_converter(CIFAR10_NAMES, _photo_phrasings)), PHOTO_STYLES,
+        lambda d=None: CIFAR10_NAMES, _class_prompts(CIFAR10_NAMES, _photo_phrasings, PHOTO_STYLES)),
+    "oxford_flowers102": Spec(
+        "oxford_flowers102", "oxford_flowers102", ("train", "validation", "test"),
+        lambda d=None: _class_converter(_flowers_names(d), _flower_phrasings), FLOWER_STYLES,
+        _flowers_names,
+        _class_prompts(("pink primrose", "sunflower", "rose", "daisy", "lotus", "tiger lily"),
+                       _flower_phrasings, FLOWER_STYLES)),
+    "coco_captions": Spec("coco_captions", "coco_captions", ("train", "val", "test"),
+                          _fixed(_coco_convert), ("first",), None,
+                          lambda style=None: list(COCO_PROMPTS)),
+}
+NAMES = tuple(SPECS)
+
+
+def get_spec(name: str) -> Spec:
+    if name not in SPECS:
+        raise ValueError(f"unknown data set {name!r}; known data sets: {', '.join(NAMES)} "
+                         "(set data.name).")
+    return SPECS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening the files
+
+
+def _find_prepared(tfds_name: str, data_dir: Optional[str]):
+    """A read-only builder for the newest prepared version of tfds_name in data_dir, or None."""
+    import tensorflow_datasets as tfds
+    root = os.path.join(default_data_dir(data_dir), tfds_name)
+    infos = glob.glob(os.path.join(root, "*", "dataset_info.json")) + glob.glob(
+        os.path.join(root, "*", "*", "dataset_info.json"))  # <name>/<version> or <name>/<config>/<version>
+    infos = [p for p in infos if "incomplete." not in p]
+    if not infos:
+        return None
+
+    def version_key(p):
+        v = os.path.basename(os.path.dirname(p))
+        try:
+            return tuple(int(x) for x in v.split("."))
+        except ValueError:
+            return ()
+    path = os.path.dirname(max(infos, key=version_key))
+    return tfds.builder_from_directory(path)
+
+
+def _has_array_record(builder, split: str) -> bool:
+    pattern = os.path.join(str(builder.data_dir), f"{builder.name}-{split}.array_record*")
+    return bool(glob.glob(pattern))
+
+
+def unavailable_message(spec: Spec, data_dir: Optional[str], reason: str) -> str:
+    d = default_data_dir(data_dir)
+    n = spec.tfds_name
+    return (
+        f"The TFDS data set {n!r} (data.name={spec.name!r}) is not prepared in {d} and cannot be "
+        f"prepared here: {reason}.\n"
+        f"Preparing it needs network access (to download it) and TensorFlow "
+        f"(`pip install tensorflow`; TFDS's catalog builders use it to prepare), once:\n"
+        f"  1. where both are available: `tfds build {n} --file_format=array_record "
+        f"--data_dir=DIR` (or in Python: tfds.data_source({n!r}, data_dir='DIR'));\n"
+        f"  2. copy DIR/{n}/ to {os.path.join(d, n)}/ on this machine, or point data.data_dir "
+        f"(or $TFDS_DATA_DIR) at DIR.\n"
+        f"Reading the prepared array_record files needs neither. The embedded data sets "
+        f"'digits' and 'shapes' need nothing: they are prepared offline on first use.")
+
+
+def open_split(spec: Spec, split: str, data_dir: Optional[str] = None):
+    """A random-access source (len, [i] -> record dict) for `split` of the data set."""
+    if split not in spec.splits:
+        raise ValueError(f"data set {spec.name!r} has splits {spec.splits}, not {split!r}.")
+    if spec.embedded:
+        return spec.builder(data_dir).as_data_source(split=split)
+    builder = _find_prepared(spec.tfds_name, data_dir)
+    if builder is not None:
+        if _has_array_record(builder, split):
+            return builder.as_data_source(split=split)
+        reason = (f"it is prepared in {builder.data_dir} but not as array_record files (grain "
+                  f"needs random access; TFDS's default is tfrecord)")
+    elif importlib.util.find_spec("tensorflow") is None:
+        reason = "TensorFlow is not installed"
+    else:  # try TFDS's own download-and-prepare (needs the network)
+        import tensorflow_datasets as tfds
+        try:
+            return tfds.data_source(spec.tfds_name, split=split, data_dir=default_data_dir(data_dir),
+                                    download=True)
+        except Exception as e:  # noqa: BLE001  (any failure here means: not available)
+            reason = f"downloading or preparing it failed ({type(e).__name__}: {str(e)[:300]})"
+    raise DatasetUnavailableError(unavailable_message(spec, data_dir, reason))

@@ -1,0 +1,66 @@
+"""From conditions to images with a trained Denoiser: encode once, then samplers.sample.
+
+`make_generate_fn` returns ONE jitted function of (params, cond, rng, guidance_weight,
+sample_ids); new prompts, seeds and guidance weights reuse its compilation. Sample i's noise
+comes from its global index sample_ids[i] (t2i_jax/diffusion/noise.py), so an image does not
+depend on the batch it was drawn in or on the number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from t2i_jax.conditioning import Condition
+from t2i_jax.diffusion import noise, samplers
+from t2i_jax.diffusion.schedules import Schedule
+from t2i_jax.models.denoiser import Denoiser, denoise_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    sampler: str = "ddim"
+    num_steps: int = 50
+    eta: float = 0.0
+    thresholding: Optional[str] = "static"   # "static" (clip x0_hat), "dynamic" (Imagen), None / "none"
+    spacing: str = "trailing"
+
+    @classmethod
+    def from_config(cls, sample) -> "SampleOptions":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(sample).items() if k in names})
+
+    def __post_init__(self):
+        if self.thresholding in ("none", ""):
+            object.__setattr__(self, "thresholding", None)
+        if self.thresholding not in (None, "static", "dynamic"):
+            raise ValueError(f"unknown thresholding {self.thresholding!r}; choose static, dynamic "
+                             "or none.")
+        if self.sampler not in samplers.SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of "
+                             f"{sorted(samplers.SAMPLERS)}.")
+
+
+def make_generate_fn(model: Denoiser, schedule: Schedule, image_shape: tuple, null: Condition,
+                     options: SampleOptions, prediction: str = "eps") -> Callable:
+    """Returns generate(params, cond [B], rng, guidance_weight, sample_ids [B]) -> x0 [B, H, W, C]
+    in [-1, 1] (clipped). null is the model's null condition (batch 1); guidance_weight is the
+    w of eps~ = (1 + w) eps(x, y) - w eps(x, null)."""
+    samplers.timesteps(schedule, options.num_steps, options.spacing)  # bad step counts fail here
+
+    def generate(params, cond: Condition, rng, guidance_weight, sample_ids):
+        enc = model.apply(params, cond, method=Denoiser.encode)
+        null_enc = model.apply(params, null, method=Denoiser.encode)
+        x_T = noise.initial_noise(rng, (cond.batch_size,) + tuple(image_shape), sample_ids)
+        x0 = samplers.sample(
+            denoise_fn(model, params), schedule, x_T, cond=enc, null_cond=null_enc,
+            guidance_weight=guidance_weight, sampler=options.sampler,
+            num_steps=options.num_steps, eta=options.eta, rng=rng,
+            thresholding=options.thresholding, prediction=prediction, spacing=options.spacing,
+            sample_ids=sample_ids)
+        return jnp.clip(x0, -1.0, 1.0)
+
+    return jax.jit(generate)

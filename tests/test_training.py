@@ -1,0 +1,309 @@
+"""Training: exact resume (in process and after kill -9), device-count invariance, FSDP, CFG
+dropout, EMA and learning-rate closed forms, checkpoints as orbax sees them, and bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from t2i_jax.config_utils import load_config
+from t2i_jax.training import checkpoint as ckpt_lib
+from t2i_jax.training import loop, state as state_lib
+from t2i_jax.training.step import make_train_step, null_of
+from t2i_jax.training.writers import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "tiny_config.py")
+
+
+def tiny(data_dir, **overrides):
+    cfg = load_config(TINY)
+    cfg.data.data_dir = data_dir
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    return cfg
+
+
+def run(cfg, workdir, devices=None):
+    return loop.train(cfg, str(workdir), devices=devices, progress=False)
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(leaves(a), leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def assert_trees_close(a, b, atol):
+    for x, y in zip(leaves(a), leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+    """4 steps in one run on 8 devices: the reference the resumed runs must reproduce."""
+    wd = tmp_path_factory.mktemp("straight")
+    return run(tiny(data_dir), wd), wd
+
+
+def test_resume_is_bit_exact_including_the_data_order(data_dir, straight, tmp_path):
+    state, wd = straight
+    run(tiny(data_dir, train__num_steps=2), tmp_path)
+    resumed = run(tiny(data_dir), tmp_path)
+    assert int(resumed.step) == 4
+    for part in ("params", "ema_params", "opt_state"):
+        assert_trees_equal(getattr(state, part), getattr(resumed, part))
+    # Same batches, same keys: every step's loss is the same number, and no step is logged twice.
+    assert read_metrics(wd) == [{**r, "images_per_s": None} | {"images_per_s": r2["images_per_s"]}
+                                for r, r2 in zip(read_metrics(tmp_path), read_metrics(wd))]
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    assert losses == [r["loss"] for r in read_metrics(wd)]
+
+
+def test_kill_9_then_resume_is_bit_exact(data_dir, tmp_path):
+    wd = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={TINY}", f"--workdir={wd}",
+           f"--config.data.data_dir={data_dir}", "--config.train.num_steps=100000",
+           "--config.train.checkpoint_every=2", "--progress=false"]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while not (wd / "checkpoints" / "2").is_dir():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = ckpt_lib.Checkpointer(str(wd / "checkpoints")).latest_step()
+    assert saved >= 2 and saved % 2 == 0
+    total = saved + 2
+    resumed = run(tiny(data_dir, train__num_steps=total), wd)
+    reference = run(tiny(data_dir, train__num_steps=total), tmp_path / "straight")
+    assert int(resumed.step) == total
+    assert_trees_equal(reference.params, resumed.params)
+    assert_trees_equal(reference.ema_params, resumed.ema_params)
+
+
+def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={TINY}", f"--workdir={tmp_path}",
+           f"--config.data.data_dir={data_dir}", "--config.train.num_steps=100000",
+           "--config.train.checkpoint_every=100000", "--progress=false"]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    metrics = tmp_path / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0, out
+    line = [l for l in out.splitlines() if "stopped by SIGTERM at step" in l]
+    assert line, out
+    step = int(line[0].split("at step ")[1].split(";")[0])
+    assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).steps() == [step]
+    assert read_metrics(tmp_path)[-1]["step"] <= step
+
+
+def test_one_and_eight_devices_give_the_same_losses_and_restore_across_counts(data_dir, straight, tmp_path):
+    state8, wd8 = straight
+    one = jax.devices()[:1]
+    state1 = run(tiny(data_dir), tmp_path / "one", devices=one)
+    np.testing.assert_allclose([r["loss"] for r in read_metrics(tmp_path / "one")],
+                               [r["loss"] for r in read_metrics(wd8)], rtol=1e-5)
+    assert_trees_close(state1.params, state8.params, atol=2e-5)
+    # A run checkpointed on 8 devices resumes on 1 (arrays laid out for the new mesh).
+    run(tiny(data_dir, train__num_steps=2), tmp_path / "moved")
+    moved = run(tiny(data_dir), tmp_path / "moved", devices=one)
+    assert_trees_close(moved.params, state8.params, atol=2e-5)
+
+
+def test_fsdp_shards_parameters_and_trains_the_same(data_dir, straight, tmp_path):
+    state8, wd8 = straight
+    sharded = run(tiny(data_dir, train__fsdp=4), tmp_path)
+    specs = [x.sharding.spec for x in jax.tree_util.tree_leaves(sharded.params)]
+    assert any("fsdp" in s for s in specs)
+    big = max(jax.tree_util.tree_leaves(sharded.params), key=lambda x: x.size)
+    assert len({str(s.index) for s in big.addressable_shards}) == 4  # four distinct pieces
+    np.testing.assert_allclose([r["loss"] for r in read_metrics(tmp_path)],
+                               [r["loss"] for r in read_metrics(wd8)], rtol=1e-5)
+    assert_trees_close(sharded.params, state8.params, atol=2e-5)
+
+
+def test_cfg_dropout_rate_matches_p_uncond(data_dir, tmp_path):
+    p, steps, batch = 0.25, 120, 8
+    run(tiny(data_dir, train__p_uncond=p, train__num_steps=steps, train__checkpoint_every=10**6), tmp_path)
+    frac = np.mean([r["null_fraction"] for r in read_metrics(tmp_path)])
+    se = np.sqrt(p * (1 - p) / (steps * batch))
+    assert abs(frac - p) < 4 * se, (frac, se)
+
+
+def _step_setup(data_dir, p_uncond):
+    exp = loop.Experiment.from_config(tiny(data_dir, train__p_uncond=p_uncond))
+    st = jax.jit(exp.create_state)(jax.random.key(0))
+    # Give the zero-initialised output layers weights, so the output depends on the condition.
+    st = st.replace(params=jax.tree_util.tree_map(
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), st.params))
+    step = jax.jit(make_train_step(exp.model, exp.schedule, exp.optim, exp.loss, exp.tx))
+    from t2i_jax.models.text import tokenize
+    images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1), minval=-1, maxval=1)
+
+    def batch(prompts):
+        tok = tokenize(prompts, exp.max_length)
+        return dict(image=images, tokens=jnp.asarray(tok.ids), mask=jnp.asarray(tok.mask),
+                    label=jnp.zeros((4,), jnp.int32))
+    return exp, st, step, batch
+
+
+def test_dropped_rows_get_the_null_that_sampling_uses(data_dir):
+    exp, st, step, batch = _step_setup(data_dir, 1.0)
+    a = step(st, batch(["0", "1", "2", "3"]))[1]["loss"]
+    b = step(st, batch(["seven", "数字八", "nine", ""]))[1]["loss"]
+    assert float(a) == float(b)  # every row replaced: the prompts cannot matter
+    assert float(step(st, batch([""] * 4))[1]["loss"]) == float(a)  # the null IS the empty prompt
+    exp0, st0, step0, batch0 = _step_setup(data_dir, 0.0)
+    assert float(step0(st0, batch(["0", "1", "2", "3"]))[1]["loss"]) != float(
+        step0(st0, batch(["seven", "数字八", "nine", "6"]))[1]["loss"])
+    # Sampling guides with the same null: with cond = null, eps~ = eps(null) for every w.
+    from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
+    params = st.params
+    gen = make_generate_fn(exp.model, exp.schedule, exp.image_shape, null_of(exp.model),
+                           SampleOptions(num_steps=3))
+    cond = exp.prompt_condition([""] * 2)
+    ids = jnp.arange(2)
+    x0 = gen(params, cond, jax.random.key(0), 0.0, ids)
+    x5 = gen(params, cond, jax.random.key(0), 5.0, ids)
+    np.testing.assert_allclose(x0, x5, atol=1e-5)
+    assert not np.allclose(x0, gen(params, exp.prompt_condition(["3", "7"]), jax.random.key(0), 5.0, ids),
+                           atol=1e-3)
+
+
+def test_step_metrics_split_the_loss_by_quarter_of_t(data_dir):
+    exp, st, step, batch = _step_setup(data_dir, 0.1)
+    m = jax.device_get(step(st, batch(["0", "1", "2", "3"]))[1])
+    qs = [m[f"loss_q{q}"] for q in range(4)]
+    # The loss is the count-weighted mean of the quarters that have examples.
+    key = jax.random.fold_in(st.key(), 0)
+    t = np.asarray(jax.random.randint(jax.random.fold_in(key, 0), (4,), 0, exp.schedule.num_timesteps))
+    counts = np.bincount(t * 4 // exp.schedule.num_timesteps, minlength=4)
+    total = sum(c * q for c, q in zip(counts, qs) if c)
+    np.testing.assert_allclose(total / 4, m["loss"], rtol=1e-5)
+    assert all(np.isnan(q) == (c == 0) for c, q in zip(counts, qs))
+    assert m["lr"] == pytest.approx(0.0)  # linear warm-up starts at 0
+
+
+def test_learning_rate_and_ema_closed_forms():
+    cfg = state_lib.OptimConfig(learning_rate=1e-3, warmup_steps=10, lr_schedule="cosine",
+                                num_steps=110, end_lr_factor=0.1, ema_decay=0.99)
+    lr = state_lib.learning_rate_fn(cfg)
+    assert float(lr(5)) == pytest.approx(5e-4)
+    assert float(lr(10)) == pytest.approx(1e-3)
+    assert float(lr(60)) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + np.cos(np.pi * 0.5)), rel=1e-5)
+    assert float(lr(110)) == pytest.approx(1e-4)
+    # EMA warm-up: decay_t = min(decay, (1 + t) / (10 + t)); the EMA of a constant is the constant.
+    np.testing.assert_allclose([float(state_lib.ema_decay(cfg, t)) for t in (0, 8, 1000)],
+                               [0.1, 0.5, 0.99], rtol=1e-6)
+    ema, target = jnp.zeros(3), jnp.array([1.0, -2.0, 3.0])
+    expect = np.zeros(3)
+    for t in range(30):
+        d = float(state_lib.ema_decay(cfg, t))
+        ema = state_lib.ema_update(ema, target, state_lib.ema_decay(cfg, t))
+        expect = d * expect + (1 - d) * np.asarray(target)
+    np.testing.assert_allclose(ema, expect, rtol=1e-6)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        state_lib.OptimConfig(lr_schedule="linear")
+
+
+def test_end_to_end_per_embedded_data_set_and_orbax_alone_reads_it(data_dir, tmp_path):
+    for name, size, channels in (("digits", 16, 1), ("shapes", 32, 3)):
+        wd = tmp_path / name
+        cfg = tiny(data_dir, train__num_steps=2, train__sample_every=2, train__samples_per_prompt=2)
+        cfg.data.name, cfg.data.image_size, cfg.data.channels = name, size, channels
+        cfg.model.unet.out_channels = channels
+        cfg.model.text.max_length = 64
+        state = run(cfg, wd)
+        from PIL import Image
+        from t2i_jax import data
+        grid = np.asarray(Image.open(wd / "samples" / "step_0000002.png"))
+        rows, scale = len(data.sample_prompts(cfg.data)), max(1, 64 // size)
+        assert grid.shape[:2] == (rows * (size * scale + 2) + 2, 2 * (size * scale + 2) + 2)
+        assert grid.std() > 10  # not blank
+        # The README's few lines: orbax alone, no t2i_jax.
+        mgr = ocp.CheckpointManager(str(wd / "checkpoints"))
+        ckpt = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+        assert_trees_equal(ckpt.state["ema_params"], state.ema_params)
+        assert ckpt.config["data"]["name"] == name and int(ckpt.state["step"]) == 2
+
+
+def test_another_models_workdir_is_refused(data_dir, tmp_path):
+    run(tiny(data_dir, train__num_steps=2), tmp_path)
+    cfg = tiny(data_dir)
+    cfg.model.unet.channels = 24
+    with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match=r"model\.unet\.channels: 16 -> 24"):
+        run(cfg, tmp_path)
+    assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).steps() == [2]  # untouched
+
+
+def test_corrupt_and_partial_checkpoints_fall_back_to_the_last_good_one(data_dir, straight, tmp_path, capfd):
+    state4, _ = straight
+    run(tiny(data_dir), tmp_path)  # checkpoints 2 and 4
+    ck = tmp_path / "checkpoints"
+    # A partial save (killed mid-write) and a finished step damaged afterwards.
+    (ck / "6.orbax-checkpoint-tmp-1234").mkdir()
+    damaged = [p for p in (ck / "4" / "state").rglob("*") if p.is_file() and p.stat().st_size > 1000]
+    assert damaged
+    for p in damaged:
+        p.write_bytes(b"\0" * 10)
+    resumed = run(tiny(data_dir), tmp_path)
+    assert "checkpoint 4" in capfd.readouterr().err
+    assert_trees_equal(resumed.params, state4.params)  # redone from 2, exactly
+
+
+def test_non_finite_loss_stops_without_touching_the_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    from t2i_jax import data as data_lib
+    real = data_lib.make_train_iterator
+
+    class Poisoned:
+        def __init__(self, it):
+            self.it, self.n = it, 0
+
+        def __next__(self):
+            b = next(self.it)
+            self.n += 1
+            if self.n == 3:
+                b["image"] = np.full_like(b["image"], np.nan)
+            return b
+
+        def get_state(self):
+            return self.it.get_state()
+
+        def set_state(self, s):
+            self.it.set_state(s)
+
+    monkeypatch.setattr(data_lib, "make_train_iterator", lambda *a, **k: Poisoned(real(*a, **k)))
+    with pytest.raises(loop.NonFiniteLossError, match="at step 3.*checkpoint \\(2\\) is intact"):
+        run(tiny(data_dir), tmp_path)
+    assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).steps() == [2]
+
+
+def test_bad_batch_size_and_unknown_config_keys_are_named(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="does not divide over 8 devices.*multiple of 8"):
+        run(tiny(data_dir, train__batch_size=12), tmp_path)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--config={TINY}",
+                          f"--workdir={tmp_path}", "--config.train.batch_sise=8"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "batch_sise" in out.stderr, out.stderr[-2000:]
