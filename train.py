@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from t2i_jax.xla_flags import apply_tuned_flags  # noqa: E402  (before jax starts its backends)
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,6 +33,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; options look like --workdir=DIR.")
     apply_tuned_flags()
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     import jax
     if FLAGS.multihost:
         jax.distributed.initialize()
@@ -47,4 +48,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    try:
+        app.run(main)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a key that does not exist
+        if os.environ.get("T2I_DEBUG") or "Did you mean" not in str(e) and "--config" not in str(e):
+            raise
+        msg = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\n", " ")
+        sys.exit(f"train.py: error: unknown config key in an override: {msg}")
