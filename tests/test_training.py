@@ -65,8 +65,8 @@ def test_resume_is_bit_exact_including_the_data_order(data_dir, straight, tmp_pa
     for part in ("params", "ema_params", "opt_state"):
         assert_trees_equal(getattr(state, part), getattr(resumed, part))
     # Same batches, same keys: every step's loss is the same number, and no step is logged twice.
-    assert read_metrics(wd) == [{**r, "images_per_s": None} | {"images_per_s": r2["images_per_s"]}
-                                for r, r2 in zip(read_metrics(tmp_path), read_metrics(wd))]
+    timeless = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
+    assert timeless(read_metrics(tmp_path)) == timeless(read_metrics(wd))
     losses = [r["loss"] for r in read_metrics(tmp_path)]
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
     assert losses == [r["loss"] for r in read_metrics(wd)]

@@ -16,6 +16,8 @@ pipeline: "7", "seven", "a handwritten digit seven", "数字七", "a handwritten
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 NAME = "t2i_digits"
@@ -110,15 +112,10 @@ def _make_builder():
     return T2iDigits
 
 
-_BUILDER = None
-
-
+@functools.cache
 def builder_class():
     """The TFDS builder class (defined on first use, so importing t2i_jax.data stays light)."""
-    global _BUILDER
-    if _BUILDER is None:
-        _BUILDER = _make_builder()
-    return _BUILDER
+    return _make_builder()
 
 
 def builder(data_dir=None):

@@ -27,6 +27,8 @@ partners); every image of the `heldout` split contains at least one of them.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 NAME = "t2i_shapes"
@@ -214,14 +216,10 @@ def _make_builder():
     return T2iShapes
 
 
-_BUILDER = None
-
-
+@functools.cache
 def builder_class():
-    global _BUILDER
-    if _BUILDER is None:
-        _BUILDER = _make_builder()
-    return _BUILDER
+    """The TFDS builder class (defined on first use, so importing t2i_jax.data stays light)."""
+    return _make_builder()
 
 
 def builder(data_dir=None):
