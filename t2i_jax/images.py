@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
+
+from t2i_jax import files
 
 
 def to_uint8(x) -> np.ndarray:
@@ -39,14 +38,13 @@ def save_png(path: str, image: np.ndarray) -> None:
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(image).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with files.atomic_open(path, "wb") as f:
+        Image.fromarray(image).save(f, format="PNG")
+
+
+def load_png(path: str) -> np.ndarray:
+    """Reads a PNG written by save_png as uint8 [H, W, C] (C = 1 for grey)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        x = np.asarray(im)
+    return x[..., None] if x.ndim == 2 else x

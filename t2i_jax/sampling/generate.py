@@ -27,6 +27,7 @@ class SampleOptions:
     eta: float = 0.0
     thresholding: Optional[str] = "static"   # "static" (clip x0_hat), "dynamic" (Imagen), None / "none"
     spacing: str = "trailing"
+    ddpm_variance: str = "posterior"  # ddpm only: "posterior" (beta~) or "beta" (DDIM paper's sigma-hat)
 
     @classmethod
     def from_config(cls, sample) -> "SampleOptions":
@@ -39,28 +40,34 @@ class SampleOptions:
         if self.thresholding not in (None, "static", "dynamic"):
             raise ValueError(f"unknown thresholding {self.thresholding!r}; choose static, dynamic "
                              "or none.")
+        if self.ddpm_variance not in samplers.DDPM_VARIANCES:
+            raise ValueError(f"unknown ddpm_variance {self.ddpm_variance!r}; choose one of "
+                             f"{samplers.DDPM_VARIANCES}.")
         if self.sampler not in samplers.SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of "
                              f"{sorted(samplers.SAMPLERS)}.")
 
 
-def make_generate_fn(model: Denoiser, schedule: Schedule, image_shape: tuple, null: Condition,
-                     options: SampleOptions, prediction: str = "eps") -> Callable:
+def make_generate_fn(model: Denoiser, schedule: Schedule, image_shape: tuple,
+                     null: Optional[Condition], options: SampleOptions,
+                     prediction: str = "eps") -> Callable:
     """Returns generate(params, cond [B], rng, guidance_weight, sample_ids [B]) -> x0 [B, H, W, C]
-    in [-1, 1] (clipped). null is the model's null condition (batch 1); guidance_weight is the
-    w of eps~ = (1 + w) eps(x, y) - w eps(x, null)."""
+    in [-1, 1] (clipped). null is the model's null condition (batch 1); guidance_weight ([] or
+    [B]) is the w of eps~ = (1 + w) eps(x, y) - w eps(x, null). With null=None the model is
+    evaluated once per step on the condition alone (guidance_weight is ignored: w = 0), half the
+    work of a guided step."""
     samplers.timesteps(schedule, options.num_steps, options.spacing)  # bad step counts fail here
 
     def generate(params, cond: Condition, rng, guidance_weight, sample_ids):
         enc = model.apply(params, cond, method=Denoiser.encode)
-        null_enc = model.apply(params, null, method=Denoiser.encode)
+        null_enc = None if null is None else model.apply(params, null, method=Denoiser.encode)
         x_T = noise.initial_noise(rng, (cond.batch_size,) + tuple(image_shape), sample_ids)
         x0 = samplers.sample(
             denoise_fn(model, params), schedule, x_T, cond=enc, null_cond=null_enc,
-            guidance_weight=guidance_weight, sampler=options.sampler,
+            guidance_weight=0.0 if null is None else guidance_weight, sampler=options.sampler,
             num_steps=options.num_steps, eta=options.eta, rng=rng,
             thresholding=options.thresholding, prediction=prediction, spacing=options.spacing,
-            sample_ids=sample_ids)
+            ddpm_variance=options.ddpm_variance, sample_ids=sample_ids)
         return jnp.clip(x0, -1.0, 1.0)
 
     return jax.jit(generate)

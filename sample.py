@@ -1,0 +1,165 @@
+"""Sample images from a trained workdir: prompts in, PNGs, a grid and a JSON line per image out.
+
+    python sample.py --workdir runs/digits --prompt "seven" --prompt "数字三" \\
+        --num_per_prompt 16 --guidance 3 --sampler ddim --steps 50 --seed 0 --outdir out/digits
+    python sample.py --workdir runs/digits --prompts_file prompts.txt --guidance 0 1 3 \\
+        --num_per_prompt 100 --npz --outdir out/sweep          # a sweep over w: one compilation
+
+Writes OUTDIR/grid.png (rows = prompts; with several w, the rows of w[0] first),
+OUTDIR/images/*.png, OUTDIR/samples.jsonl (one object per image: file, prompt, index, seed, w,
+sampler, steps, checkpoint step) and with --npz OUTDIR/samples.npz (ADM's reference layout).
+Uses the newest checkpoint's EMA parameters and the config stored with it. Every device is used;
+the images do not depend on the device count or --batch_size. An interrupted job resumes where
+it stopped when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m")   # t2i_jax.diffusion.samplers.SAMPLERS (checked below)
+THRESHOLDINGS = ("static", "dynamic", "none")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a training workdir (its checkpoints/ is read)")
+    p.add_argument("--outdir", required=True, help="where the images, grid and records go")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a prompt (repeatable); '' is the null condition (unconditional samples)")
+    p.add_argument("--prompts_file", metavar="FILE",
+                   help="UTF-8 text file, one prompt a line (blank lines are skipped)")
+    p.add_argument("--num_per_prompt", type=int, default=8)
+    p.add_argument("--guidance", nargs="+", metavar="W",
+                   help="classifier-free guidance weight w (eps~ = (1 + w) eps(x, y) - w eps(x, "
+                        "null)); several values (or 0,1,3) make a sweep. Default: the config's")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the config's")
+    p.add_argument("--steps", type=int, help="sampling steps (1..T); default: the config's")
+    p.add_argument("--eta", type=float, help="DDIM eta (0 deterministic, 1 DDPM-like)")
+    p.add_argument("--ddpm_variance", choices=("posterior", "beta"),
+                   help="ddpm sampler's variance: posterior beta~ or beta (DDIM paper's sigma-hat)")
+    p.add_argument("--thresholding", choices=THRESHOLDINGS, help="x0 clipping; default: the config's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=64,
+                   help="images per device call (padded up to a multiple of the device count)")
+    p.add_argument("--params", choices=("ema", "raw"), default="ema",
+                   help="the EMA parameters (default) or the raw trained ones")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    p.add_argument("--npz", action="store_true", help="also write samples.npz (uint8, ADM layout)")
+    p.add_argument("--shard_size", type=int, default=256,
+                   help="images per resumable shard (part of the job's identity)")
+    p.add_argument("--grid_columns", type=int, default=16, help="images per grid row at most")
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.prompts_file is None and not args.prompt:
+        p.error("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
+    if args.num_per_prompt < 1 or args.batch_size < 1 or args.shard_size < 1:
+        p.error("--num_per_prompt, --batch_size and --shard_size must be >= 1.")
+    if args.guidance is not None:
+        try:
+            args.guidance = [float(w) for g in args.guidance for w in g.split(",") if w.strip()]
+        except ValueError:
+            p.error(f"--guidance takes numbers (e.g. --guidance 0 1 3 or 0,1,3), got {args.guidance}.")
+    return args
+
+
+def read_prompts_file(path: str) -> list:
+    """Prompts, one a line; raises ValueError naming the first line that is not valid UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read --prompts_file {path}: {e.strerror}.") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte-order mark
+    prompts = []
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.rstrip(b"\r").decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}, line {n}: not valid UTF-8 (byte {e.start + 1} of the line: "
+                             f"{line[e.start:e.start + 1]!r}); save the file as UTF-8.") from None
+        if text.strip():
+            prompts.append(text)
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts (only blank lines).")
+    return prompts
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    from t2i_jax.xla_flags import apply_tuned_flags
+    apply_tuned_flags()
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+
+    from t2i_jax.diffusion import samplers
+    from t2i_jax.models import text
+    from t2i_jax.sampling import job as job_lib
+    from t2i_jax.sampling.generate import SampleOptions
+    from t2i_jax.sampling.load import load_trained
+    assert set(SAMPLER_NAMES) == set(samplers.SAMPLERS), "sample.py's sampler list is stale"
+
+    trained = load_trained(args.workdir, step=args.step, params=args.params)
+    cfg, exp = trained.config, trained.experiment
+    T = exp.schedule.num_timesteps
+    steps = args.steps if args.steps is not None else cfg.sample.num_steps
+    if not 1 <= steps <= T:
+        raise ValueError(f"--steps {steps} is outside 1..{T}: the model was trained with T = {T} "
+                         "timesteps, and a sampler visits at most all of them.")
+    base = SampleOptions.from_config(cfg.sample)
+    options = SampleOptions(
+        sampler=args.sampler or base.sampler, num_steps=steps,
+        eta=base.eta if args.eta is None else args.eta,
+        thresholding=args.thresholding or base.thresholding or "none", spacing=base.spacing,
+        ddpm_variance=args.ddpm_variance or base.ddpm_variance)
+    guidance = args.guidance if args.guidance is not None else [float(cfg.sample.guidance_weight)]
+
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            print(f"[t2i_jax] prompt {i + 1} is empty: it means the null condition, so its images "
+                  "are unconditional samples (guidance does not change them).", file=sys.stderr)
+    if exp.model.cfg.text is not None:  # reported here per prompt, not by the tokenizer again
+        warnings.filterwarnings("ignore", message=r".*prompt\(s\) longer than")
+        toks = text.tokenize(prompts, exp.max_length, warn=False)
+        for i in map(int, toks.truncated.nonzero()[0]):
+            kept = text.detokenize(toks.ids[i:i + 1])[0]
+            print(f"[t2i_jax] warning: prompt {i + 1} is longer than the model's {exp.max_length} "
+                  f"tokens ({exp.max_length - 2} UTF-8 bytes): it was truncated to {kept!r}.",
+                  file=sys.stderr)
+
+    spec = job_lib.JobSpec.create(trained, prompts, num_per_prompt=args.num_per_prompt,
+                                  guidance=guidance, seed=args.seed, options=options,
+                                  shard_size=args.shard_size)
+    print(f"[t2i_jax] checkpoint {trained.step} ({trained.kind} parameters) of {trained.workdir}; "
+          f"{spec.num_images} images: {len(prompts)} prompt(s) x {args.num_per_prompt} x "
+          f"{len(guidance)} guidance weight(s), {options.sampler} {options.num_steps} steps.",
+          file=sys.stderr)
+    result = job_lib.run_job(trained, spec, args.outdir, batch_size=args.batch_size,
+                             progress=not args.no_progress, npz=args.npz,
+                             grid_columns=args.grid_columns)
+    job_lib.print_summary(result)
+    print(os.path.join(os.path.abspath(args.outdir), job_lib.GRID_FILE))
+    return 0
+
+
+def run(argv=None) -> int:
+    """main() with the library's errors as one clear line (T2I_DEBUG=1 shows the traceback)."""
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("T2I_DEBUG"):
+            raise
+        print(f"sample.py: error: {e}\n(set T2I_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(run())

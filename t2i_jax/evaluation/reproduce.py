@@ -1,0 +1,317 @@
+"""Reproductions of the papers' tables on a trained embedded-data model, one command each.
+
+    python -m t2i_jax.evaluation.reproduce cfg --workdir runs/digits
+    python -m t2i_jax.evaluation.reproduce ddim --workdir runs/digits
+    python -m t2i_jax.evaluation.reproduce checkpoints --workdir runs/digits
+
+  cfg          Ho & Salimans (2022), fig. 4 / table 1: guidance weight w in {0, 0.5, 1, 2, 3, 5}
+               (one sampling job, one compilation) -> FD, alignment, precision, recall; plot of
+               FD against alignment as w grows.
+  ddim         Song et al. (2021), table 1: DDIM eta = 0, DDIM eta = 1 and DDPM with
+               sigma-hat (variance beta, ddpm_variance="beta") at 10, 20, 50, 100, 1000 steps,
+               and DPM-Solver++(2M) (Lu et al. 2022) at 10 and 20 -> FD and alignment.
+  checkpoints  the same metrics for every checkpoint in the workdir (is the model converged?).
+
+FD is the Fréchet distance of the evaluator classifier's 128-d penultimate features
+(t2i_jax/evaluation/evaluator.py) between the generated images and the data set's held-out
+real images; precision/recall (k = 3) use the same features. The row "real (train)" is the FD
+of as many real training images: the floor that the sample size allows.
+
+Everything goes to WORKDIR/reproduce/<name>/: results.json (raw numbers), table.md, plot.png,
+and the sampling jobs under samples/ (resumable: rerun the command after an interruption).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from t2i_jax import files
+
+CFG_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)
+DDIM_STEPS = (10, 20, 50, 100, 1000)
+DPM_STEPS = (10, 20)
+# (label, sampler, eta, ddpm_variance)
+DDIM_METHODS = (("DDIM eta=0", "ddim", 0.0, "posterior"), ("DDIM eta=1", "ddim", 1.0, "posterior"),
+                ("DDPM (sigma-hat)", "ddpm", 0.0, "beta"))
+
+
+def default_prompts(config) -> list:
+    from t2i_jax import data as data_lib
+    return list(data_lib.sample_prompts(config.data))
+
+
+def evaluator_dir(workdir: str) -> str:
+    """Where the evaluator classifier is cached: shared by the reproductions of one workdir."""
+    return os.path.join(os.path.abspath(workdir), "reproduce")
+
+
+class Scorer:
+    """Scores finished sampling jobs against the data set's held-out real images."""
+
+    def __init__(self, config, cache_dir: str):
+        from t2i_jax.evaluation import evaluator as ev_lib
+        self.ev = ev_lib.load_or_train(config.data, cache_dir)
+        (x_train, _), (x_eval, _) = ev_lib.evaluator_data(config.data)
+        self.real = self.ev.features(x_eval)
+        self.real_train = self.ev.features(x_train)
+
+    def score(self, images: np.ndarray, prompts: list) -> dict:
+        from t2i_jax.evaluation import evaluator as ev_lib
+        from t2i_jax.evaluation.frechet import frechet_distance_of
+        from t2i_jax.evaluation.precision_recall import precision_recall
+        feats = self.ev.features(images)
+        pr = precision_recall(self.real, feats)
+        aligned = self.ev.aligned(images, prompts)
+        out = dict(n=int(len(images)), fd=frechet_distance_of(self.real, feats),
+                   alignment=float(np.nanmean(aligned)), precision=pr.precision, recall=pr.recall)
+        if self.ev.kind == "shapes":
+            held = np.array([ev_lib.is_held_out_prompt(p) for p in prompts])
+            out["alignment_heldout"] = float(np.nanmean(aligned[held])) if held.any() else None
+            out["alignment_seen"] = float(np.nanmean(aligned[~held])) if (~held).any() else None
+        return out
+
+    def real_floor(self, n: int, seed: int = 0) -> dict:
+        """The same metrics for n real training images (no generator): what n samples allow."""
+        from t2i_jax.evaluation.frechet import frechet_distance_of
+        from t2i_jax.evaluation.precision_recall import precision_recall
+        rng = np.random.default_rng(seed)
+        f = self.real_train[rng.choice(len(self.real_train), min(n, len(self.real_train)), False)]
+        pr = precision_recall(self.real, f)
+        return dict(n=int(len(f)), fd=frechet_distance_of(self.real, f), alignment=None,
+                    precision=pr.precision, recall=pr.recall)
+
+
+def _run(trained, outdir, prompts, *, num_per_prompt, guidance, seed, options, batch_size,
+         progress):
+    from t2i_jax.sampling import job as job_lib
+    spec = job_lib.JobSpec.create(trained, prompts, num_per_prompt=num_per_prompt,
+                                  guidance=guidance, seed=seed, options=options)
+    result = job_lib.run_job(trained, spec, outdir, batch_size=batch_size, progress=progress)
+    job_lib.print_summary(result)
+    x, rows = job_lib.load_images(outdir)
+    return x, rows, result
+
+
+def _fmt(v, digits=3):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def markdown_table(header: list, rows: list) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def reproduce_cfg(trained, out: str, *, num_per_prompt: int, seed: int, batch_size: int,
+                  steps: int, weights=CFG_WEIGHTS, progress=True) -> dict:
+    from t2i_jax.sampling.generate import SampleOptions
+    cfg = trained.config
+    prompts = default_prompts(cfg)
+    options = SampleOptions.from_config(cfg.sample)
+    options = SampleOptions(options.sampler, steps, options.eta, options.thresholding, options.spacing)
+    x, rows, result = _run(trained, os.path.join(out, "samples"), prompts,
+                           num_per_prompt=num_per_prompt, guidance=weights, seed=seed,
+                           options=options, batch_size=batch_size, progress=progress)
+    scorer = Scorer(cfg, evaluator_dir(trained.workdir))
+    table = []
+    for w in weights:
+        sel = [i for i, r in enumerate(rows) if r["guidance"] == w]
+        table.append(dict(w=w, **scorer.score(x[sel], [rows[i]["prompt"] for i in sel])))
+    floor = scorer.real_floor(len(prompts) * num_per_prompt)
+    results = dict(experiment="cfg", checkpoint_step=trained.step, params=trained.kind,
+                   sampler=options.sampler, steps=steps, seed=seed, prompts=prompts,
+                   num_per_prompt=num_per_prompt, evaluator_accuracy=scorer.ev.accuracy,
+                   compilations=result.compilations, rows=table, real_floor=floor,
+                   images_per_s=result.images_per_s)
+    keys = ["fd", "alignment", "precision", "recall"] + (
+        ["alignment_heldout", "alignment_seen"] if scorer.ev.kind == "shapes" else [])
+    md = markdown_table(["w"] + keys, [[f"{r['w']:g}"] + [r[k] for k in keys] for r in table]
+                        + [["real (train)"] + [floor.get(k) for k in keys]])
+    _write(out, results, md)
+    _plot_cfg(table, floor, os.path.join(out, "plot.png"))
+    return results
+
+
+def reproduce_ddim(trained, out: str, *, num_per_prompt: int, seed: int, batch_size: int,
+                   guidance: float, steps_list=DDIM_STEPS, dpm_steps=DPM_STEPS,
+                   progress=True) -> dict:
+    from t2i_jax.sampling.generate import SampleOptions
+    cfg = trained.config
+    prompts = default_prompts(cfg)
+    thresholding = SampleOptions.from_config(cfg.sample).thresholding
+    scorer = Scorer(cfg, evaluator_dir(trained.workdir))
+    runs = [(label, sampler, eta, var, n) for label, sampler, eta, var in DDIM_METHODS
+            for n in steps_list]
+    runs += [("DPM-Solver++(2M)", "dpmpp_2m", 0.0, "posterior", n) for n in dpm_steps]
+    table = []
+    for label, sampler, eta, var, n in runs:
+        options = SampleOptions(sampler, n, eta, thresholding, "trailing", var)
+        name = f"{sampler}_eta{eta:g}_{var}_{n}"
+        t0 = time.perf_counter()
+        x, rows, result = _run(trained, os.path.join(out, "samples", name), prompts,
+                               num_per_prompt=num_per_prompt, guidance=(guidance,), seed=seed,
+                               options=options, batch_size=batch_size, progress=progress)
+        table.append(dict(method=label, steps=n, **scorer.score(x, [r["prompt"] for r in rows]),
+                          images_per_s=result.images_per_s,
+                          seconds=time.perf_counter() - t0))
+    floor = scorer.real_floor(len(prompts) * num_per_prompt)
+    results = dict(experiment="ddim", checkpoint_step=trained.step, params=trained.kind,
+                   guidance=guidance, seed=seed, prompts=prompts, num_per_prompt=num_per_prompt,
+                   thresholding=thresholding or "none", evaluator_accuracy=scorer.ev.accuracy,
+                   rows=table, real_floor=floor)
+    methods = [m[0] for m in DDIM_METHODS] + ["DPM-Solver++(2M)"]
+    all_steps = sorted({r["steps"] for r in table})
+    md = ""
+    for metric in ("fd", "alignment"):
+        md += f"\n{metric}:\n\n" + markdown_table(
+            ["method"] + [f"{s} steps" for s in all_steps],
+            [[m] + [next((r[metric] for r in table if r["method"] == m and r["steps"] == s), None)
+                    for s in all_steps] for m in methods])
+    md += f"\nreal (train) floor: fd {_fmt(floor['fd'])}, n = {floor['n']}\n"
+    _write(out, results, md)
+    _plot_ddim(table, methods, floor, os.path.join(out, "plot.png"))
+    return results
+
+
+def reproduce_checkpoints(workdir: str, out: str, *, num_per_prompt: int, seed: int,
+                          batch_size: int, progress=True) -> dict:
+    from t2i_jax.sampling.generate import SampleOptions
+    from t2i_jax.sampling.load import checkpoint_dir, load_trained
+    from t2i_jax.training.checkpoint import Checkpointer
+    ck = Checkpointer(checkpoint_dir(workdir), keep=10 ** 9)
+    steps = ck.steps()
+    ck.close()
+    table, scorer = [], None
+    for s in steps:
+        trained = load_trained(workdir, step=s)
+        cfg = trained.config
+        scorer = scorer or Scorer(cfg, evaluator_dir(workdir))
+        w = float(cfg.sample.guidance_weight)
+        x, rows, _ = _run(trained, os.path.join(out, "samples", f"step_{s}"), default_prompts(cfg),
+                          num_per_prompt=num_per_prompt, guidance=(w,), seed=seed,
+                          options=SampleOptions.from_config(cfg.sample), batch_size=batch_size,
+                          progress=progress)
+        table.append(dict(step=s, w=w, **scorer.score(x, [r["prompt"] for r in rows])))
+    results = dict(experiment="checkpoints", workdir=os.path.abspath(workdir), rows=table)
+    keys = ["fd", "alignment", "precision", "recall"]
+    md = markdown_table(["step"] + keys, [[r["step"]] + [r[k] for k in keys] for r in table])
+    _write(out, results, md)
+    return results
+
+
+def _write(out: str, results: dict, md: str) -> None:
+    files.write_json(os.path.join(out, "results.json"), results)
+    files.write_text(os.path.join(out, "table.md"), md)
+
+
+def _plot_cfg(table, floor, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fd = [r["fd"] for r in table]
+    al = [r["alignment"] for r in table]
+    a.plot(al, fd, "o-")
+    for r in table:
+        a.annotate(f"w={r['w']:g}", (r["alignment"], r["fd"]), textcoords="offset points",
+                   xytext=(4, 4))
+    a.axhline(floor["fd"], ls=":", c="gray", label="real data (same n)")
+    a.margins(x=0.12, y=0.08)
+    a.set_xlabel("alignment (fraction of images the classifier reads as the prompt)")
+    a.set_ylabel("FD (classifier features)")
+    a.set_title("CFG trade-off as w grows")
+    a.legend()
+    ws = [r["w"] for r in table]
+    b.plot(ws, [r["precision"] for r in table], "o-", label="precision")
+    b.plot(ws, [r["recall"] for r in table], "s-", label="recall")
+    b.set_xlabel("guidance weight w")
+    b.set_ylim(0, 1.02)
+    b.legend()
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _plot_ddim(table, methods, floor, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for m in methods:
+        rs = [r for r in table if r["method"] == m]
+        a.plot([r["steps"] for r in rs], [r["fd"] for r in rs], "o-", label=m)
+        b.plot([r["steps"] for r in rs], [r["alignment"] for r in rs], "o-", label=m)
+    a.axhline(floor["fd"], ls=":", c="gray", label="real data (same n)")
+    for ax, name in ((a, "FD (classifier features)"), (b, "alignment")):
+        ax.set_xscale("log")
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(name)
+    a.set_yscale("log")
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _save_fig(fig, path):
+    import matplotlib.pyplot as plt
+    with files.atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m t2i_jax.evaluation.reproduce",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("experiment", choices=("cfg", "ddim", "checkpoints"))
+    p.add_argument("--workdir", required=True, help="training workdir of a digits/shapes model")
+    p.add_argument("--out", help="default: WORKDIR/reproduce/EXPERIMENT")
+    p.add_argument("--num_per_prompt", type=int,
+                   help="images per prompt per row (default: cfg 50, ddim 20, checkpoints 50)")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="ddim: the w of every row (default 0: the conditional model unguided, "
+                        "as the paper's table had no guidance)")
+    p.add_argument("--steps", type=int, default=50, help="cfg: sampling steps (config's sampler)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--no_progress", action="store_true")
+    a = p.parse_args(argv)
+    from t2i_jax.xla_flags import apply_tuned_flags
+    apply_tuned_flags()
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
+    from t2i_jax.sampling.load import load_trained
+    out = a.out or os.path.join(a.workdir, "reproduce", a.experiment)
+    progress = not a.no_progress
+    try:
+        if a.experiment == "checkpoints":
+            reproduce_checkpoints(a.workdir, out, num_per_prompt=a.num_per_prompt or 50,
+                                        seed=a.seed, batch_size=a.batch_size, progress=progress)
+        else:
+            trained = load_trained(a.workdir)
+            if a.experiment == "cfg":
+                reproduce_cfg(trained, out, num_per_prompt=a.num_per_prompt or 50,
+                                    seed=a.seed, batch_size=a.batch_size, steps=a.steps,
+                                    progress=progress)
+            else:
+                reproduce_ddim(trained, out, num_per_prompt=a.num_per_prompt or 20,
+                                     seed=a.seed, batch_size=a.batch_size, guidance=a.guidance,
+                                     progress=progress)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("T2I_DEBUG"):
+            raise
+        print(f"reproduce: error: {e}", file=sys.stderr)
+        return 1
+    print(open(os.path.join(out, "table.md"), encoding="utf-8").read())
+    print(f"[t2i_jax] wrote {out}/table.md, plot.png, results.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Batch sampling jobs: many prompts x many images x guidance weights, sharded, resumable.
+
+    spec = JobSpec.create(trained, prompts, num_per_prompt=16, guidance=(3.0,), seed=0,
+                          options=SampleOptions("ddim", 50))
+    result = run_job(trained, spec, "OUT", batch_size=64)
+
+The job's images are numbered by a global index (w outer, then prompt, then the image of that
+prompt): index = (g * P + p) * N + k for weight g, prompt p, image k. Image k of prompt p draws
+its noise from sample id p * N + k (t2i_jax/diffusion/noise.py), the same for every w, so a
+sweep over w compares the same starting noise (common random numbers). Nothing depends on the
+batch size or the device count: a batch is padded up to a multiple of the devices and every
+image's noise comes from its own id.
+
+Output directory:
+  job.json            what the job is (prompts, seed, sampler, checkpoint, ...); a rerun with a
+                      different job in the same directory is refused.
+  images/IIIIII.png   one PNG per image (written atomically).
+  shards/SSSSS.jsonl  the records of shard S (images [S * shard_size, (S + 1) * shard_size)),
+                      written atomically AFTER its PNGs: a shard file means the shard is done.
+  samples.jsonl       every record, in index order, written when all shards are done: its
+                      presence means the job is complete.
+  grid.png            rows = (w, prompt) pairs in index order, the first grid_columns images each.
+  samples.npz         (optional) arr_0 uint8 [N, H, W, 3] and arr_1 int64 prompt indices, the
+                      layout of ADM's reference batches (grey images repeated to RGB).
+
+A killed job leaves finished shards and at most one unfinished shard (some PNGs, no shard file);
+the rerun redoes that shard (same pixels: the images are deterministic) and goes on. Temporary
+files are named .tmp-* and are never read as results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2i_jax import files, images
+from t2i_jax.conditioning import Condition
+from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
+from t2i_jax.sampling.load import Trained
+from t2i_jax.training import mesh as mesh_lib
+from t2i_jax.training.step import null_of
+
+JOB_FILE, SAMPLES_FILE, GRID_FILE, NPZ_FILE = "job.json", "samples.jsonl", "grid.png", "samples.npz"
+SEED_STREAM = 11  # the job's key: fold_in(key(seed), 11); training's grids use other streams
+
+
+class JobMismatchError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """Everything that determines a job's images (batch size and devices do not)."""
+    prompts: tuple
+    num_per_prompt: int
+    guidance: tuple
+    seed: int
+    sampler: str
+    num_steps: int
+    eta: float
+    thresholding: Optional[str]
+    spacing: str
+    ddpm_variance: str
+    params: str
+    checkpoint_step: int
+    workdir: str
+    shard_size: int = 256
+
+    @classmethod
+    def create(cls, trained: Trained, prompts: Sequence[str], *, num_per_prompt: int,
+               guidance: Sequence[float], seed: int, options: SampleOptions,
+               shard_size: int = 256) -> "JobSpec":
+        if not prompts:
+            raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
+        if num_per_prompt < 1:
+            raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}.")
+        if not guidance:
+            raise ValueError("no guidance weight given.")
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}.")
+        return cls(tuple(prompts), int(num_per_prompt), tuple(float(w) for w in guidance),
+                   int(seed), options.sampler, int(options.num_steps), float(options.eta),
+                   options.thresholding, options.spacing, options.ddpm_variance, trained.kind, trained.step,
+                   trained.workdir, int(shard_size))
+
+    @property
+    def options(self) -> SampleOptions:
+        return SampleOptions(self.sampler, self.num_steps, self.eta, self.thresholding,
+                             self.spacing, self.ddpm_variance)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.guidance) * len(self.prompts) * self.num_per_prompt
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_images / self.shard_size)
+
+    def decompose(self, index: np.ndarray):
+        """(guidance slot g, prompt p, image k, noise sample id) of global indices."""
+        index = np.asarray(index)
+        n, p = self.num_per_prompt, len(self.prompts)
+        k = index % n
+        pi = (index // n) % p
+        g = index // (n * p)
+        return g, pi, k, pi * n + k
+
+    def record(self, index: int) -> dict:
+        g, p, k, sid = (int(v) for v in self.decompose(index))
+        return {"index": int(index), "file": image_file(index), "prompt": self.prompts[p],
+                "prompt_index": p, "sample": k, "sample_id": sid, "seed": self.seed,
+                "guidance": self.guidance[g], "sampler": self.sampler, "steps": self.num_steps,
+                "eta": self.eta, "thresholding": self.thresholding or "none",
+                "ddpm_variance": self.ddpm_variance,
+                "checkpoint_step": self.checkpoint_step, "params": self.params}
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["prompts"], d["guidance"] = list(self.prompts), list(self.guidance)
+        return d
+
+
+def image_file(index: int) -> str:
+    return f"images/{index:06d}.png"
+
+
+def shard_file(shard: int) -> str:
+    return f"shards/{shard:05d}.jsonl"
+
+
+@dataclasses.dataclass
+class JobResult:
+    outdir: str
+    num_images: int
+    generated: int           # images generated by this call (0 if everything was done)
+    skipped_shards: int      # shards found finished
+    seconds: float           # wall time of generation (compilation included)
+    images_per_s: float      # generated / time after the first batch (steady state)
+    compilations: int        # distinct programs the generate function compiled
+
+
+def check_outdir(spec: JobSpec, outdir: str) -> None:
+    """Writes job.json, or checks that the one there describes the same job."""
+    path = os.path.join(outdir, JOB_FILE)
+    want = spec.to_json()
+    if os.path.exists(path):
+        have = files.read_json(path)
+        diffs = [f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in sorted(set(have) | set(want))
+                 if have.get(k) != want.get(k)]
+        if diffs:
+            raise JobMismatchError(
+                f"{outdir} holds another sampling job; it differs in:\n  " + "\n  ".join(diffs)
+                + "\nUse another --outdir, or delete this one to start afresh.")
+    else:
+        files.write_json(path, want)
+
+
+def finished_shards(spec: JobSpec, outdir: str) -> set:
+    """Shards whose shard file lists exactly their indices and whose PNGs all exist."""
+    done = set()
+    for s in range(spec.num_shards):
+        path = os.path.join(outdir, shard_file(s))
+        if not os.path.exists(path):
+            continue
+        try:
+            rows = files.read_jsonl(path)
+        except (ValueError, OSError):
+            continue  # unreadable: redo it
+        want = list(range(s * spec.shard_size, min((s + 1) * spec.shard_size, spec.num_images)))
+        if [r.get("index") for r in rows] == want and all(
+                os.path.exists(os.path.join(outdir, r["file"])) for r in rows):
+            done.add(s)
+    return done
+
+
+def prompt_conditions(trained: Trained, prompts: Sequence[str]) -> Condition:
+    """One Condition row per prompt; an empty prompt is the model's null condition (is_null)."""
+    exp = trained.experiment
+    null = null_of(exp.model)
+    nonempty = [p if p else (prompts_placeholder(exp)) for p in prompts]
+    cond = exp.prompt_condition(nonempty)
+    empty = np.array([not p for p in prompts])
+    if not empty.any():
+        return cond
+    e = jnp.asarray(empty)
+
+    def pick(c, n):
+        n = jnp.broadcast_to(n, c.shape)
+        return jnp.where(e.reshape((-1,) + (1,) * (c.ndim - 1)), n, c)
+
+    return jax.tree_util.tree_map(pick, cond, null)
+
+
+def prompts_placeholder(exp) -> str:
+    """A valid prompt standing in for an empty one before it is replaced by the null row."""
+    if exp.model.cfg.text is not None:
+        return ""
+    from t2i_jax import data as data_lib
+    return data_lib.class_names(exp.config.data)[0]
+
+
+def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 64,
+            devices: Optional[list] = None, progress: bool = True, npz: bool = False,
+            grid_columns: int = 16, max_shards: Optional[int] = None) -> JobResult:
+    """Generates every image of `spec` not already in `outdir` and assembles the outputs.
+
+    max_shards: stop after generating this many shards (the job stays resumable; for tests
+    and for splitting a job into pieces by hand).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    exp = trained.experiment
+    outdir = os.path.abspath(outdir)
+    lead = jax.process_index() == 0
+    if lead:
+        os.makedirs(os.path.join(outdir, "images"), exist_ok=True)
+        os.makedirs(os.path.join(outdir, "shards"), exist_ok=True)
+        check_outdir(spec, outdir)
+    done = finished_shards(spec, outdir)
+    todo = [s for s in range(spec.num_shards) if s not in done]
+    if max_shards is not None:
+        todo = todo[:max_shards]
+
+    mesh = mesh_lib.make_mesh(1, devices)
+    n_dev = mesh.devices.size
+    padded = math.ceil(batch_size / n_dev) * n_dev  # every call has this batch: one compilation
+    row_sharding = mesh_lib.batch_sharding(mesh)
+    params = jax.device_put(trained.params, mesh_lib.replicated(mesh))  # on this job's devices
+    guided = any(w != 0.0 for w in spec.guidance)
+    null = null_of(exp.model) if guided else None
+    generate = make_generate_fn(exp.model, exp.schedule, exp.image_shape, null, spec.options,
+                                prediction=exp.config.diffusion.prediction)
+    rng = jax.random.fold_in(jax.random.key(spec.seed), SEED_STREAM)
+    conds = prompt_conditions(trained, spec.prompts)  # [P] rows
+    guidance = np.asarray(spec.guidance, np.float32)
+
+    from tqdm import tqdm
+    total = spec.num_images
+    already = sum(min((s + 1) * spec.shard_size, total) - s * spec.shard_size for s in done)
+    bar = tqdm(total=total, initial=already, unit="img", desc="sample", dynamic_ncols=True,
+               disable=not (progress and lead))
+    generated, t0, t_first, n_after_first = 0, time.perf_counter(), None, 0
+    try:
+        with jax.set_mesh(mesh):
+            for s in todo:
+                lo, hi = s * spec.shard_size, min((s + 1) * spec.shard_size, total)
+                for b0 in range(lo, hi, batch_size):
+                    idx = np.arange(b0, min(b0 + batch_size, hi))
+                    full = np.concatenate([idx, np.full(padded - len(idx), idx[-1])])
+                    g, p, _, sid = spec.decompose(full)
+                    put = lambda a: jax.device_put(a, row_sharding)  # noqa: E731
+                    cond = jax.tree_util.tree_map(lambda c: put(np.asarray(c)[p]), conds)
+                    x = generate(params, cond, rng, put(guidance[g]),
+                                 put(sid.astype(np.int32)))
+                    x = images.to_uint8(_gather(x))[:len(idx)]
+                    if lead:
+                        for i, im in zip(idx, x):
+                            images.save_png(os.path.join(outdir, image_file(int(i))), im)
+                    generated += len(idx)
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                    else:
+                        n_after_first += len(idx)
+                    bar.update(len(idx))
+                if lead:  # the shard's record file last: its presence means the shard is done
+                    files.write_jsonl(os.path.join(outdir, shard_file(s)),
+                                      [spec.record(i) for i in range(lo, hi)])
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    steady = (time.perf_counter() - t_first) if t_first is not None else 0.0
+    result = JobResult(outdir, total, generated, len(done), seconds,
+                       n_after_first / steady if n_after_first else float("nan"),
+                       generate._cache_size())
+    if lead and len(finished_shards(spec, outdir)) == spec.num_shards:
+        assemble(spec, outdir, npz=npz, grid_columns=grid_columns,
+                 scale=max(1, 64 // exp.image_shape[0]))
+    return result
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def is_complete(outdir: str) -> bool:
+    return os.path.exists(os.path.join(outdir, SAMPLES_FILE))
+
+
+def assemble(spec: JobSpec, outdir: str, *, npz: bool = False, grid_columns: int = 16,
+             scale: int = 1) -> None:
+    """samples.jsonl, grid.png and (optionally) samples.npz from the finished shards."""
+    rows = []
+    for s in range(spec.num_shards):
+        rows.extend(files.read_jsonl(os.path.join(outdir, shard_file(s))))
+    assert [r["index"] for r in rows] == list(range(spec.num_images)), "shards out of order"
+    cols = min(spec.num_per_prompt, grid_columns)
+    picked = [r for r in rows if r["sample"] < cols]
+    grid = images.make_grid(np.stack([images.load_png(os.path.join(outdir, r["file"]))
+                                      for r in picked]), rows=len(picked) // cols, scale=scale)
+    images.save_png(os.path.join(outdir, GRID_FILE), grid)
+    if npz:
+        x = np.stack([images.load_png(os.path.join(outdir, r["file"])) for r in rows])
+        if x.shape[-1] == 1:
+            x = np.repeat(x, 3, axis=-1)
+        labels = np.asarray([r["prompt_index"] for r in rows], np.int64)
+        with files.atomic_open(os.path.join(outdir, NPZ_FILE), "wb") as f:
+            np.savez(f, arr_0=x, arr_1=labels)
+    files.write_jsonl(os.path.join(outdir, SAMPLES_FILE), rows)  # last: the job is complete
+
+
+def load_images(outdir: str, rows: Optional[list] = None) -> tuple[np.ndarray, list]:
+    """(uint8 [N, H, W, C], records) of a complete job, in index order."""
+    if not is_complete(outdir):
+        raise FileNotFoundError(f"{outdir} holds no complete sampling job ({SAMPLES_FILE} is "
+                                "missing); rerun the sampling command to finish it.")
+    rows = rows if rows is not None else files.read_jsonl(os.path.join(outdir, SAMPLES_FILE))
+    return np.stack([images.load_png(os.path.join(outdir, r["file"])) for r in rows]), rows
+
+
+def print_summary(result: JobResult, stream=None) -> None:
+    stream = stream or sys.stderr
+    print(f"[t2i_jax] {result.outdir}: {result.num_images} images ({result.generated} generated "
+          f"now, {result.skipped_shards} shard(s) were already done) in {result.seconds:.1f} s"
+          + (f"; {result.images_per_s:.2f} images/s after the first batch"
+             if result.images_per_s == result.images_per_s else ""), file=stream)
+
