@@ -26,9 +26,10 @@ setup(
         "pillow>=10.0",
         "tqdm>=4.66",
         "tensorboardX>=2.6",        # TensorBoard event files without TensorFlow
+        "matplotlib>=3.8",          # the reproductions' plots
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
-        "plots": ["matplotlib>=3.8"],
+        # scipy: the Fréchet distance is checked against scipy.linalg.sqrtm
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.10"],
     },
 )

@@ -132,10 +132,17 @@ def test_shapes_alignment_scores_sets_of_pairs(data_dir):
     assert all(ev_lib.is_held_out_prompt(c[0]) for c in split["captions"])
 
 
-def test_digits_evaluator_reads_real_digits_and_their_prompts(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def digits_ev(data_dir):
     cfg = load_config("configs/digits.py")
     cfg.data.data_dir = data_dir
-    ev = ev_lib.train_evaluator(cfg.data, steps=300)
+    return ev_lib.train_evaluator(cfg.data, steps=300)
+
+
+def test_digits_evaluator_reads_real_digits_and_their_prompts(data_dir, digits_ev, tmp_path):
+    cfg = load_config("configs/digits.py")
+    cfg.data.data_dir = data_dir
+    ev = digits_ev
     assert ev.accuracy > 0.93  # held-out test split
     from t2i_jax import data as data_lib
     test = data_lib.load_split(cfg.data, "test")
@@ -149,3 +156,37 @@ def test_digits_evaluator_reads_real_digits_and_their_prompts(data_dir, tmp_path
     again = ev_lib.load_or_train(cfg.data, str(tmp_path))
     np.testing.assert_array_equal(again.features(test["image"][:8]), ev.features(test["image"][:8]))
     assert again.accuracy == ev.accuracy
+
+
+def test_cfg_reproduction_tables_the_metrics_of_its_own_samples(data_dir, digits_ev, tmp_path):
+    """reproduce cfg on a tiny model: one compilation for the sweep, one row per w whose numbers
+    are the metrics of exactly that w's images, the real-data floor, a table and a plot."""
+    from t2i_jax.evaluation import reproduce
+    from t2i_jax.evaluation.frechet import frechet_distance_of
+    from t2i_jax.sampling import job as job_lib
+    from t2i_jax.sampling.load import load_trained
+    from t2i_jax.training import loop
+    cfg = load_config("tests/tiny_config.py")
+    cfg.data.data_dir = data_dir
+    cfg.train.num_steps = 40
+    cfg.train.checkpoint_every = 40
+    wd = str(tmp_path / "wd")
+    loop.train(cfg, wd, progress=False)
+    ev_lib.save_evaluator(ev_lib.cache_path(reproduce.evaluator_dir(wd), cfg.data), digits_ev)
+    out = str(tmp_path / "cfg")
+    res = reproduce.reproduce_cfg(load_trained(wd), out, num_per_prompt=2, seed=0, batch_size=8,
+                                  steps=3, weights=(0.0, 2.0), progress=False)
+    assert res["compilations"] == 1 and [r["w"] for r in res["rows"]] == [0.0, 2.0]
+    x, rows = job_lib.load_images(f"{out}/samples")
+    scorer = reproduce.Scorer(cfg, reproduce.evaluator_dir(wd))
+    for row in res["rows"]:
+        sel = [i for i, r in enumerate(rows) if r["guidance"] == row["w"]]
+        assert row["n"] == len(sel) == 20
+        prompts = [rows[i]["prompt"] for i in sel]
+        assert row["alignment"] == pytest.approx(np.nanmean(digits_ev.aligned(x[sel], prompts)))
+        assert row["fd"] == pytest.approx(frechet_distance_of(scorer.real, digits_ev.features(x[sel])))
+    assert res["real_floor"]["n"] == 20 and res["real_floor"]["fd_sd"] > 0
+    table = open(f"{out}/table.md", encoding="utf-8").read()
+    assert table.count("\n| ") == 3 and "| real (train) |" in table   # 2 weights + the floor
+    with open(f"{out}/plot.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -110,6 +110,7 @@ def test_kill_9_then_rerun_completes_without_duplicates_or_gaps(workdir, trained
     last = sorted(f for f in os.listdir(shards) if f.endswith(".jsonl"))[-1]
     text = (shards / last).read_text()
     (shards / last).write_text(text[: len(text) // 2])
+    (out / "images" / ".tmp-abc.png").write_bytes(b"half a png")  # as a kill mid-write leaves
 
     assert sample_cli.run(args + ["--outdir", str(out), "--batch_size", "3"]) == 0
     x, rows = pngs(str(out))

@@ -76,15 +76,22 @@ class Scorer:
             out["alignment_seen"] = float(np.nanmean(aligned[~held])) if (~held).any() else None
         return out
 
-    def real_floor(self, n: int, seed: int = 0) -> dict:
-        """The same metrics for n real training images (no generator): what n samples allow."""
+    def real_floor(self, n: int, repeats: int = 5) -> dict:
+        """The same metrics for n real training images (no generator), averaged over `repeats`
+        random subsets: the floor that n samples allow; fd_sd is the subsets' spread, a guide to
+        how far apart two rows must be to differ."""
         from t2i_jax.evaluation.frechet import frechet_distance_of
         from t2i_jax.evaluation.precision_recall import precision_recall
-        rng = np.random.default_rng(seed)
-        f = self.real_train[rng.choice(len(self.real_train), min(n, len(self.real_train)), False)]
-        pr = precision_recall(self.real, f)
-        return dict(n=int(len(f)), fd=frechet_distance_of(self.real, f), alignment=None,
-                    precision=pr.precision, recall=pr.recall)
+        rows = []
+        for seed in range(repeats):
+            rng = np.random.default_rng(seed)
+            f = self.real_train[rng.choice(len(self.real_train), min(n, len(self.real_train)), False)]
+            pr = precision_recall(self.real, f)
+            rows.append((frechet_distance_of(self.real, f), pr.precision, pr.recall))
+        r = np.asarray(rows)
+        return dict(n=int(min(n, len(self.real_train))), fd=float(r[:, 0].mean()),
+                    fd_sd=float(r[:, 0].std(ddof=1)), alignment=None,
+                    precision=float(r[:, 1].mean()), recall=float(r[:, 2].mean()), repeats=repeats)
 
 
 def _run(trained, outdir, prompts, *, num_per_prompt, guidance, seed, options, batch_size,
@@ -135,6 +142,8 @@ def reproduce_cfg(trained, out: str, *, num_per_prompt: int, seed: int, batch_si
         ["alignment_heldout", "alignment_seen"] if scorer.ev.kind == "shapes" else [])
     md = markdown_table(["w"] + keys, [[f"{r['w']:g}"] + [r[k] for k in keys] for r in table]
                         + [["real (train)"] + [floor.get(k) for k in keys]])
+    md += (f"\nreal (train): {floor['repeats']} random subsets of n = {floor['n']} training images; "
+           f"FD sd {_fmt(floor['fd_sd'])}\n")
     _write(out, results, md)
     _plot_cfg(table, floor, os.path.join(out, "plot.png"))
     return results
@@ -175,7 +184,8 @@ def reproduce_ddim(trained, out: str, *, num_per_prompt: int, seed: int, batch_s
             ["method"] + [f"{s} steps" for s in all_steps],
             [[m] + [next((r[metric] for r in table if r["method"] == m and r["steps"] == s), None)
                     for s in all_steps] for m in methods])
-    md += f"\nreal (train) floor: fd {_fmt(floor['fd'])}, n = {floor['n']}\n"
+    md += (f"\nreal (train) floor: fd {_fmt(floor['fd'])} (sd {_fmt(floor['fd_sd'])} over "
+           f"{floor['repeats']} subsets of n = {floor['n']})\n")
     _write(out, results, md)
     _plot_ddim(table, methods, floor, os.path.join(out, "plot.png"))
     return results
@@ -273,7 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True, help="training workdir of a digits/shapes model")
     p.add_argument("--out", help="default: WORKDIR/reproduce/EXPERIMENT")
     p.add_argument("--num_per_prompt", type=int,
-                   help="images per prompt per row (default: cfg 50, ddim 20, checkpoints 50)")
+                   help="images per prompt per row (default 50)")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="ddim: the w of every row (default 0: the conditional model unguided, "
                         "as the paper's table had no guidance)")
@@ -300,7 +310,7 @@ def main(argv=None) -> int:
                                     seed=a.seed, batch_size=a.batch_size, steps=a.steps,
                                     progress=progress)
             else:
-                reproduce_ddim(trained, out, num_per_prompt=a.num_per_prompt or 20,
+                reproduce_ddim(trained, out, num_per_prompt=a.num_per_prompt or 50,
                                      seed=a.seed, batch_size=a.batch_size, guidance=a.guidance,
                                      progress=progress)
     except (ValueError, FileNotFoundError) as e:

@@ -224,6 +224,11 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
         os.makedirs(os.path.join(outdir, "images"), exist_ok=True)
         os.makedirs(os.path.join(outdir, "shards"), exist_ok=True)
         check_outdir(spec, outdir)
+        for sub in ("images", "shards", "."):  # leftovers of writes a kill interrupted
+            d = os.path.join(outdir, sub)
+            for name in os.listdir(d):
+                if name.startswith(".tmp-"):
+                    os.remove(os.path.join(d, name))
     done = finished_shards(spec, outdir)
     todo = [s for s in range(spec.num_shards) if s not in done]
     if max_shards is not None:
