@@ -10,7 +10,9 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -51,3 +53,37 @@ def read_json(path: str) -> Any:
 def read_jsonl(path: str) -> list:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def flatten_tree(tree: Mapping, prefix: str = "") -> dict:
+    """{"a": {"b": x}} -> {"a/b": x} (leaves as they are)."""
+    flat = {}
+    for key, value in tree.items():
+        if not isinstance(key, str) or "/" in key or not key:
+            raise ValueError(f"names must be non-empty strings without '/', got {key!r}")
+        if isinstance(value, Mapping):
+            flat.update(flatten_tree(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def save_tree_npz(path: str, tree: Mapping) -> None:
+    """Writes a nested dict of arrays as an uncompressed .npz with "/"-joined keys
+    ("params/Mixed_5b/branch1x1/kernel"), atomically."""
+    flat = {k: np.asarray(v) for k, v in flatten_tree(tree).items()}
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **flat)
+
+
+def load_tree_npz(path: str) -> dict:
+    """Reads a .npz written by save_tree_npz back into the nested dict of NumPy arrays."""
+    tree: dict = {}
+    with np.load(path, allow_pickle=False) as archive:
+        for key in archive.files:
+            node = tree
+            *parents, leaf = key.split("/")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = archive[key]
+    return tree

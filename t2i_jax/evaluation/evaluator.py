@@ -222,27 +222,6 @@ def train_evaluator(data_config, *, seed: int = 0, steps: Optional[int] = None,
     return ev
 
 
-def _flatten(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = np.asarray(v)
-    return out
-
-
-def _unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(v)
-    return tree
-
-
 def cache_path(directory: str, data_config) -> str:
     return os.path.join(directory, f"evaluator_{data_config.name}_{data_config.image_size}px.npz")
 
@@ -252,14 +231,12 @@ def load_or_train(data_config, directory: str, *, seed: int = 0) -> Evaluator:
     path = cache_path(directory, data_config)
     kind = kind_of(data_config)
     if os.path.exists(path):
-        with np.load(path) as z:
-            flat = {k: z[k] for k in z.files if k != "__accuracy__"}
-            return Evaluator(kind, _unflatten(flat), float(z["__accuracy__"]))
+        tree = files.load_tree_npz(path)
+        return Evaluator(kind, tree["variables"], float(tree["accuracy"]))
     ev = train_evaluator(data_config, seed=seed)
     save_evaluator(path, ev)
     return ev
 
 
 def save_evaluator(path: str, ev: Evaluator) -> None:
-    with files.atomic_open(path, "wb") as f:
-        np.savez(f, __accuracy__=np.float64(ev.accuracy), **_flatten(ev.params))
+    files.save_tree_npz(path, {"variables": ev.params, "accuracy": np.float64(ev.accuracy)})

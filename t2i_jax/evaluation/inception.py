@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import tempfile
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
@@ -58,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from t2i_jax import files
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -494,7 +494,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], eps: float = BN_EPS) -> di
 def _module_param_shapes() -> dict[str, tuple[int, ...]]:
     tree = jax.eval_shape(InceptionV3().init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, MIN_INPUT_SIZE, MIN_INPUT_SIZE, 3), jnp.float32))
-    return {k: tuple(v.shape) for k, v in _flatten(tree).items()}
+    return {k: tuple(v.shape) for k, v in files.flatten_tree(tree).items()}
 
 
 def param_shapes() -> dict[str, tuple[int, ...]]:
@@ -508,7 +508,7 @@ def check_params(params: Mapping) -> None:
     shapes, naming what is missing, unexpected or of the wrong shape."""
     want = _module_param_shapes()
     got = {k: tuple(v.shape) if hasattr(v, "shape") else np.shape(v)
-           for k, v in _flatten(params).items()}
+           for k, v in files.flatten_tree(params).items()}
     problems = []
     if want.keys() - got.keys():
         problems.append(f"missing: {_name_list(want.keys() - got.keys())}")
@@ -525,48 +525,16 @@ def check_params(params: Mapping) -> None:
 # Params as a flat .npz, and the feature function
 # --------------------------------------------------------------------------------------------
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if not isinstance(key, str) or "/" in key or not key:
-            raise ValueError(f"param names must be non-empty strings without '/', got {key!r}")
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
-
-
 def save_params(path: str, params: Mapping) -> None:
     """Writes a nested dict of arrays to `path` as an uncompressed .npz with "/"-joined keys
     ("params/Mixed_5b/branch1x1/kernel"), atomically: a temporary file in the same directory,
     then os.replace, so a reader never sees half a file."""
-    flat = {k: np.asarray(v) for k, v in _flatten(params).items()}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **flat)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    files.save_tree_npz(path, params)
 
 
 def load_params(path: str) -> dict:
     """Reads a .npz written by save_params back into the nested dict of NumPy arrays."""
-    params: dict = {}
-    with np.load(path, allow_pickle=False) as archive:
-        for key in archive.files:
-            node = params
-            *parents, leaf = key.split("/")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = archive[key]
-    return params
+    return files.load_tree_npz(path)
 
 
 def make_feature_fn(params: Mapping, precision: Precision = lax.Precision.HIGHEST

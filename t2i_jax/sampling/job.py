@@ -156,9 +156,11 @@ def check_outdir(spec: JobSpec, outdir: str) -> None:
         diffs = [f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in sorted(set(have) | set(want))
                  if have.get(k) != want.get(k)]
         if diffs:
+            hint = (f"\nTo finish that job, rerun its command with --step {have['checkpoint_step']}."
+                    if have.get("checkpoint_step") != want["checkpoint_step"] else "")
             raise JobMismatchError(
                 f"{outdir} holds another sampling job; it differs in:\n  " + "\n  ".join(diffs)
-                + "\nUse another --outdir, or delete this one to start afresh.")
+                + hint + "\nUse another --outdir, or delete this one to start afresh.")
     else:
         files.write_json(path, want)
 
