@@ -41,3 +41,18 @@ def data_dir(tmp_path_factory):
     digits.builder(d)
     shapes.builder(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(data_dir, tmp_path_factory):
+    """A tiny digits model (tests/tiny_config.py) trained 40 steps, to sample from: its outputs
+    are no longer the zero-initialised ones. Read-only for the tests that share it."""
+    from t2i_jax.config_utils import load_config
+    from t2i_jax.training import loop
+    cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_config.py"))
+    cfg.data.data_dir = data_dir
+    cfg.train.num_steps = 40
+    cfg.train.checkpoint_every = 40
+    wd = tmp_path_factory.mktemp("tiny_trained")
+    loop.train(cfg, str(wd), progress=False)
+    return str(wd)

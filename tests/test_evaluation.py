@@ -1,6 +1,8 @@
 """Evaluation: the Fréchet distance against scipy and closed forms, precision/recall on sets whose
 answer is known, and the data-set classifier (accuracy, alignment read from prompts)."""
 
+import shutil
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -158,20 +160,18 @@ def test_digits_evaluator_reads_real_digits_and_their_prompts(data_dir, digits_e
     assert again.accuracy == ev.accuracy
 
 
-def test_cfg_reproduction_tables_the_metrics_of_its_own_samples(data_dir, digits_ev, tmp_path):
+def test_cfg_reproduction_tables_the_metrics_of_its_own_samples(data_dir, digits_ev, tiny_workdir,
+                                                                tmp_path):
     """reproduce cfg on a tiny model: one compilation for the sweep, one row per w whose numbers
     are the metrics of exactly that w's images, the real-data floor, a table and a plot."""
     from t2i_jax.evaluation import reproduce
     from t2i_jax.evaluation.frechet import frechet_distance_of
     from t2i_jax.sampling import job as job_lib
     from t2i_jax.sampling.load import load_trained
-    from t2i_jax.training import loop
     cfg = load_config("tests/tiny_config.py")
     cfg.data.data_dir = data_dir
-    cfg.train.num_steps = 40
-    cfg.train.checkpoint_every = 40
-    wd = str(tmp_path / "wd")
-    loop.train(cfg, wd, progress=False)
+    wd = str(tmp_path / "wd")  # a copy: the shared workdir stays as it is
+    shutil.copytree(tiny_workdir, wd)
     ev_lib.save_evaluator(ev_lib.cache_path(reproduce.evaluator_dir(wd), cfg.data), digits_ev)
     out = str(tmp_path / "cfg")
     res = reproduce.reproduce_cfg(load_trained(wd), out, num_per_prompt=2, seed=0, batch_size=8,

@@ -19,7 +19,6 @@ from t2i_jax.config_utils import load_config
 from t2i_jax.sampling import job as job_lib
 from t2i_jax.sampling.generate import SampleOptions
 from t2i_jax.sampling.load import load_trained
-from t2i_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "tiny_config.py")
@@ -27,15 +26,8 @@ OPTIONS = SampleOptions("ddim", 3)  # the tiny config's sampling: programs share
 
 
 @pytest.fixture(scope="module")
-def workdir(data_dir, tmp_path_factory):
-    """A tiny digits model trained 40 steps (its outputs are no longer the zero-initialised ones)."""
-    cfg = load_config(TINY)
-    cfg.data.data_dir = data_dir
-    cfg.train.num_steps = 40
-    cfg.train.checkpoint_every = 40
-    wd = tmp_path_factory.mktemp("trained")
-    loop.train(cfg, str(wd), progress=False)
-    return str(wd)
+def workdir(tiny_workdir):
+    return tiny_workdir
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -231,8 +232,12 @@ def load_or_train(data_config, directory: str, *, seed: int = 0) -> Evaluator:
     path = cache_path(directory, data_config)
     kind = kind_of(data_config)
     if os.path.exists(path):
-        tree = files.load_tree_npz(path)
-        return Evaluator(kind, tree["variables"], float(tree["accuracy"]))
+        try:
+            tree = files.load_tree_npz(path)
+            return Evaluator(kind, tree["variables"], float(tree["accuracy"]))
+        except (KeyError, ValueError, OSError) as e:
+            print(f"[t2i_jax] the cached evaluator {path} is unreadable ({type(e).__name__}: "
+                  f"{e}); training it again.", file=sys.stderr)
     ev = train_evaluator(data_config, seed=seed)
     save_evaluator(path, ev)
     return ev

@@ -10,7 +10,8 @@
   ddim         Song et al. (2021), table 1: DDIM eta = 0, DDIM eta = 1 and DDPM with
                sigma-hat (variance beta, ddpm_variance="beta") at 10, 20, 50, 100, 1000 steps,
                and DPM-Solver++(2M) (Lu et al. 2022) at 10 and 20 -> FD and alignment.
-  checkpoints  the same metrics for every checkpoint in the workdir (is the model converged?).
+  checkpoints  the same metrics for every checkpoint in the workdir, at w = 0 unless --guidance
+               (is the model converged? at w = 0 its FD should reach the real-data floor).
 
 FD is the Fréchet distance of the evaluator classifier's 128-d penultimate features
 (t2i_jax/evaluation/evaluator.py) between the generated images and the data set's held-out
@@ -192,7 +193,9 @@ def reproduce_ddim(trained, out: str, *, num_per_prompt: int, seed: int, batch_s
 
 
 def reproduce_checkpoints(workdir: str, out: str, *, num_per_prompt: int, seed: int,
-                          batch_size: int, progress=True) -> dict:
+                          batch_size: int, guidance: float = 0.0, progress=True) -> dict:
+    """The metrics of every checkpoint at guidance w (default 0: the model's own conditional
+    distribution, whose FD reaches the real-data floor when the model fits the data)."""
     from t2i_jax.sampling.generate import SampleOptions
     from t2i_jax.sampling.load import checkpoint_dir, load_trained
     from t2i_jax.training.checkpoint import Checkpointer
@@ -204,15 +207,20 @@ def reproduce_checkpoints(workdir: str, out: str, *, num_per_prompt: int, seed: 
         trained = load_trained(workdir, step=s)
         cfg = trained.config
         scorer = scorer or Scorer(cfg, evaluator_dir(workdir))
-        w = float(cfg.sample.guidance_weight)
+        w = float(guidance)
         x, rows, _ = _run(trained, os.path.join(out, "samples", f"step_{s}"), default_prompts(cfg),
                           num_per_prompt=num_per_prompt, guidance=(w,), seed=seed,
                           options=SampleOptions.from_config(cfg.sample), batch_size=batch_size,
                           progress=progress)
         table.append(dict(step=s, w=w, **scorer.score(x, [r["prompt"] for r in rows])))
-    results = dict(experiment="checkpoints", workdir=os.path.abspath(workdir), rows=table)
+    floor = scorer.real_floor(len(x))
+    results = dict(experiment="checkpoints", workdir=os.path.abspath(workdir), guidance=guidance,
+                   rows=table, real_floor=floor)
     keys = ["fd", "alignment", "precision", "recall"]
-    md = markdown_table(["step"] + keys, [[r["step"]] + [r[k] for k in keys] for r in table])
+    md = markdown_table(["step"] + keys, [[r["step"]] + [r[k] for k in keys] for r in table]
+                        + [["real (train)"] + [floor.get(k) for k in keys]])
+    md += (f"\nw = {guidance:g}; real (train): {floor['repeats']} random subsets of n = "
+           f"{floor['n']} training images; FD sd {_fmt(floor['fd_sd'])}\n")
     _write(out, results, md)
     return results
 
@@ -285,8 +293,8 @@ def main(argv=None) -> int:
     p.add_argument("--num_per_prompt", type=int,
                    help="images per prompt per row (default 50)")
     p.add_argument("--guidance", type=float, default=0.0,
-                   help="ddim: the w of every row (default 0: the conditional model unguided, "
-                        "as the paper's table had no guidance)")
+                   help="ddim and checkpoints: the w of every row (default 0: the conditional "
+                        "model unguided, as the DDIM paper's table had no guidance)")
     p.add_argument("--steps", type=int, default=50, help="cfg: sampling steps (config's sampler)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=50)
@@ -302,7 +310,8 @@ def main(argv=None) -> int:
     try:
         if a.experiment == "checkpoints":
             reproduce_checkpoints(a.workdir, out, num_per_prompt=a.num_per_prompt or 50,
-                                        seed=a.seed, batch_size=a.batch_size, progress=progress)
+                                  seed=a.seed, batch_size=a.batch_size, guidance=a.guidance,
+                                  progress=progress)
         else:
             trained = load_trained(a.workdir)
             if a.experiment == "cfg":
