@@ -6,16 +6,18 @@
         --num_per_prompt 100 --npz --outdir out/sweep          # a sweep over w: one compilation
 
 Writes OUTDIR/grid.png (rows = prompts; with several w, the rows of w[0] first),
-OUTDIR/images/*.png, OUTDIR/samples.jsonl (one object per image: file, prompt, index, seed, w,
-sampler, steps, checkpoint step) and with --npz OUTDIR/samples.npz (ADM's reference layout).
+OUTDIR/images/*.png, OUTDIR/samples.jsonl (one object per image: file, prompt, index, seed,
+guidance, sampler, steps, checkpoint step) and with --npz OUTDIR/samples.npz (ADM's reference layout).
 Uses the newest checkpoint's EMA parameters and the config stored with it. Every device is used;
-the images do not depend on the device count or --batch_size. An interrupted job resumes where
+each image's noise comes from its own index, so the device count and --batch_size do not change
+the images (bit-identical on CPU; up to float rounding where kernels depend on the batch shape). An interrupted job resumes where
 it stopped when the same command is run again.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -59,13 +61,22 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.prompts_file is None and not args.prompt:
         p.error("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
-    if args.num_per_prompt < 1 or args.batch_size < 1 or args.shard_size < 1:
-        p.error("--num_per_prompt, --batch_size and --shard_size must be >= 1.")
+    if min(args.num_per_prompt, args.batch_size, args.shard_size, args.grid_columns) < 1:
+        p.error("--num_per_prompt, --batch_size, --shard_size and --grid_columns must be >= 1.")
+    if not 0 <= args.seed < 2 ** 32:
+        p.error(f"--seed must be in [0, 2^32) (JAX keys hold 32 bits), got {args.seed}.")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}.")
     if args.guidance is not None:
+        given = args.guidance
         try:
-            args.guidance = [float(w) for g in args.guidance for w in g.split(",") if w.strip()]
+            args.guidance = [float(w) for g in given for w in g.split(",") if w.strip()]
         except ValueError:
-            p.error(f"--guidance takes numbers (e.g. --guidance 0 1 3 or 0,1,3), got {args.guidance}.")
+            args.guidance = None
+        if not args.guidance or not all(math.isfinite(w) for w in args.guidance):
+            p.error(f"--guidance takes finite numbers (e.g. --guidance 0 1 3 or 0,1,3), got {given}.")
+    if args.outdir and os.path.exists(args.outdir) and not os.path.isdir(args.outdir):
+        p.error(f"--outdir {args.outdir} is a file; pass a directory.")
     return args
 
 
@@ -154,10 +165,12 @@ def run(argv=None) -> int:
     """main() with the library's errors as one clear line (T2I_DEBUG=1 shows the traceback)."""
     try:
         return main(argv)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: unwritable outdir, missing files
         if os.environ.get("T2I_DEBUG"):
             raise
-        print(f"sample.py: error: {e}\n(set T2I_DEBUG=1 for the traceback)", file=sys.stderr)
+        ours = isinstance(e, ValueError) or type(e).__module__.startswith("t2i_jax")
+        name = "" if ours else f"{type(e).__name__}: "
+        print(f"sample.py: error: {name}{e}\n(set T2I_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -23,6 +23,7 @@ def atomic_open(path: str, mode: str = "wb", **kwargs) -> Iterator[Any]:
     suffix = os.path.splitext(path)[1]
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results get the usual mode
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
         os.replace(tmp, path)
@@ -30,6 +31,12 @@ def atomic_open(path: str, mode: str = "wb", **kwargs) -> Iterator[Any]:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str, text: str) -> None:

@@ -104,9 +104,19 @@ def test_prompt_targets():
         for caption in digits.captions(d):
             assert ev_lib.target_of("digits", caption) == d
     assert ev_lib.target_of("digits", "a cat") is None and ev_lib.target_of("digits", "") is None
+    # (colour, shape, size): red 0, blue 2; circle 0, square 1, triangle 2; small 0, large 1
     assert ev_lib.target_of("shapes", "a small red circle above a large blue square") == frozenset(
-        {(0, 0), (2, 1)})
-    assert ev_lib.target_of("shapes", "a large green triangle") == frozenset({(1, 2)})
+        {(0, 0, 0), (2, 1, 1)})
+    assert ev_lib.target_of("shapes", "a large green triangle") == frozenset({(1, 2, 1)})
+    short = ev_lib.target_of("shapes", "a red circle above a blue square")
+    assert short == frozenset({(0, 0, None), (2, 1, None)})
+    match = ev_lib.objects_match
+    assert match(frozenset({(0, 0, 1), (2, 1, 0)}), short)            # sizes not asked for
+    assert not match(frozenset({(0, 0, 1)}), short)                   # an object missing
+    assert not match(frozenset({(0, 0, 1), (2, 1, 0), (1, 2, 0)}), short)   # one too many
+    sized = ev_lib.target_of("shapes", "a small red circle left of a large blue square")
+    assert match(frozenset({(0, 0, 0), (2, 1, 1)}), sized)
+    assert not match(frozenset({(0, 0, 1), (2, 1, 1)}), sized)        # the wrong size
     assert ev_lib.is_held_out_prompt("a large red triangle")
     assert ev_lib.is_held_out_prompt("a blue circle below a green square")
     assert not ev_lib.is_held_out_prompt("a red circle left of a blue square")

@@ -186,3 +186,45 @@ def test_prompts_file_reads_utf8_lines(tmp_path):
     f = tmp_path / "p.txt"
     f.write_bytes(b"\xef\xbb\xbfseven\r\n\n" + "数字三".encode() + b"\n  \n")
     assert sample_cli.read_prompts_file(str(f)) == ["seven", "数字三"]
+
+
+def test_job_refusals_write_nothing_and_a_lock_keeps_two_writers_apart(trained, tmp_path):
+    too_many = SampleOptions("ddim", 5000)
+    spec = job_lib.JobSpec.create(trained, ["seven"], num_per_prompt=1, guidance=(1.0,), seed=0,
+                                  options=too_many)
+    with pytest.raises(ValueError, match="num_steps"):
+        job_lib.run_job(trained, spec, str(tmp_path / "a"), progress=False)
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+    spec = job_lib.JobSpec.create(trained, ["seven"], num_per_prompt=1, guidance=(1.0,), seed=0,
+                                  options=OPTIONS)
+    with job_lib._OutdirLock(str(tmp_path / "b")):
+        with pytest.raises(ValueError, match="another process is writing"):
+            job_lib.run_job(trained, spec, str(tmp_path / "b"), progress=False)
+
+
+def test_outputs_get_the_usual_file_mode_and_fid_picks_one_w(trained, tmp_path):
+    from t2i_jax.evaluation import fid as fid_lib
+    spec = job_lib.JobSpec.create(trained, ["seven"], num_per_prompt=2, guidance=(0.0, 1.0),
+                                  seed=0, options=OPTIONS)
+    job_lib.run_job(trained, spec, str(tmp_path), batch_size=8, progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("images/000000.png", "samples.jsonl", "grid.png", "job.json"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
+    with pytest.raises(ValueError, match="several guidance weights"):
+        fid_lib.load_set(str(tmp_path))
+    x, _ = job_lib.load_images(str(tmp_path))
+    np.testing.assert_array_equal(fid_lib.load_set(str(tmp_path), guidance=1.0), x[2:])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", "-1"], "--seed must be in [0, 2^32)"),
+    (["--guidance", "nan"], "--guidance takes finite numbers"),
+    (["--guidance", ","], "--guidance takes finite numbers"),
+    (["--grid_columns", "0"], "must be >= 1"),
+])
+def test_cli_rejects_bad_numbers_before_loading_anything(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        sample_cli.run(["--workdir", str(tmp_path), "--prompt", "7", "--outdir",
+                        str(tmp_path / "o")] + extra)
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -4,8 +4,12 @@ predictions give text-image alignment.
 
   digits: the digit (10-way softmax); a generated image is aligned when the predicted digit is
           the one its prompt names (any phrasing, Chinese included).
-  shapes: which colour+shape pairs the scene contains (15 sigmoid outputs, multi-label); a
-          generated image is aligned when the predicted set of pairs equals the prompt's set.
+  shapes: which (colour, shape, size) objects the scene contains (30 sigmoid outputs,
+          multi-label); a generated image is aligned when the SET of predicted colour+shape
+          pairs is the prompt's and every size the prompt names is among the predictions ("a
+          small red circle above a large blue square" needs a small red circle, a large blue
+          square and no other kind of object). Sets cannot count: two red circles read as one.
+          The spatial relation is not scored.
           Prompts with a held-out pair (red triangle, blue circle, yellow square: never seen in
           training the generator) are scored separately: compositional generalisation.
 
@@ -22,6 +26,7 @@ import dataclasses
 import os
 import re
 import sys
+import zipfile
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -67,21 +72,39 @@ def _digit_targets() -> dict:
     return {c.strip().lower(): d for d in range(10) for c in digits.captions(d)}
 
 
-def shape_pairs(prompt: str) -> Optional[frozenset]:
-    """The (colour, shape) index pairs a shapes prompt names, or None if it names none."""
+NUM_SHAPE_OUTPUTS = 30  # (colour c, shape s, size z) -> output (c * 3 + s) * 2 + z
+
+
+def shape_objects(prompt: str) -> Optional[frozenset]:
+    """The (colour, shape, size or None) index triples a shapes prompt names, or None."""
     from t2i_jax.data import shapes
-    pattern = r"\b(%s)\s+(%s)\b" % ("|".join(shapes.COLOURS), "|".join(shapes.SHAPES))
+    pattern = r"\b(?:(%s)\s+)?(%s)\s+(%s)\b" % ("|".join(shapes.SIZES), "|".join(shapes.COLOURS),
+                                               "|".join(shapes.SHAPES))
     found = re.findall(pattern, prompt.lower())
     if not found:
         return None
-    return frozenset((shapes.COLOURS.index(c), shapes.SHAPES.index(s)) for c, s in found)
+    return frozenset((shapes.COLOURS.index(c), shapes.SHAPES.index(s),
+                      shapes.SIZES.index(z) if z else None) for z, c, s in found)
+
+
+def shape_pairs(prompt: str) -> Optional[frozenset]:
+    """The (colour, shape) index pairs a shapes prompt names, or None if it names none."""
+    objects = shape_objects(prompt)
+    return None if objects is None else frozenset((c, s) for c, s, _ in objects)
+
+
+def objects_match(predicted: frozenset, target: frozenset) -> bool:
+    """Same colour+shape pairs, and every size the target names is among the predictions."""
+    if {(c, s) for c, s, _ in predicted} != {(c, s) for c, s, _ in target}:
+        return False
+    return all(t in predicted for t in target if t[2] is not None)
 
 
 def target_of(kind: str, prompt: str):
-    """digits: the digit a prompt names (or None); shapes: its frozenset of pairs (or None)."""
+    """digits: the digit a prompt names (or None); shapes: its objects (shape_objects) or None."""
     if kind == "digits":
         return _digit_targets().get(prompt.strip().lower())
-    return shape_pairs(prompt)
+    return shape_objects(prompt)
 
 
 def is_held_out_prompt(prompt: str) -> bool:
@@ -100,7 +123,7 @@ class Evaluator:
 
     @property
     def net(self) -> FeatureNet:
-        return FeatureNet(num_outputs=10 if self.kind == "digits" else 15)
+        return FeatureNet(num_outputs=10 if self.kind == "digits" else NUM_SHAPE_OUTPUTS)
 
     def apply(self, images, batch: int = 512):
         """(features [N, 128], logits [N, K]) of images [-1, 1] float or uint8 NHWC."""
@@ -119,7 +142,7 @@ class Evaluator:
         return self.apply(images)[0]
 
     def predict(self, images):
-        """digits: int [N]; shapes: bool [N, 15] (pair c * 3 + s present)."""
+        """digits: int [N]; shapes: bool [N, 30] (object (c * 3 + s) * 2 + size present)."""
         logits = self.apply(images)[1]
         return logits.argmax(-1) if self.kind == "digits" else logits > 0.0
 
@@ -135,8 +158,9 @@ class Evaluator:
             if self.kind == "digits":
                 out[i] = float(pred[i] == t)
             else:
-                got = frozenset((int(j) // 3, int(j) % 3) for j in np.flatnonzero(pred[i]))
-                out[i] = float(got == t)
+                got = frozenset((int(j) // 6, int(j) // 2 % 3, int(j) % 2)
+                                for j in np.flatnonzero(pred[i]))
+                out[i] = float(objects_match(got, t))
         return out
 
 
@@ -153,10 +177,11 @@ def _apply_fn(net: FeatureNet):
 def _targets(kind: str, split: dict) -> np.ndarray:
     if kind == "digits":
         return split["label"].astype(np.int32)
-    y = np.zeros((len(split["image"]), 15), np.float32)
+    y = np.zeros((len(split["image"]), NUM_SHAPE_OUTPUTS), np.float32)
     for i in range(len(y)):
         for k in range(int(split["num_shapes"][i])):
-            y[i, int(split["colour"][i][k]) * 3 + int(split["shape"][i][k])] = 1.0
+            c, s, z = (int(split[key][i][k]) for key in ("colour", "shape", "size"))
+            y[i, (c * 3 + s) * 2 + z] = 1.0
     return y
 
 
@@ -187,12 +212,13 @@ def train_evaluator(data_config, *, seed: int = 0, steps: Optional[int] = None,
                     noise_std: float = 0.05) -> Evaluator:
     """Trains the classifier (Adam; Gaussian pixel noise of noise_std as the only augmentation,
     so slightly imperfect generated images are still read); returns it with its accuracy
-    (digits: fraction right; shapes: fraction whose whole set of pairs is right)."""
+    (digits: fraction right; shapes: fraction whose whole set of objects, sizes included, is
+    right)."""
     kind = kind_of(data_config)
     steps = TRAINING[kind][0] if steps is None else steps
     learning_rate = TRAINING[kind][1] if learning_rate is None else learning_rate
     (x_tr, y_tr), (x_ev, y_ev) = evaluator_data(data_config)
-    net = FeatureNet(num_outputs=10 if kind == "digits" else 15)
+    net = FeatureNet(num_outputs=10 if kind == "digits" else NUM_SHAPE_OUTPUTS)
     key = jax.random.key(seed)
     params = net.init(key, jnp.zeros((1,) + x_tr.shape[1:], jnp.float32))
     tx = optax.adam(learning_rate)
@@ -235,7 +261,7 @@ def load_or_train(data_config, directory: str, *, seed: int = 0) -> Evaluator:
         try:
             tree = files.load_tree_npz(path)
             return Evaluator(kind, tree["variables"], float(tree["accuracy"]))
-        except (KeyError, ValueError, OSError) as e:
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             print(f"[t2i_jax] the cached evaluator {path} is unreadable ({type(e).__name__}: "
                   f"{e}); training it again.", file=sys.stderr)
     ev = train_evaluator(data_config, seed=seed)

@@ -3,7 +3,8 @@
     python -m t2i_jax.evaluation.fid --inception inception_fid.npz OUT/samples.npz ref.npz
     python -m t2i_jax.evaluation.fid --inception inception_fid.npz OUT ref_stats.npz
 
-Each set is one of: a finished sampling job directory (sample.py's OUTDIR), an .npz of uint8
+Each set is one of: a finished sampling job directory (sample.py's OUTDIR; with several w,
+--guidance W picks one), an .npz of uint8
 images in arr_0 (ADM's reference batches, sample.py --npz), or an .npz of precomputed
 statistics with `mu` and `sigma` (as ADM's reference batches and pytorch-fid's --save-stats
 carry). Getting the weights offline: see t2i_jax/evaluation/inception.py.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import zipfile
 from typing import Callable
 
 import numpy as np
@@ -21,14 +23,36 @@ import numpy as np
 from t2i_jax.evaluation.frechet import Stats, feature_stats, frechet_distance, frechet_distance_of
 
 
-def load_set(path: str):
-    """uint8 images [N, H, W, C] or Stats, from a sampling job dir or an .npz."""
+def load_set(path: str, guidance=None):
+    """uint8 images [N, H, W, C] or Stats, from a sampling job dir or an .npz. A job dir with
+    several guidance weights needs `guidance` (the w whose images to take)."""
     if os.path.isdir(path):
         from t2i_jax.sampling.job import load_images
-        return load_images(path)[0]
+        rows = None
+        job_file = os.path.join(path, "samples.jsonl")
+        if os.path.exists(job_file):
+            from t2i_jax import files
+            rows = files.read_jsonl(job_file)
+            weights = sorted({r["guidance"] for r in rows})
+            if guidance is None and len(weights) > 1:
+                raise ValueError(f"{path} holds images of several guidance weights {weights}; "
+                                 "pass --guidance W to score one of them.")
+            if guidance is not None:
+                rows = [r for r in rows if r["guidance"] == guidance]
+                if not rows:
+                    raise ValueError(f"{path} has no images with guidance {guidance}; it has "
+                                     f"{weights}.")
+        return load_images(path, rows)[0]
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist.")
-    with np.load(path) as z:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {e}).") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a .npy array; pass an .npz with arr_0 (uint8 images) or "
+                         "mu and sigma.")
+    with z:
         if "mu" in z.files and "sigma" in z.files:
             return Stats(z["mu"], z["sigma"], -1)
         if "arr_0" in z.files:
@@ -72,13 +96,15 @@ def main(argv=None) -> int:
     p.add_argument("set_a")
     p.add_argument("set_b")
     p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--guidance", type=float,
+                   help="for a sampling job with several w: score the images of this w")
     p.add_argument("--save_stats", help="also write set_a's mu/sigma to this .npz")
     a = p.parse_args(argv)
     try:
         from t2i_jax.evaluation import inception
         feature_fn = inception.make_feature_fn(inception.load_params(a.inception))
-        sa = features_or_stats(feature_fn, load_set(a.set_a), a.batch_size)
-        sb = features_or_stats(feature_fn, load_set(a.set_b), a.batch_size)
+        sa = features_or_stats(feature_fn, load_set(a.set_a, a.guidance), a.batch_size)
+        sb = features_or_stats(feature_fn, load_set(a.set_b, a.guidance), a.batch_size)
     except (ValueError, FileNotFoundError) as e:
         print(f"fid: error: {e}", file=sys.stderr)
         return 1

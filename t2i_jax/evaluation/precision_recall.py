@@ -26,13 +26,17 @@ def _sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0)
 
 
-def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
-    """Squared distance of each vector to its k-th nearest OTHER vector of the same set."""
+def knn_radii(features: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
+    """Squared distance of each vector to its k-th nearest OTHER vector of the same set
+    (rows in chunks: memory chunk x N, not N x N)."""
     f = np.asarray(features, np.float64)
     if len(f) <= k:
         raise ValueError(f"need more than k = {k} feature vectors, got {len(f)}.")
-    d = _sq_distances(f, f)
-    return np.partition(d, k, axis=1)[:, k]  # column 0 of the sorted row is the vector itself
+    out = np.empty(len(f))
+    for s in range(0, len(f), chunk):
+        d = _sq_distances(f[s:s + chunk], f)
+        out[s:s + chunk] = np.partition(d, k, axis=1)[:, k]  # column 0: the vector itself
+    return out
 
 
 def coverage(manifold: np.ndarray, radii: np.ndarray, queries: np.ndarray,

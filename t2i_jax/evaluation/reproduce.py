@@ -15,8 +15,9 @@
 
 FD is the Fréchet distance of the evaluator classifier's 128-d penultimate features
 (t2i_jax/evaluation/evaluator.py) between the generated images and the data set's held-out
-real images; precision/recall (k = 3) use the same features. The row "real (train)" is the FD
-of as many real training images: the floor that the sample size allows.
+real images; precision/recall (k = 3) use the same features. The row "real (train)" scores as
+many real training digits (5 random subsets): a reference for what real data scores at this n,
+not a bound (the evaluator was trained on those images, which shifts their features).
 
 Everything goes to WORKDIR/reproduce/<name>/: results.json (raw numbers), table.md, plot.png,
 and the sampling jobs under samples/ (resumable: rerun the command after an interruption).
@@ -25,10 +26,10 @@ and the sampling jobs under samples/ (resumable: rerun the command after an inte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -79,8 +80,8 @@ class Scorer:
 
     def real_floor(self, n: int, repeats: int = 5) -> dict:
         """The same metrics for n real training images (no generator), averaged over `repeats`
-        random subsets: the floor that n samples allow; fd_sd is the subsets' spread, a guide to
-        how far apart two rows must be to differ."""
+        random subsets: a reference for real data at this n (not a bound: the evaluator was
+        trained on them); fd_sd is the subsets' spread, a guide to how far apart rows must be."""
         from t2i_jax.evaluation.frechet import frechet_distance_of
         from t2i_jax.evaluation.precision_recall import precision_recall
         rows = []
@@ -103,7 +104,9 @@ def _run(trained, outdir, prompts, *, num_per_prompt, guidance, seed, options, b
     result = job_lib.run_job(trained, spec, outdir, batch_size=batch_size, progress=progress)
     job_lib.print_summary(result)
     x, rows = job_lib.load_images(outdir)
-    return x, rows, result
+    stats_path = os.path.join(outdir, job_lib.STATS_FILE)
+    stats = files.read_json(stats_path) if os.path.exists(stats_path) else {}
+    return x, rows, stats  # the speed of the run that generated the images, not of a rerun
 
 
 def _fmt(v, digits=3):
@@ -123,9 +126,8 @@ def reproduce_cfg(trained, out: str, *, num_per_prompt: int, seed: int, batch_si
     from t2i_jax.sampling.generate import SampleOptions
     cfg = trained.config
     prompts = default_prompts(cfg)
-    options = SampleOptions.from_config(cfg.sample)
-    options = SampleOptions(options.sampler, steps, options.eta, options.thresholding, options.spacing)
-    x, rows, result = _run(trained, os.path.join(out, "samples"), prompts,
+    options = dataclasses.replace(SampleOptions.from_config(cfg.sample), num_steps=steps)
+    x, rows, stats = _run(trained, os.path.join(out, "samples"), prompts,
                            num_per_prompt=num_per_prompt, guidance=weights, seed=seed,
                            options=options, batch_size=batch_size, progress=progress)
     scorer = Scorer(cfg, evaluator_dir(trained.workdir))
@@ -137,8 +139,8 @@ def reproduce_cfg(trained, out: str, *, num_per_prompt: int, seed: int, batch_si
     results = dict(experiment="cfg", checkpoint_step=trained.step, params=trained.kind,
                    sampler=options.sampler, steps=steps, seed=seed, prompts=prompts,
                    num_per_prompt=num_per_prompt, evaluator_accuracy=scorer.ev.accuracy,
-                   compilations=result.compilations, rows=table, real_floor=floor,
-                   images_per_s=result.images_per_s)
+                   compilations=stats.get("compilations"), rows=table, real_floor=floor,
+                   images_per_s=stats.get("images_per_s"))
     keys = ["fd", "alignment", "precision", "recall"] + (
         ["alignment_heldout", "alignment_seen"] if scorer.ev.kind == "shapes" else [])
     md = markdown_table(["w"] + keys, [[f"{r['w']:g}"] + [r[k] for k in keys] for r in table]
@@ -156,22 +158,22 @@ def reproduce_ddim(trained, out: str, *, num_per_prompt: int, seed: int, batch_s
     from t2i_jax.sampling.generate import SampleOptions
     cfg = trained.config
     prompts = default_prompts(cfg)
-    thresholding = SampleOptions.from_config(cfg.sample).thresholding
+    base = SampleOptions.from_config(cfg.sample)
+    thresholding = base.thresholding
     scorer = Scorer(cfg, evaluator_dir(trained.workdir))
     runs = [(label, sampler, eta, var, n) for label, sampler, eta, var in DDIM_METHODS
             for n in steps_list]
     runs += [("DPM-Solver++(2M)", "dpmpp_2m", 0.0, "posterior", n) for n in dpm_steps]
     table = []
     for label, sampler, eta, var, n in runs:
-        options = SampleOptions(sampler, n, eta, thresholding, "trailing", var)
+        options = SampleOptions(sampler, n, eta, thresholding, base.spacing, var)
         name = f"{sampler}_eta{eta:g}_{var}_{n}"
-        t0 = time.perf_counter()
-        x, rows, result = _run(trained, os.path.join(out, "samples", name), prompts,
+        x, rows, stats = _run(trained, os.path.join(out, "samples", name), prompts,
                                num_per_prompt=num_per_prompt, guidance=(guidance,), seed=seed,
                                options=options, batch_size=batch_size, progress=progress)
         table.append(dict(method=label, steps=n, **scorer.score(x, [r["prompt"] for r in rows]),
-                          images_per_s=result.images_per_s,
-                          seconds=time.perf_counter() - t0))
+                          images_per_s=stats.get("images_per_s"),
+                          seconds=stats.get("seconds")))
     floor = scorer.real_floor(len(prompts) * num_per_prompt)
     results = dict(experiment="ddim", checkpoint_step=trained.step, params=trained.kind,
                    guidance=guidance, seed=seed, prompts=prompts, num_per_prompt=num_per_prompt,
@@ -197,11 +199,16 @@ def reproduce_checkpoints(workdir: str, out: str, *, num_per_prompt: int, seed: 
     """The metrics of every checkpoint at guidance w (default 0: the model's own conditional
     distribution, whose FD reaches the real-data floor when the model fits the data)."""
     from t2i_jax.sampling.generate import SampleOptions
-    from t2i_jax.sampling.load import checkpoint_dir, load_trained
+    from t2i_jax.sampling.load import NoCheckpointError, checkpoint_dir, load_trained
     from t2i_jax.training.checkpoint import Checkpointer
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        raise NoCheckpointError(f"no checkpoint in {workdir}: {checkpoint_dir(workdir)} does not "
+                                "exist; pass the --workdir of a training run.")
     ck = Checkpointer(checkpoint_dir(workdir), keep=10 ** 9)
     steps = ck.steps()
     ck.close()
+    if not steps:
+        raise NoCheckpointError(f"no finished checkpoint in {checkpoint_dir(workdir)}.")
     table, scorer = [], None
     for s in steps:
         trained = load_trained(workdir, step=s)
@@ -290,8 +297,7 @@ def main(argv=None) -> int:
     p.add_argument("experiment", choices=("cfg", "ddim", "checkpoints"))
     p.add_argument("--workdir", required=True, help="training workdir of a digits/shapes model")
     p.add_argument("--out", help="default: WORKDIR/reproduce/EXPERIMENT")
-    p.add_argument("--num_per_prompt", type=int,
-                   help="images per prompt per row (default 50)")
+    p.add_argument("--num_per_prompt", type=int, default=50, help="images per prompt per row")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="ddim and checkpoints: the w of every row (default 0: the conditional "
                         "model unguided, as the DDIM paper's table had no guidance)")
@@ -300,6 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--no_progress", action="store_true")
     a = p.parse_args(argv)
+    if a.num_per_prompt < 1 or a.batch_size < 1 or a.steps < 1:
+        p.error("--num_per_prompt, --batch_size and --steps must be >= 1.")
     from t2i_jax.xla_flags import apply_tuned_flags
     apply_tuned_flags()
     from absl import logging
@@ -309,17 +317,17 @@ def main(argv=None) -> int:
     progress = not a.no_progress
     try:
         if a.experiment == "checkpoints":
-            reproduce_checkpoints(a.workdir, out, num_per_prompt=a.num_per_prompt or 50,
+            reproduce_checkpoints(a.workdir, out, num_per_prompt=a.num_per_prompt,
                                   seed=a.seed, batch_size=a.batch_size, guidance=a.guidance,
                                   progress=progress)
         else:
             trained = load_trained(a.workdir)
             if a.experiment == "cfg":
-                reproduce_cfg(trained, out, num_per_prompt=a.num_per_prompt or 50,
+                reproduce_cfg(trained, out, num_per_prompt=a.num_per_prompt,
                                     seed=a.seed, batch_size=a.batch_size, steps=a.steps,
                                     progress=progress)
             else:
-                reproduce_ddim(trained, out, num_per_prompt=a.num_per_prompt or 50,
+                reproduce_ddim(trained, out, num_per_prompt=a.num_per_prompt,
                                      seed=a.seed, batch_size=a.batch_size, guidance=a.guidance,
                                      progress=progress)
     except (ValueError, FileNotFoundError) as e:

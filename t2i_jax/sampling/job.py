@@ -7,9 +7,13 @@
 The job's images are numbered by a global index (w outer, then prompt, then the image of that
 prompt): index = (g * P + p) * N + k for weight g, prompt p, image k. Image k of prompt p draws
 its noise from sample id p * N + k (t2i_jax/diffusion/noise.py), the same for every w, so a
-sweep over w compares the same starting noise (common random numbers). Nothing depends on the
-batch size or the device count: a batch is padded up to a multiple of the devices and every
-image's noise comes from its own id.
+sweep over w compares the same starting noise (common random numbers). No draw depends on the
+batch size or the device count: calls are padded up to a multiple of the devices and every
+image's noise comes from its own id. The images are bit-identical across batch sizes and device
+counts on CPU (tested); elsewhere kernels may differ by batch shape, so expect equality up to
+float rounding. A job with any w != 0 runs every image through the guided program (2 model rows
+per image), one with only w = 0 through the unguided one: the w = 0 images of the two agree up
+to rounding, not bit for bit.
 
 Output directory:
   job.json            what the job is (prompts, seed, sampler, checkpoint, ...); a rerun with a
@@ -19,7 +23,9 @@ Output directory:
                       written atomically AFTER its PNGs: a shard file means the shard is done.
   samples.jsonl       every record, in index order, written when all shards are done: its
                       presence means the job is complete.
-  grid.png            rows = (w, prompt) pairs in index order, the first grid_columns images each.
+  grid.png            rows = (w, prompt) pairs in index order (at most 64), the first
+                      grid_columns images each.
+  stats.json          speed of the last run that generated images (images/s, compilations).
   samples.npz         (optional) arr_0 uint8 [N, H, W, 3] and arr_1 int64 prompt indices, the
                       layout of ADM's reference batches (grey images repeated to RGB).
 
@@ -49,6 +55,8 @@ from t2i_jax.training import mesh as mesh_lib
 from t2i_jax.training.step import null_of
 
 JOB_FILE, SAMPLES_FILE, GRID_FILE, NPZ_FILE = "job.json", "samples.jsonl", "grid.png", "samples.npz"
+STATS_FILE = "stats.json"  # speed of the last run that generated images
+MAX_GRID_ROWS = 64
 SEED_STREAM = 11  # the job's key: fold_in(key(seed), 11); training's grids use other streams
 
 
@@ -152,7 +160,11 @@ def check_outdir(spec: JobSpec, outdir: str) -> None:
     path = os.path.join(outdir, JOB_FILE)
     want = spec.to_json()
     if os.path.exists(path):
-        have = files.read_json(path)
+        try:
+            have = files.read_json(path)
+        except (ValueError, OSError) as e:
+            raise JobMismatchError(f"{path} is unreadable ({e}); delete {outdir} to start "
+                                   "afresh, or use another --outdir.") from None
         diffs = [f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in sorted(set(have) | set(want))
                  if have.get(k) != want.get(k)]
         if diffs:
@@ -166,7 +178,7 @@ def check_outdir(spec: JobSpec, outdir: str) -> None:
 
 
 def finished_shards(spec: JobSpec, outdir: str) -> set:
-    """Shards whose shard file lists exactly their indices and whose PNGs all exist."""
+    """Shards whose record file holds exactly this job's records and whose PNGs all exist."""
     done = set()
     for s in range(spec.num_shards):
         path = os.path.join(outdir, shard_file(s))
@@ -176,8 +188,9 @@ def finished_shards(spec: JobSpec, outdir: str) -> set:
             rows = files.read_jsonl(path)
         except (ValueError, OSError):
             continue  # unreadable: redo it
-        want = list(range(s * spec.shard_size, min((s + 1) * spec.shard_size, spec.num_images)))
-        if [r.get("index") for r in rows] == want and all(
+        want = [spec.record(i) for i in
+                range(s * spec.shard_size, min((s + 1) * spec.shard_size, spec.num_images))]
+        if rows == want and all(
                 os.path.exists(os.path.join(outdir, r["file"])) for r in rows):
             done.add(s)
     return done
@@ -211,86 +224,127 @@ def prompts_placeholder(exp) -> str:
 
 def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 64,
             devices: Optional[list] = None, progress: bool = True, npz: bool = False,
-            grid_columns: int = 16, max_shards: Optional[int] = None) -> JobResult:
-    """Generates every image of `spec` not already in `outdir` and assembles the outputs.
-
-    max_shards: stop after generating this many shards (the job stays resumable; for tests
-    and for splitting a job into pieces by hand).
-    """
+            grid_columns: int = 16) -> JobResult:
+    """Generates every image of `spec` not already in `outdir` and assembles the outputs."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if grid_columns < 1:
+        raise ValueError(f"grid_columns must be >= 1, got {grid_columns}.")
     exp = trained.experiment
     outdir = os.path.abspath(outdir)
     lead = jax.process_index() == 0
-    if lead:
-        os.makedirs(os.path.join(outdir, "images"), exist_ok=True)
-        os.makedirs(os.path.join(outdir, "shards"), exist_ok=True)
-        check_outdir(spec, outdir)
-        for sub in ("images", "shards", "."):  # leftovers of writes a kill interrupted
-            d = os.path.join(outdir, sub)
-            for name in os.listdir(d):
-                if name.startswith(".tmp-"):
-                    os.remove(os.path.join(d, name))
-    done = finished_shards(spec, outdir)
-    todo = [s for s in range(spec.num_shards) if s not in done]
-    if max_shards is not None:
-        todo = todo[:max_shards]
-
-    mesh = mesh_lib.make_mesh(1, devices)
-    n_dev = mesh.devices.size
-    padded = math.ceil(batch_size / n_dev) * n_dev  # every call has this batch: one compilation
-    row_sharding = mesh_lib.batch_sharding(mesh)
-    params = jax.device_put(trained.params, mesh_lib.replicated(mesh))  # on this job's devices
-    guided = any(w != 0.0 for w in spec.guidance)
-    null = null_of(exp.model) if guided else None
-    generate = make_generate_fn(exp.model, exp.schedule, exp.image_shape, null, spec.options,
-                                prediction=exp.config.diffusion.prediction)
-    rng = jax.random.fold_in(jax.random.key(spec.seed), SEED_STREAM)
+    # Everything that can refuse the job happens before anything is written.
     conds = prompt_conditions(trained, spec.prompts)  # [P] rows
-    guidance = np.asarray(spec.guidance, np.float32)
+    guided = any(w != 0.0 for w in spec.guidance)
+    generate = make_generate_fn(exp.model, exp.schedule, exp.image_shape,
+                                null_of(exp.model) if guided else None, spec.options,
+                                prediction=exp.config.diffusion.prediction)
+    with _OutdirLock(outdir, enabled=lead):
+        if lead:
+            check_outdir(spec, outdir)
+            _remove_temporaries(outdir)
+        done = finished_shards(spec, outdir)
+        todo = [s for s in range(spec.num_shards) if s not in done]
+        total = spec.num_images
+        bounds = lambda s: (s * spec.shard_size, min((s + 1) * spec.shard_size, total))  # noqa: E731
+        todo_idx = (np.concatenate([np.arange(*bounds(s)) for s in todo]) if todo
+                    else np.zeros((0,), np.int64))
+        left_in_shard = {s: bounds(s)[1] - bounds(s)[0] for s in todo}
 
-    from tqdm import tqdm
-    total = spec.num_images
-    already = sum(min((s + 1) * spec.shard_size, total) - s * spec.shard_size for s in done)
-    bar = tqdm(total=total, initial=already, unit="img", desc="sample", dynamic_ncols=True,
-               disable=not (progress and lead))
-    generated, t0, t_first, n_after_first = 0, time.perf_counter(), None, 0
-    try:
-        with jax.set_mesh(mesh):
-            for s in todo:
-                lo, hi = s * spec.shard_size, min((s + 1) * spec.shard_size, total)
-                for b0 in range(lo, hi, batch_size):
-                    idx = np.arange(b0, min(b0 + batch_size, hi))
-                    full = np.concatenate([idx, np.full(padded - len(idx), idx[-1])])
+        mesh = mesh_lib.make_mesh(1, devices)
+        n_dev = mesh.devices.size
+        # Every call has this many rows (the last one padded): one compilation per job.
+        per_call = math.ceil(min(batch_size, max(len(todo_idx), 1)) / n_dev) * n_dev
+        row_sharding = mesh_lib.batch_sharding(mesh)
+        put = lambda a: jax.device_put(a, row_sharding)  # noqa: E731
+        params = jax.device_put(trained.params, mesh_lib.replicated(mesh))  # this job's devices
+        rng = jax.random.fold_in(jax.random.key(spec.seed), SEED_STREAM)
+        guidance = np.asarray(spec.guidance, np.float32)
+
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=total - len(todo_idx), unit="img", desc="sample",
+                   dynamic_ncols=True, disable=not (progress and lead))
+        generated, t0, t_first, n_after_first = 0, time.perf_counter(), None, 0
+        try:
+            with jax.set_mesh(mesh):
+                for b0 in range(0, len(todo_idx), per_call):
+                    idx = todo_idx[b0:b0 + per_call]
+                    full = np.concatenate([idx, np.full(per_call - len(idx), idx[-1])])
                     g, p, _, sid = spec.decompose(full)
-                    put = lambda a: jax.device_put(a, row_sharding)  # noqa: E731
                     cond = jax.tree_util.tree_map(lambda c: put(np.asarray(c)[p]), conds)
-                    x = generate(params, cond, rng, put(guidance[g]),
-                                 put(sid.astype(np.int32)))
+                    x = generate(params, cond, rng, put(guidance[g]), put(sid.astype(np.int32)))
                     x = images.to_uint8(_gather(x))[:len(idx)]
-                    if lead:
-                        for i, im in zip(idx, x):
+                    for i, im in zip(idx, x):
+                        if lead:
                             images.save_png(os.path.join(outdir, image_file(int(i))), im)
+                        s = int(i) // spec.shard_size
+                        left_in_shard[s] -= 1
+                        if left_in_shard[s] == 0 and lead:
+                            # The shard's record file after all its PNGs: it means "done".
+                            files.write_jsonl(os.path.join(outdir, shard_file(s)),
+                                              [spec.record(j) for j in range(*bounds(s))])
                     generated += len(idx)
                     if t_first is None:
                         t_first = time.perf_counter()
                     else:
                         n_after_first += len(idx)
                     bar.update(len(idx))
-                if lead:  # the shard's record file last: its presence means the shard is done
-                    files.write_jsonl(os.path.join(outdir, shard_file(s)),
-                                      [spec.record(i) for i in range(lo, hi)])
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
-    steady = (time.perf_counter() - t_first) if t_first is not None else 0.0
-    result = JobResult(outdir, total, generated, len(done), seconds,
-                       n_after_first / steady if n_after_first else float("nan"),
-                       generate._cache_size())
-    if lead and len(finished_shards(spec, outdir)) == spec.num_shards:
-        assemble(spec, outdir, npz=npz, grid_columns=grid_columns,
-                 scale=max(1, 64 // exp.image_shape[0]))
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        steady = (time.perf_counter() - t_first) if t_first is not None else 0.0
+        result = JobResult(outdir, total, generated, len(done), seconds,
+                           n_after_first / steady if n_after_first else float("nan"),
+                           generate._cache_size())
+        if lead and generated:
+            files.write_json(os.path.join(outdir, STATS_FILE), dict(
+                generated=generated, seconds=seconds, images_per_s=result.images_per_s,
+                compilations=result.compilations, rows_per_call=per_call, devices=n_dev))
+        if lead and len(finished_shards(spec, outdir)) == spec.num_shards:
+            assemble(spec, outdir, npz=npz, grid_columns=grid_columns,
+                     scale=max(1, 64 // exp.image_shape[0]))
     return result
+
+
+class _OutdirLock:
+    """An exclusive lock on OUTDIR/.lock for the job's lifetime: two processes never write (or
+    clean up after) the same job at once."""
+
+    def __init__(self, outdir: str, enabled: bool = True):
+        self.outdir, self.enabled, self.fd = outdir, enabled, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        if os.path.exists(self.outdir) and not os.path.isdir(self.outdir):
+            raise ValueError(f"--outdir {self.outdir} is a file; pass a directory.")
+        for sub in ("images", "shards"):
+            os.makedirs(os.path.join(self.outdir, sub), exist_ok=True)
+        import fcntl
+        self.fd = os.open(os.path.join(self.outdir, ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise ValueError(f"another process is writing this sampling job in {self.outdir} "
+                             "(its lock is held); wait for it, or use another --outdir.") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+        return False
+
+
+def _remove_temporaries(outdir: str) -> None:
+    """Deletes the .tmp-* files that writes interrupted by a kill left (only under the lock)."""
+    for sub in ("images", "shards", "."):
+        d = os.path.join(outdir, sub)
+        for name in os.listdir(d):
+            path = os.path.join(d, name)
+            if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):
+                os.remove(path)
 
 
 def _gather(x: jax.Array) -> np.ndarray:
@@ -312,7 +366,7 @@ def assemble(spec: JobSpec, outdir: str, *, npz: bool = False, grid_columns: int
         rows.extend(files.read_jsonl(os.path.join(outdir, shard_file(s))))
     assert [r["index"] for r in rows] == list(range(spec.num_images)), "shards out of order"
     cols = min(spec.num_per_prompt, grid_columns)
-    picked = [r for r in rows if r["sample"] < cols]
+    picked = [r for r in rows if r["sample"] < cols][:MAX_GRID_ROWS * cols]
     grid = images.make_grid(np.stack([images.load_png(os.path.join(outdir, r["file"]))
                                       for r in picked]), rows=len(picked) // cols, scale=scale)
     images.save_png(os.path.join(outdir, GRID_FILE), grid)
