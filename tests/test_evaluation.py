@@ -184,11 +184,11 @@ def test_cfg_reproduction_tables_the_metrics_of_its_own_samples(data_dir, digits
     shutil.copytree(tiny_workdir, wd)
     ev_lib.save_evaluator(ev_lib.cache_path(reproduce.evaluator_dir(wd), cfg.data), digits_ev)
     out = str(tmp_path / "cfg")
+    scorer = reproduce.Scorer(cfg, reproduce.evaluator_dir(wd))  # reads the cached evaluator
     res = reproduce.reproduce_cfg(load_trained(wd), out, num_per_prompt=2, seed=0, batch_size=8,
-                                  steps=3, weights=(0.0, 2.0), progress=False)
+                                  steps=3, weights=(0.0, 2.0), progress=False, scorer=scorer)
     assert res["compilations"] == 1 and [r["w"] for r in res["rows"]] == [0.0, 2.0]
     x, rows = job_lib.load_images(f"{out}/samples")
-    scorer = reproduce.Scorer(cfg, reproduce.evaluator_dir(wd))
     for row in res["rows"]:
         sel = [i for i, r in enumerate(rows) if r["guidance"] == row["w"]]
         assert row["n"] == len(sel) == 20

@@ -122,7 +122,8 @@ def markdown_table(header: list, rows: list) -> str:
 
 
 def reproduce_cfg(trained, out: str, *, num_per_prompt: int, seed: int, batch_size: int,
-                  steps: int, weights=CFG_WEIGHTS, progress=True) -> dict:
+                  steps: int, weights=CFG_WEIGHTS, progress=True, scorer=None) -> dict:
+    """scorer: a Scorer to reuse (default: one for the workdir's cached evaluator)."""
     from t2i_jax.sampling.generate import SampleOptions
     cfg = trained.config
     prompts = default_prompts(cfg)
@@ -130,7 +131,7 @@ def reproduce_cfg(trained, out: str, *, num_per_prompt: int, seed: int, batch_si
     x, rows, stats = _run(trained, os.path.join(out, "samples"), prompts,
                            num_per_prompt=num_per_prompt, guidance=weights, seed=seed,
                            options=options, batch_size=batch_size, progress=progress)
-    scorer = Scorer(cfg, evaluator_dir(trained.workdir))
+    scorer = scorer or Scorer(cfg, evaluator_dir(trained.workdir))
     table = []
     for w in weights:
         sel = [i for i, r in enumerate(rows) if r["guidance"] == w]
