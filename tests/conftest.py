@@ -16,7 +16,7 @@ import jax  # noqa: E402  (after the flag)
 # Many tests build the same small programs (a train step, a sampler) in separate calls; a
 # persistent compilation cache lets every call after the first skip XLA's compile.
 jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "t2i_jax_test_xla_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 assert jax.device_count() == 8, (
     f"tests expect 8 simulated devices, got {jax.device_count()}: jax was imported before "
