@@ -64,12 +64,16 @@ def null_condition(batch: int, *, max_length: Optional[int] = None,
 def drop_condition(cond: Condition, null: Condition, key: jax.Array, p_uncond) -> Condition:
     """Returns cond with each row replaced by the null condition with probability p_uncond
     (Ho & Salimans 2022, Alg. 1). null may have batch 1 or B; p_uncond may be traced."""
-    batch = cond.batch_size
-    drop = jax.random.bernoulli(key, p_uncond, (batch,))  # [B]
+    return replace_rows(cond, null, jax.random.bernoulli(key, p_uncond, (cond.batch_size,)))
+
+
+def replace_rows(cond: Condition, null: Condition, mask) -> Condition:
+    """Returns cond with the rows where mask [B] is true replaced by null's (batch 1 or B)."""
+    mask = jnp.asarray(mask)
 
     def pick(c, n):
         n = jnp.broadcast_to(n, c.shape)
-        return jnp.where(drop.reshape((batch,) + (1,) * (c.ndim - 1)), n, c)
+        return jnp.where(mask.reshape((-1,) + (1,) * (c.ndim - 1)), n, c)
 
     return jax.tree_util.tree_map(pick, cond, null)
 

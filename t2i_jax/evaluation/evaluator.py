@@ -23,6 +23,7 @@ must know the held-out pairs; the generator never sees them), scored on `test` a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import sys
@@ -141,15 +142,19 @@ class Evaluator:
     def features(self, images) -> np.ndarray:
         return self.apply(images)[0]
 
-    def predict(self, images):
-        """digits: int [N]; shapes: bool [N, 30] (object (c * 3 + s) * 2 + size present)."""
-        logits = self.apply(images)[1]
+    def read(self, logits):
+        """Predictions from logits: digits int [N]; shapes bool [N, 30] (object (c * 3 + s) * 2
+        + size present)."""
         return logits.argmax(-1) if self.kind == "digits" else logits > 0.0
 
-    def aligned(self, images, prompts: Sequence[str]) -> np.ndarray:
+    def predict(self, images):
+        return self.read(self.apply(images)[1])
+
+    def aligned(self, images, prompts: Sequence[str], logits=None) -> np.ndarray:
         """float [N]: 1 where the prediction matches the prompt, 0 where not, NaN where the
-        prompt names nothing this evaluator knows (e.g. the empty prompt)."""
-        pred = self.predict(images)
+        prompt names nothing this evaluator knows (e.g. the empty prompt). Pass the images'
+        logits (from apply) when already computed, so the network does not run again."""
+        pred = self.predict(images) if logits is None else self.read(logits)
         out = np.full(len(prompts), np.nan)
         for i, p in enumerate(prompts):
             t = target_of(self.kind, p)
@@ -164,14 +169,10 @@ class Evaluator:
         return out
 
 
-_APPLY_CACHE: dict = {}
-
-
+@functools.cache
 def _apply_fn(net: FeatureNet):
-    key = net.num_outputs
-    if key not in _APPLY_CACHE:
-        _APPLY_CACHE[key] = jax.jit(net.apply)
-    return _APPLY_CACHE[key]
+    """One jitted apply per network shape (flax modules hash by their fields)."""
+    return jax.jit(net.apply)
 
 
 def _targets(kind: str, split: dict) -> np.ndarray:

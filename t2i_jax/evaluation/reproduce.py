@@ -67,9 +67,9 @@ class Scorer:
         from t2i_jax.evaluation import evaluator as ev_lib
         from t2i_jax.evaluation.frechet import frechet_distance_of
         from t2i_jax.evaluation.precision_recall import precision_recall
-        feats = self.ev.features(images)
+        feats, logits = self.ev.apply(images)
         pr = precision_recall(self.real, feats)
-        aligned = self.ev.aligned(images, prompts)
+        aligned = self.ev.aligned(images, prompts, logits=logits)
         out = dict(n=int(len(images)), fd=frechet_distance_of(self.real, feats),
                    alignment=float(np.nanmean(aligned)), precision=pr.precision, recall=pr.recall)
         if self.ev.kind == "shapes":

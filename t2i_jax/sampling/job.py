@@ -44,11 +44,10 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from t2i_jax import files, images
-from t2i_jax.conditioning import Condition
+from t2i_jax.conditioning import Condition, replace_rows
 from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
 from t2i_jax.sampling.load import Trained
 from t2i_jax.training import mesh as mesh_lib
@@ -203,15 +202,7 @@ def prompt_conditions(trained: Trained, prompts: Sequence[str]) -> Condition:
     nonempty = [p if p else (prompts_placeholder(exp)) for p in prompts]
     cond = exp.prompt_condition(nonempty)
     empty = np.array([not p for p in prompts])
-    if not empty.any():
-        return cond
-    e = jnp.asarray(empty)
-
-    def pick(c, n):
-        n = jnp.broadcast_to(n, c.shape)
-        return jnp.where(e.reshape((-1,) + (1,) * (c.ndim - 1)), n, c)
-
-    return jax.tree_util.tree_map(pick, cond, null)
+    return replace_rows(cond, null, empty) if empty.any() else cond
 
 
 def prompts_placeholder(exp) -> str:
@@ -300,7 +291,7 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
             files.write_json(os.path.join(outdir, STATS_FILE), dict(
                 generated=generated, seconds=seconds, images_per_s=result.images_per_s,
                 compilations=result.compilations, rows_per_call=per_call, devices=n_dev))
-        if lead and len(finished_shards(spec, outdir)) == spec.num_shards:
+        if lead and not any(left_in_shard.values()):  # every shard was done or is now
             assemble(spec, outdir, npz=npz, grid_columns=grid_columns,
                      scale=max(1, 64 // exp.image_shape[0]))
     return result
