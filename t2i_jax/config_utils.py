@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -19,3 +20,41 @@ def load_config(path: str) -> ml_collections.ConfigDict:
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path} has no get_config() function returning a ConfigDict.")
     return module.get_config()
+
+
+def non_finite_keys(config, prefix: str = "config") -> list:
+    """Dotted names of the float fields of `config` that are NaN or infinite."""
+    out = []
+    for key, value in config.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, ml_collections.ConfigDict) or isinstance(value, dict):
+            out += non_finite_keys(value, name)
+        elif isinstance(value, float) and not math.isfinite(value):
+            out.append(f"{name}={value}")
+        elif isinstance(value, (tuple, list)):
+            out += [f"{name}={value}" for v in value if isinstance(v, float) and not math.isfinite(v)][:1]
+    return out
+
+
+# Integer fields of config.train and the least value each may take (keep_checkpoints: 0 keeps all).
+_TRAIN_MINIMA = dict(batch_size=1, num_steps=1, checkpoint_every=1, log_every=1, sample_every=0,
+                     keep_checkpoints=0, samples_per_prompt=1, fsdp=1, warmup_steps=0)
+
+
+def check_train_config(config) -> None:
+    """Refuses, before anything runs, what a training run would trip over later (a NaN learning
+    rate, checkpoint_every=0 dividing by zero after compiling): ValueError naming the field."""
+    bad = non_finite_keys(config)
+    if bad:
+        raise ValueError(f"{bad[0]} is not a finite number; set it to one (e.g. "
+                         f"--{bad[0].split('=')[0]}=...).")
+    train = config.get("train", {})
+    for key, least in _TRAIN_MINIMA.items():
+        if key not in train:
+            continue
+        value = train[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            what = " (0 keeps every checkpoint)" if key == "keep_checkpoints" else (
+                " (0: only at the end)" if key == "sample_every" else "")
+            raise ValueError(f"config.train.{key} must be an integer >= {least}{what}, got "
+                             f"{value!r}; set --config.train.{key}=...")
