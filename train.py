@@ -7,51 +7,116 @@
 Checkpoints go to WORKDIR/checkpoints (orbax), metrics to WORKDIR/metrics.jsonl and
 WORKDIR/tensorboard, sample grids to WORKDIR/samples. Rerunning the same command resumes from
 the newest checkpoint; SIGTERM / Ctrl-C saves one and exits. On a multi-host TPU/GPU cluster,
-run the same command on every host with --multihost.
+run the same command on every host with --multihost. A mistake gets one line on stderr (exit 1,
+or 2 for an unknown option or config key); details of unexpected faults go to
+WORKDIR/t2i_errors.log, and T2I_DEBUG=1 shows tracebacks.
 """
+
+from __future__ import annotations
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from t2i_jax.xla_flags import apply_tuned_flags  # noqa: E402  (before jax starts its backends)
+from t2i_jax.errors import Boundary, UsageError  # noqa: E402  (imports no jax)
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
-    "experiment config file; override fields with --config.train.batch_size=...", lock_config=True)
-flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and samples", required=True)
-flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (one process per host)")
-flags.DEFINE_bool("progress", True, "show a progress bar")
-FLAGS = flags.FLAGS
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; options look like --workdir=DIR.")
+def _config_path(argv: list) -> str:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return DEFAULT_CONFIG
+
+
+def _unknown_override(argv: list, path: str) -> str:
+    """The message for the first --config.X override whose key the config lacks."""
+    from t2i_jax.config_utils import load_config
+    config = load_config(path)
+    for a in argv:
+        if not a.startswith("--config."):
+            continue
+        dotted = a[len("--config."):].split("=", 1)[0]
+        node, seen = config, "config"
+        for part in dotted.split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                return (f"unknown config key {seen}.{part} (in {a}); {seen} has: "
+                        f"{', '.join(sorted(keys)) or 'no fields'} (see {path}).")
+            node, seen = node[part], f"{seen}.{part}"
+    return "an override names a key the config does not have."
+
+
+def parse(argv: list):
+    """(config, workdir, multihost, progress) from the command line; UsageError if it is wrong."""
+    from absl import flags
+    from ml_collections import config_flags
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and samples",
+                        flag_values=fv)
+    flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (one "
+                      "process per host)", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
+    if any(a in ("-h", "--help", "--helpfull", "-help") for a in argv):
+        print(__doc__ + "\nflags:\n  --config: experiment config file (default configs/digits.py); "
+              "override fields with --config.train.batch_size=...\n" + fv.get_help())
+        raise SystemExit(0)
+    path = _config_path(argv)
+    if not os.path.isfile(path):
+        raise UsageError(f"no config file {path}; pass --config configs/NAME.py (configs/ has "
+                         f"{', '.join(sorted(f for f in os.listdir(os.path.dirname(DEFAULT_CONFIG)) if f.endswith('.py') and f != 'base.py'))}).")
+    try:
+        # config_flags reads the overrides from sys_argv as soon as the flag is defined.
+        holder = config_flags.DEFINE_config_file(
+            "config", DEFAULT_CONFIG, "experiment config file; override fields with "
+            "--config.train.batch_size=...", flag_values=fv, lock_config=True,
+            sys_argv=["train.py"] + list(argv))
+        rest = fv(["train.py"] + list(argv))
+        config = holder.value
+    except flags.Error as e:
+        raise UsageError(f"{str(e).splitlines()[0]} (see --help).") from None
+    except (AttributeError, KeyError):
+        raise UsageError(_unknown_override(argv, path)) from None
+    except (IOError, SyntaxError, ImportError) as e:
+        raise UsageError(f"cannot load the config file {path}: {str(e).splitlines()[-1]}") from None
+    if len(rest) > 1:
+        raise UsageError(f"unexpected arguments {rest[1:]}; options look like --workdir=DIR.")
+    if not fv["workdir"].value:
+        raise UsageError("--workdir is required: the directory for checkpoints, metrics and "
+                         "samples (e.g. --workdir runs/digits).")
+    return config, fv["workdir"].value, fv["multihost"].value, fv["progress"].value
+
+
+def main(argv: list, boundary: Boundary) -> int:
+    config, workdir, multihost, progress = parse(argv)
+    # Refusals that need no jax: before the backends start (and before anything is written).
+    from t2i_jax import files
+    from t2i_jax.config_utils import check_train_config
+    check_train_config(config)
+    files.check_writable_dir(workdir, "--workdir")
+    boundary.log_in(workdir)
+    from t2i_jax.xla_flags import apply_tuned_flags
     apply_tuned_flags()
+    from absl import logging
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     import jax
-    if FLAGS.multihost:
+    if multihost:
         jax.distributed.initialize()
-    from t2i_jax.training.checkpoint import IncompatibleCheckpointError
-    from t2i_jax.training.loop import NonFiniteLossError, train
-    try:
-        train(_CONFIG.value, FLAGS.workdir, progress=FLAGS.progress)
-    except (ValueError, FileNotFoundError, IncompatibleCheckpointError, NonFiniteLossError) as e:
-        if os.environ.get("T2I_DEBUG"):
-            raise
-        sys.exit(f"train.py: error: {e}\n(set T2I_DEBUG=1 for the traceback)")
+    from t2i_jax.training.loop import train
+    train(config, workdir, progress=progress)
+    return 0
+
+
+def run(argv=None) -> int:
+    """main() behind the error boundary: one line per mistake, the exit code returned."""
+    boundary = Boundary("train.py")
+    return boundary.run(main, sys.argv[1:] if argv is None else argv, boundary)
 
 
 if __name__ == "__main__":
-    try:
-        app.run(main)
-    except (AttributeError, KeyError) as e:  # ml_collections: an override of a key that does not exist
-        if os.environ.get("T2I_DEBUG") or "Did you mean" not in str(e) and "--config" not in str(e):
-            raise
-        msg = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\n", " ")
-        sys.exit(f"train.py: error: unknown config key in an override: {msg}")
+    boundary = Boundary("train.py")
+    boundary.exit(main, sys.argv[1:], boundary)

@@ -44,9 +44,10 @@ def get_config():
         loss_weighting="uniform", min_snr_gamma=5.0,
         ema_decay=0.9999, ema_warmup=True,   # decay_t = min(decay, (1 + t) / (10 + t))
         fsdp=1,                   # devices per parameter shard ("fsdp" mesh axis); 1: replicate
-        checkpoint_every=1000, keep_checkpoints=3,
+        checkpoint_every=1000,
+        keep_checkpoints=3,       # the newest k checkpoints are kept; 0 keeps every one
         log_every=50,             # metrics.jsonl / TensorBoard / progress bar
-        sample_every=1000,        # PNG grid from the EMA parameters (0: only at the end)
+        sample_every=1000,        # PNG grid from the EMA parameters, and at the end (0: none)
         samples_per_prompt=8))
 
     config.sample = ml_collections.ConfigDict(dict(

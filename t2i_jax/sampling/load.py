@@ -55,7 +55,7 @@ def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema
             f"no checkpoint in {workdir}: {directory} does not exist. Train one first, e.g. "
             f"`python train.py --config configs/digits.py --workdir {workdir}`, or pass the "
             "--workdir of a training run.")
-    ckpt = Checkpointer(directory, keep=10 ** 9)  # keep: never delete anything while reading
+    ckpt = Checkpointer(directory, keep=0, read_only=True)  # a reader changes nothing
     try:
         steps = ckpt.steps()
         if not steps:
@@ -64,16 +64,21 @@ def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema
                 "save leaves none). Train longer or pass another --workdir.")
         if step is not None and step not in steps:
             raise NoCheckpointError(f"no checkpoint of step {step} in {directory}; it has {steps}.")
-        stored = ckpt.stored_config(step if step is not None else steps[-1])
-        config = ml_collections.ConfigDict(stored)
-        exp = Experiment.from_config(config)
         mesh = mesh if mesh is not None else mesh_lib.make_mesh(1)
-        abstract = jax.eval_shape(exp.create_state, jax.random.key(0))
         rep = mesh_lib.replicated(mesh)
-        abstract = jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
-        got, state, _ = ckpt.restore(abstract, stored, step=step)
+        built = {}
+
+        def abstract_for(stored: dict):
+            # The model comes from the config stored with the checkpoint being read (a damaged
+            # newest one falls back to the previous step's config, too).
+            exp = built["exp"] = Experiment.from_config(ml_collections.ConfigDict(stored))
+            shapes = jax.eval_shape(exp.create_state, jax.random.key(0))
+            return jax.tree_util.tree_map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), shapes)
+
+        restored = ckpt.restore(abstract_for, step=step)
     finally:
         ckpt.close()
+    state = restored.state
     chosen = state.ema_params if params == "ema" else state.params
-    return Trained(exp, chosen, int(got), params, os.path.abspath(workdir))
+    return Trained(built["exp"], chosen, int(restored.step), params, os.path.abspath(workdir))

@@ -6,9 +6,17 @@
   config  the whole experiment config (JSON): a resume under a different model is refused.
 
 Orbax writes a step into a temporary directory and renames it when complete, so a job killed
-mid-save leaves no step that looks finished. A finished step that fails to restore (a file lost
-or damaged later) is reported and the previous one is used instead. Restoring lays the arrays
-out for the current mesh, so a run can resume on a different number of devices.
+mid-save leaves no step that looks finished. After the rename, `t2i_integrity.json` in the step
+records every file's size and CRC-32 (integrity.py): a restore checks them first, so a file
+truncated, zeroed or flipped later is found before orbax reads a byte of it.
+
+A step that fails to restore (damaged, or its config unreadable) is reported in one line and the
+previous one is used instead. When training then saves again, every step that failed is moved
+to DIR/checkpoints.damaged/<step> (never deleted) and reported, so the retrained step replaces it
+and nothing reads the damaged one again. A save that fails (a full disk) removes its partial
+directory and raises CheckpointSaveError, naming the step, the cause and how to resume.
+Restoring lays the arrays out for the current mesh, so a run can resume on another number of
+devices.
 
 Reading a checkpoint needs orbax alone:
 
@@ -21,13 +29,19 @@ Reading a checkpoint needs orbax alone:
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from t2i_jax.errors import os_advice, os_errno, short_cause
+from t2i_jax.training import integrity
 
 # Parts of the config that fix the parameters' meaning: a resume must match them exactly.
 MODEL_KEYS = ("model", "diffusion", "data.image_size", "data.channels")
@@ -35,6 +49,25 @@ MODEL_KEYS = ("model", "diffusion", "data.image_size", "data.channels")
 
 class IncompatibleCheckpointError(ValueError):
     pass
+
+
+class CheckpointDamagedError(RuntimeError):
+    """No candidate step could be restored."""
+
+
+class CheckpointSaveError(OSError):
+    """A save failed (its partial directory is removed); str() is the whole message."""
+
+    def __init__(self, message: str, code: Optional[int]):
+        super().__init__(message)
+        self.errno = code
+
+
+class Restored(NamedTuple):
+    step: int
+    state: Any
+    data_state: Optional[dict]
+    config: dict
 
 
 def _normalise(x):
@@ -63,15 +96,32 @@ def config_differences(stored: dict, current: dict) -> list[str]:
     return out
 
 
-class Checkpointer:
-    """Saves and restores training checkpoints under `directory` (keeps the last `keep`)."""
+def _report(message: str) -> None:
+    print(f"[t2i_jax] {message}", file=sys.stderr)
 
-    def __init__(self, directory: str, keep: int = 3):
+
+class Checkpointer:
+    """Saves and restores training checkpoints under `directory`, keeping the last `keep`
+    (0 keeps all); read_only for readers (sampling, evaluation): nothing is created, deleted or
+    moved. `report` gets the one-line notices (fallbacks, moved steps)."""
+
+    def __init__(self, directory: str, keep: int = 3, report: Callable[[str], None] = _report,
+                 read_only: bool = False):
+        if keep < 0:
+            raise ValueError(f"train.keep_checkpoints must be >= 0 (0 keeps every checkpoint), "
+                             f"got {keep}.")
         self.directory = os.path.abspath(directory)
+        self.report = report
+        self.unrestorable: dict[int, str] = {}   # step -> why, found by restore()
+        self.saved: set = set()                  # steps this object wrote
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+            # A reader keeps every step and creates nothing (orbax's own read_only option
+            # prints two warnings per manager).
+            options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep or None,
+                                                 create=not read_only,
                                                  enable_async_checkpointing=False))
+        self.read_only = read_only
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -80,64 +130,148 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
+    @property
+    def damaged_directory(self) -> str:
+        return self.directory + ".damaged"
+
     def save(self, step: int, state: Any, data_state: Optional[dict], config: dict) -> None:
-        if step in self.manager.all_steps():
+        if self.read_only:
+            raise ValueError(f"this Checkpointer of {self.directory} is read-only.")
+        if step in self.saved:
             return  # already saved (e.g. the final step was also a periodic one)
-        items = dict(state=ocp.args.StandardSave(_as_tree(state)),
+        self._move_aside_unrestorable()
+        if step in self.manager.all_steps():  # on disk, not written by this run: stale
+            self._move_aside(step, "it was not written by this run")
+        items = dict(state=ocp.args.StandardSave(_host_tree(state)),
                      config=ocp.args.JsonSave(_normalise(config)))
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(_normalise(data_state))
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        self.manager.wait_until_finished()
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+            self.manager.wait_until_finished()
+            if jax.process_index() == 0:
+                integrity.write(os.path.join(self.directory, str(step)))
+        except Exception as e:  # noqa: BLE001: a full disk, a lost mount, ... (re-raised)
+            for partial in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+                shutil.rmtree(partial, ignore_errors=True)
+            self.manager.reload()
+            latest = self.latest_step()
+            code = os_errno(e)
+            resume = (f"it resumes from step {latest}" if latest is not None else
+                      "there is no checkpoint yet, so it starts again")
+            raise CheckpointSaveError(
+                f"could not save checkpoint {step} in {self.directory}: {short_cause(e)}; "
+                f"{os_advice(code)}, then rerun the same command ({resume}).", code) from e
+        self.saved.add(step)
+
+    def _move_aside_unrestorable(self) -> None:
+        """Steps that failed to restore are superseded once this run saves: moved, reported."""
+        for step in sorted(self.unrestorable):
+            if step in self.manager.all_steps():
+                self._move_aside(step, f"it cannot be restored: {self.unrestorable[step]}")
+        self.unrestorable.clear()
+
+    def _move_aside(self, step: int, why: str) -> None:
+        if jax.process_index() == 0:
+            os.makedirs(self.damaged_directory, exist_ok=True)
+            target = os.path.join(self.damaged_directory, str(step))
+            n = 1
+            while os.path.exists(target):
+                target = os.path.join(self.damaged_directory, f"{step}.{n}")
+                n += 1
+            os.replace(os.path.join(self.directory, str(step)), target)
+            self.report(f"checkpoint {step} moved to {target} ({why}); this run writes it anew.")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"t2i_jax checkpoint {step} moved")
+        self.manager.reload()
 
     def stored_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
-    def check_compatible(self, step: int, config: dict) -> None:
-        diffs = config_differences(self.stored_config(step), config)
-        if diffs:
-            raise IncompatibleCheckpointError(
-                f"{self.directory} holds checkpoints of a different model (step {step}); its "
-                "config differs in:\n  " + "\n  ".join(diffs) + "\nUse a new --workdir for this "
-                "config, or the config the checkpoints were made with.")
+    def restore(self, abstract_state: Union[Any, Callable[[dict], Any]],
+                check: Optional[Callable[[int, dict], None]] = None,
+                step: Optional[int] = None) -> Optional[Restored]:
+        """The newest restorable checkpoint (or `step`), with arrays laid out as the abstract
+        state's shardings say; None if there is no checkpoint.
 
-    def restore(self, abstract_state: Any, config: dict, step: Optional[int] = None):
-        """Returns (step, state, data_state) from the newest restorable checkpoint (or `step`),
-        with arrays laid out as abstract_state's shardings say; None if there is none.
-
-        Raises IncompatibleCheckpointError if the stored model config differs from `config`.
+        abstract_state: the state's ShapeDtypeStructs, or a function of the stored config that
+        returns them (a sampler rebuilds its model from the stored config). check(step, stored config)
+        may raise IncompatibleCheckpointError, which is never taken for damage. Damaged steps
+        are reported and skipped; CheckpointDamagedError if none is left.
         """
         candidates = [step] if step is not None else self.steps()[::-1]
         for s in candidates:
-            self.check_compatible(s, config)
             try:
-                items = dict(state=ocp.args.StandardRestore(_as_tree(abstract_state)))
-                if "data" in self._item_names(s):
+                problem = integrity.verify(os.path.join(self.directory, str(s)))
+                if problem:
+                    raise integrity.DamagedError(problem)
+                config = self.stored_config(s)
+                if check is not None:
+                    check(s, config)
+                abstract = abstract_state(config) if callable(abstract_state) else abstract_state
+                items = dict(state=ocp.args.StandardRestore(_as_tree(abstract)))
+                if os.path.isdir(os.path.join(self.directory, str(s), "data")):
                     items["data"] = ocp.args.JsonRestore()
                 restored = self.manager.restore(s, args=ocp.args.Composite(**items))
+            except IncompatibleCheckpointError:
+                raise
             except Exception as e:  # noqa: BLE001: any unreadable checkpoint falls back
-                print(f"[t2i_jax] checkpoint {s} in {self.directory} cannot be restored "
-                      f"({type(e).__name__}: {str(e)[:300]}); trying an older one.", file=sys.stderr)
+                why = short_cause(e)
+                self.unrestorable[s] = why
+                older = [c for c in candidates if c < s]
+                self.report(f"checkpoint {s} in {self.directory} cannot be restored ({why})"
+                            + (f"; trying {older[0]}." if older else "."))
                 continue
-            state = _from_tree(abstract_state, restored.state)
-            return s, state, restored.get("data") if "data" in items else None
+            return Restored(s, _from_tree(abstract, restored.state),
+                            restored.get("data") if "data" in items else None, config)
+        if step is not None:
+            others = [c for c in self.steps() if c != step]
+            raise CheckpointDamagedError(
+                f"checkpoint {step} in {self.directory} cannot be restored "
+                f"({self.unrestorable[step]})" + (f"; the others are {others}." if others else "."))
         if candidates:
-            raise RuntimeError(f"none of the checkpoints {candidates} in {self.directory} could be "
-                               "restored (see the messages above); move the directory away to "
-                               "start afresh.")
+            raise CheckpointDamagedError(
+                f"no checkpoint in {self.directory} can be restored ({', '.join(map(str, candidates))}"
+                " are damaged: see the lines above). To train afresh and keep them for inspection: "
+                f"mv {self.directory} {self.damaged_directory}-all, then rerun.")
         return None
 
-    def _item_names(self, step: int) -> set:
-        return {p for p in os.listdir(os.path.join(self.directory, str(step)))}
-
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception:  # noqa: BLE001: closing after a failed save must not hide its error
+            pass
+
+
+def check_compatible(directory: str, step: int, stored: dict, config: dict) -> None:
+    """Raises IncompatibleCheckpointError if the stored model config differs from `config`."""
+    diffs = config_differences(stored, config)
+    if diffs:
+        raise IncompatibleCheckpointError(
+            f"{directory} holds checkpoints of a different model (step {step}); its "
+            "config differs in:\n  " + "\n  ".join(diffs) + "\nUse a new --workdir for this "
+            "config, or the config the checkpoints were made with.")
 
 
 def _as_tree(state) -> dict:
     """The TrainState as a plain dict (the layout a user sees when restoring with orbax alone)."""
     return dict(step=state.step, params=state.params, ema_params=state.ema_params,
                 opt_state=state.opt_state, rng=state.rng)
+
+
+def _host_tree(state) -> dict:
+    """_as_tree with every fully addressable array copied to the host first: orbax then writes
+    NumPy arrays instead of slicing each replicated jax.Array into per-device pieces (which
+    compiles hundreds of small programs on many devices). Arrays split over several processes
+    stay jax.Arrays: each process writes its own shards."""
+    tree = _as_tree(state)
+    local = lambda x: isinstance(x, jax.Array) and x.is_fully_addressable  # noqa: E731
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    host = jax.device_get([x for x in leaves if local(x)])
+    it = iter(host)
+    return jax.tree_util.tree_unflatten(
+        treedef, [np.asarray(next(it)) if local(x) else x for x in leaves])
 
 
 def _from_tree(template, tree: dict):

@@ -5,14 +5,16 @@
 Resumes from the newest checkpoint in workdir/checkpoints automatically (refusing another
 model's checkpoints), saves every train.checkpoint_every steps, at the end and when SIGTERM or
 SIGINT arrives (then returns early: a preempted job exits cleanly), keeps the last
-train.keep_checkpoints. A non-finite loss raises NonFiniteLossError before anything is saved,
-so the last good checkpoint is never overwritten.
+train.keep_checkpoints (0: all). A second signal stops at once (errors.Interrupted). A non-finite
+loss, gradient norm or parameter raises NonFiniteLossError before anything is saved, so the last
+good checkpoint is never overwritten. One process trains a workdir at a time (a lock).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import signal
 import sys
 import time
@@ -22,13 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2i_jax import images
+from t2i_jax import files, images
 from t2i_jax.conditioning import Condition, class_condition, text_condition
+from t2i_jax.config_utils import check_train_config
 from t2i_jax.diffusion import make_schedule
+from t2i_jax.errors import Interrupted
 from t2i_jax.models.denoiser import Denoiser, ModelConfig
 from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
 from t2i_jax.training import mesh as mesh_lib
-from t2i_jax.training.checkpoint import Checkpointer
+from t2i_jax.training.checkpoint import Checkpointer, check_compatible
 from t2i_jax.training.state import OptimConfig, TrainState, init_state, make_optimizer
 from t2i_jax.training.step import LossConfig, make_train_step, null_of
 from t2i_jax.training.writers import MetricWriter
@@ -97,14 +101,17 @@ class Experiment:
 
 
 def _install_stop_handlers(flag: dict):
+    """SIGTERM / SIGINT: save after the current step, then stop. A second one stops at once,
+    saving nothing more (errors.Interrupted); a third gets the previous handler."""
     previous = {}
 
     def handler(signum, frame):
+        name = signal.Signals(signum).name
         if flag.get("stop"):  # second signal: give up immediately
             signal.signal(signum, previous.get(signum, signal.SIG_DFL))
-            raise KeyboardInterrupt
-        flag["stop"] = signal.Signals(signum).name
-        print(f"\n[t2i_jax] {flag['stop']}: saving a checkpoint after this step, then stopping "
+            raise Interrupted(signum, f"stopped by a second {name} without saving")
+        flag["stop"] = name
+        print(f"\n[t2i_jax] {name}: saving a checkpoint after this step, then stopping "
               "(send it again to stop without saving).", file=sys.stderr)
 
     if hasattr(signal, "SIGTERM"):
@@ -121,16 +128,48 @@ def _restore_handlers(previous: dict) -> None:
         signal.signal(sig, h)
 
 
+def _divergence(metrics: dict, step: int, latest: Optional[int], lr: float) -> Optional[str]:
+    """The NaN guard's message if the loss, the gradient norm or the parameters are not finite."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    params_ok = bool(metrics["params_finite"])
+    if np.isfinite(loss) and np.isfinite(grad_norm) and params_ok:
+        return None
+    what = f"loss {loss:.4g}, gradient norm {grad_norm:.4g}" + (
+        "" if params_ok else ", parameters no longer finite")
+    kept = (f"the last good checkpoint ({latest}) is intact" if latest is not None
+            else "nothing was saved (there is no checkpoint yet)")
+    return (f"training diverged at step {step} ({what}); stopped without saving, so {kept}. "
+            f"Lower --config.train.learning_rate (now {lr:g}) or raise "
+            "--config.train.warmup_steps, or check the data.")
+
+
 def train(config, workdir: str, *, devices: Optional[list] = None, progress: bool = True) -> TrainState:
-    """Trains (or resumes) the experiment of `config` in `workdir`; returns the final state."""
+    """Trains (or resumes) the experiment of `config` in `workdir`; returns the final state.
+
+    Refuses bad config values, an unwritable workdir and a workdir another process trains in
+    before anything is written there."""
     from t2i_jax import data as data_lib
+    check_train_config(config)
     exp = Experiment.from_config(config)
     tcfg = config.train
     mesh = mesh_lib.make_mesh(tcfg.fsdp, devices)
     mesh_lib.check_batch_size(tcfg.batch_size, mesh)
     config_dict = config.to_dict()
     lead = jax.process_index() == 0
+    workdir = files.check_writable_dir(workdir, "--workdir") if lead else os.path.abspath(workdir)
+    iterator = data_lib.make_train_iterator(
+        config.data, seed=config.seed, global_batch_size=tcfg.batch_size,
+        max_length=exp.max_length, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    with files.ExclusiveLock(workdir, "training", enabled=lead, hint=(
+            "wait for it to finish, stop it (kill -TERM saves a checkpoint first), or pass "
+            "another --workdir")):
+        return _train_locked(exp, config_dict, workdir, mesh, iterator, lead, progress)
 
+
+def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iterator, lead: bool,
+                  progress: bool) -> TrainState:
+    config, tcfg = exp.config, exp.config.train
     root = jax.random.key(config.seed)
     abstract = jax.eval_shape(exp.create_state, root)
     shardings = mesh_lib.state_shardings(abstract, mesh)
@@ -138,16 +177,17 @@ def train(config, workdir: str, *, devices: Optional[list] = None, progress: boo
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
-    restored = ckpt.restore(abstract, config_dict)
-    iterator = data_lib.make_train_iterator(
-        config.data, seed=config.seed, global_batch_size=tcfg.batch_size,
-        max_length=exp.max_length, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    try:
+        restored = ckpt.restore(abstract, lambda s, stored: check_compatible(
+            ckpt.directory, s, stored, config_dict))
+    except BaseException:
+        ckpt.close()
+        raise
     if restored is None:
         state = jax.jit(exp.create_state, out_shardings=shardings)(root)
         start = 0
     else:
-        start, state, data_state = restored
+        start, state, data_state = restored.step, restored.state, restored.data_state
         if data_state is not None:
             iterator.set_state(data_state)
         if lead:
@@ -171,7 +211,8 @@ def train(config, workdir: str, *, devices: Optional[list] = None, progress: boo
     stop: dict = {}
     previous = _install_stop_handlers(stop)
     from tqdm import tqdm
-    bar = tqdm(total=tcfg.num_steps, initial=start, disable=not (progress and lead),
+    bar = tqdm(total=tcfg.num_steps, initial=start,
+               disable=not (progress and lead) or start >= tcfg.num_steps,
                dynamic_ncols=True, desc="train")
     t_log, n_log = time.perf_counter(), 0
     step = start
@@ -191,11 +232,10 @@ def train(config, workdir: str, *, devices: Optional[list] = None, progress: boo
                 if step < tcfg.num_steps:
                     batch = next_batch()  # read on the host while the step runs
                 metrics = jax.device_get(metrics)
-                if not np.isfinite(metrics["loss"]):
-                    raise NonFiniteLossError(
-                        f"the loss is {metrics['loss']} at step {step}; stopped without saving, so "
-                        f"the last good checkpoint ({ckpt.latest_step()}) is intact. Lower "
-                        "--config.train.learning_rate or check the data.")
+                diverged = _divergence(metrics, step, ckpt.latest_step(), exp.optim.learning_rate)
+                if diverged:
+                    raise NonFiniteLossError(diverged)
+                del metrics["params_finite"]
                 bar.update(1)
                 if step % tcfg.log_every == 0 or step == tcfg.num_steps:
                     now = time.perf_counter()
@@ -217,12 +257,34 @@ def train(config, workdir: str, *, devices: Optional[list] = None, progress: boo
             else:
                 if grid is not None and tcfg.sample_every and step > start:
                     grid(state, step)
+    except Interrupted as e:
+        latest = ckpt.latest_step()
+        raise Interrupted(e.signum, f"{e.message} (at step {step}); "
+                          + (f"the newest checkpoint, step {latest}, is intact: rerun the same "
+                             "command to resume from it." if latest is not None else
+                             "there is no checkpoint yet.")) from None
     finally:
         bar.close()
         _restore_handlers(previous)
         writer.close()
         ckpt.close()
+    if lead and not stop:
+        _print_summary(exp, workdir, ckpt)
     return state
+
+
+def _print_summary(exp: "Experiment", workdir: str, ckpt: Checkpointer) -> None:
+    """Where the run's results are, and the sampling command that comes next."""
+    from t2i_jax import data as data_lib
+    latest = ckpt.latest_step()
+    samples = os.path.join(workdir, "samples")
+    grids = sorted(f for f in os.listdir(samples) if f.endswith(".png")) if os.path.isdir(samples) else []
+    prompts = list(data_lib.sample_prompts(exp.config.data) if exp.model.cfg.text is not None
+                   else data_lib.class_names(exp.config.data))
+    grid = f"; newest sample grid {os.path.join(samples, grids[-1])}" if grids else ""
+    print(f"[t2i_jax] done: checkpoint {ckpt.directory}/{latest}{grid}.\n[t2i_jax] next: "
+          f"python sample.py --workdir {shlex.quote(workdir)} --prompt {shlex.quote(prompts[0])} "
+          f"--outdir {shlex.quote(os.path.join(workdir, 'samples_out'))}", file=sys.stderr)
 
 
 class _GridSampler:

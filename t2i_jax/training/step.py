@@ -54,7 +54,9 @@ def make_train_step(model: Denoiser, schedule: Schedule, optim: OptimConfig,
 
     batch: dict with image [B, H, W, C] in [-1, 1] and tokens/mask [B, L] or label [B].
     metrics: loss, loss_q0..loss_q3 (mean loss of the examples whose t is in each quarter of
-    [0, T); NaN where a quarter has none), grad_norm (before clipping), lr, null_fraction.
+    [0, T); NaN where a quarter has none), grad_norm (before clipping), lr, null_fraction, and
+    params_finite (bool: every updated parameter is finite; the loop's NaN guard reads it with
+    the loss and the grad norm).
     """
     T = schedule.num_timesteps
     lr_fn = learning_rate_fn(optim)
@@ -85,8 +87,11 @@ def make_train_step(model: Denoiser, schedule: Schedule, optim: OptimConfig,
 
         quarter = (t * 4) // T
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
+        params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
+                                           for p in jax.tree_util.tree_leaves(params)]))
         metrics = dict(loss=loss, grad_norm=grad_norm, lr=lr_fn(state.step),
-                       null_fraction=jnp.mean(cond.is_null.astype(jnp.float32)))
+                       null_fraction=jnp.mean(cond.is_null.astype(jnp.float32)),
+                       params_finite=params_finite)
         for q in range(4):
             in_q = (quarter == q).astype(jnp.float32)
             metrics[f"loss_q{q}"] = jnp.sum(per_example * in_q) / jnp.sum(in_q)  # NaN if empty
