@@ -29,7 +29,8 @@ THRESHOLDINGS = ("static", "dynamic", "none")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
+    from t2i_jax.errors import ArgumentParser  # imports no jax
+    p = ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a training workdir (its checkpoints/ is read)")
     p.add_argument("--outdir", required=True, help="where the images, grid and records go")
@@ -43,7 +44,7 @@ def parse_args(argv):
                         "null)); several values (or 0,1,3) make a sweep. Default: the config's")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the config's")
     p.add_argument("--steps", type=int, help="sampling steps (1..T); default: the config's")
-    p.add_argument("--eta", type=float, help="DDIM eta (0 deterministic, 1 DDPM-like)")
+    p.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (0 deterministic, 1 DDPM-like)")
     p.add_argument("--ddpm_variance", choices=("posterior", "beta"),
                    help="ddpm sampler's variance: posterior beta~ or beta (DDIM paper's sigma-hat)")
     p.add_argument("--thresholding", choices=THRESHOLDINGS, help="x0 clipping; default: the config's")
@@ -67,6 +68,9 @@ def parse_args(argv):
         p.error(f"--seed must be in [0, 2^32) (JAX keys hold 32 bits), got {args.seed}.")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}.")
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:  # NaN fails too
+        p.error(f"--eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), "
+                f"got {args.eta}.")
     if args.guidance is not None:
         given = args.guidance
         try:
@@ -75,8 +79,11 @@ def parse_args(argv):
             args.guidance = None
         if not args.guidance or not all(math.isfinite(w) for w in args.guidance):
             p.error(f"--guidance takes finite numbers (e.g. --guidance 0 1 3 or 0,1,3), got {given}.")
-    if args.outdir and os.path.exists(args.outdir) and not os.path.isdir(args.outdir):
-        p.error(f"--outdir {args.outdir} is a file; pass a directory.")
+    from t2i_jax.files import check_output_dir  # no jax: refusals come before the backends start
+    try:
+        check_output_dir(args.outdir, "--outdir")
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -162,17 +169,22 @@ def main(argv=None) -> int:
 
 
 def run(argv=None) -> int:
-    """main() with the library's errors as one clear line (T2I_DEBUG=1 shows the traceback)."""
-    try:
-        return main(argv)
-    except (ValueError, OSError, RuntimeError) as e:  # OSError: unwritable outdir, missing files
-        if os.environ.get("T2I_DEBUG"):
-            raise
-        ours = isinstance(e, ValueError) or type(e).__module__.startswith("t2i_jax")
-        name = "" if ours else f"{type(e).__name__}: "
-        print(f"sample.py: error: {name}{e}\n(set T2I_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+    """main() behind the error boundary (t2i_jax/errors.py): one line per mistake, the exit code
+    returned (T2I_DEBUG=1 shows the traceback)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return _boundary(argv).run(main, argv)
+
+
+def _boundary(argv):
+    from t2i_jax.errors import Boundary
+    outdir = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--outdir"), None)
+    outdir = outdir or next((a.split("=", 1)[1] for a in argv if a.startswith("--outdir=")), None)
+    b = Boundary("sample.py", interrupted=(
+        f"interrupted: the finished shards in {outdir} are kept; rerun the same command to "
+        "finish the job." if outdir else None))
+    b.log_in(outdir)
+    return b
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    _boundary(sys.argv[1:]).exit(main, sys.argv[1:])

@@ -180,19 +180,16 @@ def _has_array_record(builder, split: str) -> bool:
 
 
 def unavailable_message(spec: Spec, data_dir: Optional[str], reason: str) -> str:
+    """One line: what is missing, why it cannot be made here, and the commands that make it."""
     d = default_data_dir(data_dir)
     n = spec.tfds_name
     return (
-        f"The TFDS data set {n!r} (data.name={spec.name!r}) is not prepared in {d} and cannot be "
-        f"prepared here: {reason}.\n"
-        f"Preparing it needs network access (to download it) and TensorFlow "
-        f"(`pip install tensorflow`; TFDS's catalog builders use it to prepare), once:\n"
-        f"  1. where both are available: `tfds build {n} --file_format=array_record "
-        f"--data_dir=DIR` (or in Python: tfds.data_source({n!r}, data_dir='DIR'));\n"
-        f"  2. copy DIR/{n}/ to {os.path.join(d, n)}/ on this machine, or point data.data_dir "
-        f"(or $TFDS_DATA_DIR) at DIR.\n"
-        f"Reading the prepared array_record files needs neither. The embedded data sets "
-        f"'digits' and 'shapes' need nothing: they are prepared offline on first use.")
+        f"the TFDS data set {n!r} (data.name={spec.name!r}) is not prepared in {d} and cannot be "
+        f"prepared here ({reason}). Preparing it needs a network and TensorFlow once: where both "
+        f"are, run `pip install tensorflow tensorflow-datasets && tfds build {n} "
+        f"--file_format=array_record --data_dir=DIR`, then copy DIR/{n} to {d}/ or pass "
+        f"--config.data.data_dir=DIR. (The embedded data sets 'digits' and 'shapes' need "
+        f"neither.)")
 
 
 def open_split(spec: Spec, split: str, data_dir: Optional[str] = None):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import logging
 import os
 import shutil
@@ -88,9 +89,12 @@ def prepared_builder(builder_cls: Type, data_dir: Optional[str] = None):
         shown = getattr(tqdm_utils, "_active", True)
         tfds.display_progress_bar(False)  # a few seconds of work: no progress bars in the logs
         try:
-            builder.download_and_prepare(
-                file_format="array_record",
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+            # TFDS prints "Downloading and preparing dataset Unknown size ..." to stdout; these
+            # builders download nothing, and the line above already says what happens.
+            with contextlib.redirect_stdout(io.StringIO()):
+                builder.download_and_prepare(
+                    file_format="array_record",
+                    download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         finally:
             tfds.display_progress_bar(shown)
     return builder_cls(data_dir=data_dir, file_format="array_record")

@@ -69,6 +69,19 @@ class StepCoefficients(NamedTuple):
     is_last: jax.Array
 
 
+def check_chain(schedule: Schedule, num_steps: int, spacing: str = "trailing",
+                prediction: str = "eps") -> np.ndarray:
+    """The visited timesteps, or ValueError for a chain that cannot run (a step count outside
+    1..T, an eps model started at zero SNR); callers check it before writing anything."""
+    ts = timesteps(schedule, num_steps, spacing)
+    starts_at_zero_snr = schedule.zero_terminal_snr and ts[0] == schedule.num_timesteps - 1
+    if starts_at_zero_snr and prediction == "eps":
+        raise ValueError("the schedule has zero terminal SNR and sampling starts at t = T-1, where "
+                         "x0 cannot be recovered from eps: use a v- or x0-predicting model "
+                         "(prediction='v'), or spacing='leading'.")
+    return ts
+
+
 def step_coefficients(schedule: Schedule, ts: jax.Array) -> StepCoefficients:
     """Returns the StepCoefficients of every step of the visited timesteps ts [N], each [N]."""
     n = ts.shape[0]
@@ -242,14 +255,7 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
     if noisy and rng is None:
         raise ValueError(f"sampler {sampler!r}" + (" with eta != 0" if sampler == "ddim" else "")
                          + " draws noise: pass rng=jax.random.key(seed).")
-    ts = timesteps(schedule, num_steps, spacing)
-    starts_at_zero_snr = schedule.zero_terminal_snr and ts[0] == schedule.num_timesteps - 1
-    if starts_at_zero_snr and prediction == "eps":
-        raise ValueError("the schedule has zero terminal SNR and sampling starts at t = T-1, where "
-                         "x0 cannot be recovered from eps: use a v- or x0-predicting model "
-                         "(prediction='v'), or spacing='leading'.")
-
-    ts = jnp.asarray(ts)
+    ts = jnp.asarray(check_chain(schedule, num_steps, spacing, prediction))
     coeffs = step_coefficients(schedule, ts)
     opts = Options(eta=jnp.asarray(eta, x_T.dtype), ddpm_variance=ddpm_variance)
     if null_cond is not None:  # loop-invariant: paired once, reused at every step

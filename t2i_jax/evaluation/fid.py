@@ -12,7 +12,6 @@ carry). Getting the weights offline: see t2i_jax/evaluation/inception.py.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import zipfile
@@ -20,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from t2i_jax.errors import ArgumentParser
 from t2i_jax.evaluation.frechet import Stats, feature_stats, frechet_distance, frechet_distance_of
 
 
@@ -88,8 +88,28 @@ def fid(feature_fn: Callable, a, b, batch: int = 50) -> float:
     return distance(features_or_stats(feature_fn, a, batch), features_or_stats(feature_fn, b, batch))
 
 
+def check_set(item, name: str):
+    """item (uint8 images or Stats) if it can be scored; ValueError naming the set otherwise."""
+    if isinstance(item, Stats):
+        mu, sigma = np.asarray(item.mu), np.asarray(item.sigma)
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise ValueError(f"{name}: mu must be [D] and sigma [D, D], got {mu.shape} and "
+                             f"{sigma.shape}.")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ValueError(f"{name}: its statistics contain NaN or infinity; recompute them "
+                             "from finite images (--save_stats).")
+        return item
+    x = np.asarray(item)
+    if x.ndim != 4 or x.dtype != np.uint8:
+        raise ValueError(f"{name}: images must be uint8 [N, H, W, C], got {x.dtype} {x.shape}.")
+    if len(x) < 2:
+        raise ValueError(f"{name} holds {len(x)} image(s); a Fréchet distance needs at least 2 "
+                         "per set (a covariance), and is only meaningful with thousands.")
+    return x
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m t2i_jax.evaluation.fid",
+    p = ArgumentParser(prog="python -m t2i_jax.evaluation.fid",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--inception", required=True,
                    help="converted FID InceptionV3 weights (.npz; see t2i_jax/evaluation/inception.py)")
@@ -100,20 +120,43 @@ def main(argv=None) -> int:
                    help="for a sampling job with several w: score the images of this w")
     p.add_argument("--save_stats", help="also write set_a's mu/sigma to this .npz")
     a = p.parse_args(argv)
-    try:
+    if a.batch_size < 1:
+        p.error(f"--batch_size must be >= 1, got {a.batch_size}.")
+    if a.guidance is not None and not np.isfinite(a.guidance):
+        p.error(f"--guidance must be a finite number, got {a.guidance}.")
+    from t2i_jax.errors import Boundary
+    return Boundary("fid").run(_fid, a)
+
+
+def _fid(a) -> int:
+    if a.save_stats:  # refused before the work, not after it
+        from t2i_jax import files
+        if os.path.isdir(a.save_stats):
+            raise ValueError(f"--save_stats {a.save_stats} is a directory; pass a file name "
+                             "such as stats.npz.")
+        files.check_writable_dir(os.path.dirname(os.path.abspath(a.save_stats)), "--save_stats's directory")
+    sets = [check_set(load_set(path, a.guidance), f"set {name} ({path})")
+            for name, path in (("A", a.set_a), ("B", a.set_b))]
+    feature_fn = None
+    if not all(isinstance(x, Stats) for x in sets):
         from t2i_jax.evaluation import inception
         feature_fn = inception.make_feature_fn(inception.load_params(a.inception))
-        sa = features_or_stats(feature_fn, load_set(a.set_a, a.guidance), a.batch_size)
-        sb = features_or_stats(feature_fn, load_set(a.set_b, a.guidance), a.batch_size)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fid: error: {e}", file=sys.stderr)
-        return 1
+    sa, sb = (features_or_stats(feature_fn, x, a.batch_size) for x in sets)
+    dims = [x.mu.shape[0] if isinstance(x, Stats) else x.shape[1] for x in (sa, sb)]
+    if dims[0] != dims[1]:
+        raise ValueError(f"set A's features are {dims[0]}-d and set B's are {dims[1]}-d: compute "
+                         "both with the same network (the FID InceptionV3's pool features are "
+                         "2048-d).")
     if a.save_stats:
         from t2i_jax import files
         st = sa if isinstance(sa, Stats) else feature_stats(sa)
         with files.atomic_open(a.save_stats, "wb") as f:
             np.savez(f, mu=st.mu, sigma=st.sigma)
-    print(f"FID {distance(sa, sb):.4f}")
+    d = distance(sa, sb)
+    if not np.isfinite(d):
+        raise ValueError(f"the distance is {d}: the features of a set are not finite (damaged "
+                         "images or weights); nothing to report.")
+    print(f"FID {d:.4f}")
     return 0
 
 

@@ -19,21 +19,24 @@ real images; precision/recall (k = 3) use the same features. The row "real (trai
 many real training digits (5 random subsets): a reference for what real data scores at this n,
 not a bound (the evaluator was trained on those images, which shifts their features).
 
-Everything goes to WORKDIR/reproduce/<name>/: results.json (raw numbers), table.md, plot.png,
-and the sampling jobs under samples/ (resumable: rerun the command after an interruption).
+Everything goes to WORKDIR/reproduce/<name>/ (or --out): results.json (raw numbers), table.md,
+plot.png, and the sampling jobs under samples/ (resumable: rerun the command after an
+interruption). The evaluator is cached in WORKDIR/reproduce/, shared by the reproductions of a
+workdir; where the workdir is read-only, in --out (decided before any sampling).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
 import sys
+from typing import Optional
 
 import numpy as np
 
 from t2i_jax import files
+from t2i_jax.errors import ArgumentParser
 
 CFG_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)
 DDIM_STEPS = (10, 20, 50, 100, 1000)
@@ -51,6 +54,21 @@ def default_prompts(config) -> list:
 def evaluator_dir(workdir: str) -> str:
     """Where the evaluator classifier is cached: shared by the reproductions of one workdir."""
     return os.path.join(os.path.abspath(workdir), "reproduce")
+
+
+def evaluator_cache(workdir: str, out: str, data_config) -> str:
+    """The directory to read the evaluator from or train it into: WORKDIR/reproduce if it holds
+    one or can be written, else `out` (a read-only workdir). Decided before any work."""
+    from t2i_jax.evaluation import evaluator as ev_lib
+    shared = evaluator_dir(workdir)
+    for d in (shared, out):
+        if os.path.exists(ev_lib.cache_path(d, data_config)):
+            return d
+    try:
+        files.check_writable_dir(shared, "the evaluator cache")
+        return shared
+    except ValueError:
+        return out
 
 
 class Scorer:
@@ -122,16 +140,19 @@ def markdown_table(header: list, rows: list) -> str:
 
 
 def reproduce_cfg(trained, out: str, *, num_per_prompt: int, seed: int, batch_size: int,
-                  steps: int, weights=CFG_WEIGHTS, progress=True, scorer=None) -> dict:
-    """scorer: a Scorer to reuse (default: one for the workdir's cached evaluator)."""
+                  steps: int, weights=CFG_WEIGHTS, progress=True, scorer=None,
+                  cache_dir: Optional[str] = None) -> dict:
+    """scorer: a Scorer to reuse (default: one for the evaluator cached in cache_dir, by default
+    evaluator_cache(...)); it is made before any sampling, so an evaluator that cannot be
+    trained or stored fails first."""
     from t2i_jax.sampling.generate import SampleOptions
     cfg = trained.config
     prompts = default_prompts(cfg)
     options = dataclasses.replace(SampleOptions.from_config(cfg.sample), num_steps=steps)
+    scorer = scorer or Scorer(cfg, cache_dir or evaluator_cache(trained.workdir, out, cfg.data))
     x, rows, stats = _run(trained, os.path.join(out, "samples"), prompts,
                            num_per_prompt=num_per_prompt, guidance=weights, seed=seed,
                            options=options, batch_size=batch_size, progress=progress)
-    scorer = scorer or Scorer(cfg, evaluator_dir(trained.workdir))
     table = []
     for w in weights:
         sel = [i for i, r in enumerate(rows) if r["guidance"] == w]
@@ -155,13 +176,13 @@ def reproduce_cfg(trained, out: str, *, num_per_prompt: int, seed: int, batch_si
 
 def reproduce_ddim(trained, out: str, *, num_per_prompt: int, seed: int, batch_size: int,
                    guidance: float, steps_list=DDIM_STEPS, dpm_steps=DPM_STEPS,
-                   progress=True) -> dict:
+                   progress=True, cache_dir: Optional[str] = None) -> dict:
     from t2i_jax.sampling.generate import SampleOptions
     cfg = trained.config
     prompts = default_prompts(cfg)
     base = SampleOptions.from_config(cfg.sample)
     thresholding = base.thresholding
-    scorer = Scorer(cfg, evaluator_dir(trained.workdir))
+    scorer = Scorer(cfg, cache_dir or evaluator_cache(trained.workdir, out, cfg.data))
     runs = [(label, sampler, eta, var, n) for label, sampler, eta, var in DDIM_METHODS
             for n in steps_list]
     runs += [("DPM-Solver++(2M)", "dpmpp_2m", 0.0, "posterior", n) for n in dpm_steps]
@@ -196,45 +217,69 @@ def reproduce_ddim(trained, out: str, *, num_per_prompt: int, seed: int, batch_s
 
 
 def reproduce_checkpoints(workdir: str, out: str, *, num_per_prompt: int, seed: int,
-                          batch_size: int, guidance: float = 0.0, progress=True) -> dict:
+                          batch_size: int, guidance: float = 0.0, progress=True,
+                          cache_dir: Optional[str] = None) -> dict:
     """The metrics of every checkpoint at guidance w (default 0: the model's own conditional
-    distribution, whose FD reaches the real-data floor when the model fits the data)."""
+    distribution, whose FD reaches the real-data floor when the model fits the data). A damaged
+    checkpoint is skipped and listed under "skipped"."""
     from t2i_jax.sampling.generate import SampleOptions
     from t2i_jax.sampling.load import NoCheckpointError, checkpoint_dir, load_trained
-    from t2i_jax.training.checkpoint import Checkpointer
+    from t2i_jax.training.checkpoint import CheckpointDamagedError, Checkpointer
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise NoCheckpointError(f"no checkpoint in {workdir}: {checkpoint_dir(workdir)} does not "
                                 "exist; pass the --workdir of a training run.")
-    ck = Checkpointer(checkpoint_dir(workdir), keep=10 ** 9)
+    ck = Checkpointer(checkpoint_dir(workdir), keep=0, read_only=True)
     steps = ck.steps()
     ck.close()
     if not steps:
         raise NoCheckpointError(f"no finished checkpoint in {checkpoint_dir(workdir)}.")
-    table, scorer = [], None
+    table, scorer, skipped, n = [], None, [], 0
     for s in steps:
-        trained = load_trained(workdir, step=s)
+        try:
+            trained = load_trained(workdir, step=s)
+        except CheckpointDamagedError:
+            print(f"[t2i_jax] checkpoint {s} is damaged (see above): skipped.", file=sys.stderr)
+            skipped.append(s)
+            continue
         cfg = trained.config
-        scorer = scorer or Scorer(cfg, evaluator_dir(workdir))
+        scorer = scorer or Scorer(cfg, cache_dir or evaluator_cache(workdir, out, cfg.data))
         w = float(guidance)
         x, rows, _ = _run(trained, os.path.join(out, "samples", f"step_{s}"), default_prompts(cfg),
                           num_per_prompt=num_per_prompt, guidance=(w,), seed=seed,
                           options=SampleOptions.from_config(cfg.sample), batch_size=batch_size,
                           progress=progress)
+        n = len(x)
         table.append(dict(step=s, w=w, **scorer.score(x, [r["prompt"] for r in rows])))
-    floor = scorer.real_floor(len(x))
+    if not table:
+        raise CheckpointDamagedError(f"every checkpoint of {workdir} ({steps}) is damaged; "
+                                     "nothing to score.")
+    floor = scorer.real_floor(n)
     results = dict(experiment="checkpoints", workdir=os.path.abspath(workdir), guidance=guidance,
-                   rows=table, real_floor=floor)
+                   rows=table, real_floor=floor, skipped=skipped)
     keys = ["fd", "alignment", "precision", "recall"]
     md = markdown_table(["step"] + keys, [[r["step"]] + [r[k] for k in keys] for r in table]
                         + [["real (train)"] + [floor.get(k) for k in keys]])
     md += (f"\nw = {guidance:g}; real (train): {floor['repeats']} random subsets of n = "
            f"{floor['n']} training images; FD sd {_fmt(floor['fd_sd'])}\n")
+    if skipped:
+        md += f"\nskipped (damaged): {', '.join(map(str, skipped))}\n"
     _write(out, results, md)
     return results
 
 
+def _finite_or_none(x):
+    """NaN / infinity -> None (JSON has no NaN), recursively."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
+
+
 def _write(out: str, results: dict, md: str) -> None:
-    files.write_json(os.path.join(out, "results.json"), results)
+    files.write_json(os.path.join(out, "results.json"), _finite_or_none(results))
     files.write_text(os.path.join(out, "table.md"), md)
 
 
@@ -293,7 +338,7 @@ def _save_fig(fig, path):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m t2i_jax.evaluation.reproduce",
+    p = ArgumentParser(prog="python -m t2i_jax.evaluation.reproduce",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", choices=("cfg", "ddim", "checkpoints"))
     p.add_argument("--workdir", required=True, help="training workdir of a digits/shapes model")
@@ -309,33 +354,40 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.num_per_prompt < 1 or a.batch_size < 1 or a.steps < 1:
         p.error("--num_per_prompt, --batch_size and --steps must be >= 1.")
+    if not 0 <= a.seed < 2 ** 32:
+        p.error(f"--seed must be in [0, 2^32) (JAX keys hold 32 bits), got {a.seed}.")
+    if not math.isfinite(a.guidance):
+        p.error(f"--guidance must be a finite number, got {a.guidance}.")
+    a.out = a.out or os.path.join(a.workdir, "reproduce", a.experiment)
+    try:
+        a.out = files.check_writable_dir(files.check_output_dir(a.out, "--out"), "--out")
+    except ValueError as e:
+        p.error(str(e))
+    from t2i_jax.errors import Boundary
+    boundary = Boundary("reproduce", interrupted=(
+        f"interrupted: the finished sampling shards under {a.out} are kept; rerun the same "
+        "command to go on."))
+    boundary.log_in(a.out)
+    return boundary.run(_reproduce, a)
+
+
+def _reproduce(a) -> int:
     from t2i_jax.xla_flags import apply_tuned_flags
     apply_tuned_flags()
     from absl import logging
     logging.set_verbosity(logging.WARNING)
     from t2i_jax.sampling.load import load_trained
-    out = a.out or os.path.join(a.workdir, "reproduce", a.experiment)
-    progress = not a.no_progress
-    try:
-        if a.experiment == "checkpoints":
-            reproduce_checkpoints(a.workdir, out, num_per_prompt=a.num_per_prompt,
-                                  seed=a.seed, batch_size=a.batch_size, guidance=a.guidance,
-                                  progress=progress)
+    out, progress = a.out, not a.no_progress
+    common = dict(num_per_prompt=a.num_per_prompt, seed=a.seed, batch_size=a.batch_size,
+                  progress=progress)
+    if a.experiment == "checkpoints":
+        reproduce_checkpoints(a.workdir, out, guidance=a.guidance, **common)
+    else:
+        trained = load_trained(a.workdir)
+        if a.experiment == "cfg":
+            reproduce_cfg(trained, out, steps=a.steps, **common)
         else:
-            trained = load_trained(a.workdir)
-            if a.experiment == "cfg":
-                reproduce_cfg(trained, out, num_per_prompt=a.num_per_prompt,
-                                    seed=a.seed, batch_size=a.batch_size, steps=a.steps,
-                                    progress=progress)
-            else:
-                reproduce_ddim(trained, out, num_per_prompt=a.num_per_prompt,
-                                     seed=a.seed, batch_size=a.batch_size, guidance=a.guidance,
-                                     progress=progress)
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("T2I_DEBUG"):
-            raise
-        print(f"reproduce: error: {e}", file=sys.stderr)
-        return 1
+            reproduce_ddim(trained, out, guidance=a.guidance, **common)
     print(open(os.path.join(out, "table.md"), encoding="utf-8").read())
     print(f"[t2i_jax] wrote {out}/table.md, plot.png, results.json", file=sys.stderr)
     return 0

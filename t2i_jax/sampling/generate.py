@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from t2i_jax.conditioning import Condition
 from t2i_jax.diffusion import noise, samplers
@@ -46,17 +47,28 @@ class SampleOptions:
         if self.sampler not in samplers.SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of "
                              f"{sorted(samplers.SAMPLERS)}.")
+        try:
+            eta = float(self.eta)
+        except (TypeError, ValueError):
+            eta = float("nan")
+        if not 0.0 <= eta <= 1.0:  # NaN fails too
+            raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: as much "
+                             f"noise as DDPM), got {self.eta}.")
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, (int, np.integer)) \
+                or self.num_steps < 1:
+            raise ValueError(f"the number of sampling steps must be an integer >= 1, got "
+                             f"{self.num_steps!r}.")
 
 
 def make_generate_fn(model: Denoiser, schedule: Schedule, image_shape: tuple,
                      null: Optional[Condition], options: SampleOptions,
                      prediction: str = "eps") -> Callable:
     """Returns generate(params, cond [B], rng, guidance_weight, sample_ids [B]) -> x0 [B, H, W, C]
-    in [-1, 1] (clipped). null is the model's null condition (batch 1); guidance_weight ([] or
+    in [-1, 1] (clipped; NaN where the chain produced a non-finite value). null is the model's null condition (batch 1); guidance_weight ([] or
     [B]) is the w of eps~ = (1 + w) eps(x, y) - w eps(x, null). With null=None the model is
     evaluated once per step on the condition alone (guidance_weight is ignored: w = 0), half the
     work of a guided step."""
-    samplers.timesteps(schedule, options.num_steps, options.spacing)  # bad step counts fail here
+    samplers.check_chain(schedule, options.num_steps, options.spacing, prediction)  # fails here, not in jit
 
     def generate(params, cond: Condition, rng, guidance_weight, sample_ids):
         enc = model.apply(params, cond, method=Denoiser.encode)
@@ -68,6 +80,8 @@ def make_generate_fn(model: Denoiser, schedule: Schedule, image_shape: tuple,
             num_steps=options.num_steps, eta=options.eta, rng=rng,
             thresholding=options.thresholding, prediction=prediction, spacing=options.spacing,
             ddpm_variance=options.ddpm_variance, sample_ids=sample_ids)
-        return jnp.clip(x0, -1.0, 1.0)
+        # Clipping would turn +-inf into a valid-looking white or black pixel: NaN marks every
+        # non-finite value, so callers can refuse the image (clip keeps NaN).
+        return jnp.clip(jnp.where(jnp.isfinite(x0), x0, jnp.nan), -1.0, 1.0)
 
     return jax.jit(generate)

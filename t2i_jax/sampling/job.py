@@ -63,6 +63,10 @@ class JobMismatchError(ValueError):
     pass
 
 
+class NonFiniteImagesError(ValueError):
+    """Some images came out NaN or infinite: nothing was written for them."""
+
+
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
     """Everything that determines a job's images (batch size and devices do not)."""
@@ -256,6 +260,7 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
         bar = tqdm(total=total, initial=total - len(todo_idx), unit="img", desc="sample",
                    dynamic_ncols=True, disable=not (progress and lead))
         generated, t0, t_first, n_after_first = 0, time.perf_counter(), None, 0
+        non_finite: list = []
         try:
             with jax.set_mesh(mesh):
                 for b0 in range(0, len(todo_idx), per_call):
@@ -264,8 +269,13 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
                     g, p, _, sid = spec.decompose(full)
                     cond = jax.tree_util.tree_map(lambda c: put(np.asarray(c)[p]), conds)
                     x = generate(params, cond, rng, put(guidance[g]), put(sid.astype(np.int32)))
-                    x = images.to_uint8(_gather(x))[:len(idx)]
-                    for i, im in zip(idx, x):
+                    x = _gather(x)[:len(idx)]
+                    finite = np.isfinite(x).reshape(len(idx), -1).all(axis=1)
+                    non_finite.extend(int(i) for i in idx[~finite])
+                    x = images.to_uint8(np.where(finite[:, None, None, None], x, 0.0))
+                    for i, im, ok in zip(idx, x, finite):
+                        if not ok:
+                            continue  # nothing is written for it: its shard stays unfinished
                         if lead:
                             images.save_png(os.path.join(outdir, image_file(int(i))), im)
                         s = int(i) // spec.shard_size
@@ -289,43 +299,41 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
                            generate._cache_size())
         if lead and generated:
             files.write_json(os.path.join(outdir, STATS_FILE), dict(
-                generated=generated, seconds=seconds, images_per_s=result.images_per_s,
+                generated=generated, seconds=seconds,
+                images_per_s=result.images_per_s if n_after_first else None,
                 compilations=result.compilations, rows_per_call=per_call, devices=n_dev))
+        if non_finite:
+            raise NonFiniteImagesError(_non_finite_message(spec, non_finite, outdir))
         if lead and not any(left_in_shard.values()):  # every shard was done or is now
             assemble(spec, outdir, npz=npz, grid_columns=grid_columns,
                      scale=max(1, 64 // exp.image_shape[0]))
     return result
 
 
-class _OutdirLock:
+def _non_finite_message(spec: JobSpec, bad: list, outdir: str) -> str:
+    g = sorted({spec.guidance[int(k)] for k in spec.decompose(np.asarray(bad))[0]})
+    shown = ", ".join(map(str, bad[:10])) + (f", ... ({len(bad)} in all)" if len(bad) > 10 else "")
+    return (f"{len(bad)} of {spec.num_images} images came out NaN or infinite (indices {shown}; "
+            f"guidance {g}, sampler {spec.sampler}, eta {spec.eta:g}, thresholding "
+            f"{spec.thresholding or 'none'}); nothing was written for them and {outdir} is not "
+            "complete. Lower --guidance or use --thresholding static or dynamic, in another "
+            "--outdir.")
+
+
+class _OutdirLock(files.ExclusiveLock):
     """An exclusive lock on OUTDIR/.lock for the job's lifetime: two processes never write (or
     clean up after) the same job at once."""
 
     def __init__(self, outdir: str, enabled: bool = True):
-        self.outdir, self.enabled, self.fd = outdir, enabled, None
+        super().__init__(outdir, "writing a sampling job", "wait for it, or use another --outdir",
+                         enabled=enabled)
 
     def __enter__(self):
-        if not self.enabled:
-            return self
-        if os.path.exists(self.outdir) and not os.path.isdir(self.outdir):
-            raise ValueError(f"--outdir {self.outdir} is a file; pass a directory.")
-        for sub in ("images", "shards"):
-            os.makedirs(os.path.join(self.outdir, sub), exist_ok=True)
-        import fcntl
-        self.fd = os.open(os.path.join(self.outdir, ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            self.fd = None
-            raise ValueError(f"another process is writing this sampling job in {self.outdir} "
-                             "(its lock is held); wait for it, or use another --outdir.") from None
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)  # releases the lock
-        return False
+        if self.enabled:
+            files.check_output_dir(self.directory, "--outdir")
+            for sub in ("images", "shards"):
+                os.makedirs(os.path.join(self.directory, sub), exist_ok=True)
+        return super().__enter__()
 
 
 def _remove_temporaries(outdir: str) -> None:
