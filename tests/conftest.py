@@ -56,3 +56,24 @@ def tiny_workdir(data_dir, tmp_path_factory):
     wd = tmp_path_factory.mktemp("tiny_trained")
     loop.train(cfg, str(wd), progress=False)
     return str(wd)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(data_dir, tmp_path_factory):
+    """(final state, workdir) of the tiny config trained 4 steps in one run on 8 devices, with
+    checkpoints 2 and 4: the reference resumed and repaired runs must reproduce. Read-only: copy
+    the workdir before changing it."""
+    from runs import run, tiny
+    wd = tmp_path_factory.mktemp("tiny_run")
+    return run(tiny(data_dir), wd), wd
+
+
+@pytest.fixture(scope="session")
+def digits_evaluator(data_dir):
+    """The digits evaluator classifier, trained briefly (300 steps) once for all tests."""
+    from t2i_jax.config_utils import load_config
+    from t2i_jax.evaluation import evaluator as ev_lib
+    cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
+                                   "digits.py"))
+    cfg.data.data_dir = data_dir
+    return ev_lib.train_evaluator(cfg.data, steps=300)

@@ -144,11 +144,9 @@ def test_shapes_alignment_scores_sets_of_pairs(data_dir):
     assert all(ev_lib.is_held_out_prompt(c[0]) for c in split["captions"])
 
 
-@pytest.fixture(scope="module")
-def digits_ev(data_dir):
-    cfg = load_config("configs/digits.py")
-    cfg.data.data_dir = data_dir
-    return ev_lib.train_evaluator(cfg.data, steps=300)
+@pytest.fixture
+def digits_ev(digits_evaluator):
+    return digits_evaluator
 
 
 def test_digits_evaluator_reads_real_digits_and_their_prompts(data_dir, digits_ev, tmp_path):

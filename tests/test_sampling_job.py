@@ -198,7 +198,7 @@ def test_job_refusals_write_nothing_and_a_lock_keeps_two_writers_apart(trained, 
     spec = job_lib.JobSpec.create(trained, ["seven"], num_per_prompt=1, guidance=(1.0,), seed=0,
                                   options=OPTIONS)
     with job_lib._OutdirLock(str(tmp_path / "b")):
-        with pytest.raises(ValueError, match="another process is writing"):
+        with pytest.raises(ValueError, match="another process .* is writing a sampling job"):
             job_lib.run_job(trained, spec, str(tmp_path / "b"), progress=False)
 
 

@@ -1,5 +1,6 @@
 """Training: exact resume (in process and after kill -9), device-count invariance, FSDP, CFG
-dropout, EMA and learning-rate closed forms, checkpoints as orbax sees them, and bad input."""
+dropout, EMA and learning-rate closed forms, checkpoints as orbax sees them. Faults (damaged
+checkpoints, SIGTERM, the NaN guard, bad input) are in test_faults.py."""
 
 import os
 import signal
@@ -13,48 +14,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from t2i_jax.config_utils import load_config
 from t2i_jax.training import checkpoint as ckpt_lib
 from t2i_jax.training import loop, state as state_lib
 from t2i_jax.training.step import make_train_step, null_of
 from t2i_jax.training.writers import read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "tests", "tiny_config.py")
+from runs import ROOT, TINY, assert_trees_close, assert_trees_equal, run, tiny  # noqa: E402
 
 
-def tiny(data_dir, **overrides):
-    cfg = load_config(TINY)
-    cfg.data.data_dir = data_dir
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        cfg[section][name] = value
-    return cfg
-
-
-def run(cfg, workdir, devices=None):
-    return loop.train(cfg, str(workdir), devices=devices, progress=False)
-
-
-def leaves(tree):
-    return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
-
-
-def assert_trees_equal(a, b):
-    for x, y in zip(leaves(a), leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
-
-
-def assert_trees_close(a, b, atol):
-    for x, y in zip(leaves(a), leaves(b), strict=True):
-        np.testing.assert_allclose(x, y, rtol=0, atol=atol)
-
-
-@pytest.fixture(scope="module")
-def straight(data_dir, tmp_path_factory):
-    """4 steps in one run on 8 devices: the reference the resumed runs must reproduce."""
-    wd = tmp_path_factory.mktemp("straight")
-    return run(tiny(data_dir), wd), wd
+@pytest.fixture
+def straight(tiny_run):
+    """4 steps in one run on 8 devices (checkpoints 2 and 4): what resumed runs must reproduce."""
+    return tiny_run
 
 
 def test_resume_is_bit_exact_including_the_data_order(data_dir, straight, tmp_path):
@@ -94,28 +65,6 @@ def test_kill_9_then_resume_is_bit_exact(data_dir, tmp_path):
     assert int(resumed.step) == total
     assert_trees_equal(reference.params, resumed.params)
     assert_trees_equal(reference.ema_params, resumed.ema_params)
-
-
-def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={TINY}", f"--workdir={tmp_path}",
-           f"--config.data.data_dir={data_dir}", "--config.train.num_steps=100000",
-           "--config.train.checkpoint_every=100000", "--progress=false"]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    metrics = tmp_path / "metrics.jsonl"
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-        assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == 0, out
-    line = [l for l in out.splitlines() if "stopped by SIGTERM at step" in l]
-    assert line, out
-    step = int(line[0].split("at step ")[1].split(";")[0])
-    assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).steps() == [step]
-    assert read_metrics(tmp_path)[-1]["step"] <= step
 
 
 def test_one_and_eight_devices_give_the_same_losses_and_restore_across_counts(data_dir, straight, tmp_path):
@@ -256,54 +205,3 @@ def test_another_models_workdir_is_refused(data_dir, tmp_path):
     with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match=r"model\.unet\.channels: 16 -> 24"):
         run(cfg, tmp_path)
     assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).steps() == [2]  # untouched
-
-
-def test_corrupt_and_partial_checkpoints_fall_back_to_the_last_good_one(data_dir, straight, tmp_path, capfd):
-    state4, _ = straight
-    run(tiny(data_dir), tmp_path)  # checkpoints 2 and 4
-    ck = tmp_path / "checkpoints"
-    # A partial save (killed mid-write) and a finished step damaged afterwards.
-    (ck / "6.orbax-checkpoint-tmp-1234").mkdir()
-    damaged = [p for p in (ck / "4" / "state").rglob("*") if p.is_file() and p.stat().st_size > 1000]
-    assert damaged
-    for p in damaged:
-        p.write_bytes(b"\0" * 10)
-    resumed = run(tiny(data_dir), tmp_path)
-    assert "checkpoint 4" in capfd.readouterr().err
-    assert_trees_equal(resumed.params, state4.params)  # redone from 2, exactly
-
-
-def test_non_finite_loss_stops_without_touching_the_good_checkpoint(data_dir, tmp_path, monkeypatch):
-    from t2i_jax import data as data_lib
-    real = data_lib.make_train_iterator
-
-    class Poisoned:
-        def __init__(self, it):
-            self.it, self.n = it, 0
-
-        def __next__(self):
-            b = next(self.it)
-            self.n += 1
-            if self.n == 3:
-                b["image"] = np.full_like(b["image"], np.nan)
-            return b
-
-        def get_state(self):
-            return self.it.get_state()
-
-        def set_state(self, s):
-            self.it.set_state(s)
-
-    monkeypatch.setattr(data_lib, "make_train_iterator", lambda *a, **k: Poisoned(real(*a, **k)))
-    with pytest.raises(loop.NonFiniteLossError, match="at step 3.*checkpoint \\(2\\) is intact"):
-        run(tiny(data_dir), tmp_path)
-    assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).steps() == [2]
-
-
-def test_bad_batch_size_and_unknown_config_keys_are_named(data_dir, tmp_path):
-    with pytest.raises(ValueError, match="does not divide over 8 devices.*multiple of 8"):
-        run(tiny(data_dir, train__batch_size=12), tmp_path)
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--config={TINY}",
-                          f"--workdir={tmp_path}", "--config.train.batch_sise=8"],
-                         capture_output=True, text=True)
-    assert out.returncode != 0 and "batch_sise" in out.stderr, out.stderr[-2000:]

@@ -1,0 +1,41 @@
+"""Helpers for tests that train the tiny digits model (tests/tiny_config.py): configs with
+overrides, in-process runs, and comparisons of parameter trees."""
+
+import os
+
+import jax
+import numpy as np
+
+from t2i_jax.config_utils import load_config
+from t2i_jax.training import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "tiny_config.py")
+
+
+def tiny(data_dir, **overrides):
+    """The tiny config; overrides as section__name=value (train__num_steps=8)."""
+    cfg = load_config(TINY)
+    cfg.data.data_dir = data_dir
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    return cfg
+
+
+def run(cfg, workdir, devices=None):
+    return loop.train(cfg, str(workdir), devices=devices, progress=False)
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(leaves(a), leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def assert_trees_close(a, b, atol):
+    for x, y in zip(leaves(a), leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=0, atol=atol)
