@@ -97,11 +97,20 @@ def os_advice(code: Optional[int]) -> str:
     return "fix the cause"
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_ENTRY_POINTS = tuple(os.path.join(os.path.dirname(_PACKAGE), f) for f in ("train.py", "sample.py"))
+
+
 def _is_ours(e: BaseException) -> bool:
-    """A message written for the user: ValueError, t2i_jax's own exceptions, and OSErrors raised
-    with a message only (FileNotFoundError("no checkpoint in ...")), not by the OS."""
-    return (isinstance(e, ValueError) or type(e).__module__.startswith("t2i_jax")
+    """A message written for the user: a ValueError, one of t2i_jax's exceptions, or an OSError
+    with a message only (FileNotFoundError("no checkpoint in ...")), raised by t2i_jax's own
+    code. A ValueError from inside jax or orbax is a fault to report, not a usage message."""
+    kind = (isinstance(e, ValueError) or type(e).__module__.startswith("t2i_jax")
             or (isinstance(e, OSError) and not e.errno))
+    frames = traceback.extract_tb(e.__traceback__) if e.__traceback__ is not None else []
+    where = os.path.abspath(frames[-1].filename) if frames else None
+    return kind and (where is None or where.startswith(_PACKAGE + os.sep)
+                     or where in _ENTRY_POINTS)
 
 
 class Boundary:
@@ -161,7 +170,7 @@ class Boundary:
     def describe(self, e: BaseException) -> str:
         """The line for an exception; writes its traceback to the log where the line is short of
         the whole story (anything but a plain usage error)."""
-        detailed = e.__cause__ is not None or getattr(e, "has_detail", False)
+        detailed = e.__cause__ is not None
         if _is_ours(e) and not detailed:
             return str(e)
         if _is_ours(e):

@@ -269,9 +269,10 @@ def test_5_nan_guard_stops_on_a_non_finite_loss_without_touching_the_good_checkp
 
 def test_5_the_guard_reads_loss_gradient_norm_and_parameters():
     ok = dict(loss=0.5, grad_norm=1.0, params_finite=True)
-    assert loop._divergence(ok, 7, 6, 1e-3) is None
+    assert loop._finite(ok)
     for bad, word in ((dict(loss=float("nan")), "loss nan"), (dict(grad_norm=float("inf")),
                       "gradient norm inf"), (dict(params_finite=False), "parameters no longer")):
+        assert not loop._finite({**ok, **bad})
         msg = loop._divergence({**ok, **bad}, 7, 6, 1e-3)
         assert "diverged at step 7" in msg and word in msg and "checkpoint (6) is intact" in msg
 

@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -118,8 +119,10 @@ class Checkpointer:
             self.directory,
             # A reader keeps every step and creates nothing (orbax's own read_only option
             # prints two warnings per manager).
+            # A writer removes the partial step directories that killed saves leave behind.
             options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep or None,
                                                  create=not read_only,
+                                                 cleanup_tmp_directories=not read_only,
                                                  enable_async_checkpointing=False))
         self.read_only = read_only
 
@@ -149,11 +152,8 @@ class Checkpointer:
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
             self.manager.wait_until_finished()
-            if jax.process_index() == 0:
-                integrity.write(os.path.join(self.directory, str(step)))
         except Exception as e:  # noqa: BLE001: a full disk, a lost mount, ... (re-raised)
-            for partial in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
-                shutil.rmtree(partial, ignore_errors=True)
+            self._remove_partial(step)
             self.manager.reload()
             latest = self.latest_step()
             code = os_errno(e)
@@ -163,6 +163,30 @@ class Checkpointer:
                 f"could not save checkpoint {step} in {self.directory}: {short_cause(e)}; "
                 f"{os_advice(code)}, then rerun the same command ({resume}).", code) from e
         self.saved.add(step)
+        if jax.process_index() == 0:
+            try:
+                integrity.write(os.path.join(self.directory, str(step)))
+            except OSError as e:  # the step itself is complete: it is kept, unverified
+                raise CheckpointSaveError(
+                    f"checkpoint {step} in {self.directory} was saved, but its integrity record "
+                    f"could not be written ({short_cause(e)}); {os_advice(e.errno)}, then rerun "
+                    f"the same command (it resumes from step {step}).", e.errno) from e
+
+    def _remove_partial(self, step: int, seconds: float = 5.0) -> None:
+        """Deletes what a failed save of `step` left, to give the space back. orbax's writer
+        threads may still be finishing: let them, and retry until nothing is left."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception:  # noqa: BLE001: the same failure, reported by the caller
+            pass
+        deadline = time.monotonic() + seconds
+        while True:
+            partial = glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*"))
+            for path in partial:
+                shutil.rmtree(path, ignore_errors=True)
+            if not partial or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
 
     def _move_aside_unrestorable(self) -> None:
         """Steps that failed to restore are superseded once this run saves: moved, reported."""

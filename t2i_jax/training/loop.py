@@ -87,6 +87,14 @@ class Experiment:
         k_init, k_root = jax.random.split(key)
         return init_state(self.init_params(k_init), self.tx, k_root)
 
+    def grid_prompts(self) -> list:
+        """The data set's fixed prompts for progress grids; a class-conditional model's are its
+        class names (one row per class)."""
+        from t2i_jax import data as data_lib
+        if self.model.cfg.text is not None:
+            return list(data_lib.sample_prompts(self.config.data))
+        return list(data_lib.class_names(self.config.data))
+
     def prompt_condition(self, prompts) -> Condition:
         """Prompts as the model's Condition; a class-conditional model takes class names."""
         if self.model.cfg.text is not None:
@@ -128,14 +136,17 @@ def _restore_handlers(previous: dict) -> None:
         signal.signal(sig, h)
 
 
-def _divergence(metrics: dict, step: int, latest: Optional[int], lr: float) -> Optional[str]:
-    """The NaN guard's message if the loss, the gradient norm or the parameters are not finite."""
+def _finite(metrics: dict) -> bool:
+    """The NaN guard: the loss, the gradient norm and every updated parameter are finite."""
+    return bool(np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+                and metrics["params_finite"])
+
+
+def _divergence(metrics: dict, step: int, latest: Optional[int], lr: float) -> str:
+    """The NaN guard's message: what was not finite, what is intact, what to change."""
     loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-    params_ok = bool(metrics["params_finite"])
-    if np.isfinite(loss) and np.isfinite(grad_norm) and params_ok:
-        return None
     what = f"loss {loss:.4g}, gradient norm {grad_norm:.4g}" + (
-        "" if params_ok else ", parameters no longer finite")
+        "" if metrics["params_finite"] else ", parameters no longer finite")
     kept = (f"the last good checkpoint ({latest}) is intact" if latest is not None
             else "nothing was saved (there is no checkpoint yet)")
     return (f"training diverged at step {step} ({what}); stopped without saving, so {kept}. "
@@ -232,9 +243,9 @@ def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iter
                 if step < tcfg.num_steps:
                     batch = next_batch()  # read on the host while the step runs
                 metrics = jax.device_get(metrics)
-                diverged = _divergence(metrics, step, ckpt.latest_step(), exp.optim.learning_rate)
-                if diverged:
-                    raise NonFiniteLossError(diverged)
+                if not _finite(metrics):
+                    raise NonFiniteLossError(_divergence(metrics, step, ckpt.latest_step(),
+                                                         exp.optim.learning_rate))
                 del metrics["params_finite"]
                 bar.update(1)
                 if step % tcfg.log_every == 0 or step == tcfg.num_steps:
@@ -267,23 +278,20 @@ def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iter
         bar.close()
         _restore_handlers(previous)
         writer.close()
+        latest = ckpt.latest_step()
         ckpt.close()
     if lead and not stop:
-        _print_summary(exp, workdir, ckpt)
+        _print_summary(exp, workdir, os.path.join(ckpt.directory, str(latest)))
     return state
 
 
-def _print_summary(exp: "Experiment", workdir: str, ckpt: Checkpointer) -> None:
+def _print_summary(exp: "Experiment", workdir: str, checkpoint: str) -> None:
     """Where the run's results are, and the sampling command that comes next."""
-    from t2i_jax import data as data_lib
-    latest = ckpt.latest_step()
     samples = os.path.join(workdir, "samples")
     grids = sorted(f for f in os.listdir(samples) if f.endswith(".png")) if os.path.isdir(samples) else []
-    prompts = list(data_lib.sample_prompts(exp.config.data) if exp.model.cfg.text is not None
-                   else data_lib.class_names(exp.config.data))
     grid = f"; newest sample grid {os.path.join(samples, grids[-1])}" if grids else ""
-    print(f"[t2i_jax] done: checkpoint {ckpt.directory}/{latest}{grid}.\n[t2i_jax] next: "
-          f"python sample.py --workdir {shlex.quote(workdir)} --prompt {shlex.quote(prompts[0])} "
+    print(f"[t2i_jax] done: checkpoint {checkpoint}{grid}.\n[t2i_jax] next: python sample.py "
+          f"--workdir {shlex.quote(workdir)} --prompt {shlex.quote(exp.grid_prompts()[0])} "
           f"--outdir {shlex.quote(os.path.join(workdir, 'samples_out'))}", file=sys.stderr)
 
 
@@ -292,13 +300,10 @@ class _GridSampler:
     EMA parameters, to DIR/samples/step_<N>.png and to TensorBoard."""
 
     def __init__(self, exp: Experiment, workdir: str, writer: MetricWriter):
-        from t2i_jax import data as data_lib
         cfg = exp.config
         self.exp, self.writer = exp, writer
         self.dir = os.path.join(workdir, "samples")
-        # Class-conditional models draw one row per class, named by the class.
-        self.prompts = list(data_lib.sample_prompts(cfg.data) if exp.model.cfg.text is not None
-                            else data_lib.class_names(cfg.data))
+        self.prompts = exp.grid_prompts()
         self.n = cfg.train.samples_per_prompt
         self.cond = exp.prompt_condition([p for p in self.prompts for _ in range(self.n)])
         self.w = float(cfg.sample.guidance_weight)
