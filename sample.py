@@ -110,8 +110,12 @@ def read_prompts_file(path: str) -> list:
     return prompts
 
 
-def main(argv=None) -> int:
+def main(argv=None, boundary=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if boundary is not None:  # the outdir, as argparse understood it, for the log and Ctrl-C
+        boundary.log_in(args.outdir)
+        boundary.interrupted = (f"interrupted: the finished shards in {os.path.abspath(args.outdir)} "
+                                "are kept; rerun the same command to finish the job.")
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     from t2i_jax.xla_flags import apply_tuned_flags
     apply_tuned_flags()
@@ -119,6 +123,7 @@ def main(argv=None) -> int:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
 
     from t2i_jax.diffusion import samplers
+    from t2i_jax.errors import UsageError
     from t2i_jax.models import text
     from t2i_jax.sampling import job as job_lib
     from t2i_jax.sampling.generate import SampleOptions
@@ -130,7 +135,7 @@ def main(argv=None) -> int:
     T = exp.schedule.num_timesteps
     steps = args.steps if args.steps is not None else cfg.sample.num_steps
     if not 1 <= steps <= T:
-        raise ValueError(f"--steps {steps} is outside 1..{T}: the model was trained with T = {T} "
+        raise UsageError(f"--steps {steps} is outside 1..{T}: the model was trained with T = {T} "
                          "timesteps, and a sampler visits at most all of them.")
     base = SampleOptions.from_config(cfg.sample)
     options = SampleOptions(
@@ -170,21 +175,13 @@ def main(argv=None) -> int:
 
 def run(argv=None) -> int:
     """main() behind the error boundary (t2i_jax/errors.py): one line per mistake, the exit code
-    returned (T2I_DEBUG=1 shows the traceback)."""
-    argv = sys.argv[1:] if argv is None else argv
-    return _boundary(argv).run(main, argv)
-
-
-def _boundary(argv):
+    returned (argparse's refusals exit 2 through SystemExit; T2I_DEBUG=1 shows tracebacks)."""
     from t2i_jax.errors import Boundary
-    outdir = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--outdir"), None)
-    outdir = outdir or next((a.split("=", 1)[1] for a in argv if a.startswith("--outdir=")), None)
-    b = Boundary("sample.py", interrupted=(
-        f"interrupted: the finished shards in {outdir} are kept; rerun the same command to "
-        "finish the job." if outdir else None))
-    b.log_in(outdir)
-    return b
+    boundary = Boundary("sample.py")
+    return boundary.run(main, sys.argv[1:] if argv is None else argv, boundary)
 
 
 if __name__ == "__main__":
-    _boundary(sys.argv[1:]).exit(main, sys.argv[1:])
+    from t2i_jax.errors import Boundary
+    _boundary = Boundary("sample.py")
+    _boundary.exit(main, sys.argv[1:], _boundary)

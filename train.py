@@ -7,9 +7,10 @@
 Checkpoints go to WORKDIR/checkpoints (orbax), metrics to WORKDIR/metrics.jsonl and
 WORKDIR/tensorboard, sample grids to WORKDIR/samples. Rerunning the same command resumes from
 the newest checkpoint; SIGTERM / Ctrl-C saves one and exits. On a multi-host TPU/GPU cluster,
-run the same command on every host with --multihost. A mistake gets one line on stderr (exit 1,
-or 2 for an unknown option or config key); details of unexpected faults go to
-WORKDIR/t2i_errors.log, and T2I_DEBUG=1 shows tracebacks.
+run the same command on every host with --multihost. A mistake gets one line on stderr (exit 2
+for a command line that cannot run: an unknown option or config key, a bad value, an unusable
+workdir; 1 when the run fails); details of unexpected faults go to WORKDIR/t2i_errors.log, and
+T2I_DEBUG=1 shows tracebacks.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def _config_path(argv: list) -> str:
 def _unknown_override(argv: list, path: str) -> str:
     """The message for the first --config.X override whose key the config lacks."""
     from t2i_jax.config_utils import load_config
-    config = load_config(path)
+    try:
+        config = load_config(path)
+    except Exception as e:  # noqa: BLE001: the config file itself is broken
+        return f"cannot load the config file {path}: {type(e).__name__}: {e}"
     for a in argv:
         if not a.startswith("--config."):
             continue
@@ -93,11 +97,15 @@ def parse(argv: list):
 
 def main(argv: list, boundary: Boundary) -> int:
     config, workdir, multihost, progress = parse(argv)
-    # Refusals that need no jax: before the backends start (and before anything is written).
+    # Refusals that need no jax, before the backends start and before anything is written (the
+    # library checks the same again for callers of loop.train).
     from t2i_jax import files
     from t2i_jax.config_utils import check_train_config
-    check_train_config(config)
-    files.check_writable_dir(workdir, "--workdir")
+    try:
+        check_train_config(config)
+        workdir = files.check_writable_dir(workdir, "--workdir")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     boundary.log_in(workdir)
     from t2i_jax.xla_flags import apply_tuned_flags
     apply_tuned_flags()
@@ -111,12 +119,17 @@ def main(argv: list, boundary: Boundary) -> int:
     return 0
 
 
+INTERRUPTED = ("interrupted before training began (Ctrl-C); the checkpoints on disk are as they "
+               "were: rerun the same command to resume.")
+
+
 def run(argv=None) -> int:
-    """main() behind the error boundary: one line per mistake, the exit code returned."""
-    boundary = Boundary("train.py")
+    """main() behind the error boundary: one line per mistake, the exit code returned (--help
+    exits through SystemExit)."""
+    boundary = Boundary("train.py", interrupted=INTERRUPTED)
     return boundary.run(main, sys.argv[1:] if argv is None else argv, boundary)
 
 
 if __name__ == "__main__":
-    boundary = Boundary("train.py")
+    boundary = Boundary("train.py", interrupted=INTERRUPTED)
     boundary.exit(main, sys.argv[1:], boundary)

@@ -55,6 +55,6 @@ def check_train_config(config) -> None:
         value = train[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             what = " (0 keeps every checkpoint)" if key == "keep_checkpoints" else (
-                " (0: only at the end)" if key == "sample_every" else "")
+                " (0: no grids)" if key == "sample_every" else "")
             raise ValueError(f"config.train.{key} must be an integer >= {least}{what}, got "
                              f"{value!r}; set --config.train.{key}=...")

@@ -58,22 +58,22 @@ class Interrupted(KeyboardInterrupt):
         self.signum, self.message = signum, message
 
 
+_OS_CODE = re.compile(r"os_error_code='?(\d+)")  # how tensorstore reports the OS error
+
+
 def short_cause(e: BaseException, limit: int = 200) -> str:
     """One short line for an exception: an OS error's name and errno where one is inside (as in
     tensorstore's "[os_error_code='28']"), without a storage library's JSON spec."""
-    text = str(e).strip() or type(e).__name__
-    code = re.search(r"os_error_code='?(\d+)", text)
     if isinstance(e, OSError) and e.errno:
         return f"{e.strerror or os.strerror(e.errno)} (errno {e.errno})" + (
             f": {e.filename}" if getattr(e, "filename", None) else "")
+    text = str(e).strip() or type(e).__name__
+    code = _OS_CODE.search(text)
     if code:
-        n = int(code.group(1))
-        return f"{os.strerror(n)} (errno {n})"
+        return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})"
     text = re.split(r"\s*See full TensorStore details", text)[0]
     text = text.splitlines()[0] if text else type(e).__name__
-    if len(text) > limit:
-        text = text[:limit - 3] + "..."
-    return text
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def os_errno(e: BaseException) -> Optional[int]:
@@ -81,7 +81,7 @@ def os_errno(e: BaseException) -> Optional[int]:
     while e is not None:
         if isinstance(e, OSError) and e.errno:
             return e.errno
-        m = re.search(r"os_error_code='?(\d+)", str(e))
+        m = _OS_CODE.search(str(e))
         if m:
             return int(m.group(1))
         e = e.__cause__ or e.__context__
@@ -156,11 +156,11 @@ class Boundary:
             else:
                 restore()
             if self.background_count:
-                path = self.write_log(f"{self.background_count} background error(s) from the "
-                                      "storage libraries:\n" + "\n".join(self.background))
+                path = self.write_log(f"{self.background_count} background error(s) of library "
+                                      "threads and callbacks:\n" + "\n".join(self.background))
                 if path:
-                    print(f"[t2i_jax] {self.background_count} background error(s) of the "
-                          f"storage libraries were written to {path}", file=sys.stderr)
+                    print(f"[t2i_jax] {self.background_count} background error(s) of library "
+                          f"threads and callbacks were written to {path}", file=sys.stderr)
 
     def _flush_late(self, seen: int) -> None:
         if self.background_count > seen:
@@ -199,8 +199,9 @@ class Boundary:
         return self.log_path if _append(self.log_path, self.prog, text) else None
 
     def _capture_background(self) -> Callable[[], None]:
-        """Routes to self.background: unraisable exceptions, asyncio's "exception was never
-        retrieved", and what orbax's background threads log through absl when a write fails."""
+        """Routes to self.background: unraisable exceptions, exceptions that end a thread,
+        asyncio's "exception was never retrieved", and what orbax's background threads log
+        through absl when a write fails."""
         previous_hook = sys.unraisablehook
         asyncio_log, absl_log = logging.getLogger("asyncio"), logging.getLogger("absl")
         propagate = asyncio_log.propagate
@@ -230,14 +231,19 @@ class Boundary:
                     return False
                 return True
 
+        def thread_hook(a):  # a writer thread's failure (tensorboardX on a full disk, ...)
+            keep(f"in thread {a.thread.name if a.thread else '?'}:\n" + "".join(
+                traceback.format_exception(a.exc_type, a.exc_value, a.exc_traceback)))
+
         handler, storage = Handler(), StorageErrors()
-        sys.unraisablehook = hook
+        previous_thread_hook = threading.excepthook
+        sys.unraisablehook, threading.excepthook = hook, thread_hook
         asyncio_log.addHandler(handler)
         asyncio_log.propagate = False
         absl_log.addFilter(storage)
 
         def restore():
-            sys.unraisablehook = previous_hook
+            sys.unraisablehook, threading.excepthook = previous_hook, previous_thread_hook
             asyncio_log.removeHandler(handler)
             asyncio_log.propagate = propagate
             absl_log.removeFilter(storage)

@@ -169,7 +169,7 @@ def test_cli_bad_input_gives_clear_errors(workdir, tmp_path, capsys):
     assert "line 3: not valid UTF-8" in err
 
     assert sample_cli.run(["--workdir", workdir, "--prompt", "7", "--steps", "5000",
-                           "--outdir", out]) == 1
+                           "--outdir", out]) == 2
     assert "--steps 5000 is outside 1..1000" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as e:

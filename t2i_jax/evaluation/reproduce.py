@@ -372,6 +372,11 @@ def main(argv=None) -> int:
 
 
 def _reproduce(a) -> int:
+    with files.ExclusiveLock(a.out, "writing a reproduction", "wait for it, or pass another --out"):
+        return _reproduce_locked(a)
+
+
+def _reproduce_locked(a) -> int:
     from t2i_jax.xla_flags import apply_tuned_flags
     apply_tuned_flags()
     from absl import logging

@@ -29,6 +29,7 @@ Reading a checkpoint needs orbax alone:
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -54,6 +55,10 @@ class IncompatibleCheckpointError(ValueError):
 
 class CheckpointDamagedError(RuntimeError):
     """No candidate step could be restored."""
+
+
+class CheckpointReadError(RuntimeError):
+    """A restore failed for a reason other than damage (memory, permissions): no fallback."""
 
 
 class CheckpointSaveError(OSError):
@@ -97,6 +102,28 @@ def config_differences(stored: dict, current: dict) -> list[str]:
     return out
 
 
+# Failures that say nothing about the checkpoint's bytes: falling back to an older step (and
+# later moving this one aside) would be wrong. Everything else (a damaged file, unreadable JSON,
+# a tensorstore read or decode error, a tree that no longer fits) is damage.
+_NOT_DAMAGE_ERRNOS = {errno.ENOMEM, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE,
+                      errno.EAGAIN}
+_NOT_DAMAGE_WORDS = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "Permission denied",
+                     "out of memory", "Out of memory")
+
+
+def is_damage(e: BaseException) -> bool:
+    """Whether a restore failure means the checkpoint is damaged (so an older step is used)."""
+    if isinstance(e, integrity.DamagedError):
+        return True
+    chain = []
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(isinstance(x, MemoryError) for x in chain) or os_errno(chain[0]) in _NOT_DAMAGE_ERRNOS:
+        return False
+    return not any(w in str(x) for x in chain for w in _NOT_DAMAGE_WORDS)
+
+
 def _report(message: str) -> None:
     print(f"[t2i_jax] {message}", file=sys.stderr)
 
@@ -133,6 +160,11 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
+    def latest_good(self) -> Optional[int]:
+        """The newest step on disk that did not fail to restore: what a rerun resumes from."""
+        steps = [s for s in self.steps() if s not in self.unrestorable]
+        return steps[-1] if steps else None
+
     @property
     def damaged_directory(self) -> str:
         return self.directory + ".damaged"
@@ -155,13 +187,23 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001: a full disk, a lost mount, ... (re-raised)
             self._remove_partial(step)
             self.manager.reload()
-            latest = self.latest_step()
             code = os_errno(e)
+            if step in self.manager.all_steps():  # renamed into place, then pruning etc. failed
+                self._record(step)
+                raise CheckpointSaveError(
+                    f"checkpoint {step} was saved in {self.directory}, but orbax failed after "
+                    f"it ({short_cause(e)}); {os_advice(code)}, then rerun the same command (it "
+                    f"resumes from step {step}).", code) from e
+            latest = self.latest_good()
             resume = (f"it resumes from step {latest}" if latest is not None else
                       "there is no checkpoint yet, so it starts again")
             raise CheckpointSaveError(
                 f"could not save checkpoint {step} in {self.directory}: {short_cause(e)}; "
                 f"{os_advice(code)}, then rerun the same command ({resume}).", code) from e
+        self._record(step)
+
+    def _record(self, step: int) -> None:
+        """The step is complete: remember it and write its integrity record (process 0)."""
         self.saved.add(step)
         if jax.process_index() == 0:
             try:
@@ -240,7 +282,12 @@ class Checkpointer:
                 restored = self.manager.restore(s, args=ocp.args.Composite(**items))
             except IncompatibleCheckpointError:
                 raise
-            except Exception as e:  # noqa: BLE001: any unreadable checkpoint falls back
+            except Exception as e:  # noqa: BLE001: damage falls back, anything else stops
+                if not is_damage(e):
+                    raise CheckpointReadError(
+                        f"checkpoint {s} in {self.directory} could not be read, and not because "
+                        f"it is damaged ({short_cause(e)}); nothing was changed: "
+                        f"{os_advice(os_errno(e))}, then rerun the same command.") from e
                 why = short_cause(e)
                 self.unrestorable[s] = why
                 older = [c for c in candidates if c < s]
@@ -273,9 +320,9 @@ def check_compatible(directory: str, step: int, stored: dict, config: dict) -> N
     diffs = config_differences(stored, config)
     if diffs:
         raise IncompatibleCheckpointError(
-            f"{directory} holds checkpoints of a different model (step {step}); its "
-            "config differs in:\n  " + "\n  ".join(diffs) + "\nUse a new --workdir for this "
-            "config, or the config the checkpoints were made with.")
+            f"{directory} holds checkpoints of a different model (step {step}): "
+            + "; ".join(diffs) + ". Use a new --workdir for this config, or the config the "
+            "checkpoints were made with.")
 
 
 def _as_tree(state) -> dict:

@@ -244,7 +244,7 @@ def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iter
                     batch = next_batch()  # read on the host while the step runs
                 metrics = jax.device_get(metrics)
                 if not _finite(metrics):
-                    raise NonFiniteLossError(_divergence(metrics, step, ckpt.latest_step(),
+                    raise NonFiniteLossError(_divergence(metrics, step, ckpt.latest_good(),
                                                          exp.optim.learning_rate))
                 del metrics["params_finite"]
                 bar.update(1)
@@ -269,7 +269,7 @@ def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iter
                 if grid is not None and tcfg.sample_every and step > start:
                     grid(state, step)
     except Interrupted as e:
-        latest = ckpt.latest_step()
+        latest = ckpt.latest_good()
         raise Interrupted(e.signum, f"{e.message} (at step {step}); "
                           + (f"the newest checkpoint, step {latest}, is intact: rerun the same "
                              "command to resume from it." if latest is not None else
@@ -278,7 +278,7 @@ def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iter
         bar.close()
         _restore_handlers(previous)
         writer.close()
-        latest = ckpt.latest_step()
+        latest = ckpt.latest_good()
         ckpt.close()
     if lead and not stop:
         _print_summary(exp, workdir, os.path.join(ckpt.directory, str(latest)))

@@ -67,20 +67,24 @@ class MetricWriter:
 
 
 def _truncate_after(path: str, step: int) -> None:
+    """Drops the rows after `step` (and a torn last line); rewrites the file only if any go."""
     if not os.path.exists(path):
         return
-    kept = []
+    kept, dropped = [], False
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
                 if json.loads(line)["step"] <= step:
                     kept.append(line)
+                    continue
             except (ValueError, KeyError):
                 pass  # a torn last line of a killed run
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+            dropped = True
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
 
 def read_metrics(workdir: str) -> list[dict]:
