@@ -9,6 +9,7 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402  (after the flag)
@@ -26,18 +27,36 @@ assert jax.device_count() == 8, (
 import pytest  # noqa: E402
 
 
+def _shared_root(tmp_path_factory):
+    """A directory all xdist workers share (their basetemps have one parent)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+def _made_once(tmp_path_factory, name, make):
+    """The shared directory `name`, made by make(path) once for all workers: the first takes the
+    lock and makes it, the others wait and reuse it (a NAME.done file says it was finished)."""
+    from t2i_jax.data.prepare import file_lock
+    root = _shared_root(tmp_path_factory)
+    path, done = root / name, root / f"{name}.done"
+    with file_lock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            make(path)
+            done.write_text("")
+    return path
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """The embedded data sets (digits, shapes), prepared once for all tests.
 
-    One directory for all xdist workers (their basetemps share a parent): the preparation lock
-    makes the first worker prepare and the others reuse it.
+    One directory for all xdist workers: the preparation lock makes the first worker prepare and
+    the others reuse it.
     """
     from t2i_jax.data import digits, shapes
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
-    d = str(root / "t2i_data")
+    d = str(_shared_root(tmp_path_factory) / "t2i_data")
     digits.builder(d)
     shapes.builder(d)
     return d
@@ -46,34 +65,45 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_workdir(data_dir, tmp_path_factory):
     """A tiny digits model (tests/tiny_config.py) trained 40 steps, to sample from: its outputs
-    are no longer the zero-initialised ones. Read-only for the tests that share it."""
-    from t2i_jax.config_utils import load_config
-    from t2i_jax.training import loop
-    cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_config.py"))
-    cfg.data.data_dir = data_dir
-    cfg.train.num_steps = 40
-    cfg.train.checkpoint_every = 40
-    wd = tmp_path_factory.mktemp("tiny_trained")
-    loop.train(cfg, str(wd), progress=False)
-    return str(wd)
+    are no longer the zero-initialised ones. Trained once for all workers; read-only."""
+    from runs import run, tiny
+
+    def make(wd):
+        run(tiny(data_dir, train__num_steps=40, train__checkpoint_every=40), wd)
+    return str(_made_once(tmp_path_factory, "tiny_trained", make))
 
 
 @pytest.fixture(scope="session")
 def tiny_run(data_dir, tmp_path_factory):
     """(final state, workdir) of the tiny config trained 4 steps in one run on 8 devices, with
-    checkpoints 2 and 4: the reference resumed and repaired runs must reproduce. Read-only: copy
-    the workdir before changing it."""
+    checkpoints 2 and 4: the reference resumed and repaired runs must reproduce. Trained once for
+    all workers (the others read the state from its checkpoint 4, bit for bit the same).
+    Read-only: copy the workdir before changing it."""
+    import jax
     from runs import run, tiny
-    wd = tmp_path_factory.mktemp("tiny_run")
-    return run(tiny(data_dir), wd), wd
+    from t2i_jax.training import checkpoint as ckpt_lib, loop, mesh as mesh_lib
+    wd = _made_once(tmp_path_factory, "tiny_run", lambda p: run(tiny(data_dir), p))
+    exp = loop.Experiment.from_config(tiny(data_dir))
+    rep = mesh_lib.replicated(mesh_lib.make_mesh(1))
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                                      jax.eval_shape(exp.create_state, jax.random.key(0)))
+    ck = ckpt_lib.Checkpointer(str(wd / "checkpoints"), read_only=True)
+    try:
+        return ck.restore(abstract, step=4).state, wd
+    finally:
+        ck.close()
 
 
 @pytest.fixture(scope="session")
-def digits_evaluator(data_dir):
-    """The digits evaluator classifier, trained briefly (300 steps) once for all tests."""
+def digits_evaluator(data_dir, tmp_path_factory):
+    """The digits evaluator classifier, trained briefly (300 steps) once for all workers."""
     from t2i_jax.config_utils import load_config
     from t2i_jax.evaluation import evaluator as ev_lib
     cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
                                    "digits.py"))
     cfg.data.data_dir = data_dir
-    return ev_lib.train_evaluator(cfg.data, steps=300)
+
+    def make(d):
+        ev_lib.save_evaluator(ev_lib.cache_path(str(d), cfg.data),
+                              ev_lib.train_evaluator(cfg.data, steps=300))
+    return ev_lib.load_or_train(cfg.data, str(_made_once(tmp_path_factory, "digits_evaluator", make)))

@@ -142,6 +142,7 @@ class Checkpointer:
         self.report = report
         self.unrestorable: dict[int, str] = {}   # step -> why, found by restore()
         self.saved: set = set()                  # steps this object wrote
+        self.failed: set = set()                 # steps whose save failed (partials removed)
         self.manager = ocp.CheckpointManager(
             self.directory,
             # A reader keeps every step and creates nothing (orbax's own read_only option
@@ -185,6 +186,7 @@ class Checkpointer:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001: a full disk, a lost mount, ... (re-raised)
+            self.failed.add(step)
             self._remove_partial(step)
             self.manager.reload()
             code = os_errno(e)
@@ -214,21 +216,26 @@ class Checkpointer:
                     f"could not be written ({short_cause(e)}); {os_advice(e.errno)}, then rerun "
                     f"the same command (it resumes from step {step}).", e.errno) from e
 
-    def _remove_partial(self, step: int, seconds: float = 5.0) -> None:
-        """Deletes what a failed save of `step` left, to give the space back. orbax's writer
-        threads may still be finishing: let them, and retry until nothing is left."""
+    def _remove_partial(self, step: int, settle: float = 1.0, seconds: float = 15.0) -> None:
+        """Deletes what a failed save of `step` left, to give the space back. Writes already in
+        flight (tensorstore's, orbax's metadata thread) may recreate the directory after the
+        error: it must stay gone for `settle` seconds (at most `seconds` in all)."""
         try:
             self.manager.wait_until_finished()
         except Exception:  # noqa: BLE001: the same failure, reported by the caller
             pass
-        deadline = time.monotonic() + seconds
-        while True:
-            partial = glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*"))
+        pattern = os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")
+        start = gone_since = time.monotonic()
+        while time.monotonic() - start < seconds:
+            partial = glob.glob(pattern)
             for path in partial:
                 shutil.rmtree(path, ignore_errors=True)
-            if not partial or time.monotonic() > deadline:
+            now = time.monotonic()
+            if partial:
+                gone_since = now
+            elif now - gone_since >= settle:
                 return
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     def _move_aside_unrestorable(self) -> None:
         """Steps that failed to restore are superseded once this run saves: moved, reported."""
@@ -313,6 +320,10 @@ class Checkpointer:
             self.manager.close()
         except Exception:  # noqa: BLE001: closing after a failed save must not hide its error
             pass
+        # Every writer thread has now stopped: what a failed save left is removed for good.
+        for step in self.failed:
+            for path in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def check_compatible(directory: str, step: int, stored: dict, config: dict) -> None:
