@@ -16,7 +16,7 @@ import pytest
 
 from t2i_jax.training import checkpoint as ckpt_lib
 from t2i_jax.training import loop, state as state_lib
-from t2i_jax.training.step import make_train_step, null_of
+from t2i_jax.training.step import hparams, make_train_step, null_of
 from t2i_jax.training.writers import read_metrics
 
 from runs import ROOT, TINY, assert_trees_close, assert_trees_equal, run, tiny  # noqa: E402
@@ -106,7 +106,9 @@ def _step_setup(data_dir, p_uncond):
     # Give the zero-initialised output layers weights, so the output depends on the condition.
     st = st.replace(params=jax.tree_util.tree_map(
         lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), st.params))
-    step = jax.jit(make_train_step(exp.model, exp.schedule, exp.optim, exp.loss, exp.tx))
+    jitted = jax.jit(make_train_step(exp.model, exp.schedule, exp.optim, exp.loss, exp.tx))
+    hp = hparams(exp.loss)
+    step = lambda state, b: jitted(state, b, hp)  # noqa: E731: p_uncond is traced: one program
     from t2i_jax.models.text import tokenize
     images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1), minval=-1, maxval=1)
 

@@ -34,7 +34,7 @@ from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
 from t2i_jax.training import mesh as mesh_lib
 from t2i_jax.training.checkpoint import Checkpointer, check_compatible
 from t2i_jax.training.state import OptimConfig, TrainState, init_state, make_optimizer
-from t2i_jax.training.step import LossConfig, make_train_step, null_of
+from t2i_jax.training.step import LossConfig, hparams, make_train_step, null_of
 from t2i_jax.training.writers import MetricWriter
 
 BATCH_KEYS = ("image", "tokens", "mask", "label")
@@ -209,12 +209,13 @@ def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iter
 
     batch_sharding = mesh_lib.batch_sharding(mesh)
     step_fn = jax.jit(make_train_step(exp.model, exp.schedule, exp.optim, exp.loss, exp.tx),
-                      in_shardings=(shardings, batch_sharding),
+                      in_shardings=(shardings, batch_sharding, mesh_lib.replicated(mesh)),
                       out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
     writer = MetricWriter(workdir, resume_step=start, enabled=lead)
     grid = _GridSampler(exp, workdir, writer) if lead else None
 
     data_state = iterator.get_state()
+    hp = hparams(exp.loss)
 
     def save(step):
         ckpt.save(step, state, data_state, config_dict)
@@ -236,7 +237,7 @@ def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iter
         with jax.set_mesh(mesh):
             batch = next_batch() if step < tcfg.num_steps else None
             while step < tcfg.num_steps:
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, batch, hp)
                 data_state = iterator.get_state()  # exactly step + 1 batches consumed
                 step += 1
                 n_log += 1

@@ -48,11 +48,18 @@ def null_of(model: Denoiser) -> Condition:
     return conditioning.null_condition(1, num_classes=model.cfg.unet.num_classes)
 
 
+def hparams(loss_cfg: LossConfig) -> dict:
+    """The step's traced hyperparameters: values, not program constants, so runs (and tests)
+    that differ only in them share one compiled step."""
+    return dict(p_uncond=jnp.asarray(loss_cfg.p_uncond, jnp.float32))
+
+
 def make_train_step(model: Denoiser, schedule: Schedule, optim: OptimConfig,
                     loss_cfg: LossConfig, tx: optax.GradientTransformation) -> Callable:
-    """Returns train_step(state, batch) -> (state, metrics), pure and jittable.
+    """Returns train_step(state, batch, hparams) -> (state, metrics), pure and jittable.
 
     batch: dict with image [B, H, W, C] in [-1, 1] and tokens/mask [B, L] or label [B].
+    hparams: `hparams(loss_cfg)` (p_uncond [] float32).
     metrics: loss, loss_q0..loss_q3 (mean loss of the examples whose t is in each quarter of
     [0, T); NaN where a quarter has none), grad_norm (before clipping), lr, null_fraction, and
     params_finite (bool: every updated parameter is finite; the loop's NaN guard reads it with
@@ -62,7 +69,7 @@ def make_train_step(model: Denoiser, schedule: Schedule, optim: OptimConfig,
     lr_fn = learning_rate_fn(optim)
     null = null_of(model)
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: TrainState, batch: dict, hp: dict):
         x0 = batch["image"]
         n = x0.shape[0]
         key = jax.random.fold_in(state.key(), state.step)
@@ -70,7 +77,7 @@ def make_train_step(model: Denoiser, schedule: Schedule, optim: OptimConfig,
         noise = jax.random.normal(jax.random.fold_in(key, _NOISE), x0.shape, x0.dtype)
         x_t = forward.q_sample(schedule, x0, t, noise)
         cond = conditioning.drop_condition(condition_of(batch, model), null,
-                                           jax.random.fold_in(key, _DROP), loss_cfg.p_uncond)
+                                           jax.random.fold_in(key, _DROP), hp["p_uncond"])
 
         def loss_fn(params):
             out = model.apply(params, x_t, t, cond, deterministic=False,
