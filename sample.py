@@ -59,7 +59,42 @@ def parse_args(argv):
                    help="images per resumable shard (part of the job's identity)")
     p.add_argument("--grid_columns", type=int, default=16, help="images per grid row at most")
     p.add_argument("--no_progress", action="store_true")
+    g = p.add_argument_group("gradient guides (sampling/guides.py): eps~ = eps - sqrt(1 - abar_t) "
+                             "* scale * grad_x f(x_t, t), after classifier-free guidance")
+    g.add_argument("--classifier", metavar="DIR",
+                   help="a noisy_classifier workdir: ADM classifier guidance toward each "
+                        "prompt's class (the prompts must be class names)")
+    g.add_argument("--classifier_scale", type=float, metavar="S",
+                   help="default: the classifier config's guide.classifier_scale")
+    g.add_argument("--clip", metavar="DIR",
+                   help="a contrastive (CLIP) workdir: SDG text guidance f = cos(E_img(x_t, t), "
+                        "E_text(prompt)); an empty prompt has no text term")
+    g.add_argument("--clip_scale", type=float, metavar="S",
+                   help="default: the CLIP config's guide.clip_text_scale")
+    g.add_argument("--guide_image", metavar="FILE",
+                   help="SDG image-content guidance toward this image (needs --clip)")
+    g.add_argument("--image_scale", type=float, metavar="S",
+                   help="default: the CLIP config's guide.clip_image_scale")
+    g.add_argument("--rerank", type=int, default=1, metavar="N",
+                   help="draw N candidates per image, keep the one the CLIP scores closest to "
+                        "its prompt (needs --clip)")
     args = p.parse_args(argv)
+    for flag, value in (("--classifier_scale", args.classifier_scale),
+                        ("--clip_scale", args.clip_scale), ("--image_scale", args.image_scale)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            p.error(f"{flag} must be a finite number >= 0 (0 turns the guide off), got {value}.")
+    if args.classifier_scale is not None and not args.classifier:
+        p.error("--classifier_scale needs --classifier DIR (a noisy_classifier workdir).")
+    for flag, given in (("--clip_scale", args.clip_scale is not None),
+                        ("--guide_image", args.guide_image is not None),
+                        ("--image_scale", args.image_scale is not None),
+                        ("--rerank", args.rerank != 1)):
+        if given and not args.clip:
+            p.error(f"{flag} needs --clip DIR (a contrastive workdir: the CLIP it uses).")
+    if args.image_scale is not None and args.guide_image is None:
+        p.error("--image_scale needs --guide_image FILE (the reference image).")
+    if args.rerank < 1:
+        p.error(f"--rerank must be >= 1 (candidates per image; 1: no reranking), got {args.rerank}.")
     if args.prompts_file is None and not args.prompt:
         p.error("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
     if min(args.num_per_prompt, args.batch_size, args.shard_size, args.grid_columns) < 1:
@@ -131,8 +166,11 @@ def main(argv=None, boundary=None) -> int:
     assert set(SAMPLER_NAMES) == set(samplers.SAMPLERS), "sample.py's sampler list is stale"
 
     trained = load_trained(args.workdir, step=args.step, params=args.params)
-    cfg, exp = trained.config, trained.experiment
-    T = exp.schedule.num_timesteps
+    cfg, family = trained.config, trained.family
+    if not family.generates:
+        raise UsageError(f"{args.workdir} holds a {family.name} model, which does not generate "
+                         "images: pass the --workdir of a diffusion model.")
+    T = family.schedule.num_timesteps
     steps = args.steps if args.steps is not None else cfg.sample.num_steps
     if not 1 <= steps <= T:
         raise UsageError(f"--steps {steps} is outside 1..{T}: the model was trained with T = {T} "
@@ -146,31 +184,61 @@ def main(argv=None, boundary=None) -> int:
     guidance = args.guidance if args.guidance is not None else [float(cfg.sample.guidance_weight)]
 
     for i, prompt in enumerate(prompts):
-        if not prompt:
+        if not prompt and family.conditioning.guidable:
             print(f"[t2i_jax] prompt {i + 1} is empty: it means the null condition, so its images "
                   "are unconditional samples (guidance does not change them).", file=sys.stderr)
-    if exp.model.cfg.text is not None:  # reported here per prompt, not by the tokenizer again
+    family.conditioning.check_prompts(prompts)
+    if family.conditioning.kind == "text":  # reported here per prompt, not by the tokenizer again
         warnings.filterwarnings("ignore", message=r".*prompt\(s\) longer than")
-        toks = text.tokenize(prompts, exp.max_length, warn=False)
+        max_length = family.max_length
+        toks = text.tokenize(prompts, max_length, warn=False)
         for i in map(int, toks.truncated.nonzero()[0]):
             kept = text.detokenize(toks.ids[i:i + 1])[0]
-            print(f"[t2i_jax] warning: prompt {i + 1} is longer than the model's {exp.max_length} "
-                  f"tokens ({exp.max_length - 2} UTF-8 bytes): it was truncated to {kept!r}.",
+            print(f"[t2i_jax] warning: prompt {i + 1} is longer than the model's {max_length} "
+                  f"tokens ({max_length - 2} UTF-8 bytes): it was truncated to {kept!r}.",
                   file=sys.stderr)
 
+    guides, clip = load_guides(args, trained)
     spec = job_lib.JobSpec.create(trained, prompts, num_per_prompt=args.num_per_prompt,
                                   guidance=guidance, seed=args.seed, options=options,
-                                  shard_size=args.shard_size)
+                                  shard_size=args.shard_size, guides=guides, rerank=args.rerank,
+                                  reranker=clip if args.rerank > 1 else None)
     print(f"[t2i_jax] checkpoint {trained.step} ({trained.kind} parameters) of {trained.workdir}; "
           f"{spec.num_images} images: {len(prompts)} prompt(s) x {args.num_per_prompt} x "
           f"{len(guidance)} guidance weight(s), {options.sampler} {options.num_steps} steps.",
           file=sys.stderr)
     result = job_lib.run_job(trained, spec, args.outdir, batch_size=args.batch_size,
                              progress=not args.no_progress, npz=args.npz,
-                             grid_columns=args.grid_columns)
+                             grid_columns=args.grid_columns, guides=guides,
+                             reranker=clip if args.rerank > 1 else None)
     job_lib.print_summary(result)
     print(os.path.join(os.path.abspath(args.outdir), job_lib.GRID_FILE))
     return 0
+
+
+def load_guides(args, trained):
+    """The guides the flags ask for, each checked against the model: (guides, the CLIP or None)."""
+    from t2i_jax.sampling import guides as guides_lib
+    out, clip = [], None
+    if args.classifier:
+        c = guides_lib.load_guide_model(args.classifier, "--classifier", trained)
+        scale = args.classifier_scale if args.classifier_scale is not None else \
+            guides_lib.default_scale(c, "classifier")
+        out.append(guides_lib.Guide("classifier", c, scale))
+    if args.clip:
+        clip = guides_lib.load_guide_model(args.clip, "--clip", trained)
+        scale = args.clip_scale if args.clip_scale is not None else \
+            guides_lib.default_scale(clip, "clip_text")
+        out.append(guides_lib.Guide("clip_text", clip, scale))
+        if args.guide_image:
+            ref = guides_lib.load_reference(args.guide_image, trained)
+            scale = args.image_scale if args.image_scale is not None else \
+                guides_lib.default_scale(clip, "clip_image")
+            out.append(guides_lib.Guide("clip_image", clip, scale, args.guide_image, ref))
+    for g in out:
+        print(f"[t2i_jax] guide {g.kind}: {g.trained.workdir} step {g.trained.step}, scale "
+              f"{g.scale:g}.", file=sys.stderr)
+    return out, clip
 
 
 def run(argv=None) -> int:

@@ -41,10 +41,10 @@ def main():
     from absl import logging
     logging.set_verbosity(logging.WARNING)
     from t2i_jax.config_utils import load_config
-    from t2i_jax.training import checkpoint as ckpt_lib
-    from t2i_jax.training import integrity, mesh as mesh_lib
-    from t2i_jax.training.loop import Experiment
-    exp = Experiment.from_config(load_config(a.config))
+    from t2i_jax import checkpoint as ckpt_lib
+    from t2i_jax import integrity, sharding as mesh_lib
+    from t2i_jax.training.loop import Run
+    exp = Run.from_config(load_config(a.config))
     mesh = mesh_lib.make_mesh(a.fsdp)
     abstract = jax.eval_shape(exp.create_state, jax.random.key(0))
     shardings = mesh_lib.state_shardings(abstract, mesh)

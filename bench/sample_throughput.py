@@ -39,30 +39,25 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
 
-    from t2i_jax import data as data_lib
     from t2i_jax.config_utils import load_config
     from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
-    from t2i_jax.training.loop import Experiment
-    from t2i_jax.training.step import null_of
+    from t2i_jax import families
     if a.workdir:
         from t2i_jax.sampling.load import load_trained
         trained = load_trained(a.workdir)
-        exp, params = trained.experiment, trained.params
+        exp, params = trained.family, trained.params
     else:
-        exp = Experiment.from_config(load_config(a.config))
+        exp = families.build(load_config(a.config))
         params = exp.init_params(jax.random.key(0))
     cfg = exp.config
     options = SampleOptions.from_config(cfg.sample)
     options = SampleOptions(a.sampler, a.steps, options.eta, options.thresholding, options.spacing)
-    prompts = data_lib.sample_prompts(cfg.data) if exp.model.cfg.text is not None else None
+    prompts = exp.grid_prompts()
     rows = []
     for guided in (True, False):
-        gen = make_generate_fn(exp.model, exp.schedule, exp.image_shape,
-                               null_of(exp.model) if guided else None, options,
-                               prediction=cfg.diffusion.prediction)
+        gen = make_generate_fn(exp, options, guided)
         for b in (int(s) for s in a.batch_sizes.split(",")):
-            batch_prompts = [prompts[i % len(prompts)] for i in range(b)] if prompts else None
-            cond = exp.prompt_condition(batch_prompts) if prompts else None
+            cond = exp.conditioning.of_prompts([prompts[i % len(prompts)] for i in range(b)])
             ids = jnp.arange(b)
             rng = jax.random.key(0)
             t0 = time.perf_counter()

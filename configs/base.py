@@ -11,6 +11,9 @@ from ml_collections import config_dict
 def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # t2i_jax/families: "diffusion" (this file's model), "noisy_classifier" (ADM's guide) or
+    # "contrastive" (a CLIP for SDG guidance and scoring); one training loop trains each.
+    config.family = "diffusion"
 
     # t2i_jax/data: embedded "digits" / "shapes" or a TFDS catalog name (needs a network once).
     config.data = ml_collections.ConfigDict(dict(

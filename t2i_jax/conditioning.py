@@ -1,7 +1,10 @@
 """The condition pytree, its null value, and condition dropout (classifier-free guidance).
 
-A `Condition` holds either text tokens and their mask or class labels, plus `is_null` [B]. The
-null condition is ONE thing chosen in the config and used both by training dropout and by
+A `Condition` holds text tokens and their mask, or class labels, or nothing, plus `is_null` [B].
+`Conditioning` is the ONE place that decides, from a model's config, what the model is
+conditioned on: how a training batch and a list of prompts become a Condition, and what the
+null is. Training dropout, the progress grids, sampling jobs and guides all go through it.
+The null condition is ONE thing chosen in the config and used both by training dropout and by
 sampling:
   "empty_prompt": the tokens of "" ([BOS, EOS]); the model encodes them like any prompt;
   "learned":      the model replaces the text features of null rows by learned ones.
@@ -10,6 +13,7 @@ For class labels the null is the extra label `num_classes` (its own embedding ro
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import jax
@@ -19,6 +23,7 @@ from flax import struct
 from t2i_jax.models import text
 
 NULL_MODES = ("empty_prompt", "learned")
+KINDS = ("text", "label", "none")  # what a model is conditioned on
 
 
 @struct.dataclass
@@ -83,3 +88,85 @@ def check_null_mode(mode: str) -> None:
         raise ValueError(f"unknown null condition {mode!r}; choose one of {NULL_MODES}.")
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+    """What one model is conditioned on ("text", "label" or "none") and what follows from it.
+
+    text:  prompts are tokenized to max_length; the null is the empty prompt.
+    label: prompts are class names of the data set (class_names[i] is label i); the null is
+           the extra label len(class_names).
+    none:  an unconditional model; every row is null (there is nothing to drop or guide with
+           classifier-free guidance). Prompts are read by guides only.
+    """
+    kind: str
+    max_length: int = 16
+    class_names: tuple = ()
+    dataset: str = ""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown condition kind {self.kind!r}; choose one of {KINDS}.")
+        if self.kind == "label" and not self.class_names:
+            raise ValueError(f"a class-conditional model needs a data set with class labels; "
+                             f"{self.dataset or 'this data set'} has none.")
+
+    @property
+    def guidable(self) -> bool:
+        """Whether classifier-free guidance applies (the model has a condition to drop)."""
+        return self.kind != "none"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def null(self, batch: int = 1) -> Condition:
+        """The null Condition for `batch` rows: what dropout inserts and sampling guides with."""
+        if self.kind == "text":
+            return null_condition(batch, max_length=self.max_length)
+        if self.kind == "label":
+            return null_condition(batch, num_classes=self.num_classes)
+        return Condition(is_null=jnp.ones((batch,), bool))
+
+    def of_batch(self, batch: dict) -> Condition:
+        """The Condition a training batch carries (tokens/mask or label [B])."""
+        n = batch["image"].shape[0]
+        if self.kind == "text":
+            return Condition(tokens=batch["tokens"], mask=batch["mask"],
+                             is_null=jnp.zeros((n,), bool))
+        if self.kind == "label":
+            return class_condition(batch["label"])
+        return self.null(n)
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Refuses prompts this model cannot take (a class-conditional model takes class names)."""
+        if self.kind == "label":
+            unknown = [p for p in prompts if p and p not in self.class_names]
+            if unknown:
+                raise ValueError(f"this model is class-conditional; {unknown} are not class names "
+                                 f"of {self.dataset} (use one of {list(self.class_names)}, or "
+                                 "'' for the null class).")
+
+    def of_prompts(self, prompts: Sequence[str]) -> Condition:
+        """One Condition row per prompt; an empty prompt is the null row (is_null)."""
+        prompts = list(prompts)
+        self.check_prompts(prompts)
+        if self.kind == "none":
+            return self.null(len(prompts))
+        if self.kind == "text":
+            cond = text_condition(prompts, self.max_length)
+        else:
+            cond = class_condition([self.class_names.index(p) if p else 0 for p in prompts])
+        empty = jnp.asarray([not p for p in prompts])
+        return replace_rows(cond, self.null(1), empty)
+
+    def label_of(self, prompts: Sequence[str]):
+        """The class indices [B] of prompts that are class names (a classifier guide's target)."""
+        if not self.class_names:
+            raise ValueError(f"{self.dataset} has no class labels.")
+        unknown = [p for p in prompts if p not in self.class_names]
+        if unknown:
+            raise ValueError(f"{unknown} are not class names of {self.dataset}; the class names "
+                             f"are {list(self.class_names)}.")
+        return jnp.asarray([self.class_names.index(p) for p in prompts], jnp.int32)

@@ -81,12 +81,13 @@ def tiny_run(data_dir, tmp_path_factory):
     Read-only: copy the workdir before changing it."""
     import jax
     from runs import run, tiny
-    from t2i_jax.training import checkpoint as ckpt_lib, loop, mesh as mesh_lib
+    from t2i_jax import checkpoint as ckpt_lib, sharding as mesh_lib
+    from t2i_jax.training import loop
     wd = _made_once(tmp_path_factory, "tiny_run", lambda p: run(tiny(data_dir), p))
-    exp = loop.Experiment.from_config(tiny(data_dir))
+    run_ = loop.Run.from_config(tiny(data_dir))
     rep = mesh_lib.replicated(mesh_lib.make_mesh(1))
     abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-                                      jax.eval_shape(exp.create_state, jax.random.key(0)))
+                                      jax.eval_shape(run_.create_state, jax.random.key(0)))
     ck = ckpt_lib.Checkpointer(str(wd / "checkpoints"), read_only=True)
     try:
         return ck.restore(abstract, step=4).state, wd

@@ -11,11 +11,20 @@ from t2i_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "tiny_config.py")
+TINY_FAMILIES = os.path.join(ROOT, "tests", "tiny_families.py")
 
 
-def tiny(data_dir, **overrides):
-    """The tiny config; overrides as section__name=value (train__num_steps=8)."""
-    cfg = load_config(TINY)
+def tiny(data_dir, family=None, **overrides):
+    """The tiny config (of `family`: tests/tiny_families.py); overrides as section__name=value
+    (train__num_steps=8)."""
+    if family is None:
+        cfg = load_config(TINY)
+    else:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("tiny_families", TINY_FAMILIES)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        cfg = module.get_config(family)
     cfg.data.data_dir = data_dir
     for key, value in overrides.items():
         section, name = key.split("__")

@@ -16,6 +16,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -25,8 +26,9 @@ from runs import ROOT, TINY, assert_trees_equal, run, tiny
 from t2i_jax import files
 from t2i_jax.sampling import job as job_lib
 from t2i_jax.sampling.load import load_trained
-from t2i_jax.training import checkpoint as ckpt_lib
-from t2i_jax.training import integrity, loop
+from t2i_jax import checkpoint as ckpt_lib
+from t2i_jax import integrity
+from t2i_jax.training import loop
 from t2i_jax.training.writers import read_metrics
 
 MAX_STDERR_LINES = 20
@@ -277,12 +279,19 @@ def test_5_nan_guard_stops_on_a_non_finite_loss_and_names_the_checkpoint_really_
 
 
 def test_5_the_guard_reads_loss_gradient_norm_and_parameters():
-    ok = dict(loss=0.5, grad_norm=1.0, params_finite=True)
-    assert loop._finite(ok)
+    """The device-side record keeps the FIRST non-finite step (the loop reads it only at log
+    steps and before every save) and the message names what was not finite."""
+    ok = dict(loss=0.5, grad_norm=1.0, params_finite=True, finite=True)
     for bad, word in ((dict(loss=float("nan")), "loss nan"), (dict(grad_norm=float("inf")),
                       "gradient norm inf"), (dict(params_finite=False), "parameters no longer")):
-        assert not loop._finite({**ok, **bad})
-        msg = loop._divergence({**ok, **bad}, 7, 6, 1e-3)
+        watch = loop._fresh_watch()
+        for step, m in ((6, ok), (7, {**ok, **bad, "finite": False}),
+                        (8, dict(loss=float("inf"), grad_norm=float("nan"), params_finite=False,
+                                 finite=False)), (9, ok)):
+            watch = loop._watch(watch, jax.tree_util.tree_map(jnp.asarray, m), jnp.int32(step))
+        w = jax.device_get(watch)
+        assert not w["ok"] and int(w["step"]) == 7
+        msg = loop._divergence(w["bad"], int(w["step"]), 6, 1e-3)
         assert "diverged at step 7" in msg and word in msg and "checkpoint (6) is intact" in msg
 
 
@@ -395,8 +404,7 @@ def test_integrity_record_catches_a_flipped_bit_that_orbax_reads_silently(tiny_r
     data[len(data) // 2] ^= 0x10
     target.write_bytes(bytes(data))
     assert "CRC-32 differs" in integrity.verify(str(step4))
-    exp = loop.Experiment.from_config(tiny(None))
-    abstract = jax.eval_shape(exp.create_state, jax.random.key(0))
+    abstract = jax.eval_shape(loop.Run.from_config(tiny(None)).create_state, jax.random.key(0))
     ck = ckpt_lib.Checkpointer(str(wd / "checkpoints"), read_only=True, report=lambda m: None)
     with pytest.raises(ckpt_lib.CheckpointDamagedError):
         ck.restore(abstract, step=4)

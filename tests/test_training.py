@@ -14,9 +14,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from t2i_jax.training import checkpoint as ckpt_lib
+from t2i_jax import checkpoint as ckpt_lib
 from t2i_jax.training import loop, state as state_lib
-from t2i_jax.training.step import hparams, make_train_step, null_of
+from t2i_jax.training.step import make_train_step
 from t2i_jax.training.writers import read_metrics
 
 from runs import ROOT, TINY, assert_trees_close, assert_trees_equal, run, tiny  # noqa: E402
@@ -101,13 +101,14 @@ def test_cfg_dropout_rate_matches_p_uncond(data_dir, tmp_path):
 
 
 def _step_setup(data_dir, p_uncond):
-    exp = loop.Experiment.from_config(tiny(data_dir, train__p_uncond=p_uncond))
-    st = jax.jit(exp.create_state)(jax.random.key(0))
+    run_ = loop.Run.from_config(tiny(data_dir, train__p_uncond=p_uncond))
+    exp = run_.family
+    st = jax.jit(run_.create_state)(jax.random.key(0))
     # Give the zero-initialised output layers weights, so the output depends on the condition.
     st = st.replace(params=jax.tree_util.tree_map(
         lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), st.params))
-    jitted = jax.jit(make_train_step(exp.model, exp.schedule, exp.optim, exp.loss, exp.tx))
-    hp = hparams(exp.loss)
+    jitted = jax.jit(make_train_step(exp, run_.optim, run_.tx))
+    hp = exp.hparams()
     step = lambda state, b: jitted(state, b, hp)  # noqa: E731: p_uncond is traced: one program
     from t2i_jax.models.text import tokenize
     images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1), minval=-1, maxval=1)
@@ -131,14 +132,13 @@ def test_dropped_rows_get_the_null_that_sampling_uses(data_dir):
     # Sampling guides with the same null: with cond = null, eps~ = eps(null) for every w.
     from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
     params = st.params
-    gen = make_generate_fn(exp.model, exp.schedule, exp.image_shape, null_of(exp.model),
-                           SampleOptions(num_steps=3))
-    cond = exp.prompt_condition([""] * 2)
+    gen = make_generate_fn(exp, SampleOptions(num_steps=3))
+    cond = exp.conditioning.of_prompts([""] * 2)
     ids = jnp.arange(2)
     x0 = gen(params, cond, jax.random.key(0), 0.0, ids)
     x5 = gen(params, cond, jax.random.key(0), 5.0, ids)
     np.testing.assert_allclose(x0, x5, atol=1e-5)
-    assert not np.allclose(x0, gen(params, exp.prompt_condition(["3", "7"]), jax.random.key(0), 5.0, ids),
+    assert not np.allclose(x0, gen(params, exp.conditioning.of_prompts(["3", "7"]), jax.random.key(0), 5.0, ids),
                            atol=1e-3)
 
 

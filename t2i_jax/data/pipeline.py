@@ -146,7 +146,10 @@ def choose_caption(captions, style: str, caption_styles, rng: Optional[np.random
 class _Process:
     """The grain map: (epoch, record index) -> one example's arrays."""
 
-    def __init__(self, s: DataSettings, source, seed: int, max_length: int):
+    def __init__(self, s: DataSettings, source, seed: int, max_length: Optional[int]):
+        # max_length None: the model reads no text; tokens of a default length, no warning.
+        self._warn = max_length is not None
+        max_length = 16 if max_length is None else max_length
         self._s, self._source, self._seed, self._max_length = s, source, seed, max_length
         self._convert = s.spec.converter(s.data_dir)
         self._styles = s.spec.caption_styles
@@ -161,7 +164,7 @@ class _Process:
         caption = choose_caption(captions, self._s.caption, self._styles, rng)
         flip = bool(rng.random() < 0.5) if self._s.random_flip else False
         tokens = text_lib.tokenize([caption], self._max_length, warn=False)
-        if tokens.truncated[0] and not self._warned:
+        if self._warn and tokens.truncated[0] and not self._warned:
             with self._lock:
                 if not self._warned:
                     self._warned = True
@@ -253,14 +256,16 @@ class TrainIterator(grain.DatasetIterator):
             close()
 
 
-def make_train_iterator(data_config, *, seed: int, global_batch_size: int, max_length: int,
+def make_train_iterator(data_config, *, seed: int, global_batch_size: int,
+                        max_length: Optional[int],
                         process_index: Optional[int] = None,
                         process_count: Optional[int] = None) -> TrainIterator:
     """The training batches of this process: dicts of numpy arrays
       image  float32 [b, H, W, C] in [-1, 1]     tokens int32 [b, L]     mask bool [b, L]
       label  int32 [b] (-1: no classes)          index  int64 [b] (record index in the train split)
     with b = global_batch_size // process_count; the global batch of every step is the same
-    whatever process_count is. Prepares an embedded data set on first use."""
+    whatever process_count is. max_length None: for a model that reads no text (tokens of
+    length 16, no truncation warning). Prepares an embedded data set on first use."""
     s = settings(data_config)
     if process_index is None or process_count is None:
         import jax
@@ -273,7 +278,7 @@ def make_train_iterator(data_config, *, seed: int, global_batch_size: int, max_l
                          f"the number of processes ({process_count}).")
     if not 0 <= int(seed) < 2 ** 32:
         raise ValueError(f"the data seed must be in [0, 2**32), got {seed}.")
-    if max_length < 2:
+    if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be >= 2 (BOS and EOS), got {max_length}.")
     b = global_batch_size // process_count
     train_split = s.spec.splits[0]

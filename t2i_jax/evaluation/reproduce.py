@@ -224,7 +224,7 @@ def reproduce_checkpoints(workdir: str, out: str, *, num_per_prompt: int, seed: 
     checkpoint is skipped and listed under "skipped"."""
     from t2i_jax.sampling.generate import SampleOptions
     from t2i_jax.sampling.load import NoCheckpointError, checkpoint_dir, load_trained
-    from t2i_jax.training.checkpoint import CheckpointDamagedError, Checkpointer
+    from t2i_jax.checkpoint import CheckpointDamagedError, Checkpointer
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise NoCheckpointError(f"no checkpoint in {workdir}: {checkpoint_dir(workdir)} does not "
                                 "exist; pass the --workdir of a training run.")

@@ -1,4 +1,4 @@
-"""From conditions to images with a trained Denoiser: encode once, then samplers.sample.
+"""From conditions to images with a diffusion family: encode once, then samplers.sample.
 
 `make_generate_fn` returns ONE jitted function of (params, cond, rng, guidance_weight,
 sample_ids); new prompts, seeds and guidance weights reuse its compilation. Sample i's noise
@@ -9,7 +9,7 @@ depend on the batch it was drawn in or on the number of devices.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +17,7 @@ import numpy as np
 
 from t2i_jax.conditioning import Condition
 from t2i_jax.diffusion import noise, samplers
-from t2i_jax.diffusion.schedules import Schedule
-from t2i_jax.models.denoiser import Denoiser, denoise_fn
+from t2i_jax.sampling import guides as guides_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,26 +59,48 @@ class SampleOptions:
                              f"{self.num_steps!r}.")
 
 
-def make_generate_fn(model: Denoiser, schedule: Schedule, image_shape: tuple,
-                     null: Optional[Condition], options: SampleOptions,
-                     prediction: str = "eps") -> Callable:
-    """Returns generate(params, cond [B], rng, guidance_weight, sample_ids [B]) -> x0 [B, H, W, C]
-    in [-1, 1] (clipped; NaN where the chain produced a non-finite value). null is the model's null condition (batch 1); guidance_weight ([] or
-    [B]) is the w of eps~ = (1 + w) eps(x, y) - w eps(x, null). With null=None the model is
-    evaluated once per step on the condition alone (guidance_weight is ignored: w = 0), half the
-    work of a guided step."""
-    samplers.check_chain(schedule, options.num_steps, options.spacing, prediction)  # fails here, not in jit
+def make_generate_fn(family, options: SampleOptions, guided: bool = True,
+                     guides: Sequence = ()) -> Callable:
+    """Returns generate(params, cond [B], rng, guidance_weight, sample_ids [B], guide_params=(),
+    guide_rows=(), guide_scales=()) -> x0 [B, H, W, C] in [-1, 1] (clipped; NaN where the chain
+    produced a non-finite value) for a diffusion family (families/diffusion.py).
 
-    def generate(params, cond: Condition, rng, guidance_weight, sample_ids):
-        enc = model.apply(params, cond, method=Denoiser.encode)
-        null_enc = None if null is None else model.apply(params, null, method=Denoiser.encode)
-        x_T = noise.initial_noise(rng, (cond.batch_size,) + tuple(image_shape), sample_ids)
+    guided: each step evaluates the model on the condition and on the family's null condition
+    and combines eps~ = (1 + w) eps(x, y) - w eps(x, null), w = guidance_weight ([] or [B]);
+    unguided (or a model without a condition to drop), one evaluation on the condition alone
+    (guidance_weight is ignored: w = 0), half the work.
+    guides: sampling/guides.py Guides; their parameters, per-image rows [B, ...] and scales [G]
+    are arguments (traced: new scales or guide checkpoints of the same shapes reuse the program).
+    """
+    if not family.generates:
+        raise ValueError(f"a {family.name} model does not generate images; pass the --workdir "
+                         "of a diffusion model.")
+    guided = guided and family.conditioning.guidable
+    samplers.check_chain(family.schedule, options.num_steps, options.spacing,
+                         family.prediction)  # fails here, not in jit
+    null = family.null() if guided else None
+    total = guides_lib.guide_fn(guides) if guides else None
+
+    def generate(params, cond: Condition, rng, guidance_weight, sample_ids, guide_params=(),
+                 guide_rows=(), guide_scales=()):
+        enc = family.encode(params, cond)
+        null_enc = None if null is None else family.encode(params, null)
+        shape = (cond.batch_size,) + tuple(family.image_shape)
+        x_T = noise.initial_noise(rng, shape, sample_ids)
+        guidance_fn = None
+        if total is not None:
+            # clip_image's x'_t: the reference's own fixed noise, per image (any batch, any device)
+            noise_ref = noise.initial_noise(
+                jax.random.fold_in(rng, guides_lib.REFERENCE_NOISE_STREAM), shape, sample_ids)
+            scales = jnp.asarray(guide_scales, jnp.float32)
+            guidance_fn = lambda x, t, _: total(guide_params, guide_rows, scales, noise_ref, x, t)  # noqa: E731
         x0 = samplers.sample(
-            denoise_fn(model, params), schedule, x_T, cond=enc, null_cond=null_enc,
+            family.denoise_fn(params), family.schedule, x_T, cond=enc, null_cond=null_enc,
             guidance_weight=0.0 if null is None else guidance_weight, sampler=options.sampler,
             num_steps=options.num_steps, eta=options.eta, rng=rng,
-            thresholding=options.thresholding, prediction=prediction, spacing=options.spacing,
-            ddpm_variance=options.ddpm_variance, sample_ids=sample_ids)
+            thresholding=options.thresholding, prediction=family.prediction,
+            spacing=options.spacing, ddpm_variance=options.ddpm_variance, sample_ids=sample_ids,
+            guidance_fn=guidance_fn, classifier_scale=1.0)
         # Clipping would turn +-inf into a valid-looking white or black pixel: NaN marks every
         # non-finite value, so callers can refuse the image (clip keeps NaN).
         return jnp.clip(jnp.where(jnp.isfinite(x0), x0, jnp.nan), -1.0, 1.0)

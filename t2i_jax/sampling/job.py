@@ -44,19 +44,22 @@ import time
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from t2i_jax import files, images
-from t2i_jax.conditioning import Condition, replace_rows
+from t2i_jax import sharding as mesh_lib
+from t2i_jax.conditioning import Condition
+from t2i_jax.sampling import guides as guides_lib
 from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
 from t2i_jax.sampling.load import Trained
-from t2i_jax.training import mesh as mesh_lib
-from t2i_jax.training.step import null_of
 
 JOB_FILE, SAMPLES_FILE, GRID_FILE, NPZ_FILE = "job.json", "samples.jsonl", "grid.png", "samples.npz"
 STATS_FILE = "stats.json"  # speed of the last run that generated images
 MAX_GRID_ROWS = 64
 SEED_STREAM = 11  # the job's key: fold_in(key(seed), 11); training's grids use other streams
+RERANK_STREAM = 17  # candidate c >= 1 of a reranked image: fold_in(fold_in(job key, 17), c)
+EXTRA_KEYS = ("rerank_score", "rerank_candidate")  # record fields computed, not derived
 
 
 class JobMismatchError(ValueError):
@@ -84,11 +87,15 @@ class JobSpec:
     checkpoint_step: int
     workdir: str
     shard_size: int = 256
+    guides: tuple = ()     # each guide's record (kind, workdir, step, scale[, image, image_sha256])
+    rerank: int = 1        # candidates per image, the one closest to the prompt kept (CLIP)
+    reranker: tuple = ()   # (CLIP workdir, step) that scores them
 
     @classmethod
     def create(cls, trained: Trained, prompts: Sequence[str], *, num_per_prompt: int,
                guidance: Sequence[float], seed: int, options: SampleOptions,
-               shard_size: int = 256) -> "JobSpec":
+               shard_size: int = 256, guides: Sequence = (), rerank: int = 1,
+               reranker: Optional[Trained] = None) -> "JobSpec":
         if not prompts:
             raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
         if num_per_prompt < 1:
@@ -97,10 +104,17 @@ class JobSpec:
             raise ValueError("no guidance weight given.")
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}.")
+        if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
+            raise ValueError(f"--rerank must be an integer >= 1 (candidates per image; 1: no "
+                             f"reranking), got {rerank!r}.")
+        if rerank > 1 and reranker is None:
+            raise ValueError("--rerank needs --clip DIR: the CLIP that scores the candidates.")
         return cls(tuple(prompts), int(num_per_prompt), tuple(float(w) for w in guidance),
                    int(seed), options.sampler, int(options.num_steps), float(options.eta),
                    options.thresholding, options.spacing, options.ddpm_variance, trained.kind, trained.step,
-                   trained.workdir, int(shard_size))
+                   trained.workdir, int(shard_size),
+                   tuple(g.record() for g in guides), int(rerank),
+                   (reranker.workdir, reranker.step) if rerank > 1 else ())
 
     @property
     def options(self) -> SampleOptions:
@@ -131,11 +145,22 @@ class JobSpec:
                 "guidance": self.guidance[g], "sampler": self.sampler, "steps": self.num_steps,
                 "eta": self.eta, "thresholding": self.thresholding or "none",
                 "ddpm_variance": self.ddpm_variance,
-                "checkpoint_step": self.checkpoint_step, "params": self.params}
+                "checkpoint_step": self.checkpoint_step, "params": self.params,
+                **({"guides": [dict(g) for g in self.guides]} if self.guides else {}),
+                **({"rerank": self.rerank} if self.rerank > 1 else {})}
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["prompts"], d["guidance"] = list(self.prompts), list(self.guidance)
+        # Jobs without guides keep the identity they had before guides existed.
+        if self.guides:
+            d["guides"] = [dict(g) for g in self.guides]
+        else:
+            del d["guides"]
+        if self.rerank == 1:
+            del d["rerank"], d["reranker"]
+        else:
+            d["reranker"] = list(self.reranker)
         return d
 
 
@@ -193,7 +218,8 @@ def finished_shards(spec: JobSpec, outdir: str) -> set:
             continue  # unreadable: redo it
         want = [spec.record(i) for i in
                 range(s * spec.shard_size, min((s + 1) * spec.shard_size, spec.num_images))]
-        if rows == want and all(
+        stripped = [{k: v for k, v in r.items() if k not in EXTRA_KEYS} for r in rows]
+        if stripped == want and all(
                 os.path.exists(os.path.join(outdir, r["file"])) for r in rows):
             done.add(s)
     return done
@@ -201,39 +227,38 @@ def finished_shards(spec: JobSpec, outdir: str) -> set:
 
 def prompt_conditions(trained: Trained, prompts: Sequence[str]) -> Condition:
     """One Condition row per prompt; an empty prompt is the model's null condition (is_null)."""
-    exp = trained.experiment
-    null = null_of(exp.model)
-    nonempty = [p if p else (prompts_placeholder(exp)) for p in prompts]
-    cond = exp.prompt_condition(nonempty)
-    empty = np.array([not p for p in prompts])
-    return replace_rows(cond, null, empty) if empty.any() else cond
-
-
-def prompts_placeholder(exp) -> str:
-    """A valid prompt standing in for an empty one before it is replaced by the null row."""
-    if exp.model.cfg.text is not None:
-        return ""
-    from t2i_jax import data as data_lib
-    return data_lib.class_names(exp.config.data)[0]
+    return trained.family.conditioning.of_prompts(prompts)
 
 
 def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 64,
             devices: Optional[list] = None, progress: bool = True, npz: bool = False,
-            grid_columns: int = 16) -> JobResult:
+            grid_columns: int = 16, guides: Sequence = (),
+            reranker: Optional[Trained] = None) -> JobResult:
     """Generates every image of `spec` not already in `outdir` and assembles the outputs."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if grid_columns < 1:
         raise ValueError(f"grid_columns must be >= 1, got {grid_columns}.")
-    exp = trained.experiment
+    family = trained.family
     outdir = os.path.abspath(outdir)
     lead = jax.process_index() == 0
     # Everything that can refuse the job happens before anything is written.
     conds = prompt_conditions(trained, spec.prompts)  # [P] rows
     guided = any(w != 0.0 for w in spec.guidance)
-    generate = make_generate_fn(exp.model, exp.schedule, exp.image_shape,
-                                null_of(exp.model) if guided else None, spec.options,
-                                prediction=exp.config.diffusion.prediction)
+    if guided and not family.conditioning.guidable:
+        raise ValueError(f"this model is unconditional: there is no condition for classifier-free "
+                         f"guidance to drop, so the guidance weight must be 0 (got "
+                         f"{[w for w in spec.guidance if w]}). Pass --guidance 0.")
+    if [g.record() for g in guides] != list(spec.guides):
+        raise ValueError("the guides passed to run_job are not the job's (JobSpec.create(guides=...)).")
+    if (spec.rerank > 1) != (reranker is not None):
+        raise ValueError("pass reranker= (a CLIP) exactly when the job reranks (rerank > 1).")
+    generate = make_generate_fn(family, spec.options, guided, guides)
+    guide_rows = [g.rows(spec.prompts) for g in guides]  # [P, ...] each; may refuse a prompt
+    guide_scales = np.asarray([g.scale for g in guides], np.float32)
+    if reranker is not None:
+        score = guides_lib.clip_score_fn(reranker.family)
+        rerank_rows = guides_lib.text_rows(reranker, spec.prompts)
     with _OutdirLock(outdir, enabled=lead):
         if lead:
             check_outdir(spec, outdir)
@@ -253,6 +278,11 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
         row_sharding = mesh_lib.batch_sharding(mesh)
         put = lambda a: jax.device_put(a, row_sharding)  # noqa: E731
         params = jax.device_put(trained.params, mesh_lib.replicated(mesh))  # this job's devices
+        guide_params = tuple(jax.device_put(g.trained.params, mesh_lib.replicated(mesh))
+                             for g in guides)
+        clip_params = (jax.device_put(reranker.params, mesh_lib.replicated(mesh))
+                       if reranker is not None else None)
+        extras: dict = {}
         rng = jax.random.fold_in(jax.random.key(spec.seed), SEED_STREAM)
         guidance = np.asarray(spec.guidance, np.float32)
 
@@ -267,8 +297,18 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
                     idx = todo_idx[b0:b0 + per_call]
                     full = np.concatenate([idx, np.full(per_call - len(idx), idx[-1])])
                     g, p, _, sid = spec.decompose(full)
-                    cond = jax.tree_util.tree_map(lambda c: put(np.asarray(c)[p]), conds)
-                    x = generate(params, cond, rng, put(guidance[g]), put(sid.astype(np.int32)))
+                    rows_of = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+                        lambda c: put(np.asarray(c)[p]), tree)
+                    cond = rows_of(conds)
+                    args = (put(guidance[g]), put(sid.astype(np.int32)), guide_params,
+                            tuple(rows_of(r) for r in guide_rows), guide_scales)
+                    x = generate(params, cond, rng, *args)
+                    if reranker is not None:
+                        x, won, best = _rerank(generate, score, params, cond, rng, args, x,
+                                               clip_params, rows_of(rerank_rows), spec.rerank)
+                        for i, c, sc in zip(idx, _gather(won)[:len(idx)], _gather(best)[:len(idx)]):
+                            extras[int(i)] = dict(rerank_score=float(sc) if np.isfinite(sc) else None,
+                                                  rerank_candidate=int(c))
                     x = _gather(x)[:len(idx)]
                     finite = np.isfinite(x).reshape(len(idx), -1).all(axis=1)
                     non_finite.extend(int(i) for i in idx[~finite])
@@ -283,7 +323,8 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
                         if left_in_shard[s] == 0 and lead:
                             # The shard's record file after all its PNGs: it means "done".
                             files.write_jsonl(os.path.join(outdir, shard_file(s)),
-                                              [spec.record(j) for j in range(*bounds(s))])
+                                              [dict(spec.record(j), **extras.pop(j, {}))
+                                               for j in range(*bounds(s))])
                     generated += len(idx)
                     if t_first is None:
                         t_first = time.perf_counter()
@@ -306,8 +347,24 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
             raise NonFiniteImagesError(_non_finite_message(spec, non_finite, outdir))
         if lead and not any(left_in_shard.values()):  # every shard was done or is now
             assemble(spec, outdir, npz=npz, grid_columns=grid_columns,
-                     scale=max(1, 64 // exp.image_shape[0]))
+                     scale=max(1, 64 // family.image_shape[0]))
     return result
+
+
+def _rerank(generate, score, params, cond, rng, args, x0, clip_params, text_rows, n: int):
+    """Of n candidates per image (candidate 0 is the unreranked image), the one whose clean CLIP
+    image embedding is closest to its prompt's text embedding (DALL-E's and CogView's reranking):
+    (images [B, ...], winning candidate [B], its score [B]; NaN score: an empty prompt, kept 0)."""
+    best_x, best = x0, score(clip_params, x0, text_rows)
+    won = jnp.zeros(best.shape, jnp.int32)
+    for c in range(1, n):
+        x = generate(params, cond, jax.random.fold_in(jax.random.fold_in(rng, RERANK_STREAM), c),
+                     *args)
+        sc = score(clip_params, x, text_rows)
+        better = sc > best  # False for NaN: a non-finite candidate or no text never wins
+        best_x = jnp.where(better[:, None, None, None], x, best_x)
+        won, best = jnp.where(better, c, won), jnp.where(better, sc, best)
+    return best_x, won, best
 
 
 def _non_finite_message(spec: JobSpec, bad: list, outdir: str) -> str:

@@ -1,10 +1,11 @@
-"""A trained model from a training workdir: its stored config and a checkpoint's parameters.
+"""A trained model from a training workdir: its family, stored config and parameters.
 
     trained = load_trained(workdir)                  # newest checkpoint, EMA parameters
     trained = load_trained(workdir, step=2000, params="raw")
 
-The model is rebuilt from the config stored WITH the checkpoint (not from a config file that may
-have changed since), and the parameters are placed replicated on every device of `mesh`.
+The family is rebuilt from the config stored WITH the checkpoint (not from a config file that
+may have changed since). Only the chosen parameters are read from disk (never the optimizer
+state), placed replicated on every device of `mesh`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
-from t2i_jax.training import mesh as mesh_lib
-from t2i_jax.training.checkpoint import Checkpointer
-from t2i_jax.training.loop import Experiment
+from t2i_jax import families
+from t2i_jax import sharding as mesh_lib
+from t2i_jax.checkpoint import Checkpointer
+from t2i_jax.families.base import Family
 
 PARAM_KINDS = ("ema", "raw")
 
@@ -29,7 +31,7 @@ class NoCheckpointError(FileNotFoundError):
 
 @dataclasses.dataclass
 class Trained:
-    experiment: Experiment
+    family: Family
     params: Any          # the chosen parameters (EMA or raw), replicated over the mesh
     step: int            # the checkpoint's training step
     kind: str            # "ema" or "raw"
@@ -37,7 +39,7 @@ class Trained:
 
     @property
     def config(self) -> ml_collections.ConfigDict:
-        return self.experiment.config
+        return self.family.config
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -68,17 +70,18 @@ def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema
         rep = mesh_lib.replicated(mesh)
         built = {}
 
-        def abstract_for(stored: dict):
-            # The model comes from the config stored with the checkpoint being read (a damaged
-            # newest one falls back to the previous step's config, too).
-            exp = built["exp"] = Experiment.from_config(ml_collections.ConfigDict(stored))
-            shapes = jax.eval_shape(exp.create_state, jax.random.key(0))
-            return jax.tree_util.tree_map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), shapes)
+        field = "ema_params" if params == "ema" else "params"
 
-        restored = ckpt.restore(abstract_for, step=step)
+        def abstract_for(stored: dict):
+            # The family comes from the config stored with the checkpoint being read (a damaged
+            # newest one falls back to the previous step's config, too).
+            family = built["family"] = families.build(ml_collections.ConfigDict(stored))
+            shapes = jax.eval_shape(family.init_params, jax.random.key(0))
+            return {field: jax.tree_util.tree_map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), shapes)}
+
+        restored = ckpt.restore(abstract_for, step=step, only=(field,))
     finally:
         ckpt.close()
-    state = restored.state
-    chosen = state.ema_params if params == "ema" else state.params
-    return Trained(built["exp"], chosen, int(restored.step), params, os.path.abspath(workdir))
+    return Trained(built["family"], restored.state[field], int(restored.step), params,
+                   os.path.abspath(workdir))

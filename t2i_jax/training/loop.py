@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shlex
 import signal
 import sys
 import time
@@ -22,22 +21,17 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from t2i_jax import files, images
-from t2i_jax.conditioning import Condition, class_condition, text_condition
+from t2i_jax import families, files, images
+from t2i_jax import sharding as mesh_lib
+from t2i_jax.checkpoint import Checkpointer, check_compatible
 from t2i_jax.config_utils import check_train_config
-from t2i_jax.diffusion import make_schedule
 from t2i_jax.errors import Interrupted
-from t2i_jax.models.denoiser import Denoiser, ModelConfig
-from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
-from t2i_jax.training import mesh as mesh_lib
-from t2i_jax.training.checkpoint import Checkpointer, check_compatible
+from t2i_jax.families.base import Family
 from t2i_jax.training.state import OptimConfig, TrainState, init_state, make_optimizer
-from t2i_jax.training.step import LossConfig, hparams, make_train_step, null_of
+from t2i_jax.training.step import make_train_step
 from t2i_jax.training.writers import MetricWriter
 
-BATCH_KEYS = ("image", "tokens", "mask", "label")
 GRID_SEED_STREAM = 7  # the progress grid's noise: fold_in(key(seed), 7), the same at every step
 
 
@@ -45,67 +39,10 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-@dataclasses.dataclass
-class Experiment:
-    """What a config describes, built once: the model and everything the step closes over."""
-    config: Any
-    model: Denoiser
-    schedule: Any
-    optim: OptimConfig
-    loss: LossConfig
-    tx: Any
-    image_shape: tuple
-
-    @classmethod
-    def from_config(cls, config) -> "Experiment":
-        model = Denoiser(ModelConfig.from_config(config.model))
-        d = config.diffusion
-        schedule = make_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr)
-        optim = OptimConfig.from_config(config.train)
-        t = config.train
-        if not 0.0 <= t.p_uncond <= 1.0:
-            raise ValueError(f"train.p_uncond must be in [0, 1], got {t.p_uncond}.")
-        loss = LossConfig(prediction=d.prediction, weighting=t.loss_weighting,
-                          min_snr_gamma=t.min_snr_gamma, p_uncond=t.p_uncond)
-        image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-        if model.cfg.unet.out_channels != config.data.channels:
-            raise ValueError(f"model.unet.out_channels={model.cfg.unet.out_channels} must equal "
-                             f"data.channels={config.data.channels}.")
-        return cls(config, model, schedule, optim, loss, make_optimizer(optim), image_shape)
-
-    @property
-    def max_length(self) -> int:
-        text = self.model.cfg.text
-        return text.max_length if text is not None else 16
-
-    def init_params(self, key: jax.Array):
-        x = jnp.zeros((1,) + self.image_shape, jnp.float32)
-        t = jnp.zeros((1,), jnp.int32)
-        return self.model.init({"params": key, "dropout": key}, x, t, null_of(self.model))
-
-    def create_state(self, key: jax.Array) -> TrainState:
-        k_init, k_root = jax.random.split(key)
-        return init_state(self.init_params(k_init), self.tx, k_root)
-
-    def grid_prompts(self) -> list:
-        """The data set's fixed prompts for progress grids; a class-conditional model's are its
-        class names (one row per class)."""
-        from t2i_jax import data as data_lib
-        if self.model.cfg.text is not None:
-            return list(data_lib.sample_prompts(self.config.data))
-        return list(data_lib.class_names(self.config.data))
-
-    def prompt_condition(self, prompts) -> Condition:
-        """Prompts as the model's Condition; a class-conditional model takes class names."""
-        if self.model.cfg.text is not None:
-            return text_condition(prompts, self.max_length)
-        from t2i_jax import data as data_lib
-        names = list(data_lib.class_names(self.config.data) or [])
-        unknown = [p for p in prompts if p not in names]
-        if unknown:
-            raise ValueError(f"this model is class-conditional; {unknown} are not class names of "
-                             f"{self.config.data.name} ({names}).")
-        return class_condition([names.index(p) for p in prompts])
+def create_state(family: Family, tx, key: jax.Array) -> TrainState:
+    """A fresh TrainState of `family`: its initial parameters, the optimizer's state, the root key."""
+    k_init, k_root = jax.random.split(key)
+    return init_state(family.init_params(k_init), tx, k_root)
 
 
 def _install_stop_handlers(flag: dict):
@@ -136,12 +73,6 @@ def _restore_handlers(previous: dict) -> None:
         signal.signal(sig, h)
 
 
-def _finite(metrics: dict) -> bool:
-    """The NaN guard: the loss, the gradient norm and every updated parameter are finite."""
-    return bool(np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
-                and metrics["params_finite"])
-
-
 def _divergence(metrics: dict, step: int, latest: Optional[int], lr: float) -> str:
     """The NaN guard's message: what was not finite, what is intact, what to change."""
     loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
@@ -154,35 +85,76 @@ def _divergence(metrics: dict, step: int, latest: Optional[int], lr: float) -> s
             "--config.train.warmup_steps, or check the data.")
 
 
+@dataclasses.dataclass
+class Run:
+    """What the loop closes over: the family and the optimizer built from one config."""
+    family: Family
+    optim: OptimConfig
+    tx: Any
+
+    @classmethod
+    def from_config(cls, config) -> "Run":
+        optim = OptimConfig.from_config(config.train)
+        return cls(families.build(config), optim, make_optimizer(optim))
+
+    @property
+    def config(self):
+        return self.family.config
+
+    def create_state(self, key: jax.Array) -> TrainState:
+        return create_state(self.family, self.tx, key)
+
+
 def train(config, workdir: str, *, devices: Optional[list] = None, progress: bool = True) -> TrainState:
-    """Trains (or resumes) the experiment of `config` in `workdir`; returns the final state.
+    """Trains (or resumes) the family of `config` in `workdir`; returns the final state.
 
     Refuses bad config values, an unwritable workdir and a workdir another process trains in
     before anything is written there."""
     from t2i_jax import data as data_lib
     check_train_config(config)
-    exp = Experiment.from_config(config)
+    run = Run.from_config(config)
     tcfg = config.train
     mesh = mesh_lib.make_mesh(tcfg.fsdp, devices)
     mesh_lib.check_batch_size(tcfg.batch_size, mesh)
     config_dict = config.to_dict()
+    config_dict.setdefault("family", families.name_of(config))
     lead = jax.process_index() == 0
     workdir = files.check_writable_dir(workdir, "--workdir") if lead else os.path.abspath(workdir)
     iterator = data_lib.make_train_iterator(
         config.data, seed=config.seed, global_batch_size=tcfg.batch_size,
-        max_length=exp.max_length, process_index=jax.process_index(),
+        max_length=run.family.text_length, process_index=jax.process_index(),
         process_count=jax.process_count())
     with files.ExclusiveLock(workdir, "training", enabled=lead, hint=(
             "wait for it to finish, stop it (kill -TERM saves a checkpoint first), or pass "
             "another --workdir")):
-        return _train_locked(exp, config_dict, workdir, mesh, iterator, lead, progress)
+        return _train_locked(run, config_dict, workdir, mesh, iterator, lead, progress)
 
 
-def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iterator, lead: bool,
+_WATCHED = ("loss", "grad_norm", "params_finite")
+
+
+@jax.jit
+def _watch(watch: dict, metrics: dict, step: jax.Array) -> dict:
+    """The NaN guard's device-side record, updated every step without a host sync: whether
+    every step so far was finite, and the first one that was not (its step and metrics)."""
+    first = watch["ok"] & ~metrics["finite"]
+    bad = {k: jnp.where(first, metrics[k], watch["bad"][k]) for k in _WATCHED}
+    return dict(ok=watch["ok"] & metrics["finite"], step=jnp.where(first, step, watch["step"]),
+                bad=bad)
+
+
+def _fresh_watch() -> dict:
+    return dict(ok=jnp.asarray(True), step=jnp.asarray(-1, jnp.int32),
+                bad=dict(loss=jnp.float32(0), grad_norm=jnp.float32(0),
+                         params_finite=jnp.asarray(True)))
+
+
+def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lead: bool,
                   progress: bool) -> TrainState:
-    config, tcfg = exp.config, exp.config.train
+    family = run.family
+    config, tcfg = run.config, run.config.train
     root = jax.random.key(config.seed)
-    abstract = jax.eval_shape(exp.create_state, root)
+    abstract = jax.eval_shape(run.create_state, root)
     shardings = mesh_lib.state_shardings(abstract, mesh)
     abstract = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -195,7 +167,7 @@ def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iter
         ckpt.close()
         raise
     if restored is None:
-        state = jax.jit(exp.create_state, out_shardings=shardings)(root)
+        state = jax.jit(run.create_state, out_shardings=shardings)(root)
         start = 0
     else:
         start, state, data_state = restored.step, restored.state, restored.data_state
@@ -208,16 +180,27 @@ def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iter
               "nothing to train (raise --config.train.num_steps to go on).", file=sys.stderr)
 
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    step_fn = jax.jit(make_train_step(exp.model, exp.schedule, exp.optim, exp.loss, exp.tx),
+    step_fn = jax.jit(make_train_step(family, run.optim, run.tx),
                       in_shardings=(shardings, batch_sharding, mesh_lib.replicated(mesh)),
                       out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
     writer = MetricWriter(workdir, resume_step=start, enabled=lead)
-    grid = _GridSampler(exp, workdir, writer) if lead else None
+    grid = _GridSampler(family, workdir, writer) if lead and family.generates else None
 
     data_state = iterator.get_state()
-    hp = hparams(exp.loss)
+    hp = family.hparams()
+    watch = _fresh_watch()
+
+    def guard():
+        """Stops the run if any step so far was not finite: called before every save, grid and
+        log line, so no checkpoint ever holds a diverged state (the metrics stay on the
+        devices in between: no host sync per step)."""
+        w = jax.device_get(watch)
+        if not w["ok"]:
+            raise NonFiniteLossError(_divergence(w["bad"], int(w["step"]), ckpt.latest_good(),
+                                                 run.optim.learning_rate))
 
     def save(step):
+        guard()
         ckpt.save(step, state, data_state, config_dict)
 
     stop: dict = {}
@@ -230,7 +213,7 @@ def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iter
     step = start
 
     def next_batch():
-        local = {k: v for k, v in next(iterator).items() if k in BATCH_KEYS}
+        local = {k: v for k, v in next(iterator).items() if k in family.batch_keys}
         return mesh_lib.global_batch(local, mesh)
 
     try:
@@ -243,13 +226,12 @@ def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iter
                 n_log += 1
                 if step < tcfg.num_steps:
                     batch = next_batch()  # read on the host while the step runs
-                metrics = jax.device_get(metrics)
-                if not _finite(metrics):
-                    raise NonFiniteLossError(_divergence(metrics, step, ckpt.latest_good(),
-                                                         exp.optim.learning_rate))
-                del metrics["params_finite"]
+                watch = _watch(watch, metrics, jnp.int32(step))
                 bar.update(1)
                 if step % tcfg.log_every == 0 or step == tcfg.num_steps:
+                    guard()
+                    metrics = jax.device_get(metrics)
+                    del metrics["params_finite"], metrics["finite"]
                     now = time.perf_counter()
                     metrics["images_per_s"] = n_log * tcfg.batch_size / (now - t_log)
                     writer.scalars(step, metrics)
@@ -260,6 +242,7 @@ def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iter
                     save(step)
                 if grid is not None and tcfg.sample_every and step % tcfg.sample_every == 0 \
                         and step != tcfg.num_steps:
+                    guard()
                     grid(state, step)
                 if stop:
                     if lead:
@@ -267,6 +250,7 @@ def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iter
                               f"saved. Run the same command to resume.", file=sys.stderr)
                     break
             else:
+                guard()
                 if grid is not None and tcfg.sample_every and step > start:
                     grid(state, step)
     except Interrupted as e:
@@ -282,42 +266,41 @@ def _train_locked(exp: "Experiment", config_dict: dict, workdir: str, mesh, iter
         latest = ckpt.latest_good()
         ckpt.close()
     if lead and not stop:
-        _print_summary(exp, workdir, os.path.join(ckpt.directory, str(latest)))
+        _print_summary(family, workdir, os.path.join(ckpt.directory, str(latest)))
     return state
 
 
-def _print_summary(exp: "Experiment", workdir: str, checkpoint: str) -> None:
-    """Where the run's results are, and the sampling command that comes next."""
+def _print_summary(family: Family, workdir: str, checkpoint: str) -> None:
+    """Where the run's results are, and the command that comes next."""
     samples = os.path.join(workdir, "samples")
     grids = sorted(f for f in os.listdir(samples) if f.endswith(".png")) if os.path.isdir(samples) else []
     grid = f"; newest sample grid {os.path.join(samples, grids[-1])}" if grids else ""
-    print(f"[t2i_jax] done: checkpoint {checkpoint}{grid}.\n[t2i_jax] next: python sample.py "
-          f"--workdir {shlex.quote(workdir)} --prompt {shlex.quote(exp.grid_prompts()[0])} "
-          f"--outdir {shlex.quote(os.path.join(workdir, 'samples_out'))}", file=sys.stderr)
+    print(f"[t2i_jax] done: checkpoint {checkpoint}{grid}.\n[t2i_jax] next: "
+          f"{family.next_command(workdir)}", file=sys.stderr)
 
 
 class _GridSampler:
     """Every train.sample_every steps: a PNG grid (rows = the data set's fixed prompts) from the
     EMA parameters, to DIR/samples/step_<N>.png and to TensorBoard."""
 
-    def __init__(self, exp: Experiment, workdir: str, writer: MetricWriter):
-        cfg = exp.config
-        self.exp, self.writer = exp, writer
+    def __init__(self, family, workdir: str, writer: MetricWriter):
+        from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
+        cfg = family.config
+        self.family, self.writer = family, writer
         self.dir = os.path.join(workdir, "samples")
-        self.prompts = exp.grid_prompts()
+        self.prompts = family.grid_prompts()
         self.n = cfg.train.samples_per_prompt
-        self.cond = exp.prompt_condition([p for p in self.prompts for _ in range(self.n)])
-        self.w = float(cfg.sample.guidance_weight)
+        self.cond = family.conditioning.of_prompts([p for p in self.prompts for _ in range(self.n)])
+        guided = family.conditioning.guidable and float(cfg.sample.guidance_weight) != 0.0
+        self.w = float(cfg.sample.guidance_weight) if guided else 0.0
         self.rng = jax.random.fold_in(jax.random.key(cfg.seed), GRID_SEED_STREAM)
-        self.generate = make_generate_fn(exp.model, exp.schedule, exp.image_shape,
-                                         null_of(exp.model), SampleOptions.from_config(cfg.sample),
-                                         prediction=cfg.diffusion.prediction)
+        self.generate = make_generate_fn(family, SampleOptions.from_config(cfg.sample), guided)
 
     def __call__(self, state: TrainState, step: int) -> str:
         ids = jnp.arange(len(self.prompts) * self.n)
         x = self.generate(state.ema_params, self.cond, self.rng, self.w, ids)
         grid = images.make_grid(images.to_uint8(jax.device_get(x)), rows=len(self.prompts),
-                                scale=max(1, 64 // self.exp.image_shape[0]))
+                                scale=max(1, 64 // self.family.image_shape[0]))
         path = os.path.join(self.dir, f"step_{step:07d}.png")
         images.save_png(path, grid)
         self.writer.image(step, "samples", grid)

@@ -29,6 +29,7 @@ Reading a checkpoint needs orbax alone:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import glob
 import json
@@ -43,10 +44,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from t2i_jax.errors import os_advice, os_errno, short_cause
-from t2i_jax.training import integrity
+from t2i_jax import integrity
 
 # Parts of the config that fix the parameters' meaning: a resume must match them exactly.
-MODEL_KEYS = ("model", "diffusion", "data.image_size", "data.channels")
+MODEL_KEYS = ("family", "model", "diffusion", "data.image_size", "data.channels")
+DEFAULTS = {"family": "diffusion"}  # configs written before the key existed
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -98,7 +100,9 @@ def config_differences(stored: dict, current: dict) -> list[str]:
             out.append(f"{prefix}: {a!r} -> {b!r}")
 
     for key in MODEL_KEYS:
-        walk(_normalise(_get(stored, key)), _normalise(_get(current, key)), key)
+        a, b = _get(stored, key), _get(current, key)
+        a, b = (DEFAULTS.get(key) if a is None else a), (DEFAULTS.get(key) if b is None else b)
+        walk(_normalise(a), _normalise(b), key)
     return out
 
 
@@ -264,7 +268,7 @@ class Checkpointer:
 
     def restore(self, abstract_state: Union[Any, Callable[[dict], Any]],
                 check: Optional[Callable[[int, dict], None]] = None,
-                step: Optional[int] = None) -> Optional[Restored]:
+                step: Optional[int] = None, only: Optional[tuple] = None) -> Optional[Restored]:
         """The newest restorable checkpoint (or `step`), with arrays laid out as the abstract
         state's shardings say; None if there is no checkpoint.
 
@@ -272,6 +276,8 @@ class Checkpointer:
         returns them (a sampler rebuilds its model from the stored config). check(step, stored config)
         may raise IncompatibleCheckpointError, which is never taken for damage. Damaged steps
         are reported and skipped; CheckpointDamagedError if none is left.
+        only: names of TrainState fields to read (e.g. ("ema_params",) for sampling: the Adam
+        moments are never read); the state is then a dict of those fields.
         """
         candidates = [step] if step is not None else self.steps()[::-1]
         for s in candidates:
@@ -283,7 +289,14 @@ class Checkpointer:
                 if check is not None:
                     check(s, config)
                 abstract = abstract_state(config) if callable(abstract_state) else abstract_state
-                items = dict(state=ocp.args.StandardRestore(_as_tree(abstract)))
+                if only is None:
+                    items = dict(state=ocp.args.StandardRestore(_as_tree(abstract)))
+                else:
+                    tree = abstract if isinstance(abstract, dict) else _as_tree(abstract)
+                    part = {k: tree[k] for k in only}
+                    items = dict(state=ocp.args.PyTreeRestore(
+                        item=part, restore_args=ocp.checkpoint_utils.construct_restore_args(part),
+                        partial_restore=True))
                 if os.path.isdir(os.path.join(self.directory, str(s), "data")):
                     items["data"] = ocp.args.JsonRestore()
                 restored = self.manager.restore(s, args=ocp.args.Composite(**items))
@@ -301,7 +314,9 @@ class Checkpointer:
                 self.report(f"checkpoint {s} in {self.directory} cannot be restored ({why})"
                             + (f"; trying {older[0]}." if older else "."))
                 continue
-            return Restored(s, _from_tree(abstract, restored.state),
+            state = (_from_tree(abstract, restored.state) if only is None
+                     else {k: restored.state[k] for k in only})
+            return Restored(s, state,
                             restored.get("data") if "data" in items else None, config)
         if step is not None:
             others = [c for c in self.steps() if c != step]
@@ -337,9 +352,9 @@ def check_compatible(directory: str, step: int, stored: dict, config: dict) -> N
 
 
 def _as_tree(state) -> dict:
-    """The TrainState as a plain dict (the layout a user sees when restoring with orbax alone)."""
-    return dict(step=state.step, params=state.params, ema_params=state.ema_params,
-                opt_state=state.opt_state, rng=state.rng)
+    """The TrainState as a plain dict of its fields (params, ema_params, opt_state, step, rng:
+    the layout a user sees when restoring with orbax alone)."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
 def _host_tree(state) -> dict:
@@ -357,7 +372,9 @@ def _host_tree(state) -> dict:
 
 
 def _from_tree(template, tree: dict):
-    opt_state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template.opt_state),
-                                             jax.tree_util.tree_leaves(tree["opt_state"]))
-    return template.replace(step=tree["step"], params=tree["params"],
-                            ema_params=tree["ema_params"], opt_state=opt_state, rng=tree["rng"])
+    """The TrainState of `template`'s structure from the restored dict (orbax returns optax's
+    NamedTuples as plain containers: the leaves are put back into the template's structure)."""
+    return template.replace(**{
+        k: jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(getattr(template, k)),
+                                        jax.tree_util.tree_leaves(tree[k]))
+        for k in _as_tree(template)})

@@ -1,0 +1,147 @@
+"""How good a trained guide is, on a held-out split: a noisy classifier's accuracy, a CLIP's
+zero-shot accuracy, each on clean images and by quarter of t.
+
+    python -m t2i_jax.evaluation.guides --workdir runs/digits_classifier
+    python -m t2i_jax.evaluation.guides --workdir runs/digits_clip
+
+Noisy images: each test image is noised to x_t = q_sample(x0, t, noise) at a t drawn uniformly
+in each quarter of [0, T) (fixed keys: the numbers are reproducible). Clean: x0 itself, t = 0.
+A CLIP's zero-shot classifier is the text embedding of each class's captions, averaged over the
+data set's phrasings of it ("7", "seven", "a handwritten digit seven", "数字七", ...: CLIP's
+prompt ensembling), and each phrasing alone. Writes WORKDIR/eval/guide.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2i_jax import files
+from t2i_jax.diffusion import forward
+
+CHUNK = 256
+
+
+def _noisy_sets(family, x0: np.ndarray, seed: int):
+    """[(name, x_t [N, ...], t [N])]: clean, then one set per quarter of [0, T)."""
+    T = family.schedule.num_timesteps
+    n = x0.shape[0]
+    out = [("clean (t = 0)", jnp.asarray(x0), jnp.zeros((n,), jnp.int32))]
+    key = jax.random.fold_in(jax.random.key(seed), 5)
+    for q in range(4):
+        kq = jax.random.fold_in(key, q)
+        t = jax.random.randint(jax.random.fold_in(kq, 0), (n,), q * T // 4, (q + 1) * T // 4)
+        noise = jax.random.normal(jax.random.fold_in(kq, 1), x0.shape)
+        out.append((f"t in [{q * T // 4}, {(q + 1) * T // 4})",
+                    forward.q_sample(family.schedule, jnp.asarray(x0), t, noise), t))
+    return out
+
+
+def _chunked(fn, x, t) -> np.ndarray:
+    return np.concatenate([np.asarray(fn(x[i:i + CHUNK], t[i:i + CHUNK]))
+                           for i in range(0, x.shape[0], CHUNK)])
+
+
+def classifier_accuracy(family, params, split: dict, seed: int = 0) -> list:
+    """[{set, accuracy}] of a noisy classifier on the split's images and labels."""
+    logits = jax.jit(lambda x, t: family.logits(params, x, t))
+    rows = []
+    for name, x_t, t in _noisy_sets(family, split["image"], seed):
+        pred = _chunked(lambda a, b: jnp.argmax(logits(a, b), -1), x_t, t)
+        rows.append(dict(set=name, accuracy=float(np.mean(pred == split["label"]))))
+    return rows
+
+
+def class_phrasings(split: dict, num_classes: int) -> list:
+    """Per class, the distinct captions the split gives its images, in the data set's order."""
+    out = [[] for _ in range(num_classes)]
+    for label, caps in zip(split["label"], split["captions"]):
+        for c in caps:
+            if c not in out[int(label)]:
+                out[int(label)].append(c)
+    missing = [k for k, p in enumerate(out) if not p]
+    if missing:
+        raise ValueError(f"classes {missing} have no image in the split: zero-shot accuracy needs "
+                         "every class.")
+    return out
+
+
+def clip_zero_shot(family, params, split: dict, class_names, seed: int = 0) -> list:
+    """[{set, accuracy (ensemble of phrasings), accuracy per phrasing}] of a CLIP."""
+    from t2i_jax.models import text
+    phrasings = class_phrasings(split, len(class_names))
+    n_phr = min(len(p) for p in phrasings)
+
+    def text_embeddings(prompts):
+        toks = text.tokenize(prompts, family.max_length, warn=False)
+        return family.embed_text(params, jnp.asarray(toks.ids), jnp.asarray(toks.mask))
+
+    per_phrasing = [text_embeddings([p[j] for p in phrasings]) for j in range(n_phr)]  # [K, E]
+    ensemble = jnp.mean(jnp.stack(per_phrasing), 0)
+    ensemble = ensemble / jnp.linalg.norm(ensemble, axis=-1, keepdims=True)
+    embed = jax.jit(lambda x, t: family.embed_image(params, x, t))
+    rows = []
+    for name, x_t, t in _noisy_sets(family, split["image"], seed):
+        z = jnp.asarray(_chunked(embed, x_t, t))                                   # [N, E]
+        acc = lambda e: float(np.mean(np.argmax(np.asarray(z @ e.T), -1) == split["label"]))  # noqa: E731
+        rows.append(dict(set=name, accuracy=acc(ensemble),
+                         by_phrasing={phrasings[0][j]: acc(e) for j, e in enumerate(per_phrasing)}))
+    return rows
+
+
+def evaluate(workdir: str, split: str = "test", seed: int = 0, out: Optional[str] = None) -> dict:
+    from t2i_jax import data as data_lib
+    from t2i_jax.sampling.load import load_trained
+    trained = load_trained(workdir)
+    family = trained.family
+    if family.name not in ("noisy_classifier", "contrastive"):
+        raise ValueError(f"{workdir} holds a {family.name} model; this evaluates guides (a "
+                         "noisy_classifier or contrastive workdir).")
+    data = data_lib.load_split(family.config.data, split)
+    if family.name == "noisy_classifier":
+        rows = classifier_accuracy(family, trained.params, data, seed)
+    else:
+        rows = clip_zero_shot(family, trained.params, data, family.conditioning.class_names
+                              or data_lib.class_names(family.config.data), seed)
+    result = dict(workdir=os.path.abspath(workdir), family=family.name, step=trained.step,
+                  split=split, num_images=int(data["image"].shape[0]), seed=seed, rows=rows)
+    path = out or os.path.join(workdir, "eval", "guide.json")
+    files.write_json(path, result)
+    return result
+
+
+def table(result: dict) -> str:
+    what = "accuracy" if result["family"] == "noisy_classifier" else "zero-shot accuracy"
+    lines = [f"| images | {what} |", "|---|---|"]
+    lines += [f"| {r['set']} | {r['accuracy']:.3f} |" for r in result["rows"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from t2i_jax.errors import ArgumentParser
+    p = ArgumentParser(prog="python -m t2i_jax.evaluation.guides", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a noisy_classifier or contrastive run")
+    p.add_argument("--split", default="test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="the JSON file (default WORKDIR/eval/guide.json)")
+    a = p.parse_args(argv)
+    if a.seed < 0:
+        p.error(f"--seed must be >= 0, got {a.seed}.")
+    result = evaluate(a.workdir, a.split, a.seed, a.out)
+    print(f"{result['family']} {a.workdir} step {result['step']}, {result['num_images']} "
+          f"{a.split} images:\n" + table(result))
+    print(json.dumps(result["rows"]), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from t2i_jax.errors import Boundary
+    Boundary("guides").exit(main, sys.argv[1:])

@@ -1,0 +1,35 @@
+"""Families: the trainable kinds of model, picked by `config.family` (default "diffusion").
+
+    family = families.build(config)
+
+diffusion         a Denoiser (text-, class- or un-conditional) with the DDPM loss and CFG dropout
+noisy_classifier  ADM's classifier of noisy images, p(y | x_t, t)
+contrastive       a CLIP whose image tower reads (x_t, t), for SDG guidance and clean scoring
+"""
+
+from __future__ import annotations
+
+from t2i_jax.families.base import Family
+from t2i_jax.families.contrastive import Contrastive
+from t2i_jax.families.diffusion import Diffusion
+from t2i_jax.families.noisy_classifier import NoisyClassifierFamily
+
+FAMILIES = {"diffusion": Diffusion, "noisy_classifier": NoisyClassifierFamily,
+            "contrastive": Contrastive}
+
+
+def name_of(config) -> str:
+    """The family of a config; configs (and checkpoints) from before families were diffusion."""
+    return config.get("family", "diffusion") if hasattr(config, "get") else "diffusion"
+
+
+def build(config) -> Family:
+    name = name_of(config)
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r} (config.family); choose one of "
+                         f"{sorted(FAMILIES)}.")
+    return FAMILIES[name].from_config(config)
+
+
+__all__ = ["FAMILIES", "Family", "Diffusion", "NoisyClassifierFamily", "Contrastive", "build",
+           "name_of"]

@@ -1,0 +1,79 @@
+"""What every family (trainable kind of model) gives the one training loop and sampling.
+
+A family is built from a config (`families.build(config)`) and supplies only what differs
+between kinds of model: how to init its parameters, the per-example loss of a batch with its
+metrics, a progress preview, and the condition it reads. Everything else (sharding, the
+optimizer, EMA, checkpoints, exact resume, SIGTERM, the NaN guard, metrics) is the loop's, the
+same for every family (google-research/vdm's Experiment, big_vision's model-by-name). A family
+knows nothing of optimizers or train states: training builds those around `init_params`, and
+sampling rebuilds the parameters' shapes from `init_params` alone.
+
+Randomness: `loss` gets the step's key, fold_in(root, step); a family folds in its own streams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from t2i_jax.conditioning import Conditioning
+
+
+@dataclasses.dataclass
+class Family:
+    """The base of every family; subclasses fill in the model and the methods below."""
+    config: Any
+    conditioning: Conditioning
+    image_shape: tuple
+
+    name = "?"
+    # The batch entries the loss reads (the data pipeline may give more).
+    batch_keys: tuple = ("image", "tokens", "mask", "label")
+
+    @property
+    def max_length(self) -> int:
+        return self.conditioning.max_length
+
+    @property
+    def text_length(self):
+        """Tokens per caption the data pipeline makes, or None for a model that reads no text."""
+        return self.conditioning.max_length if self.conditioning.kind == "text" else None
+
+    # --- what a family must supply -------------------------------------------------------
+    def init_params(self, key: jax.Array):
+        raise NotImplementedError
+
+    def loss(self, params, batch: dict, key: jax.Array, hp: dict):
+        """Returns (per-example loss [B], metrics: dict of scalars) for one training batch."""
+        raise NotImplementedError
+
+    def hparams(self) -> dict:
+        """Traced scalar hyperparameters of the loss (values, not program constants)."""
+        return {}
+
+    def next_command(self, workdir: str) -> str:
+        """The command a user runs after training (train.py prints it)."""
+        import shlex
+        return f"python -m t2i_jax.evaluation.guides --workdir {shlex.quote(workdir)}"
+
+    # Whether the family generates images (training previews them as grids; sample.py runs it).
+    generates = False
+
+
+
+def image_shape(config) -> tuple:
+    return (config.data.image_size, config.data.image_size, config.data.channels)
+
+
+def quarter_means(per_example: jax.Array, t: jax.Array, num_timesteps: int, name: str) -> dict:
+    """{name_q0..q3: the mean of per_example over the examples whose t is in each quarter of
+    [0, T)} (NaN where a quarter has none)."""
+    quarter = (t * 4) // num_timesteps
+    out = {}
+    for q in range(4):
+        in_q = (quarter == q).astype(jnp.float32)
+        out[f"{name}_q{q}"] = jnp.sum(per_example * in_q) / jnp.sum(in_q)
+    return out

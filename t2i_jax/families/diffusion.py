@@ -1,0 +1,145 @@
+"""The diffusion family: a Denoiser trained with the eps (or x0 / v) loss of DDPM on q_sample
+draws, with classifier-free guidance's condition dropout (Ho et al. 2020; Ho & Salimans 2022).
+
+Its condition is text, a class label or nothing (`config.model`: text=None and
+unet.num_classes=None make an unconditional model, as ADM and SDG guide).
+
+Per step (key = fold_in(root, step), each purpose its own stream):
+  t ~ U{0..T-1}, noise ~ N(0, I), x_t = q_sample(x0, t, noise), cond -> null with probability
+  p_uncond, loss = weighted MSE of the model's output against the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import jax
+import jax.numpy as jnp
+
+from t2i_jax import conditioning
+from t2i_jax.conditioning import Condition, Conditioning
+from t2i_jax.diffusion import forward, losses, make_schedule
+from t2i_jax.diffusion.schedules import Schedule
+from t2i_jax.families.base import Family, image_shape, quarter_means
+from t2i_jax.models.denoiser import Denoiser, Encoded, ModelConfig
+
+# Streams of the per-step key: never reused for two purposes.
+_T, _NOISE, _DROP, _DROPOUT = 0, 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    prediction: str = "eps"
+    weighting: str = "uniform"
+    min_snr_gamma: float = 5.0
+    p_uncond: float = 0.1
+
+
+def schedule_of(config) -> Schedule:
+    """The diffusion schedule of `config.diffusion` (shared with the guides trained for it)."""
+    d = config.diffusion
+    return make_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr)
+
+
+def conditioning_of(model_cfg: ModelConfig, data_cfg) -> Conditioning:
+    """What a Denoiser of `model_cfg` is conditioned on: the one place that decides it."""
+    from t2i_jax import data as data_lib
+    if model_cfg.text is not None:
+        return Conditioning("text", max_length=model_cfg.text.max_length, dataset=data_cfg.name)
+    if model_cfg.unet.num_classes is not None:
+        names = tuple(data_lib.class_names(data_cfg) or ())
+        if names and len(names) != model_cfg.unet.num_classes:
+            raise ValueError(f"model.unet.num_classes={model_cfg.unet.num_classes} but "
+                             f"{data_cfg.name} has {len(names)} classes.")
+        return Conditioning("label", class_names=names, dataset=data_cfg.name)
+    return Conditioning("none", dataset=data_cfg.name)
+
+
+@dataclasses.dataclass
+class Diffusion(Family):
+    model: Denoiser = None
+    schedule: Schedule = None
+    loss_cfg: LossConfig = None
+
+    name = "diffusion"
+    generates = True
+
+    @classmethod
+    def from_config(cls, config) -> "Diffusion":
+        model = Denoiser(ModelConfig.from_config(config.model))
+        d, t = config.diffusion, config.train
+        if not 0.0 <= t.p_uncond <= 1.0:
+            raise ValueError(f"train.p_uncond must be in [0, 1], got {t.p_uncond}.")
+        loss_cfg = LossConfig(prediction=d.prediction, weighting=t.loss_weighting,
+                              min_snr_gamma=t.min_snr_gamma, p_uncond=t.p_uncond)
+        if model.cfg.unet.out_channels != config.data.channels:
+            raise ValueError(f"model.unet.out_channels={model.cfg.unet.out_channels} must equal "
+                             f"data.channels={config.data.channels}.")
+        return cls(config=config, conditioning=conditioning_of(model.cfg, config.data),
+                   image_shape=image_shape(config), model=model, schedule=schedule_of(config),
+                   loss_cfg=loss_cfg)
+
+    @property
+    def max_length(self) -> int:
+        return self.conditioning.max_length
+
+    @property
+    def prediction(self) -> str:
+        return self.loss_cfg.prediction
+
+    def null(self) -> Condition:
+        return self.conditioning.null(1)
+
+    def init_params(self, key: jax.Array):
+        x = jnp.zeros((1,) + self.image_shape, jnp.float32)
+        t = jnp.zeros((1,), jnp.int32)
+        return self.model.init({"params": key, "dropout": key}, x, t, self.null())
+
+    def hparams(self) -> dict:
+        return dict(p_uncond=jnp.asarray(self.loss_cfg.p_uncond, jnp.float32))
+
+    def loss(self, params, batch: dict, key: jax.Array, hp: dict):
+        x0 = batch["image"]                                        # [B, H, W, C]
+        n, T = x0.shape[0], self.schedule.num_timesteps
+        t = jax.random.randint(jax.random.fold_in(key, _T), (n,), 0, T)
+        noise = jax.random.normal(jax.random.fold_in(key, _NOISE), x0.shape, x0.dtype)
+        x_t = forward.q_sample(self.schedule, x0, t, noise)
+        cond = conditioning.drop_condition(self.conditioning.of_batch(batch), self.null(),
+                                           jax.random.fold_in(key, _DROP), hp["p_uncond"])
+        out = self.model.apply(params, x_t, t, cond, deterministic=False,
+                               rngs={"dropout": jax.random.fold_in(key, _DROPOUT)})
+        c = self.loss_cfg
+        per_example = losses.per_example_loss(self.schedule, out, x0, t, noise,
+                                              prediction=c.prediction, weighting=c.weighting,
+                                              min_snr_gamma=c.min_snr_gamma)  # [B]
+        metrics = quarter_means(per_example, t, T, "loss")
+        if self.conditioning.guidable:
+            metrics["null_fraction"] = jnp.mean(cond.is_null.astype(jnp.float32))
+        return per_example, metrics
+
+    # --- what sampling needs ----------------------------------------------------------
+    def encode(self, params, cond: Condition) -> Encoded:
+        """The condition through the text encoder: once per sampling run, not per step."""
+        return self.model.apply(params, cond, method=Denoiser.encode)
+
+    def denoise_fn(self, params):
+        """(x_t, t, enc: Encoded) -> the model's output, the form samplers.sample calls."""
+        return lambda x_t, t, enc: self.model.apply(params, x_t, t, enc, method=Denoiser.denoise)
+
+    def grid_prompts(self) -> list:
+        """The data set's fixed prompts for progress grids: captions, class names, or one
+        empty prompt for an unconditional model."""
+        from t2i_jax import data as data_lib
+        kind = self.conditioning.kind
+        if kind == "text":
+            return list(data_lib.sample_prompts(self.config.data))
+        if kind == "label":
+            return list(self.conditioning.class_names)
+        return [""] * 4  # unconditional: 4 rows of different draws
+
+    def next_command(self, workdir: str) -> str:
+        import os
+        import shlex
+        prompt = self.grid_prompts()[0]
+        return (f"python sample.py --workdir {shlex.quote(workdir)} --prompt {shlex.quote(prompt)}"
+                f" --outdir {shlex.quote(os.path.join(workdir, 'samples_out'))}")
+

@@ -1,0 +1,126 @@
+"""Gradient guides in the sampling chain (sampling/guides.py): scale 0 is the unguided chain,
+images do not depend on the device count or the batch size with every guide on, a sweep over
+scales is one program, and a guide that does not fit the model is refused before anything is
+written. Small random models: what is tested is the mechanism, not a trained guide's quality
+(docs/results.md has that)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t2i_jax import families
+from t2i_jax.sampling import guides as guides_lib, job as job_lib
+from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
+from t2i_jax.sampling.load import Trained
+
+from runs import tiny  # noqa: E402
+
+OPTIONS = SampleOptions("ddim", 3, eta=0.5)
+
+
+def _trained(cfg, name, seed):
+    fam = families.build(cfg)
+    params = fam.init_params(jax.random.key(seed))
+    # Give the zero-initialised output layers weights: outputs and gradients depend on x and t.
+    params = jax.tree_util.tree_map(
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(seed + 1), x.shape), params)
+    return Trained(fam, params, 0, "ema", f"/runs/{name}")
+
+
+@pytest.fixture(scope="module")
+def models(data_dir):
+    model = _trained(tiny(data_dir, "uncond"), "uncond", 0)
+    classifier = _trained(tiny(data_dir, "noisy_classifier"), "classifier", 2)
+    clip = _trained(tiny(data_dir, "contrastive"), "clip", 4)
+    ref = np.linspace(-1, 1, 16 * 16, dtype=np.float32).reshape(16, 16, 1)
+    guides = [guides_lib.Guide("classifier", classifier, 1.0),
+              guides_lib.Guide("clip_text", clip, 30.0),
+              guides_lib.Guide("clip_image", clip, 30.0, reference=ref)]
+    return model, guides
+
+
+def _call(generate, model, guides, prompts, scales, ids):
+    cond = model.family.conditioning.of_prompts(prompts)
+    rows = tuple(jax.tree_util.tree_map(jnp.asarray, g.rows(prompts)) for g in guides)
+    return np.asarray(generate(model.params, cond, jax.random.key(0), 0.0, jnp.asarray(ids),
+                               tuple(g.trained.params for g in guides), rows,
+                               jnp.asarray(scales, jnp.float32)))
+
+
+def test_guides_at_scale_0_give_the_unguided_images_and_a_sweep_is_one_program(models):
+    model, guides = models
+    prompts = ["3", "7", "3"]
+    plain = make_generate_fn(model.family, OPTIONS, guided=False)
+    x_plain = np.asarray(plain(model.params, model.family.conditioning.of_prompts(prompts),
+                               jax.random.key(0), 0.0, jnp.arange(3)))
+    guided = make_generate_fn(model.family, OPTIONS, guided=False, guides=guides)
+    np.testing.assert_array_equal(_call(guided, model, guides, prompts, [0, 0, 0], range(3)),
+                                  x_plain)
+    x_on = _call(guided, model, guides, prompts, [1.0, 30.0, 30.0], range(3))
+    assert np.abs(x_on - x_plain).max() > 1e-3  # the guides do move the chain
+    for scales in ([2.0, 0.0, 0.0], [0.0, 60.0, 0.0], [0.0, 0.0, 60.0]):
+        x = _call(guided, model, guides, prompts, scales, range(3))
+        assert np.abs(x - x_plain).max() > 1e-4, scales  # each guide alone does too
+    assert guided._cache_size() == 1  # 5 scale settings, one compilation
+
+
+def test_the_guidance_term_is_minus_sqrt_one_minus_abar_times_the_gradient(models):
+    """One step at t: eps~ - eps = -sqrt(1 - abar_t) * s * grad_x log p(y | x_t) (ADM eq. 14)."""
+    model, guides = models
+    classifier = guides[0]
+    fam = classifier.trained.family
+    x = jax.random.normal(jax.random.key(9), (2, 16, 16, 1))
+    t = jnp.asarray([500, 500])
+    y = jnp.asarray([3, 7])
+    total = guides_lib.guide_fn([classifier])
+    g = jax.grad(lambda v: jnp.sum(total((classifier.trained.params,), (y,), jnp.asarray([2.5]),
+                                         None, v, t)))(x)
+    log_p = fam.log_prob_fn(classifier.trained.params)
+    want = jax.grad(lambda v: jnp.sum(log_p(v, t, y)))(x) * 2.5
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(want).max()) > 0
+
+
+def test_guided_images_do_not_depend_on_devices_or_batch_size(models, tmp_path):
+    model, guides = models
+    spec = job_lib.JobSpec.create(model, ["3", "7"], num_per_prompt=4, guidance=(0.0,), seed=0,
+                                  options=OPTIONS, guides=guides)
+    a = job_lib.run_job(model, spec, str(tmp_path / "eight"), batch_size=8, progress=False,
+                        guides=guides)
+    b = job_lib.run_job(model, spec, str(tmp_path / "one"), batch_size=7, progress=False,
+                        guides=guides, devices=jax.devices()[:1])
+    assert a.num_images == b.num_images == 8
+    xa, rows = job_lib.load_images(str(tmp_path / "eight"))
+    xb, _ = job_lib.load_images(str(tmp_path / "one"))
+    np.testing.assert_array_equal(xa, xb)
+    assert rows[0]["guides"] == [g.record() for g in guides]
+    # Another guide scale in the same outdir is another job: refused, nothing overwritten.
+    other = [guides_lib.Guide(g.kind, g.trained, g.scale * 2, g.image, g.reference) for g in guides]
+    spec2 = job_lib.JobSpec.create(model, ["3", "7"], num_per_prompt=4, guidance=(0.0,), seed=0,
+                                   options=OPTIONS, guides=other)
+    with pytest.raises(job_lib.JobMismatchError, match="guides"):
+        job_lib.run_job(model, spec2, str(tmp_path / "eight"), progress=False, guides=other)
+
+
+def test_a_guide_for_another_model_and_bad_prompts_are_refused(data_dir, models):
+    model, guides = models
+    classifier = guides[0].trained
+    for key, value, words in (("data.image_size", 32, "data.image_size: 32 (guide) vs 16"),
+                              ("data.channels", 3, "data.channels: 3 (guide) vs 1"),
+                              ("data.name", "shapes", "data.name: 'shapes' (guide)"),
+                              ("diffusion.schedule", "linear", "diffusion.schedule: 'linear'")):
+        fam = families.build(tiny(data_dir, "noisy_classifier"))
+        section, name = key.split(".")
+        fam.config = fam.config.copy_and_resolve_references()
+        fam.config[section][name] = value  # what the stored config of such a guide would say
+        other = Trained(fam, classifier.params, 0, "ema", "/runs/other")
+        with pytest.raises(ValueError, match=re.escape(words)):
+            guides_lib.check_matches(other, model, "--classifier")
+    with pytest.raises(ValueError, match=r"\['seven'\] are not class names.*'0', '1'"):
+        guides[0].rows(["3", "seven"])
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            guides_lib.check_scale("--clip_scale", bad)

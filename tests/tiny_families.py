@@ -1,0 +1,38 @@
+"""Tiny configs of every family on the embedded digits (seconds per run), for the tests that
+every family must pass (tests/test_families.py) and the guide tests (tests/test_guides.py).
+
+    get_config("diffusion" | "uncond" | "noisy_classifier" | "contrastive")
+"""
+
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import tiny_config  # noqa: E402
+
+ENCODER = dict(out_channels=1, channels=8, channel_mult=(1, 2), num_res_blocks=1,
+               attention_levels=(), mid_attention=False, num_heads=2, num_groups=4, dropout=0.0)
+
+
+def get_config(name="diffusion"):
+    config = tiny_config.get_config()
+    if name == "uncond":
+        config.model.text = None
+        config.train.p_uncond = 0.0
+        config.sample.guidance_weight = 0.0
+    elif name == "noisy_classifier":
+        config.family = name
+        config.model = ml_collections.ConfigDict(dict(encoder=dict(ENCODER)))
+    elif name == "contrastive":
+        config.family = name
+        config.model = ml_collections.ConfigDict(dict(
+            image=dict(ENCODER), embed_dim=16,
+            text=dict(max_length=32, width=16, num_layers=1, num_heads=2, mlp_ratio=2,
+                      attention_impl="einsum", dtype="float32")))
+        config.train.clean_fraction = 0.25
+    elif name != "diffusion":
+        raise ValueError(name)
+    return config
