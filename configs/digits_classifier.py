@@ -31,4 +31,6 @@ def get_config():
     tr.ema_decay = 0.999
     tr.p_uncond = 0.0
     tr.sample_every = 0
+    # sample.py --classifier's default scale: the best of the sweep in docs/results.md
+    config.guide = ml_collections.ConfigDict(dict(classifier_scale=3.0))
     return config

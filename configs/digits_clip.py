@@ -37,4 +37,6 @@ def get_config():
     tr.p_uncond = 0.0
     tr.clean_fraction = 0.25
     tr.sample_every = 0
+    # sample.py --clip's default scales: the best of the sweeps in docs/results.md
+    config.guide = ml_collections.ConfigDict(dict(clip_text_scale=30.0, clip_image_scale=100.0))
     return config

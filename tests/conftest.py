@@ -108,3 +108,15 @@ def digits_evaluator(data_dir, tmp_path_factory):
         ev_lib.save_evaluator(ev_lib.cache_path(str(d), cfg.data),
                               ev_lib.train_evaluator(cfg.data, steps=300))
     return ev_lib.load_or_train(cfg.data, str(_made_once(tmp_path_factory, "digits_evaluator", make)))
+
+
+@pytest.fixture(scope="session")
+def straight_runs(data_dir, tmp_path_factory, tiny_run):
+    """{family: (state after 4 steps on 8 devices, workdir with checkpoints 2 and 4)}."""
+    from runs import restore_step, run, tiny
+    out = {"diffusion": tiny_run}
+    for name in ("noisy_classifier", "contrastive"):
+        wd = _made_once(tmp_path_factory, f"straight_{name}",
+                        lambda p, name=name: run(tiny(data_dir, name), p))
+        out[name] = (restore_step(tiny(data_dir, name), wd, 4), wd)
+    return out

@@ -48,3 +48,14 @@ def assert_trees_equal(a, b):
 def assert_trees_close(a, b, atol):
     for x, y in zip(leaves(a), leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=0, atol=atol)
+
+
+def restore_step(cfg, wd, step):
+    """The TrainState of checkpoint `step` of workdir `wd` (a read-only restore)."""
+    from t2i_jax import checkpoint as ckpt_lib
+    r = loop.Run.from_config(cfg)
+    ck = ckpt_lib.Checkpointer(str(wd / "checkpoints"), read_only=True)
+    try:
+        return ck.restore(jax.eval_shape(r.create_state, jax.random.key(0)), step=step).state
+    finally:
+        ck.close()

@@ -38,3 +38,21 @@ def test_missing_or_bad_config_files_are_named(tmp_path):
     bad.write_text("x = 1\n")
     with pytest.raises(ValueError, match="no get_config"):
         load_config(str(bad))
+
+
+def test_tuned_cpu_flags_apply_only_when_the_backend_is_the_cpu(monkeypatch):
+    import importlib.util
+    from t2i_jax import xla_flags
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert xla_flags.apply_tuned_flags(verbose=False) is None and "XLA_FLAGS" not in os.environ
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert xla_flags.backend_is_cpu()
+    monkeypatch.delenv("JAX_PLATFORMS")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "libtpu" else real(name, *a))
+    assert not xla_flags.backend_is_cpu()  # a TPU plugin is installed: no CPU flags
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in xla_flags.ACCELERATOR_PLUGINS else real(name, *a))
+    assert xla_flags.apply_tuned_flags(verbose=False) == " ".join(xla_flags.TUNED_CPU_FLAGS)

@@ -20,30 +20,9 @@ from t2i_jax.families.contrastive import info_nce
 from t2i_jax.training import loop
 from t2i_jax.training.writers import read_metrics
 
-from runs import assert_trees_close, assert_trees_equal, run, tiny  # noqa: E402
+from runs import assert_trees_close, assert_trees_equal, restore_step as _restore, run, tiny  # noqa: E402
 
 FAMILIES = ("diffusion", "noisy_classifier", "contrastive")
-
-
-@pytest.fixture(scope="session")
-def straight_runs(data_dir, tmp_path_factory, tiny_run):
-    """{family: (state after 4 steps on 8 devices, workdir with checkpoints 2 and 4)}."""
-    from conftest import _made_once
-    out = {"diffusion": tiny_run}
-    for name in FAMILIES[1:]:
-        wd = _made_once(tmp_path_factory, f"straight_{name}",
-                        lambda p, name=name: run(tiny(data_dir, name), p))
-        out[name] = (_restore(tiny(data_dir, name), wd, 4), wd)
-    return out
-
-
-def _restore(cfg, wd, step):
-    r = loop.Run.from_config(cfg)
-    ck = ckpt_lib.Checkpointer(str(wd / "checkpoints"), read_only=True)
-    try:
-        return ck.restore(jax.eval_shape(r.create_state, jax.random.key(0)), step=step).state
-    finally:
-        ck.close()
 
 
 def _from_step_2(wd4, tmp_path, name):

@@ -124,3 +124,51 @@ def test_a_guide_for_another_model_and_bad_prompts_are_refused(data_dir, models)
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="finite number >= 0"):
             guides_lib.check_scale("--clip_scale", bad)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--rerank", "0", "--clip", "X"], "--rerank must be >= 1"),
+    (["--image_scale", "3"], "--image_scale needs --clip DIR"),
+    (["--guide_image", "x.png"], "--guide_image needs --clip DIR"),
+    (["--rerank", "4"], "--rerank needs --clip DIR"),
+    (["--classifier", "X", "--classifier_scale", "-1"], "--classifier_scale must be a finite number >= 0"),
+    (["--clip", "X", "--clip_scale", "nan"], "--clip_scale must be a finite number >= 0"),
+    (["--clip_scale", "2"], "--clip_scale needs --clip DIR"),
+])
+def test_sample_py_refuses_bad_guide_options_before_anything_is_written(tmp_path, capfd, extra,
+                                                                       words):
+    import sample as sample_cli
+    from test_faults import cli
+    out = tmp_path / "o"
+    code, err = cli(capfd, sample_cli.run, ["--workdir", "W", "--prompt", "3", "--outdir",
+                                            str(out), *extra])
+    assert code == 2 and len(err) == 1 and words in err[0], err
+    assert not out.exists()
+
+
+def test_sample_py_refuses_a_guide_of_the_wrong_family_or_an_unreadable_image(
+        tiny_workdir, straight_runs, tmp_path, capfd):
+    import sample as sample_cli
+    from test_faults import cli
+    clip_wd = str(straight_runs["contrastive"][1])
+    classifier_wd = str(straight_runs["noisy_classifier"][1])
+    bad_image = tmp_path / "not_an_image.png"
+    bad_image.write_text("no pixels here")
+    out = tmp_path / "o"
+    base = ["--workdir", tiny_workdir, "--prompt", "3", "--num_per_prompt", "2", "--outdir",
+            str(out), "--no_progress"]
+    for extra, words in (
+            (["--classifier", clip_wd], ["holds a contrastive model, not a noisy_classifier",
+                                         "pass it as --clip"]),
+            (["--clip", classifier_wd], ["holds a noisy_classifier model, not a contrastive",
+                                         "pass it as --classifier"]),
+            (["--clip", clip_wd, "--guide_image", str(bad_image)],
+             ["--guide_image", "is not a readable image"]),
+            (["--clip", clip_wd, "--guide_image", str(tmp_path / "missing.png")],
+             ["--guide_image", "does not exist"]),
+            # a prompt that is not a class name: the classifier has nothing to guide toward
+            (["--classifier", classifier_wd, "--prompt", "seven"],
+             ["['seven'] are not class names", "'0', '1', '2'"])):
+        code, err = cli(capfd, sample_cli.run, base + extra)
+        assert code == 1 and all(w in err[-1] for w in words), (extra, err)
+        assert not (out / "job.json").exists()

@@ -3,6 +3,7 @@ zero-shot accuracy, each on clean images and by quarter of t.
 
     python -m t2i_jax.evaluation.guides --workdir runs/digits_classifier
     python -m t2i_jax.evaluation.guides --workdir runs/digits_clip
+    python -m t2i_jax.evaluation.guides --workdir runs/digits_clip --job out/samples   # CLIP score
 
 Noisy images: each test image is noised to x_t = q_sample(x0, t, noise) at a t drawn uniformly
 in each quarter of [0, T) (fixed keys: the numbers are reproducible). Clean: x0 itself, t = 0.
@@ -96,6 +97,28 @@ def clip_zero_shot(family, params, split: dict, class_names, seed: int = 0) -> l
     return rows
 
 
+def clip_score(clip_workdir: str, job_dir: str) -> dict:
+    """The CLIP score of a finished sampling job: the mean cos(E_img(x0, 0), E_text(prompt)) of
+    its images (clean towers of the in-project CLIP), over the images whose prompt is not empty."""
+    from t2i_jax.sampling import guides as guides_lib, job as job_lib
+    from t2i_jax.sampling.load import load_trained
+    clip = load_trained(clip_workdir)
+    if clip.family.name != "contrastive":
+        raise ValueError(f"{clip_workdir} holds a {clip.family.name} model; the CLIP score needs "
+                         "a contrastive workdir.")
+    x, rows = job_lib.load_images(job_dir)
+    prompts = [r["prompt"] for r in rows]
+    text_rows = guides_lib.text_rows(clip, prompts)
+    score = guides_lib.clip_score_fn(clip.family)
+    x = x.astype(np.float32) / 127.5 - 1.0
+    s = np.concatenate([np.asarray(score(clip.params, x[i:i + CHUNK],
+                                         {k: v[i:i + CHUNK] for k, v in text_rows.items()}))
+                        for i in range(0, len(x), CHUNK)])
+    s = s[np.isfinite(s)]
+    return dict(job=os.path.abspath(job_dir), clip=os.path.abspath(clip_workdir),
+                clip_step=clip.step, n=int(s.size), clip_score=float(s.mean()) if s.size else None)
+
+
 def evaluate(workdir: str, split: str = "test", seed: int = 0, out: Optional[str] = None) -> dict:
     from t2i_jax import data as data_lib
     from t2i_jax.sampling.load import load_trained
@@ -132,9 +155,17 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="the JSON file (default WORKDIR/eval/guide.json)")
+    p.add_argument("--job", action="append", default=[], metavar="OUTDIR",
+                   help="print the CLIP score of this finished sample.py job instead (repeatable; "
+                        "--workdir is then the CLIP)")
     a = p.parse_args(argv)
     if a.seed < 0:
         p.error(f"--seed must be >= 0, got {a.seed}.")
+    if a.job:
+        for job in a.job:
+            r = clip_score(a.workdir, job)
+            print(f"{job}: CLIP score {r['clip_score']:.4f} over {r['n']} images")
+        return 0
     result = evaluate(a.workdir, a.split, a.seed, a.out)
     print(f"{result['family']} {a.workdir} step {result['step']}, {result['num_images']} "
           f"{a.split} images:\n" + table(result))
