@@ -1,8 +1,8 @@
 """Gradient guides in the sampling chain (sampling/guides.py): scale 0 is the unguided chain,
 images do not depend on the device count or the batch size with every guide on, a sweep over
 scales is one program, and a guide that does not fit the model is refused before anything is
-written. Small random models: what is tested is the mechanism, not a trained guide's quality
-(docs/results.md has that)."""
+written. Tiny models trained a few steps: what is tested is the mechanism, not a trained guide's
+quality (docs/results.md has that)."""
 
 import re
 
@@ -14,27 +14,20 @@ import pytest
 from t2i_jax import families
 from t2i_jax.sampling import guides as guides_lib, job as job_lib
 from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
-from t2i_jax.sampling.load import Trained
+from t2i_jax.sampling.load import Trained, load_trained
 
 from runs import tiny  # noqa: E402
 
 OPTIONS = SampleOptions("ddim", 3, eta=0.5)
 
 
-def _trained(cfg, name, seed):
-    fam = families.build(cfg)
-    params = fam.init_params(jax.random.key(seed))
-    # Give the zero-initialised output layers weights: outputs and gradients depend on x and t.
-    params = jax.tree_util.tree_map(
-        lambda x: x + 0.05 * jax.random.normal(jax.random.key(seed + 1), x.shape), params)
-    return Trained(fam, params, 0, "ema", f"/runs/{name}")
-
-
 @pytest.fixture(scope="module")
-def models(data_dir):
-    model = _trained(tiny(data_dir, "uncond"), "uncond", 0)
-    classifier = _trained(tiny(data_dir, "noisy_classifier"), "classifier", 2)
-    clip = _trained(tiny(data_dir, "contrastive"), "clip", 4)
+def models(tiny_workdir, straight_runs):
+    """The tiny text model (40 steps) and the tiny classifier and CLIP (4 steps) of the shared
+    session runs: restored, not initialised again (no extra compilations)."""
+    model = load_trained(tiny_workdir)
+    classifier = load_trained(str(straight_runs["noisy_classifier"][1]))
+    clip = load_trained(str(straight_runs["contrastive"][1]))
     ref = np.linspace(-1, 1, 16 * 16, dtype=np.float32).reshape(16, 16, 1)
     guides = [guides_lib.Guide("classifier", classifier, 1.0),
               guides_lib.Guide("clip_text", clip, 30.0),
@@ -76,10 +69,10 @@ def test_the_guidance_term_is_minus_sqrt_one_minus_abar_times_the_gradient(model
     t = jnp.asarray([500, 500])
     y = jnp.asarray([3, 7])
     total = guides_lib.guide_fn([classifier])
-    g = jax.grad(lambda v: jnp.sum(total((classifier.trained.params,), (y,), jnp.asarray([2.5]),
-                                         None, v, t)))(x)
+    g = jax.jit(jax.grad(lambda v: jnp.sum(total((classifier.trained.params,), (y,),
+                                                 jnp.asarray([2.5]), None, v, t))))(x)
     log_p = fam.log_prob_fn(classifier.trained.params)
-    want = jax.grad(lambda v: jnp.sum(log_p(v, t, y)))(x) * 2.5
+    want = jax.jit(jax.grad(lambda v: jnp.sum(log_p(v, t, y))))(x) * 2.5
     np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
     assert float(jnp.abs(want).max()) > 0
 
