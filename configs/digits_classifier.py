@@ -20,15 +20,9 @@ def get_config():
         encoder=dict(out_channels=1, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                      attention_levels=(), mid_attention=True, num_heads=4, num_groups=8,
                      dropout=0.1)))
-    tr = config.train
+    tr = config.train  # digits.py's schedule (3000 steps, lr 1e-3, cosine, EMA 0.999) otherwise
     tr.batch_size = 64
-    tr.num_steps = 3000
-    tr.learning_rate = 1e-3
-    tr.warmup_steps = 200
-    tr.lr_schedule = "cosine"
-    tr.end_lr_factor = 0.1
     tr.weight_decay = 0.05
-    tr.ema_decay = 0.999
     tr.p_uncond = 0.0
     tr.sample_every = 0
     # sample.py --classifier's default scale: the best of the sweep in docs/results.md

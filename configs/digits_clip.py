@@ -26,14 +26,8 @@ def get_config():
                    dropout=0.0),
         text=text,
         embed_dim=64))
-    tr = config.train
+    tr = config.train  # digits.py's schedule (3000 steps, lr 1e-3, cosine, EMA 0.999) otherwise
     tr.batch_size = 64
-    tr.num_steps = 3000
-    tr.learning_rate = 1e-3
-    tr.warmup_steps = 200
-    tr.lr_schedule = "cosine"
-    tr.end_lr_factor = 0.1
-    tr.ema_decay = 0.999
     tr.p_uncond = 0.0
     tr.clean_fraction = 0.25
     tr.sample_every = 0

@@ -79,10 +79,6 @@ class Diffusion(Family):
                    loss_cfg=loss_cfg)
 
     @property
-    def max_length(self) -> int:
-        return self.conditioning.max_length
-
-    @property
     def prediction(self) -> str:
         return self.loss_cfg.prediction
 

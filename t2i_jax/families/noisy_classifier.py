@@ -27,9 +27,8 @@ from t2i_jax.models.unet import UNetConfig
 _T, _NOISE, _DROPOUT = 0, 1, 3
 
 
-def classifier_config(config) -> ClassifierConfig:
-    from t2i_jax import data as data_lib
-    names = data_lib.class_names(config.data)
+def classifier_config(config, names) -> ClassifierConfig:
+    """The network of `config.model.encoder` over the data set's classes `names`."""
     if not names:
         raise ValueError(f"a noisy classifier needs class labels; the data set "
                          f"{config.data.name} has none. Use one that has them (digits).")
@@ -49,8 +48,8 @@ class NoisyClassifierFamily(Family):
     @classmethod
     def from_config(cls, config) -> "NoisyClassifierFamily":
         from t2i_jax import data as data_lib
-        cfg = classifier_config(config)
-        names = tuple(data_lib.class_names(config.data))
+        names = tuple(data_lib.class_names(config.data) or ())
+        cfg = classifier_config(config, names)
         return cls(config=config, conditioning=Conditioning("label", class_names=names,
                                                             dataset=config.data.name),
                    image_shape=image_shape(config), model=NoisyClassifier(cfg),
