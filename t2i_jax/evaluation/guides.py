@@ -9,7 +9,11 @@ Noisy images: each test image is noised to x_t = q_sample(x0, t, noise) at a t d
 in each quarter of [0, T) (fixed keys: the numbers are reproducible). Clean: x0 itself, t = 0.
 A CLIP's zero-shot classifier is the text embedding of each class's captions, averaged over the
 data set's phrasings of it ("7", "seven", "a handwritten digit seven", "数字七", ...: CLIP's
-prompt ensembling), and each phrasing alone. Writes WORKDIR/eval/guide.json and prints a table.
+prompt ensembling), and each phrasing alone. A CLIP of `shapes` (no classes) is scored by
+attribute retrieval instead: for each shape of each image, its full caption with that shape's
+colour (shape) set to each of the 5 colours (3 shapes) in turn; the accuracy is the fraction of
+these candidate sets in which the true caption is the closest (chance 0.2 and 0.33). Writes
+WORKDIR/eval/guide.json and prints a table.
 """
 
 from __future__ import annotations
@@ -97,6 +101,57 @@ def clip_zero_shot(family, params, split: dict, class_names, seed: int = 0) -> l
     return rows
 
 
+RETRIEVED = ("colour", "shape")  # shapes' attributes whose retrieval accuracy is reported
+
+
+def attribute_candidates(split: dict) -> dict:
+    """For shapes: {attribute: (image index [G], candidate captions [G][V], true value [G])}, one
+    group per shape of each image, the candidates being the image's full caption with that
+    shape's attribute set to each of its V values."""
+    from t2i_jax.data import shapes
+    values = dict(colour=shapes.COLOURS, shape=shapes.SHAPES)
+    out = {a: ([], [], []) for a in RETRIEVED}
+    for i in range(len(split["num_shapes"])):
+        attrs = dict(num_shapes=int(split["num_shapes"][i]), relation=int(split["relation"][i]),
+                     **{k: [int(v) for v in split[k][i]] for k in ("colour", "shape", "size")})
+        for k in range(attrs["num_shapes"]):
+            for a in RETRIEVED:
+                caps = []
+                for v in range(len(values[a])):
+                    changed = dict(attrs, **{a: list(attrs[a])})
+                    changed[a][k] = v
+                    caps.append(shapes.captions(changed)[0])
+                out[a][0].append(i)
+                out[a][1].append(caps)
+                out[a][2].append(attrs[a][k])
+    return {a: (np.asarray(i), c, np.asarray(v)) for a, (i, c, v) in out.items()}
+
+
+def clip_attribute_retrieval(family, params, split: dict, seed: int = 0) -> list:
+    """[{set, accuracy (mean of the attributes'), colour_accuracy, shape_accuracy}] of a shapes
+    CLIP, clean and by quarter of t (attribute_candidates)."""
+    from t2i_jax.models import text
+    groups = attribute_candidates(split)
+    unique = sorted({c for _, caps, _ in groups.values() for cs in caps for c in cs})
+    where = {c: j for j, c in enumerate(unique)}
+    toks = text.tokenize(unique, family.max_length, warn=False)
+    z_txt = np.concatenate([np.asarray(family.embed_text(params, jnp.asarray(toks.ids[i:i + CHUNK]),
+                                                         jnp.asarray(toks.mask[i:i + CHUNK])))
+                            for i in range(0, len(unique), CHUNK)])             # [U, E]
+    embed = jax.jit(lambda x, t: family.embed_image(params, x, t))
+    rows = []
+    for name, x_t, t in _noisy_sets(family, split["image"], seed):
+        sims = _chunked(embed, x_t, t) @ z_txt.T                                   # [N, U]
+        row = dict(set=name)
+        for a, (image, caps, true) in groups.items():
+            cand = np.asarray([[where[c] for c in cs] for cs in caps])             # [G, V]
+            pick = np.argmax(np.take_along_axis(sims[image], cand, axis=1), axis=1)
+            row[f"{a}_accuracy"] = float(np.mean(pick == true))
+        row["accuracy"] = float(np.mean([row[f"{a}_accuracy"] for a in RETRIEVED]))
+        rows.append(row)
+    return rows
+
+
 def clip_score(clip_workdir: str, job_dir: str) -> dict:
     """The CLIP score of a finished sampling job: the mean cos(E_img(x0, 0), E_text(prompt)) of
     its images (clean towers of the in-project CLIP), over the images whose prompt is not empty."""
@@ -128,11 +183,17 @@ def evaluate(workdir: str, split: str = "test", seed: int = 0, out: Optional[str
         raise ValueError(f"{workdir} holds a {family.name} model; this evaluates guides (a "
                          "noisy_classifier or contrastive workdir).")
     data = data_lib.load_split(family.config.data, split)
+    names = family.conditioning.class_names or data_lib.class_names(family.config.data)
     if family.name == "noisy_classifier":
         rows = classifier_accuracy(family, trained.params, data, seed)
+    elif names is None and family.config.data.name == "shapes":
+        rows = clip_attribute_retrieval(family, trained.params, data, seed)
+    elif names is None:
+        raise ValueError(f"{workdir}: the data set {family.config.data.name!r} has neither class "
+                         "names (zero-shot accuracy) nor shapes' attributes (retrieval accuracy); "
+                         "there is no accuracy to report.")
     else:
-        rows = clip_zero_shot(family, trained.params, data, family.conditioning.class_names
-                              or data_lib.class_names(family.config.data), seed)
+        rows = clip_zero_shot(family, trained.params, data, names, seed)
     result = dict(workdir=os.path.abspath(workdir), family=family.name, step=trained.step,
                   split=split, num_images=int(data["image"].shape[0]), seed=seed, rows=rows)
     path = out or os.path.join(workdir, "eval", "guide.json")
@@ -141,9 +202,15 @@ def evaluate(workdir: str, split: str = "test", seed: int = 0, out: Optional[str
 
 
 def table(result: dict) -> str:
-    what = "accuracy" if result["family"] == "noisy_classifier" else "zero-shot accuracy"
-    lines = [f"| images | {what} |", "|---|---|"]
-    lines += [f"| {r['set']} | {r['accuracy']:.3f} |" for r in result["rows"]]
+    if "colour_accuracy" in result["rows"][0]:
+        cols = [f"{a}_accuracy" for a in RETRIEVED]
+        head = [f"{a} retrieval" for a in RETRIEVED]
+    else:
+        cols = ["accuracy"]
+        head = ["accuracy" if result["family"] == "noisy_classifier" else "zero-shot accuracy"]
+    lines = ["| images | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += ["| " + " | ".join([r["set"]] + [f"{r[c]:.3f}" for c in cols]) + " |"
+              for r in result["rows"]]
     return "\n".join(lines)
 
 
