@@ -1,5 +1,12 @@
 """Guidance: classifier-free (Ho & Salimans 2022), gradient guidance (ADM, semantic/CLIP-style),
-and thresholding of the predicted x0 (Imagen).
+and thresholding of the predicted x0 (Imagen), as GUIDES: each takes the chain's denoiser and
+returns a changed one, so they compose in any order a caller picks, and the sampling chain
+(samplers.chain) knows none of them.
+
+A denoiser is what the chain calls each step: (x_t [B, ...], t int32 [B]) -> (eps_hat, x0_hat).
+`model_denoiser` makes one from a network (with CFG's paired call when a null condition is
+given); `gradient_guided` and `thresholded` change one. Scales are traced values: a sweep over
+them reuses one compiled program.
 
 Guidance weight convention (the CFG paper's): eps~ = (1 + w) eps(x, y) - w eps(x, null).
 w = 0 is plain conditional sampling, w = -1 unconditional. The "guidance scale" s of other
@@ -8,12 +15,16 @@ tools (GLIDE, diffusers' guidance_scale) is s = 1 + w: s = 7.5 there is w = 6.5 
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
+from t2i_jax.diffusion import forward
+from t2i_jax.diffusion.schedules import Schedule
+
 ThresholdFn = Callable[[jax.Array], jax.Array]
+Denoiser = Callable[[jax.Array, jax.Array], tuple]  # (x_t, t [B]) -> (eps_hat, x0_hat)
 
 
 def per_example(value, x: jax.Array) -> jax.Array:
@@ -80,3 +91,74 @@ def resolve_thresholding(thresholding: Union[None, str, ThresholdFn]) -> Optiona
         raise ValueError(f"unknown thresholding {thresholding!r}; use None, 'static', 'dynamic', or "
                          "a function x0 -> x0 such as functools.partial(dynamic_threshold, percentile=0.99).")
     return named[thresholding]
+
+
+def _at(table: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
+    """table[t] [B] shaped [B, 1, ..., 1] against x (float32 coefficients, like the samplers')."""
+    v = table[t]
+    return v.reshape(v.shape + (1,) * (x.ndim - 1))
+
+
+def like(b: jax.Array, a: jax.Array) -> jax.Array:
+    """Returns b broadcast to a's shape and, under a mesh with explicit axes, to a's sharding."""
+    b = jnp.broadcast_to(b, a.shape)
+    sharding = jax.typeof(a).sharding
+    if any(kind == jax.sharding.AxisType.Explicit for kind in sharding.mesh.axis_types):
+        b = jax.sharding.reshard(b, sharding.spec)
+    return b
+
+
+def interleave(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Returns [a0, b0, a1, b1, ...] [2B, ...]: each sample's conditional and null rows sit side
+    by side, so a batch sharded over devices stays sharded the same way, with no data movement."""
+    return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
+
+
+def model_denoiser(denoise_fn: Callable, schedule: Schedule, prediction: str, cond: Any = None,
+                   null_cond: Any = None, guidance_weight=0.0) -> Denoiser:
+    """The denoiser of a network denoise_fn(x_t [N, ...], t [N], cond) -> output predicting
+    `prediction` (eps, x0 or v). With null_cond (leaves with a leading axis B or 1), classifier-
+    free guidance: ONE call on 2B rows (each sample's conditional and null rows side by side),
+    combined as (1 + w) out(cond) - w out(null), w = guidance_weight ([] or [B])."""
+    forward.check_prediction(prediction)
+    if null_cond is not None:  # loop-invariant: paired once, reused at every step
+        paired = jax.tree_util.tree_map(lambda c, n: interleave(c, like(n, c)), cond, null_cond)
+
+    def denoiser(x, t):
+        if null_cond is None:
+            out = denoise_fn(x, t, cond)
+        else:
+            out = denoise_fn(interleave(x, x), jnp.repeat(t, 2), paired)
+            out = out.reshape((x.shape[0], 2) + out.shape[1:])
+            out = cfg_combine(out[:, 0], out[:, 1], guidance_weight)
+        return forward.eps_and_x0(out.astype(x.dtype), x, _at(schedule.alphas_cumprod, t, x),
+                                  prediction)
+    return denoiser
+
+
+def gradient_guided(denoiser: Denoiser, schedule: Schedule, guidance_fn: Callable, scale=1.0,
+                    cond: Any = None) -> Denoiser:
+    """eps~ = eps - sqrt(1 - abar_t) * scale * grad_x guidance_fn(x_t, t, cond) (ADM eq. 14; SDG
+    with a similarity as guidance_fn); x0_hat follows eps~. At zero SNR (abar = 0) x_t carries no
+    information about the condition: x0_hat is the model's."""
+    def guided(x, t):
+        eps, x0 = denoiser(x, t)
+        eps = classifier_guidance(eps, x, t, cond, guidance_fn, scale,
+                                  _at(schedule.sqrt_one_minus_alphas_cumprod, t, x))
+        abar = _at(schedule.alphas_cumprod, t, x)
+        return eps, jnp.where(abar > 0, forward.x0_from_eps(x, eps, abar), x0)
+    return guided
+
+
+def thresholded(denoiser: Denoiser, schedule: Schedule, thresholding) -> Denoiser:
+    """x0_hat thresholded (None: the denoiser itself; "static", "dynamic" or a function x0 -> x0),
+    eps_hat recomputed from it so the two stay consistent."""
+    threshold_fn = resolve_thresholding(thresholding)
+    if threshold_fn is None:
+        return denoiser
+
+    def clipped(x, t):
+        _, x0 = denoiser(x, t)
+        x0 = threshold_fn(x0)
+        return forward.eps_from_x0(x, x0, _at(schedule.alphas_cumprod, t, x)), x0
+    return clipped

@@ -9,8 +9,11 @@
 Here t is the timestep a step starts from and s the next (less noisy) visited one; after the
 last visited timestep s is the data itself (abar_s = 1), so every sampler ends on x0_hat.
 
-Call `sample` under jax.jit. The guidance weight, eta, classifier scale, rng and x_T are
-traced values: changing them does not recompile; num_steps, the sampler and the functions do.
+`chain` is the loop and knows no guidance method: it calls a denoiser (x_t, t) -> (eps_hat,
+x0_hat) that guidance.py's guides (CFG, gradient guidance, thresholding) have composed.
+`sample` composes the common ones. Call them under jax.jit. The guidance weight, eta, guide
+scales, rng and x_T are traced values: changing them does not recompile; num_steps, the sampler
+and the functions do.
 """
 
 from __future__ import annotations
@@ -183,28 +186,15 @@ def _check_batch(tree, batch: int, name: str, allow_one: bool = False) -> None:
                 + (" or 1" if allow_one else "") + ".")
 
 
-def _like(b: jax.Array, a: jax.Array) -> jax.Array:
-    """Returns b broadcast to a's shape and, under a mesh with explicit axes, to a's sharding."""
-    b = jnp.broadcast_to(b, a.shape)
-    sharding = jax.typeof(a).sharding
-    if any(kind == jax.sharding.AxisType.Explicit for kind in sharding.mesh.axis_types):
-        b = jax.sharding.reshard(b, sharding.spec)
-    return b
-
-
-def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Returns [a0, b0, a1, b1, ...] [2B, ...]: each sample's conditional and null rows sit side
-    by side, so a batch sharded over devices stays sharded the same way, with no data movement."""
-    return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
-
-
 def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: Any = None,
            null_cond: Any = None, guidance_weight=0.0, sampler: str = "ddim", num_steps: int = 50,
            eta=0.0, rng: Optional[jax.Array] = None, thresholding=None,
            guidance_fn: Optional[Callable] = None, classifier_scale=1.0,
            prediction: str = "eps", spacing: str = "trailing", ddpm_variance: str = "posterior",
            sample_ids: Optional[jax.Array] = None) -> jax.Array:
-    """Returns the final x0 estimate [B, ...] of a reverse diffusion from x_T [B, ...].
+    """Returns the final x0 estimate [B, ...] of a reverse diffusion from x_T [B, ...]: the
+    common guides composed (guidance.py: the network with CFG, then gradient guidance, then
+    thresholding) and checked, then `chain`. Other compositions call `chain` themselves.
 
     denoise_fn(x_t [N, ...], t int32 [N], cond) -> output [N, ...]: any function (a network or an
       exact formula); its output predicts `prediction` ("eps", "x0" or "v").
@@ -216,16 +206,10 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
       eps -= sqrt(1 - abar_t) * classifier_scale * grad (ADM). classifier_scale is [] or [B].
     thresholding: None, "static", "dynamic" or a function x0 -> x0, applied to x0_hat each step
       (eps_hat is then recomputed from it).
-    rng: key for the noise of ddpm and of ddim with eta != 0; sample i's noise at step k comes
-      from fold_in(fold_in(fold_in(rng, STEP_NOISE), sample_ids[i]), k) (noise.py; default ids
-      0..B-1), so it is the same in any batch and on any number of devices.
+    rng, sample_ids: see `chain`.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {tuple(SAMPLERS)}.")
-    if ddpm_variance not in DDPM_VARIANCES:
-        raise ValueError(f"unknown ddpm_variance {ddpm_variance!r}; choose one of {DDPM_VARIANCES}.")
     forward.check_prediction(prediction)
-    threshold_fn = guidance.resolve_thresholding(thresholding)
+    guidance.resolve_thresholding(thresholding)
     if x_T.ndim < 1:
         raise ValueError(f"x_T must have a leading batch axis, got shape {x_T.shape}.")
     batch = x_T.shape[0]
@@ -241,6 +225,36 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
         if w_static is None or np.any(w_static != 0):
             raise ValueError("guidance_weight needs null_cond: pass the null condition (the empty "
                              "prompt or the learned null embedding) to use classifier-free guidance.")
+    denoiser = guidance.model_denoiser(denoise_fn, schedule, prediction, cond, null_cond,
+                                       guidance_weight)
+    if guidance_fn is not None:
+        denoiser = guidance.gradient_guided(denoiser, schedule, guidance_fn, classifier_scale, cond)
+    denoiser = guidance.thresholded(denoiser, schedule, thresholding)
+    return chain(denoiser, schedule, x_T, sampler=sampler, num_steps=num_steps, eta=eta, rng=rng,
+                 prediction=prediction, spacing=spacing, ddpm_variance=ddpm_variance,
+                 sample_ids=sample_ids)
+
+
+def chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Array, *,
+          sampler: str = "ddim", num_steps: int = 50, eta=0.0, rng: Optional[jax.Array] = None,
+          prediction: str = "eps", spacing: str = "trailing", ddpm_variance: str = "posterior",
+          sample_ids: Optional[jax.Array] = None) -> jax.Array:
+    """The sampling chain: one lax.scan over the visited timesteps, each step one call of
+    denoiser(x_t [B, ...], t int32 [B]) -> (eps_hat, x0_hat) (guidance.py's model_denoiser with
+    any guides applied), then the sampler's update. Returns the final x0 estimate [B, ...].
+
+    prediction: the model's, only to refuse a chain that cannot run (check_chain).
+    rng: key for the noise of ddpm and of ddim with eta != 0; sample i's noise at step k comes
+      from fold_in(fold_in(fold_in(rng, STEP_NOISE), sample_ids[i]), k) (noise.py; default ids
+      0..B-1), so it is the same in any batch and on any number of devices.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {tuple(SAMPLERS)}.")
+    if ddpm_variance not in DDPM_VARIANCES:
+        raise ValueError(f"unknown ddpm_variance {ddpm_variance!r}; choose one of {DDPM_VARIANCES}.")
+    if x_T.ndim < 1:
+        raise ValueError(f"x_T must have a leading batch axis, got shape {x_T.shape}.")
+    batch = x_T.shape[0]
     eta_static = _static_value(eta)
     if eta_static is not None and np.any(eta_static < 0):
         raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like), got {eta_static}.")
@@ -258,31 +272,12 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
     ts = jnp.asarray(check_chain(schedule, num_steps, spacing, prediction))
     coeffs = step_coefficients(schedule, ts)
     opts = Options(eta=jnp.asarray(eta, x_T.dtype), ddpm_variance=ddpm_variance)
-    if null_cond is not None:  # loop-invariant: paired once, reused at every step
-        paired_cond = jax.tree_util.tree_map(lambda c, n: _interleave(c, _like(n, c)), cond, null_cond)
     keys = noise.per_sample_keys(rng, sample_ids, noise.STEP_NOISE) if noisy else None
-
-    def model_output(x, t):
-        if null_cond is None:
-            return denoise_fn(x, jnp.full((batch,), t, jnp.int32), cond)
-        out = denoise_fn(_interleave(x, x), jnp.full((2 * batch,), t, jnp.int32), paired_cond)
-        out = out.reshape((batch, 2) + out.shape[1:])
-        return guidance.cfg_combine(out[:, 0], out[:, 1], guidance_weight)
 
     def body(carry, inputs):
         x, state = carry
         i, t, c = inputs
-        alpha_bar = c.alpha_bar_t
-        eps_hat, x0_hat = forward.eps_and_x0(model_output(x, t).astype(x.dtype), x, alpha_bar, prediction)
-        if guidance_fn is not None:
-            eps_hat = guidance.classifier_guidance(
-                eps_hat, x, jnp.full((batch,), t, jnp.int32), cond, guidance_fn,
-                classifier_scale, jnp.sqrt(c.one_minus_alpha_bar_t))
-            # At zero SNR x_t carries no information about y, so the exact gradient is 0.
-            x0_hat = jnp.where(alpha_bar > 0, forward.x0_from_eps(x, eps_hat, alpha_bar), x0_hat)
-        if threshold_fn is not None:
-            x0_hat = threshold_fn(x0_hat)
-            eps_hat = forward.eps_from_x0(x, x0_hat, alpha_bar)
+        eps_hat, x0_hat = denoiser(x, jnp.full((batch,), t, jnp.int32))
         z = noise.batch_normal(keys, x.shape[1:], x.dtype, step=i) if noisy else None  # [B, ...]
         x_s, new_state = spec.step(x, eps_hat, x0_hat, c, z, state, opts)
         # Coefficients are float32; a bfloat16 / float16 chain keeps its own dtype.
