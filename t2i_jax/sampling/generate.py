@@ -1,13 +1,16 @@
 """From conditions to images with a diffusion family: encode once, then samplers.sample.
 
 `make_generate_fn` returns ONE jitted function of (params, cond, rng, guidance_weight,
-sample_ids); new prompts, seeds and guidance weights reuse its compilation. Sample i's noise
+sample_ids, guide parameters, rows and scales); new prompts, seeds, guidance weights and guide
+scales reuse its compilation. The chain's denoiser is composed here from diffusion/guidance.py's
+guides (CFG, the gradient guides, thresholding); samplers.chain only runs it. Sample i's noise
 comes from its global index sample_ids[i] (t2i_jax/diffusion/noise.py), so an image does not
 depend on the batch it was drawn in or on the number of devices.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Callable, Optional, Sequence
 
@@ -16,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2i_jax.conditioning import Condition
-from t2i_jax.diffusion import noise, samplers
+from t2i_jax.diffusion import guidance, noise, samplers
 from t2i_jax.sampling import guides as guides_lib
 
 
@@ -87,22 +90,47 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
         null_enc = None if null is None else family.encode(params, null)
         shape = (cond.batch_size,) + tuple(family.image_shape)
         x_T = noise.initial_noise(rng, shape, sample_ids)
-        guidance_fn = None
+        # The chain's denoiser: the network with CFG, then the gradient guides, then thresholding.
+        denoiser = guidance.model_denoiser(
+            family.denoise_fn(params), family.schedule, family.prediction, enc, null_enc,
+            0.0 if null is None else guidance_weight)
         if total is not None:
             # clip_image's x'_t: the reference's own fixed noise, per image (any batch, any device)
             noise_ref = noise.initial_noise(
                 jax.random.fold_in(rng, guides_lib.REFERENCE_NOISE_STREAM), shape, sample_ids)
             scales = jnp.asarray(guide_scales, jnp.float32)
-            guidance_fn = lambda x, t, _: total(guide_params, guide_rows, scales, noise_ref, x, t)  # noqa: E731
-        x0 = samplers.sample(
-            family.denoise_fn(params), family.schedule, x_T, cond=enc, null_cond=null_enc,
-            guidance_weight=0.0 if null is None else guidance_weight, sampler=options.sampler,
-            num_steps=options.num_steps, eta=options.eta, rng=rng,
-            thresholding=options.thresholding, prediction=family.prediction,
-            spacing=options.spacing, ddpm_variance=options.ddpm_variance, sample_ids=sample_ids,
-            guidance_fn=guidance_fn, classifier_scale=1.0)
+            denoiser = guidance.gradient_guided(
+                denoiser, family.schedule,
+                lambda x, t, _: total(guide_params, guide_rows, scales, noise_ref, x, t))
+        denoiser = guidance.thresholded(denoiser, family.schedule, options.thresholding)
+        x0 = samplers.chain(denoiser, family.schedule, x_T, sampler=options.sampler,
+                            num_steps=options.num_steps, eta=options.eta, rng=rng,
+                            prediction=family.prediction, spacing=options.spacing,
+                            ddpm_variance=options.ddpm_variance, sample_ids=sample_ids)
         # Clipping would turn +-inf into a valid-looking white or black pixel: NaN marks every
         # non-finite value, so callers can refuse the image (clip keeps NaN).
         return jnp.clip(jnp.where(jnp.isfinite(x0), x0, jnp.nan), -1.0, 1.0)
 
     return jax.jit(generate)
+
+
+_PROGRAMS: "collections.OrderedDict" = collections.OrderedDict()
+_MAX_PROGRAMS = 4
+
+
+def shared_generate_fn(family, options: SampleOptions, guided: bool = True,
+                       guides: Sequence = ()) -> Callable:
+    """make_generate_fn's function, made once per (family, options, guided, each guide's kind and
+    family) in this process and reused: jobs that differ only in prompts, seeds, guidance weights,
+    guide scales, reference images or checkpoints of the same model (a sweep) share one
+    compilation. The objects of the key are held with the function, so their ids stay theirs."""
+    key = (id(family), options, bool(guided),
+           tuple((g.kind, id(g.trained.family)) for g in guides))
+    if key in _PROGRAMS:
+        _PROGRAMS.move_to_end(key)
+        return _PROGRAMS[key][0]
+    fn = make_generate_fn(family, options, guided, guides)
+    _PROGRAMS[key] = (fn, (family, tuple(g.trained.family for g in guides)))
+    while len(_PROGRAMS) > _MAX_PROGRAMS:
+        _PROGRAMS.popitem(last=False)
+    return fn

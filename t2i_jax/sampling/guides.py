@@ -33,7 +33,10 @@ from t2i_jax.sampling.load import Trained, load_trained
 KINDS = ("classifier", "clip_text", "clip_image")
 FAMILY_OF = {"classifier": "noisy_classifier", "clip_text": "contrastive", "clip_image": "contrastive"}
 FLAG_OF = {"noisy_classifier": "--classifier", "contrastive": "--clip"}
-DEFAULT_SCALES = {"classifier": 1.0, "clip_text": 50.0, "clip_image": 50.0}
+# For a guide whose stored config has no `guide` section (trained before it existed): the best
+# scales of the digits sweeps (docs/results.md), as configs/digits_classifier.py and
+# digits_clip.py set them.
+DEFAULT_SCALES = {"classifier": 3.0, "clip_text": 30.0, "clip_image": 100.0}
 REFERENCE_NOISE_STREAM = 13  # x'_t's fixed noise n' = normal(fold_in(key(seed), 13))
 
 

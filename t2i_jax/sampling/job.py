@@ -51,7 +51,7 @@ from t2i_jax import files, images
 from t2i_jax import sharding as mesh_lib
 from t2i_jax.conditioning import Condition
 from t2i_jax.sampling import guides as guides_lib
-from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
+from t2i_jax.sampling.generate import SampleOptions, shared_generate_fn
 from t2i_jax.sampling.load import Trained
 
 JOB_FILE, SAMPLES_FILE, GRID_FILE, NPZ_FILE = "job.json", "samples.jsonl", "grid.png", "samples.npz"
@@ -253,7 +253,7 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
         raise ValueError("the guides passed to run_job are not the job's (JobSpec.create(guides=...)).")
     if (spec.rerank > 1) != (reranker is not None):
         raise ValueError("pass reranker= (a CLIP) exactly when the job reranks (rerank > 1).")
-    generate = make_generate_fn(family, spec.options, guided, guides)
+    generate = shared_generate_fn(family, spec.options, guided, guides)
     guide_rows = [g.rows(spec.prompts) for g in guides]  # [P, ...] each; may refuse a prompt
     guide_scales = np.asarray([g.scale for g in guides], np.float32)
     if reranker is not None:
@@ -283,7 +283,9 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
         clip_params = (jax.device_put(reranker.params, mesh_lib.replicated(mesh))
                        if reranker is not None else None)
         extras: dict = {}
-        rng = jax.random.fold_in(jax.random.key(spec.seed), SEED_STREAM)
+        # Replicated on the job's mesh, as the rerank candidates' keys are: one program for both.
+        rng = jax.device_put(jax.random.fold_in(jax.random.key(spec.seed), SEED_STREAM),
+                             mesh_lib.replicated(mesh))
         guidance = np.asarray(spec.guidance, np.float32)
 
         from tqdm import tqdm
@@ -358,8 +360,8 @@ def _rerank(generate, score, params, cond, rng, args, x0, clip_params, text_rows
     best_x, best = x0, score(clip_params, x0, text_rows)
     won = jnp.zeros(best.shape, jnp.int32)
     for c in range(1, n):
-        x = generate(params, cond, jax.random.fold_in(jax.random.fold_in(rng, RERANK_STREAM), c),
-                     *args)
+        key = jax.random.fold_in(jax.random.fold_in(rng, RERANK_STREAM), c)
+        x = generate(params, cond, jax.device_put(key, rng.sharding), *args)
         sc = score(clip_params, x, text_rows)
         better = sc > best  # False for NaN: a non-finite candidate or no text never wins
         best_x = jnp.where(better[:, None, None, None], x, best_x)
