@@ -165,3 +165,69 @@ def test_sample_py_refuses_a_guide_of_the_wrong_family_or_an_unreadable_image(
         code, err = cli(capfd, sample_cli.run, base + extra)
         assert code == 1 and all(w in err[-1] for w in words), (extra, err)
         assert not (out / "job.json").exists()
+
+
+def test_the_guide_reproductions_sweep_one_program_each_and_score_their_own_images(
+        models, digits_evaluator, tmp_path):
+    """reproduce classifier / sdg on the tiny models: each sweep is one compiled program, the
+    image rows' references are real test images, scale 0 is the same images whatever the
+    reference, and reranking never lowers an image's CLIP score (candidate 0 is the unreranked
+    image, so the best of N is at least it)."""
+    from t2i_jax import data as data_lib, images
+    from t2i_jax.evaluation import evaluator as ev_lib, reproduce, reproduce_guides as rg
+    model, guides = models
+    cfg = model.config
+    ev_lib.save_evaluator(ev_lib.cache_path(str(tmp_path / "ev"), cfg.data), digits_evaluator)
+    scorer = reproduce.Scorer(cfg, str(tmp_path / "ev"))
+    common = dict(num_per_prompt=1, seed=0, batch_size=10, steps=3, progress=False, scorer=scorer)
+    res = rg.reproduce_classifier(model, guides[0].trained.workdir, str(tmp_path / "cls"),
+                                  scales=(0.0, 5.0), **common)
+    assert res["compilations"] == 1 and [r["scale"] for r in res["rows"]] == [0.0, 5.0]
+    x, rows = job_lib.load_images(str(tmp_path / "cls" / "samples" / "scale_5"))
+    assert [r["prompt"] for r in rows] == [str(d) for d in range(10)]
+    assert res["rows"][1]["alignment"] == pytest.approx(
+        np.nanmean(digits_evaluator.aligned(x, [r["prompt"] for r in rows])))
+
+    out = tmp_path / "sdg"
+    res = rg.reproduce_sdg(model, guides[1].trained.workdir, str(out), text_scales=(0.0, 30.0),
+                           image_scales=(0.0, 30.0), rerank_n=(1, 2), **common)
+    # One program per guide set and shape of call: the image sweep calls with 10 rows (scale 0's
+    # one job for every reference) and 1 row (each reference's job); text + image reuses those.
+    assert res["compilations"] == {"text": 1, "image": 2, "text+image": 2, "rerank": 1}
+    test = data_lib.load_split(cfg.data, "test")
+    for k, ref in enumerate(res["references"]):
+        first = test["image"][np.flatnonzero(test["label"] == k)[0]]
+        np.testing.assert_array_equal(images.load_png(ref["path"]), images.to_uint8(first))
+    unguided = res["image"][0]["read_by_class"]  # one set of images read against each class
+    x0, _ = job_lib.load_images(str(out / "samples" / "image_0"))
+    want = [float(np.mean(digits_evaluator.predict(x0) == k)) for k in range(10)]
+    assert unguided == pytest.approx(want)
+    one = job_lib.load_images(str(out / "samples" / "rerank_1"))
+    two = job_lib.load_images(str(out / "samples" / "rerank_2"))
+    s1, s2 = (rg._clip_scores(guides[1].trained, x, [r["prompt"] for r in rows])
+              for x, rows in (one, two))
+    assert np.all(s2 >= s1 - 1e-6) and {r["rerank_candidate"] for r in two[1]} <= {0, 1}
+    for r, a, b in zip(two[1], s1, s2):
+        if r["rerank_candidate"] == 0:  # kept the unreranked image
+            assert b == pytest.approx(a, abs=1e-6)
+    assert (out / "table.md").read_text().count("\n| ") >= 4 + 2 + 1 + 2
+
+
+def test_shapes_attribute_retrieval_candidates_hold_the_true_caption_once(data_dir):
+    """Each candidate set of the shapes CLIP's retrieval accuracy changes one attribute of one
+    shape: its V captions are distinct, the true one (the image's own full caption) sits at the
+    true value's position, and there is one set per shape per attribute."""
+    from t2i_jax import data as data_lib
+    from t2i_jax.config_utils import load_config
+    from t2i_jax.data import shapes
+    from t2i_jax.evaluation.guides import attribute_candidates
+    cfg = load_config("configs/shapes_clip.py")
+    cfg.data.data_dir = data_dir
+    split = data_lib.load_split(cfg.data, "test")
+    groups = attribute_candidates(split)
+    for attr, values in (("colour", shapes.COLOURS), ("shape", shapes.SHAPES)):
+        image, caps, true = groups[attr]
+        assert len(image) == int(split["num_shapes"].sum())
+        for i, cs, v in zip(image, caps, true):
+            assert len(set(cs)) == len(cs) == len(values)
+            assert cs[v] == split["captions"][i][0]  # the "full" caption style

@@ -3,6 +3,9 @@
     python -m t2i_jax.evaluation.reproduce cfg --workdir runs/digits
     python -m t2i_jax.evaluation.reproduce ddim --workdir runs/digits
     python -m t2i_jax.evaluation.reproduce checkpoints --workdir runs/digits
+    python -m t2i_jax.evaluation.reproduce classifier --workdir runs/digits_uncond \
+        --classifier runs/digits_classifier
+    python -m t2i_jax.evaluation.reproduce sdg --workdir runs/digits_uncond --clip runs/digits_clip
 
   cfg          Ho & Salimans (2022), fig. 4 / table 1: guidance weight w in {0, 0.5, 1, 2, 3, 5}
                (one sampling job, one compilation) -> FD, alignment, precision, recall; plot of
@@ -12,6 +15,10 @@
                and DPM-Solver++(2M) (Lu et al. 2022) at 10 and 20 -> FD and alignment.
   checkpoints  the same metrics for every checkpoint in the workdir, at w = 0 unless --guidance
                (is the model converged? at w = 0 its FD should reach the real-data floor).
+  classifier   Dhariwal & Nichol (2021): classifier guidance of an unconditional model over the
+               scale -> FD, alignment, precision, recall, and the trade-off plot.
+  sdg          Liu et al. (2023): SDG text, image and text + image guidance over their scales,
+               and CLIP reranking over N (t2i_jax/evaluation/reproduce_guides.py).
 
 FD is the Fréchet distance of the evaluator classifier's 128-d penultimate features
 (t2i_jax/evaluation/evaluator.py) between the generated images and the data set's held-out
@@ -284,6 +291,11 @@ def _write(out: str, results: dict, md: str) -> None:
 
 
 def _plot_cfg(table, floor, path):
+    _plot_tradeoff(table, "w", "guidance weight w", floor, "CFG trade-off as w grows", path)
+
+
+def _plot_tradeoff(table, key, name, floor, title, path):
+    """FD against alignment as rows[key] grows, and precision / recall against it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -292,18 +304,18 @@ def _plot_cfg(table, floor, path):
     al = [r["alignment"] for r in table]
     a.plot(al, fd, "o-")
     for r in table:
-        a.annotate(f"w={r['w']:g}", (r["alignment"], r["fd"]), textcoords="offset points",
+        a.annotate(f"{key}={r[key]:g}", (r["alignment"], r["fd"]), textcoords="offset points",
                    xytext=(4, 4))
     a.axhline(floor["fd"], ls=":", c="gray", label="real data (same n)")
     a.margins(x=0.12, y=0.08)
     a.set_xlabel("alignment (fraction of images the classifier reads as the prompt)")
     a.set_ylabel("FD (classifier features)")
-    a.set_title("CFG trade-off as w grows")
+    a.set_title(title)
     a.legend()
-    ws = [r["w"] for r in table]
+    ws = [r[key] for r in table]
     b.plot(ws, [r["precision"] for r in table], "o-", label="precision")
     b.plot(ws, [r["recall"] for r in table], "s-", label="recall")
-    b.set_xlabel("guidance weight w")
+    b.set_xlabel(name)
     b.set_ylim(0, 1.02)
     b.legend()
     fig.tight_layout()
@@ -340,14 +352,17 @@ def _save_fig(fig, path):
 def main(argv=None) -> int:
     p = ArgumentParser(prog="python -m t2i_jax.evaluation.reproduce",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("experiment", choices=("cfg", "ddim", "checkpoints"))
+    p.add_argument("experiment", choices=("cfg", "ddim", "checkpoints", "classifier", "sdg"))
     p.add_argument("--workdir", required=True, help="training workdir of a digits/shapes model")
     p.add_argument("--out", help="default: WORKDIR/reproduce/EXPERIMENT")
     p.add_argument("--num_per_prompt", type=int, default=50, help="images per prompt per row")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="ddim and checkpoints: the w of every row (default 0: the conditional "
                         "model unguided, as the DDIM paper's table had no guidance)")
-    p.add_argument("--steps", type=int, default=50, help="cfg: sampling steps (config's sampler)")
+    p.add_argument("--steps", type=int, default=50,
+                   help="cfg, classifier, sdg: sampling steps (config's sampler)")
+    p.add_argument("--classifier", help="classifier: the noisy_classifier workdir that guides")
+    p.add_argument("--clip", help="sdg: the contrastive (CLIP) workdir that guides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--no_progress", action="store_true")
@@ -358,6 +373,12 @@ def main(argv=None) -> int:
         p.error(f"--seed must be in [0, 2^32) (JAX keys hold 32 bits), got {a.seed}.")
     if not math.isfinite(a.guidance):
         p.error(f"--guidance must be a finite number, got {a.guidance}.")
+    needs = dict(classifier="classifier", sdg="clip")
+    for exp, flag in needs.items():
+        if a.experiment == exp and not getattr(a, flag):
+            p.error(f"reproduce {exp} needs --{flag} DIR (the guide's training workdir).")
+        if a.experiment != exp and getattr(a, flag):
+            p.error(f"--{flag} is for reproduce {exp}, not {a.experiment}.")
     a.out = a.out or os.path.join(a.workdir, "reproduce", a.experiment)
     try:
         a.out = files.check_writable_dir(files.check_output_dir(a.out, "--out"), "--out")
@@ -389,7 +410,13 @@ def _reproduce_locked(a) -> int:
         reproduce_checkpoints(a.workdir, out, guidance=a.guidance, **common)
     else:
         trained = load_trained(a.workdir)
-        if a.experiment == "cfg":
+        if a.experiment in ("classifier", "sdg"):
+            from t2i_jax.evaluation import reproduce_guides as rg
+            if a.experiment == "classifier":
+                rg.reproduce_classifier(trained, a.classifier, out, steps=a.steps, **common)
+            else:
+                rg.reproduce_sdg(trained, a.clip, out, steps=a.steps, **common)
+        elif a.experiment == "cfg":
             reproduce_cfg(trained, out, steps=a.steps, **common)
         else:
             reproduce_ddim(trained, out, guidance=a.guidance, **common)
