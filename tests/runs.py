@@ -10,7 +10,8 @@ from t2i_jax.config_utils import load_config
 from t2i_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "tests", "tiny_config.py")
+TESTS = os.path.join(ROOT, "tests")
+TINY = os.path.join(TESTS, "tiny_config.py")
 TINY_FAMILIES = os.path.join(ROOT, "tests", "tiny_families.py")
 
 

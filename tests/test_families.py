@@ -1,12 +1,14 @@
 """What every family must do, tested once and parametrised over the families (not one copy
 each): resume bit-exactly (data order included), resume on another device count, save and stop
 on SIGTERM, and stop on a non-finite step before any checkpoint holds it, even though the loop
-reads the metrics only at log steps. Plus the parts of each family's loss that have a closed
-form. kill -9 during a save is tested for the diffusion family in test_training.py."""
+reads the metrics only at log steps, and resume bit-exactly after `kill -9` of train.py. Plus the
+parts of each family's loss that have a closed form."""
 
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -20,7 +22,8 @@ from t2i_jax.families.contrastive import info_nce
 from t2i_jax.training import loop
 from t2i_jax.training.writers import read_metrics
 
-from runs import assert_trees_close, assert_trees_equal, restore_step as _restore, run, tiny  # noqa: E402
+from runs import (ROOT, TESTS, assert_trees_close, assert_trees_equal,  # noqa: E402
+                  restore_step as _restore, run, tiny)
 
 FAMILIES = ("diffusion", "noisy_classifier", "contrastive")
 
@@ -49,6 +52,38 @@ def test_every_family_resumes_exactly_and_on_another_device_count(data_dir, stra
     # The 8-device checkpoint resumes on 1 device (arrays laid out for the new mesh).
     one = run(tiny(data_dir, name), _from_step_2(wd4, tmp_path, "one"), devices=jax.devices()[:1])
     assert_trees_close(one.params, state4.params, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_resumes_exactly_after_kill_9(data_dir, straight_runs, tmp_path, name):
+    """train.py killed with SIGKILL once checkpoint 2 exists (mid-run, maybe mid-save): the rerun
+    resumes from the newest complete checkpoint and ends bit-identical to the straight run."""
+    state4, _ = straight_runs[name]
+    config = tmp_path / "config.py"
+    config.write_text(f"import sys\nsys.path.insert(0, {TESTS!r})\nimport tiny_families\n\n\n"
+                      f"def get_config():\n    return tiny_families.get_config({name!r})\n")
+    wd = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={config}",
+           f"--workdir={wd}", f"--config.data.data_dir={data_dir}",
+           "--config.train.num_steps=100000", "--progress=false"]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while not (wd / "checkpoints" / "2").is_dir():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = ckpt_lib.Checkpointer(str(wd / "checkpoints")).latest_step()
+    assert saved >= 2 and saved % 2 == 0
+    total = max(4, saved + 2)  # the constant learning rate does not depend on num_steps
+    resumed = run(tiny(data_dir, name, train__num_steps=total), wd)
+    reference = state4 if total == 4 else \
+        run(tiny(data_dir, name, train__num_steps=total), tmp_path / "straight")
+    assert int(resumed.step) == total
+    for part in ("params", "ema_params", "opt_state"):
+        assert_trees_equal(getattr(reference, part), getattr(resumed, part))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
