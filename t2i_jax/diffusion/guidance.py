@@ -140,13 +140,18 @@ def gradient_guided(denoiser: Denoiser, schedule: Schedule, guidance_fn: Callabl
                     cond: Any = None) -> Denoiser:
     """eps~ = eps - sqrt(1 - abar_t) * scale * grad_x guidance_fn(x_t, t, cond) (ADM eq. 14; SDG
     with a similarity as guidance_fn); x0_hat follows eps~. At zero SNR (abar = 0) x_t carries no
-    information about the condition: x0_hat is the model's."""
+    information about the condition: x0_hat is the model's.
+
+    x0_hat moves by the change of eps times d x0 / d eps = -sqrt(1 - abar) / sqrt(abar) (the same
+    as recomputing it from eps~), so a zero scale returns (eps, x0) bit for bit whatever the
+    compiler does."""
     def guided(x, t):
         eps, x0 = denoiser(x, t)
-        eps = classifier_guidance(eps, x, t, cond, guidance_fn, scale,
-                                  _at(schedule.sqrt_one_minus_alphas_cumprod, t, x))
+        s1m = _at(schedule.sqrt_one_minus_alphas_cumprod, t, x)
+        guided_eps = classifier_guidance(eps, x, t, cond, guidance_fn, scale, s1m)
         abar = _at(schedule.alphas_cumprod, t, x)
-        return eps, jnp.where(abar > 0, forward.x0_from_eps(x, eps, abar), x0)
+        slope = jnp.where(abar > 0, s1m / jnp.sqrt(jnp.where(abar > 0, abar, 1.0)), 0.0)
+        return guided_eps, jnp.where(abar > 0, x0 - slope * (guided_eps - eps), x0)
     return guided
 
 

@@ -40,7 +40,7 @@ def _options(cfg, steps: int):
 
 def _job(trained, out, name, prompts, *, num_per_prompt, seed, options, batch_size, progress,
          guides=(), rerank=1, reranker=None):
-    """Runs (or finishes) one job; returns (uint8 images, records, the generate fn's programs)."""
+    """Runs (or finishes) one job; returns (uint8 images, records, programs it compiled)."""
     from t2i_jax.sampling import job as job_lib
     outdir = os.path.join(out, "samples", name)
     spec = job_lib.JobSpec.create(trained, prompts, num_per_prompt=num_per_prompt,
@@ -78,9 +78,10 @@ def reproduce_classifier(trained, classifier_dir: str, out: str, *, num_per_prom
     table, programs = [], 0
     for s in scales:
         guides = [guides_lib.Guide("classifier", classifier, float(s))]
-        x, rows, programs = _job(trained, out, f"scale_{s:g}", prompts,
+        x, rows, compiled = _job(trained, out, f"scale_{s:g}", prompts,
                                  num_per_prompt=num_per_prompt, seed=seed, options=options,
                                  batch_size=batch_size, progress=progress, guides=guides)
+        programs += compiled
         table.append(dict(scale=float(s), **scorer.score(x, [r["prompt"] for r in rows])))
     floor = scorer.real_floor(len(prompts) * num_per_prompt)
     default = guides_lib.default_scale(classifier, "classifier")
@@ -97,7 +98,8 @@ def reproduce_classifier(trained, classifier_dir: str, out: str, *, num_per_prom
                             + [["real (train)"] + [floor.get(k) for k in keys]])
     md += (f"\nunconditional model {trained.workdir} step {trained.step}, classifier "
            f"{classifier.workdir} step {classifier.step}; {options.sampler} {steps} steps, "
-           f"{num_per_prompt} images per class; the sweep compiled {programs} program(s).\n"
+           f"{num_per_prompt} images per class; the sweep compiled {programs} sampling program(s) "
+           "(0: every job was already done).\n"
            f"real (train): {floor['repeats']} random subsets of n = {floor['n']} training images; "
            f"FD sd {rep._fmt(floor['fd_sd'])}\n")
     rep._write(out, results, md)
@@ -180,24 +182,27 @@ def reproduce_sdg(trained, clip_dir: str, out: str, *, num_per_prompt: int, seed
                                       guides_lib.load_reference(ref, trained)))
         return g
 
-    text_rows, programs = [], {}
+    text_rows, programs = [], dict(text=0, image=0, text_and_image=0, rerank=0)
     for s in text_scales:
-        x, rows, programs["text"] = _job(trained, out, f"text_{s:g}", prompts,
-                                         guides=guides_of(s), **common)
+        x, rows, compiled = _job(trained, out, f"text_{s:g}", prompts, guides=guides_of(s),
+                                 **common)
+        programs["text"] += compiled
         text_rows.append(dict(scale=float(s), **score(x, [r["prompt"] for r in rows])))
 
     image_rows = []
     for s in image_scales:
         if s == 0:  # unguided, whatever the reference: one job of as many images, all distinct
-            x, _, programs["image"] = _job(
+            x, _, compiled = _job(
                 trained, out, "image_0", [""], guides=guides_of(0.0, 0.0, refs[0][1]),
                 **dict(common, num_per_prompt=num_per_prompt * len(refs)))
+            programs["image"] += compiled
             runs = [(name, ref, x) for name, ref in refs]
         else:
             runs = []
             for name, ref in refs:
-                x, _, programs["image"] = _job(trained, out, f"image_{s:g}/ref_{name}", [""],
-                                               guides=guides_of(0.0, s, ref), **common)
+                x, _, compiled = _job(trained, out, f"image_{s:g}/ref_{name}", [""],
+                                      guides=guides_of(0.0, s, ref), **common)
+                programs["image"] += compiled
                 runs.append((name, ref, x))
         reads = [float(np.nanmean(scorer.ev.aligned(x, [name] * len(x)))) for name, _, x in runs]
         dist = [_rms_to(x, ref) for _, ref, x in runs]
@@ -210,9 +215,9 @@ def reproduce_sdg(trained, clip_dir: str, out: str, *, num_per_prompt: int, seed
     both_rows = []
     xs, names = [], []
     for name, ref in refs:
-        x, _, programs["text+image"] = _job(
-            trained, out, f"text+image/ref_{name}", [name],
-            guides=guides_of(text_default, image_default, ref), **common)
+        x, _, compiled = _job(trained, out, f"text+image/ref_{name}", [name],
+                              guides=guides_of(text_default, image_default, ref), **common)
+        programs["text_and_image"] += compiled
         xs.append(x)
         names += [name] * len(x)
     both_rows.append(dict(text_scale=text_default, image_scale=image_default,
@@ -220,8 +225,9 @@ def reproduce_sdg(trained, clip_dir: str, out: str, *, num_per_prompt: int, seed
 
     rerank_rows = []
     for n in rerank_n:
-        x, rows, programs["rerank"] = _job(trained, out, f"rerank_{n}", prompts, rerank=n,
-                                           reranker=clip if n > 1 else None, **common)
+        x, rows, compiled = _job(trained, out, f"rerank_{n}", prompts, rerank=n,
+                                 reranker=clip if n > 1 else None, **common)
+        programs["rerank"] += compiled
         rerank_rows.append(dict(candidates=int(n), **score(x, [r["prompt"] for r in rows])))
 
     floor = scorer.real_floor(len(prompts) * num_per_prompt)
@@ -256,8 +262,8 @@ def reproduce_sdg(trained, clip_dir: str, out: str, *, num_per_prompt: int, seed
                                                for r in rerank_rows]))
     md += (f"\nunconditional model {trained.workdir} step {trained.step}, CLIP {clip.workdir} step "
            f"{clip.step}; {options.sampler} {steps} steps, {num_per_prompt} images per prompt or "
-           f"reference; programs this invocation compiled, per sweep: {programs} (0: every job "
-           "of the sweep was already done).\n")
+           f"reference; sampling programs this invocation compiled, per sweep: {programs} (0: "
+           "reused from an earlier sweep, or every job was already done).\n")
     rep._write(out, results, md)
     _plot_sdg(text_rows, image_rows, rerank_rows, nn, os.path.join(out, "plot.png"))
     return results

@@ -180,7 +180,7 @@ class JobResult:
     skipped_shards: int      # shards found finished
     seconds: float           # wall time of generation (compilation included)
     images_per_s: float      # generated / time after the first batch (steady state)
-    compilations: int        # distinct programs the generate function compiled
+    compilations: int        # programs this job compiled (0: it reused an earlier job's)
 
 
 def check_outdir(spec: JobSpec, outdir: str) -> None:
@@ -254,6 +254,7 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
     if (spec.rerank > 1) != (reranker is not None):
         raise ValueError("pass reranker= (a CLIP) exactly when the job reranks (rerank > 1).")
     generate = shared_generate_fn(family, spec.options, guided, guides)
+    programs_before = generate._cache_size()  # shared across jobs: count this job's own
     guide_rows = [g.rows(spec.prompts) for g in guides]  # [P, ...] each; may refuse a prompt
     guide_scales = np.asarray([g.scale for g in guides], np.float32)
     if reranker is not None:
@@ -339,7 +340,7 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
         steady = (time.perf_counter() - t_first) if t_first is not None else 0.0
         result = JobResult(outdir, total, generated, len(done), seconds,
                            n_after_first / steady if n_after_first else float("nan"),
-                           generate._cache_size())
+                           generate._cache_size() - programs_before)
         if lead and generated:
             files.write_json(os.path.join(outdir, STATS_FILE), dict(
                 generated=generated, seconds=seconds,
