@@ -36,6 +36,34 @@ assert jax.device_count() == 8, (
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "default_xla: the test compares two different programs bit for bit or at "
+        "float32 rounding, which XLA promises only at its default optimisation level: under the "
+        "suite's level 0 it runs in a subprocess at the default level (the same fixtures).")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A default_xla test, when this process compiles at level 0: the same test node run by a
+    pytest subprocess with XLA's default flags, reusing the session's shared fixtures."""
+    if pyfuncitem.get_closest_marker("default_xla") is None or _OPT not in os.environ["XLA_FLAGS"]:
+        return None
+    import re
+    import subprocess
+    import sys
+    root = _shared_root(pyfuncitem._request.getfixturevalue("tmp_path_factory"))
+    env = dict(os.environ, T2I_TEST_XLA_OPT="1", PYTEST_XDIST_WORKER="default_xla",
+               XLA_FLAGS=os.environ["XLA_FLAGS"].replace(_OPT, "").strip())
+    base = root / ("default_xla_" + re.sub(r"[^A-Za-z0-9_]", "_", pyfuncitem.name))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+                           f"--basetemp={base}", pyfuncitem.nodeid], env=env,
+                          cwd=str(pyfuncitem.config.rootpath), capture_output=True, text=True)
+    assert done.returncode == 0, ("at XLA's default optimisation level:\n"
+                                  + (done.stdout + done.stderr)[-6000:])
+    return True
+
+
 def _shared_root(tmp_path_factory):
     """A directory all xdist workers share (their basetemps have one parent)."""
     root = tmp_path_factory.getbasetemp()

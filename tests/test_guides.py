@@ -43,6 +43,7 @@ def _call(generate, model, guides, prompts, scales, ids):
                                jnp.asarray(scales, jnp.float32)))
 
 
+@pytest.mark.default_xla  # two different programs compared bit for bit (tests/conftest.py)
 def test_guides_at_scale_0_give_the_unguided_images_and_a_sweep_is_one_program(models):
     model, guides = models
     prompts = ["3", "7", "3"]
