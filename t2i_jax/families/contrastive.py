@@ -95,9 +95,12 @@ class Contrastive(Family):
         # Retrieval accuracy: the text the image is closest to has the image's own caption.
         correct = jnp.take_along_axis(same, jnp.argmax(logits, axis=1)[:, None], 1)[:, 0]
         correct = correct.astype(jnp.float32)
+        n_clean = jnp.sum(clean.astype(jnp.float32))
         return per_example, dict(accuracy=jnp.mean(correct), logit_scale=scale,
-                                 clean_fraction=jnp.mean(clean.astype(jnp.float32)),
-                                 **quarter_means(correct, t, T, "accuracy"))
+                                 clean_fraction=n_clean / n,
+                                 accuracy_clean=jnp.sum(correct * clean) / n_clean,
+                                 # the noised examples only: a clean one (t = 0) is in no quarter
+                                 **quarter_means(correct, jnp.where(clean, -1, t), T, "accuracy"))
 
     def embed_image(self, params, x_t, t):
         """The L2-normalised image embedding [B, E] of x_t at t (t = 0: a clean image)."""
