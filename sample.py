@@ -162,14 +162,15 @@ def main(argv=None, boundary=None) -> int:
     from t2i_jax.models import text
     from t2i_jax.sampling import job as job_lib
     from t2i_jax.sampling.generate import SampleOptions
-    from t2i_jax.sampling.load import load_trained
+    from t2i_jax.sampling.load import load_trained, require_generator
     assert set(SAMPLER_NAMES) == set(samplers.SAMPLERS), "sample.py's sampler list is stale"
 
     trained = load_trained(args.workdir, step=args.step, params=args.params)
     cfg, family = trained.config, trained.family
-    if not family.generates:
-        raise UsageError(f"{args.workdir} holds a {family.name} model, which does not generate "
-                         "images: pass the --workdir of a diffusion model.")
+    try:
+        require_generator(trained)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     T = family.schedule.num_timesteps
     steps = args.steps if args.steps is not None else cfg.sample.num_steps
     if not 1 <= steps <= T:

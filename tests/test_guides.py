@@ -166,6 +166,16 @@ def test_sample_py_refuses_a_guide_of_the_wrong_family_or_an_unreadable_image(
         code, err = cli(capfd, sample_cli.run, base + extra)
         assert code == 1 and all(w in err[-1] for w in words), (extra, err)
         assert not (out / "job.json").exists()
+    # A guide's workdir where the model to sample from belongs, in sample.py and in reproduce.
+    from t2i_jax.evaluation import reproduce
+    code, err = cli(capfd, sample_cli.run, ["--workdir", classifier_wd] + base[2:])
+    assert code == 2 and "holds a noisy_classifier model, which does not generate" in err[-1], err
+    assert not (out / "job.json").exists()
+    rep = tmp_path / "rep"
+    code, err = cli(capfd, reproduce.main, ["sdg", "--workdir", classifier_wd, "--clip", clip_wd,
+                                             "--out", str(rep), "--no_progress"])
+    assert code == 1 and "holds a noisy_classifier model, which does not generate" in err[-1], err
+    assert not (rep / "samples").exists() and not (rep / "references").exists()
 
 
 def test_the_guide_reproductions_sweep_one_program_each_and_score_their_own_images(

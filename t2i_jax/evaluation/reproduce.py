@@ -230,7 +230,8 @@ def reproduce_checkpoints(workdir: str, out: str, *, num_per_prompt: int, seed: 
     distribution, whose FD reaches the real-data floor when the model fits the data). A damaged
     checkpoint is skipped and listed under "skipped"."""
     from t2i_jax.sampling.generate import SampleOptions
-    from t2i_jax.sampling.load import NoCheckpointError, checkpoint_dir, load_trained
+    from t2i_jax.sampling.load import (NoCheckpointError, checkpoint_dir, load_trained,
+                                       require_generator)
     from t2i_jax.checkpoint import CheckpointDamagedError, Checkpointer
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise NoCheckpointError(f"no checkpoint in {workdir}: {checkpoint_dir(workdir)} does not "
@@ -248,7 +249,7 @@ def reproduce_checkpoints(workdir: str, out: str, *, num_per_prompt: int, seed: 
             print(f"[t2i_jax] checkpoint {s} is damaged (see above): skipped.", file=sys.stderr)
             skipped.append(s)
             continue
-        cfg = trained.config
+        cfg = require_generator(trained).config
         scorer = scorer or Scorer(cfg, cache_dir or evaluator_cache(workdir, out, cfg.data))
         w = float(guidance)
         x, rows, _ = _run(trained, os.path.join(out, "samples", f"step_{s}"), default_prompts(cfg),
@@ -402,14 +403,14 @@ def _reproduce_locked(a) -> int:
     apply_tuned_flags()
     from absl import logging
     logging.set_verbosity(logging.WARNING)
-    from t2i_jax.sampling.load import load_trained
+    from t2i_jax.sampling.load import load_trained, require_generator
     out, progress = a.out, not a.no_progress
     common = dict(num_per_prompt=a.num_per_prompt, seed=a.seed, batch_size=a.batch_size,
                   progress=progress)
     if a.experiment == "checkpoints":
         reproduce_checkpoints(a.workdir, out, guidance=a.guidance, **common)
     else:
-        trained = load_trained(a.workdir)
+        trained = require_generator(load_trained(a.workdir))
         if a.experiment in ("classifier", "sdg"):
             from t2i_jax.evaluation import reproduce_guides as rg
             if a.experiment == "classifier":

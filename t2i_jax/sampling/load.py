@@ -85,3 +85,11 @@ def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema
         ckpt.close()
     return Trained(built["family"], restored.state[field], int(restored.step), params,
                    os.path.abspath(workdir))
+
+
+def require_generator(trained: Trained) -> Trained:
+    """The trained model itself, or ValueError if its family draws no images (a guide)."""
+    if not trained.family.generates:
+        raise ValueError(f"{trained.workdir} holds a {trained.family.name} model, which does not "
+                         "generate images: pass the --workdir of a diffusion model.")
+    return trained
