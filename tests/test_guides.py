@@ -117,7 +117,7 @@ def test_a_guide_for_another_model_and_bad_prompts_are_refused(data_dir, models)
         guides[0].rows(["3", "seven"])
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="finite number >= 0"):
-            guides_lib.check_scale("--clip_scale", bad)
+            guides_lib.Guide("clip_text", guides[1].trained, bad)  # the library refuses it too
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -186,6 +186,7 @@ def test_the_guide_reproductions_sweep_one_program_each_and_score_their_own_imag
     image, so the best of N is at least it)."""
     from t2i_jax import data as data_lib, images
     from t2i_jax.evaluation import evaluator as ev_lib, reproduce, reproduce_guides as rg
+    from t2i_jax.evaluation.guides import clip_scores
     model, guides = models
     cfg = model.config
     ev_lib.save_evaluator(ev_lib.cache_path(str(tmp_path / "ev"), cfg.data), digits_evaluator)
@@ -216,7 +217,7 @@ def test_the_guide_reproductions_sweep_one_program_each_and_score_their_own_imag
     assert unguided == pytest.approx(want)
     one = job_lib.load_images(str(out / "samples" / "rerank_1"))
     two = job_lib.load_images(str(out / "samples" / "rerank_2"))
-    s1, s2 = (rg._clip_scores(guides[1].trained, x, [r["prompt"] for r in rows])
+    s1, s2 = (clip_scores(guides[1].trained, x, [r["prompt"] for r in rows])
               for x, rows in (one, two))
     assert np.all(s2 >= s1 - 1e-6) and {r["rerank_candidate"] for r in two[1]} <= {0, 1}
     for r, a, b in zip(two[1], s1, s2):

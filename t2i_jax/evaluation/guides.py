@@ -152,23 +152,29 @@ def clip_attribute_retrieval(family, params, split: dict, seed: int = 0) -> list
     return rows
 
 
+def clip_scores(clip, x_uint8: np.ndarray, prompts) -> np.ndarray:
+    """cos(E_img(x0, 0), E_text(prompt)) [N] of uint8 images [N, H, W, C] and their prompts, from
+    a CLIP's clean towers (Trained); NaN where the prompt is empty."""
+    from t2i_jax.sampling import guides as guides_lib
+    rows = guides_lib.text_rows(clip, prompts)
+    score = guides_lib.clip_score_fn(clip.family)
+    x = x_uint8.astype(np.float32) / 127.5 - 1.0
+    return np.concatenate([np.asarray(score(clip.params, x[i:i + CHUNK],
+                                            {k: v[i:i + CHUNK] for k, v in rows.items()}))
+                           for i in range(0, len(x), CHUNK)])
+
+
 def clip_score(clip_workdir: str, job_dir: str) -> dict:
     """The CLIP score of a finished sampling job: the mean cos(E_img(x0, 0), E_text(prompt)) of
     its images (clean towers of the in-project CLIP), over the images whose prompt is not empty."""
-    from t2i_jax.sampling import guides as guides_lib, job as job_lib
+    from t2i_jax.sampling import job as job_lib
     from t2i_jax.sampling.load import load_trained
     clip = load_trained(clip_workdir)
     if clip.family.name != "contrastive":
         raise ValueError(f"{clip_workdir} holds a {clip.family.name} model; the CLIP score needs "
                          "a contrastive workdir.")
     x, rows = job_lib.load_images(job_dir)
-    prompts = [r["prompt"] for r in rows]
-    text_rows = guides_lib.text_rows(clip, prompts)
-    score = guides_lib.clip_score_fn(clip.family)
-    x = x.astype(np.float32) / 127.5 - 1.0
-    s = np.concatenate([np.asarray(score(clip.params, x[i:i + CHUNK],
-                                         {k: v[i:i + CHUNK] for k, v in text_rows.items()}))
-                        for i in range(0, len(x), CHUNK)])
+    s = clip_scores(clip, x, [r["prompt"] for r in rows])
     s = s[np.isfinite(s)]
     return dict(job=os.path.abspath(job_dir), clip=os.path.abspath(clip_workdir),
                 clip_step=clip.step, n=int(s.size), clip_score=float(s.mean()) if s.size else None)

@@ -122,11 +122,13 @@ class Scorer:
 
 
 def _run(trained, outdir, prompts, *, num_per_prompt, guidance, seed, options, batch_size,
-         progress):
+         progress, guides=(), rerank=1, reranker=None):
     from t2i_jax.sampling import job as job_lib
     spec = job_lib.JobSpec.create(trained, prompts, num_per_prompt=num_per_prompt,
-                                  guidance=guidance, seed=seed, options=options)
-    result = job_lib.run_job(trained, spec, outdir, batch_size=batch_size, progress=progress)
+                                  guidance=guidance, seed=seed, options=options, guides=guides,
+                                  rerank=rerank, reranker=reranker)
+    result = job_lib.run_job(trained, spec, outdir, batch_size=batch_size, progress=progress,
+                             guides=guides, reranker=reranker)
     job_lib.print_summary(result)
     x, rows = job_lib.load_images(outdir)
     stats_path = os.path.join(outdir, job_lib.STATS_FILE)

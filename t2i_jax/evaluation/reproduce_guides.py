@@ -38,30 +38,13 @@ def _options(cfg, steps: int):
     return dataclasses.replace(SampleOptions.from_config(cfg.sample), num_steps=steps)
 
 
-def _job(trained, out, name, prompts, *, num_per_prompt, seed, options, batch_size, progress,
-         guides=(), rerank=1, reranker=None):
-    """Runs (or finishes) one job; returns (uint8 images, records, programs it compiled)."""
-    from t2i_jax.sampling import job as job_lib
-    outdir = os.path.join(out, "samples", name)
-    spec = job_lib.JobSpec.create(trained, prompts, num_per_prompt=num_per_prompt,
-                                  guidance=(0.0,), seed=seed, options=options, guides=guides,
-                                  rerank=rerank, reranker=reranker)
-    result = job_lib.run_job(trained, spec, outdir, batch_size=batch_size, progress=progress,
-                             guides=guides, reranker=reranker)
-    job_lib.print_summary(result)
-    x, rows = job_lib.load_images(outdir)
-    return x, rows, result.compilations
-
-
-def _clip_scores(clip, x_uint8, prompts) -> np.ndarray:
-    """cos(E_img(x0, 0), E_text(prompt)) per image (NaN for an empty prompt)."""
-    from t2i_jax.sampling import guides as guides_lib
-    score = guides_lib.clip_score_fn(clip.family)
-    rows = guides_lib.text_rows(clip, prompts)
-    x = x_uint8.astype(np.float32) / 127.5 - 1.0
-    return np.concatenate([np.asarray(score(clip.params, x[i:i + 256],
-                                            {k: v[i:i + 256] for k, v in rows.items()}))
-                           for i in range(0, len(x), 256)])
+def _job(trained, out, name, prompts, **kw):
+    """reproduce._run of one w = 0 job under OUT/samples/NAME: (uint8 images, records, the
+    sampling programs the run that generated them compiled)."""
+    from t2i_jax.evaluation.reproduce import _run
+    x, rows, stats = _run(trained, os.path.join(out, "samples", name), prompts, guidance=(0.0,),
+                          **kw)
+    return x, rows, int(stats.get("compilations") or 0)
 
 
 def reproduce_classifier(trained, classifier_dir: str, out: str, *, num_per_prompt: int,
@@ -134,9 +117,9 @@ def mean_nn_distance(cfg) -> float:
     [-1, 1]) to its nearest training image, averaged. A sample closer than this to its reference
     is nearer to it than real images are to each other: a copy."""
     from t2i_jax import data as data_lib
-    train = data_lib.load_split(cfg.data, "train")["image"].reshape(-1, np.prod(
-        data_lib.load_split(cfg.data, "test")["image"].shape[1:]))
-    test = data_lib.load_split(cfg.data, "test")["image"].reshape(-1, train.shape[1])
+    test = data_lib.load_split(cfg.data, "test")["image"]
+    test = test.reshape(len(test), -1)
+    train = data_lib.load_split(cfg.data, "train")["image"].reshape(-1, test.shape[1])
     d = []
     for i in range(0, len(test), 128):
         d2 = ((test[i:i + 128, None] - train[None]) ** 2).mean(-1)
@@ -155,6 +138,7 @@ def reproduce_sdg(trained, clip_dir: str, out: str, *, num_per_prompt: int, seed
                   image_scales=SDG_IMAGE_SCALES, rerank_n=RERANK_N, progress=True, scorer=None,
                   cache_dir=None) -> dict:
     from t2i_jax.evaluation import reproduce as rep
+    from t2i_jax.evaluation.guides import clip_scores
     from t2i_jax.sampling import guides as guides_lib
     cfg = trained.config
     clip = guides_lib.load_guide_model(clip_dir, "--clip", trained)
@@ -171,7 +155,7 @@ def reproduce_sdg(trained, clip_dir: str, out: str, *, num_per_prompt: int, seed
 
     def score(x, prompts_of):
         r = scorer.score(x, prompts_of)
-        cs = _clip_scores(clip, x, prompts_of)
+        cs = clip_scores(clip, x, prompts_of)
         r["clip_score"] = float(np.nanmean(cs)) if np.isfinite(cs).any() else None
         return r
 
