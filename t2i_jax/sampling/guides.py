@@ -96,6 +96,11 @@ class Guide:
     image: Optional[str] = None       # clip_image: the reference image's path
     reference: Optional[np.ndarray] = None  # clip_image: x' [H, W, C] in [-1, 1]
 
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown guide kind {self.kind!r}; choose one of {KINDS}.")
+        self.scale = check_scale(f"the {self.kind} guide's scale", self.scale)
+
     def record(self) -> dict:
         d = dict(kind=self.kind, workdir=self.trained.workdir, step=self.trained.step,
                  scale=self.scale)
@@ -132,19 +137,35 @@ def text_rows(clip: Trained, prompts: Sequence[str]) -> dict:
     from t2i_jax.models import text
     fam = clip.family
     toks = text.tokenize([p or "" for p in prompts], fam.max_length, warn=False)
-    z = np.asarray(jax.jit(fam.embed_text)(clip.params, toks.ids, toks.mask))
+    z = np.asarray(_once(fam, "embed_text", lambda: jax.jit(fam.embed_text))(
+        clip.params, toks.ids, toks.mask))
     return dict(z_text=z, has_text=np.asarray([bool(p) for p in prompts], np.float32))
+
+
+_JITTED: dict = {}
+
+
+def _once(family, name: str, make):
+    """make() (a jitted function of `family`), made once per family object and reused, so the
+    jobs of a sweep and every call of a scorer share its compilation. The family is held with
+    it, so its id stays its own."""
+    key = (id(family), name)
+    if key not in _JITTED:
+        _JITTED[key] = (make(), family)
+    return _JITTED[key][0]
 
 
 def clip_score_fn(family):
     """score(params, x0 [B, ...], text_rows) -> cos(E_img(x0, 0), E_text) [B] from the clean
     towers (NaN for an empty prompt): the CLIP score of generated images, and reranking's."""
-    @jax.jit
-    def score(params, x0, rows):
-        z = family.embed_image(params, x0, jnp.zeros((x0.shape[0],), jnp.int32))
-        cos = jnp.sum(z * rows["z_text"], -1)
-        return jnp.where(rows["has_text"] > 0, cos, jnp.nan)
-    return score
+    def make():
+        @jax.jit
+        def score(params, x0, rows):
+            z = family.embed_image(params, x0, jnp.zeros((x0.shape[0],), jnp.int32))
+            cos = jnp.sum(z * rows["z_text"], -1)
+            return jnp.where(rows["has_text"] > 0, cos, jnp.nan)
+        return score
+    return _once(family, "clip_score", make)
 
 
 def _sha256(path: str) -> str:
