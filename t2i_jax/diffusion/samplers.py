@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2i_jax.diffusion import forward, guidance, noise
+from t2i_jax.diffusion import guidance, noise
 from t2i_jax.diffusion.schedules import Schedule
 
 SPACINGS = ("trailing", "leading", "linspace")
@@ -208,8 +208,6 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
       (eps_hat is then recomputed from it).
     rng, sample_ids: see `chain`.
     """
-    forward.check_prediction(prediction)
-    guidance.resolve_thresholding(thresholding)
     if x_T.ndim < 1:
         raise ValueError(f"x_T must have a leading batch axis, got shape {x_T.shape}.")
     batch = x_T.shape[0]
