@@ -11,7 +11,10 @@ guidance, sampler, steps, checkpoint step) and with --npz OUTDIR/samples.npz (AD
 Uses the newest checkpoint's EMA parameters and the config stored with it. Every device is used;
 each image's noise comes from its own index, so the device count and --batch_size do not change
 the images (bit-identical on CPU; up to float rounding where kernels depend on the batch shape). An interrupted job resumes where
-it stopped when the same command is run again.
+it stopped when the same command is run again. On several hosts, run the same command on each
+with --multihost or --coordinator_address/--num_processes/--process_id (or on one machine:
+python -m t2i_jax.launch --num_processes 2 --devices_per_process 4 -- sample.py ARGS): the
+images are the same, and only process 0 reads or writes OUTDIR.
 """
 
 from __future__ import annotations
@@ -78,7 +81,13 @@ def parse_args(argv):
     g.add_argument("--rerank", type=int, default=1, metavar="N",
                    help="draw N candidates per image, keep the one the CLIP scores closest to "
                         "its prompt (needs --clip)")
+    from t2i_jax import distributed  # imports no jax
+    distributed.add_arguments(p)
     args = p.parse_args(argv)
+    try:
+        args.group = distributed.from_args(args)
+    except ValueError as e:
+        p.error(str(e))
     for flag, value in (("--classifier_scale", args.classifier_scale),
                         ("--clip_scale", args.clip_scale), ("--image_scale", args.image_scale)):
         if value is not None and not (math.isfinite(value) and value >= 0):
@@ -156,6 +165,11 @@ def main(argv=None, boundary=None) -> int:
     apply_tuned_flags()
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+    from t2i_jax import distributed
+    distributed.join(args.group)  # every process of a multi-host job, before any device is used
+    own = ("group", "process_id")  # what may differ between the processes of one job
+    distributed.check_same("command line", dict(
+        {k: v for k, v in vars(args).items() if k not in own}, prompts=prompts))
 
     from t2i_jax.diffusion import samplers
     from t2i_jax.errors import UsageError
@@ -204,16 +218,23 @@ def main(argv=None, boundary=None) -> int:
                                   guidance=guidance, seed=args.seed, options=options,
                                   shard_size=args.shard_size, guides=guides, rerank=args.rerank,
                                   reranker=clip if args.rerank > 1 else None)
-    print(f"[t2i_jax] checkpoint {trained.step} ({trained.kind} parameters) of {trained.workdir}; "
-          f"{spec.num_images} images: {len(prompts)} prompt(s) x {args.num_per_prompt} x "
-          f"{len(guidance)} guidance weight(s), {options.sampler} {options.num_steps} steps.",
-          file=sys.stderr)
+    lead = distributed.is_lead()  # the others compute their rows and write nothing
+    if lead:
+        print(f"[t2i_jax] checkpoint {trained.step} ({trained.kind} parameters) of "
+              f"{trained.workdir}; {spec.num_images} images: {len(prompts)} prompt(s) x "
+              f"{args.num_per_prompt} x {len(guidance)} guidance weight(s), {options.sampler} "
+              f"{options.num_steps} steps" + (f", {distributed.process_count()} processes"
+                                             if distributed.process_count() > 1 else "") + ".",
+              file=sys.stderr)
+    # The files read on each host (a prompts file, a guide image) must be the same everywhere.
+    distributed.check_same("job", spec.to_json())
     result = job_lib.run_job(trained, spec, args.outdir, batch_size=args.batch_size,
                              progress=not args.no_progress, npz=args.npz,
                              grid_columns=args.grid_columns, guides=guides,
                              reranker=clip if args.rerank > 1 else None)
-    job_lib.print_summary(result)
-    print(os.path.join(os.path.abspath(args.outdir), job_lib.GRID_FILE))
+    if lead:
+        job_lib.print_summary(result)
+        print(os.path.join(os.path.abspath(args.outdir), job_lib.GRID_FILE))
     return 0
 
 

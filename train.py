@@ -7,7 +7,10 @@
 Checkpoints go to WORKDIR/checkpoints (orbax), metrics to WORKDIR/metrics.jsonl and
 WORKDIR/tensorboard, sample grids to WORKDIR/samples. Rerunning the same command resumes from
 the newest checkpoint; SIGTERM / Ctrl-C saves one and exits. On a multi-host TPU/GPU cluster,
-run the same command on every host with --multihost. A mistake gets one line on stderr (exit 2
+run the same command on every host with --multihost (jax detects TPU pods and SLURM), or with
+--coordinator_address HOST:PORT --num_processes N --process_id I; on one machine,
+`python -m t2i_jax.launch --num_processes 2 --devices_per_process 4 -- train.py ARGS` runs such
+a job as N local processes (README, Multi-host). A mistake gets one line on stderr (exit 2
 for a command line that cannot run: an unknown option or config key, a bad value, an unusable
 workdir; 1 when the run fails); details of unexpected faults go to WORKDIR/t2i_errors.log, and
 T2I_DEBUG=1 shows tracebacks.
@@ -56,14 +59,21 @@ def _unknown_override(argv: list, path: str) -> str:
 
 
 def parse(argv: list):
-    """(config, workdir, multihost, progress) from the command line; UsageError if it is wrong."""
+    """(config, workdir, process group, progress) from the command line; UsageError if it is
+    wrong."""
     from absl import flags
     from ml_collections import config_flags
+    from t2i_jax import distributed
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and samples",
                         flag_values=fv)
-    flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (one "
-                      "process per host)", flag_values=fv)
+    help_ = distributed.FLAG_HELP
+    flags.DEFINE_bool("multihost", False, help_["multihost"], flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, help_["coordinator_address"], flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, help_["num_processes"], flag_values=fv)
+    flags.DEFINE_integer("process_id", None, help_["process_id"], flag_values=fv)
+    flags.DEFINE_float("initialization_timeout", distributed.DEFAULT_TIMEOUT,
+                       help_["initialization_timeout"], flag_values=fv)
     flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
     if any(a in ("-h", "--help", "--helpfull", "-help") for a in argv):
         print(__doc__ + "\nflags:\n  --config: experiment config file (default configs/digits.py); "
@@ -92,11 +102,14 @@ def parse(argv: list):
     if not fv["workdir"].value:
         raise UsageError("--workdir is required: the directory for checkpoints, metrics and "
                          "samples (e.g. --workdir runs/digits).")
-    return config, fv["workdir"].value, fv["multihost"].value, fv["progress"].value
+    group = distributed.ProcessGroup.from_flags(
+        fv["coordinator_address"].value, fv["num_processes"].value, fv["process_id"].value,
+        fv["multihost"].value, fv["initialization_timeout"].value)
+    return config, fv["workdir"].value, group, fv["progress"].value
 
 
 def main(argv: list, boundary: Boundary) -> int:
-    config, workdir, multihost, progress = parse(argv)
+    config, workdir, group, progress = parse(argv)
     # Refusals that need no jax, before the backends start and before anything is written (the
     # library checks the same again for callers of loop.train).
     from t2i_jax import files
@@ -111,9 +124,10 @@ def main(argv: list, boundary: Boundary) -> int:
     apply_tuned_flags()
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    import jax
-    if multihost:
-        jax.distributed.initialize()
+    from t2i_jax import distributed
+    distributed.join(group)  # every process of a multi-host job, before any device is used
+    # A process given another config (or workdir) would train something else, or deadlock.
+    distributed.check_same("config or --workdir", {"config": config.to_dict(), "workdir": workdir})
     from t2i_jax.training.loop import train
     train(config, workdir, progress=progress)
     return 0

@@ -358,17 +358,20 @@ def _as_tree(state) -> dict:
 
 
 def _host_tree(state) -> dict:
-    """_as_tree with every fully addressable array copied to the host first: orbax then writes
-    NumPy arrays instead of slicing each replicated jax.Array into per-device pieces (which
-    compiles hundreds of small programs on many devices). Arrays split over several processes
-    stay jax.Arrays: each process writes its own shards."""
+    """_as_tree with every array this process holds whole (all of it on its devices, or a full
+    replica) copied to the host first: orbax then writes NumPy arrays, from process 0 alone,
+    instead of slicing each replicated jax.Array into per-device pieces (which compiles hundreds
+    of small programs on many devices). Arrays split over several processes (FSDP) stay
+    jax.Arrays: each process writes its own shards."""
     tree = _as_tree(state)
-    local = lambda x: isinstance(x, jax.Array) and x.is_fully_addressable  # noqa: E731
+    whole = lambda x: isinstance(x, jax.Array) and (  # noqa: E731
+        x.is_fully_addressable or x.is_fully_replicated)
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    host = jax.device_get([x for x in leaves if local(x)])
+    host = jax.device_get([x if x.is_fully_addressable else x.addressable_data(0)
+                           for x in leaves if whole(x)])
     it = iter(host)
     return jax.tree_util.tree_unflatten(
-        treedef, [np.asarray(next(it)) if local(x) else x for x in leaves])
+        treedef, [np.asarray(next(it)) if whole(x) else x for x in leaves])
 
 
 def _from_tree(template, tree: dict):

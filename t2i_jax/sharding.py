@@ -77,3 +77,17 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local_batch.items()}
+
+
+def put(tree: Any, sharding: NamedSharding) -> Any:
+    """device_put of host values (numpy, or small local arrays and PRNG keys that every process
+    computed alike) onto `sharding`, which may span several processes: each process places its
+    own devices' pieces (jax.device_put refuses a local jax.Array for a multi-process sharding)."""
+    def leaf(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.device_put(np.asarray(x), sharding)
+    return jax.tree_util.tree_map(leaf, tree)

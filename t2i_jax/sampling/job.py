@@ -32,6 +32,12 @@ Output directory:
 A killed job leaves finished shards and at most one unfinished shard (some PNGs, no shard file);
 the rerun redoes that shard (same pixels: the images are deterministic) and goes on. Temporary
 files are named .tmp-* and are never read as results.
+
+On several processes (t2i_jax/distributed.py) only process 0 touches the output directory: it
+takes the lock, checks job.json and finds the unfinished shards, and that list reaches every
+process; each process computes its devices' rows of every call, the images are gathered to
+process 0, which writes them with the same shard protocol. The other hosts need no access to
+OUTDIR, and a rerun finishes the job whichever process died.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2i_jax import files, images
+from t2i_jax import distributed, files, images
 from t2i_jax import sharding as mesh_lib
 from t2i_jax.conditioning import Condition
 from t2i_jax.sampling import guides as guides_lib
@@ -260,11 +266,14 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
     if reranker is not None:
         score = guides_lib.clip_score_fn(reranker.family)
         rerank_rows = guides_lib.text_rows(reranker, spec.prompts)
-    with _OutdirLock(outdir, enabled=lead):
-        if lead:
-            check_outdir(spec, outdir)
-            _remove_temporaries(outdir)
-        done = finished_shards(spec, outdir)
+    def survey() -> list:
+        """Process 0: the job's identity checked, leftovers removed, the finished shards."""
+        check_outdir(spec, outdir)
+        _remove_temporaries(outdir)
+        return sorted(finished_shards(spec, outdir))
+
+    with distributed.lead_holds(_OutdirLock(outdir, enabled=lead)):
+        done = set(distributed.lead_decides(survey))  # the same list on every process
         todo = [s for s in range(spec.num_shards) if s not in done]
         total = spec.num_images
         bounds = lambda s: (s * spec.shard_size, min((s + 1) * spec.shard_size, total))  # noqa: E731
@@ -277,7 +286,7 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
         # Every call has this many rows (the last one padded): one compilation per job.
         per_call = math.ceil(min(batch_size, max(len(todo_idx), 1)) / n_dev) * n_dev
         row_sharding = mesh_lib.batch_sharding(mesh)
-        put = lambda a: jax.device_put(a, row_sharding)  # noqa: E731
+        put = lambda a: mesh_lib.put(a, row_sharding)  # noqa: E731
         params = jax.device_put(trained.params, mesh_lib.replicated(mesh))  # this job's devices
         guide_params = tuple(jax.device_put(g.trained.params, mesh_lib.replicated(mesh))
                              for g in guides)
@@ -285,8 +294,8 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
                        if reranker is not None else None)
         extras: dict = {}
         # Replicated on the job's mesh, as the rerank candidates' keys are: one program for both.
-        rng = jax.device_put(jax.random.fold_in(jax.random.key(spec.seed), SEED_STREAM),
-                             mesh_lib.replicated(mesh))
+        rng = mesh_lib.put(jax.random.fold_in(jax.random.key(spec.seed), SEED_STREAM),
+                           mesh_lib.replicated(mesh))
         guidance = np.asarray(spec.guidance, np.float32)
 
         from tqdm import tqdm
@@ -309,10 +318,11 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
                     if reranker is not None:
                         x, won, best = _rerank(generate, score, params, cond, rng, args, x,
                                                clip_params, rows_of(rerank_rows), spec.rerank)
-                        for i, c, sc in zip(idx, _gather(won)[:len(idx)], _gather(best)[:len(idx)]):
+                        won, best = distributed.to_host((won, best))
+                        for i, c, sc in zip(idx, won[:len(idx)], best[:len(idx)]):
                             extras[int(i)] = dict(rerank_score=float(sc) if np.isfinite(sc) else None,
                                                   rerank_candidate=int(c))
-                    x = _gather(x)[:len(idx)]
+                    x = distributed.to_host(x)[:len(idx)]  # every process: same decisions
                     finite = np.isfinite(x).reshape(len(idx), -1).all(axis=1)
                     non_finite.extend(int(i) for i in idx[~finite])
                     x = images.to_uint8(np.where(finite[:, None, None, None], x, 0.0))
@@ -345,7 +355,8 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
             files.write_json(os.path.join(outdir, STATS_FILE), dict(
                 generated=generated, seconds=seconds,
                 images_per_s=result.images_per_s if n_after_first else None,
-                compilations=result.compilations, rows_per_call=per_call, devices=n_dev))
+                compilations=result.compilations, rows_per_call=per_call, devices=n_dev,
+                processes=jax.process_count()))
         if non_finite:
             raise NonFiniteImagesError(_non_finite_message(spec, non_finite, outdir))
         if lead and not any(left_in_shard.values()):  # every shard was done or is now
@@ -362,7 +373,7 @@ def _rerank(generate, score, params, cond, rng, args, x0, clip_params, text_rows
     won = jnp.zeros(best.shape, jnp.int32)
     for c in range(1, n):
         key = jax.random.fold_in(jax.random.fold_in(rng, RERANK_STREAM), c)
-        x = generate(params, cond, jax.device_put(key, rng.sharding), *args)
+        x = generate(params, cond, mesh_lib.put(key, rng.sharding), *args)
         sc = score(clip_params, x, text_rows)
         better = sc > best  # False for NaN: a non-finite candidate or no text never wins
         best_x = jnp.where(better[:, None, None, None], x, best_x)
@@ -404,13 +415,6 @@ def _remove_temporaries(outdir: str) -> None:
             path = os.path.join(d, name)
             if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):
                 os.remove(path)
-
-
-def _gather(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def is_complete(outdir: str) -> bool:

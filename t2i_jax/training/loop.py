@@ -7,7 +7,12 @@ model's checkpoints), saves every train.checkpoint_every steps, at the end and w
 SIGINT arrives (then returns early: a preempted job exits cleanly), keeps the last
 train.keep_checkpoints (0: all). A second signal stops at once (errors.Interrupted). A non-finite
 loss, gradient norm or parameter raises NonFiniteLossError before anything is saved, so the last
-good checkpoint is never overwritten. One process trains a workdir at a time (a lock).
+good checkpoint is never overwritten. One job trains a workdir at a time (a lock).
+
+Several processes (a multi-host job, t2i_jax/distributed.py) run this same loop in step: each
+reads its own slice of every global batch, all write the checkpoint together (orbax: each its
+own shards), process 0 alone writes metrics, grids and the lock; a signal to any one process
+stops all after the same step, and the NaN guard reads the same replicated record everywhere.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from t2i_jax import families, files, images
+from t2i_jax import distributed, families, files, images
 from t2i_jax import sharding as mesh_lib
 from t2i_jax.checkpoint import Checkpointer, check_compatible
 from t2i_jax.config_utils import check_train_config
@@ -119,14 +125,14 @@ def train(config, workdir: str, *, devices: Optional[list] = None, progress: boo
     config_dict = config.to_dict()
     config_dict.setdefault("family", families.name_of(config))
     lead = jax.process_index() == 0
-    workdir = files.check_writable_dir(workdir, "--workdir") if lead else os.path.abspath(workdir)
+    workdir = files.check_writable_dir(workdir, "--workdir")
     iterator = data_lib.make_train_iterator(
         config.data, seed=config.seed, global_batch_size=tcfg.batch_size,
         max_length=run.family.text_length, process_index=jax.process_index(),
         process_count=jax.process_count())
-    with files.ExclusiveLock(workdir, "training", enabled=lead, hint=(
+    with distributed.lead_holds(files.ExclusiveLock(workdir, "training", enabled=lead, hint=(
             "wait for it to finish, stop it (kill -TERM saves a checkpoint first), or pass "
-            "another --workdir")):
+            "another --workdir"))):
         return _train_locked(run, config_dict, workdir, mesh, iterator, lead, progress)
 
 
@@ -184,7 +190,8 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
                       in_shardings=(shardings, batch_sharding, mesh_lib.replicated(mesh)),
                       out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
     writer = MetricWriter(workdir, resume_step=start, enabled=lead)
-    grid = _GridSampler(family, workdir, writer) if lead and family.generates else None
+    # Every process samples the grid (its program spans all devices); process 0 writes it.
+    grid = _GridSampler(family, workdir, writer, mesh, lead) if family.generates else None
 
     data_state = iterator.get_state()
     hp = family.hparams()
@@ -194,7 +201,7 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
         """Stops the run if any step so far was not finite: called before every save, grid and
         log line, so no checkpoint ever holds a diverged state (the metrics stay on the
         devices in between: no host sync per step)."""
-        w = jax.device_get(watch)
+        w = distributed.to_host(watch)
         if not w["ok"]:
             raise NonFiniteLossError(_divergence(w["bad"], int(w["step"]), ckpt.latest_good(),
                                                  run.optim.learning_rate))
@@ -205,6 +212,8 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
 
     stop: dict = {}
     previous = _install_stop_handlers(stop)
+    vote = distributed.StopVote(mesh)  # a signal to any process stops all after the same step
+    stopping = False
     from tqdm import tqdm
     bar = tqdm(total=tcfg.num_steps, initial=start,
                disable=not (progress and lead) or start >= tcfg.num_steps,
@@ -227,10 +236,11 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
                 if step < tcfg.num_steps:
                     batch = next_batch()  # read on the host while the step runs
                 watch = _watch(watch, metrics, jnp.int32(step))
+                stopping = vote(bool(stop))
                 bar.update(1)
                 if step % tcfg.log_every == 0 or step == tcfg.num_steps:
                     guard()
-                    metrics = jax.device_get(metrics)
+                    metrics = distributed.to_host(metrics)
                     del metrics["params_finite"], metrics["finite"]
                     now = time.perf_counter()
                     metrics["images_per_s"] = n_log * tcfg.batch_size / (now - t_log)
@@ -238,15 +248,16 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                     img_s=f"{metrics['images_per_s']:.1f}")
                     t_log, n_log = time.perf_counter(), 0
-                if step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps or stop:
+                if step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps or stopping:
                     save(step)
                 if grid is not None and tcfg.sample_every and step % tcfg.sample_every == 0 \
                         and step != tcfg.num_steps:
                     guard()
                     grid(state, step)
-                if stop:
-                    if lead:
-                        print(f"[t2i_jax] stopped by {stop['stop']} at step {step}; checkpoint "
+                if stopping:
+                    if lead or not vote.single:  # each process says which step it saved
+                        by = stop["stop"] if stop else "a signal to another process"
+                        print(f"[t2i_jax] stopped by {by} at step {step}; checkpoint {step} "
                               f"saved. Run the same command to resume.", file=sys.stderr)
                     break
             else:
@@ -265,7 +276,7 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
         writer.close()
         latest = ckpt.latest_good()
         ckpt.close()
-    if lead and not stop:
+    if lead and not stopping:
         _print_summary(family, workdir, os.path.join(ckpt.directory, str(latest)))
     return state
 
@@ -283,25 +294,31 @@ class _GridSampler:
     """Every train.sample_every steps: a PNG grid (rows = the data set's fixed prompts) from the
     EMA parameters, to DIR/samples/step_<N>.png and to TensorBoard."""
 
-    def __init__(self, family, workdir: str, writer: MetricWriter):
+    def __init__(self, family, workdir: str, writer: MetricWriter, mesh, lead: bool = True):
         from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
         cfg = family.config
-        self.family, self.writer = family, writer
+        self.family, self.writer, self.lead = family, writer, lead
         self.dir = os.path.join(workdir, "samples")
         self.prompts = family.grid_prompts()
         self.n = cfg.train.samples_per_prompt
         self.cond = family.conditioning.of_prompts([p for p in self.prompts for _ in range(self.n)])
         guided = family.conditioning.guidable and float(cfg.sample.guidance_weight) != 0.0
         self.w = float(cfg.sample.guidance_weight) if guided else 0.0
-        self.rng = jax.random.fold_in(jax.random.key(cfg.seed), GRID_SEED_STREAM)
+        rep = mesh_lib.replicated(mesh)  # the inputs of a program over every process's devices
+        self.cond = mesh_lib.put(self.cond, rep)
+        self.ids = mesh_lib.put(np.arange(len(self.prompts) * self.n, dtype=np.int32), rep)
+        self.rng = mesh_lib.put(jax.random.fold_in(jax.random.key(cfg.seed), GRID_SEED_STREAM), rep)
         self.generate = make_generate_fn(family, SampleOptions.from_config(cfg.sample), guided)
 
     def __call__(self, state: TrainState, step: int) -> str:
-        ids = jnp.arange(len(self.prompts) * self.n)
-        x = self.generate(state.ema_params, self.cond, self.rng, self.w, ids)
-        grid = images.make_grid(images.to_uint8(jax.device_get(x)), rows=len(self.prompts),
-                                scale=max(1, 64 // self.family.image_shape[0]))
+        x = self.generate(state.ema_params, self.cond, self.rng, self.w, self.ids)
         path = os.path.join(self.dir, f"step_{step:07d}.png")
-        images.save_png(path, grid)
-        self.writer.image(step, "samples", grid)
+        if self.lead:
+            grid = images.make_grid(images.to_uint8(distributed.to_host(x)),
+                                    rows=len(self.prompts),
+                                    scale=max(1, 64 // self.family.image_shape[0]))
+            images.save_png(path, grid)
+            self.writer.image(step, "samples", grid)
+        else:
+            distributed.to_host(x)  # process 0 gathers the images from every process
         return path
