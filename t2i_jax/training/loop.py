@@ -236,7 +236,6 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
                 if step < tcfg.num_steps:
                     batch = next_batch()  # read on the host while the step runs
                 watch = _watch(watch, metrics, jnp.int32(step))
-                stopping = vote(bool(stop))
                 bar.update(1)
                 if step % tcfg.log_every == 0 or step == tcfg.num_steps:
                     guard()
@@ -248,6 +247,7 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                     img_s=f"{metrics['images_per_s']:.1f}")
                     t_log, n_log = time.perf_counter(), 0
+                stopping = vote(bool(stop))  # after the log line: a signal during it counts
                 if step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps or stopping:
                     save(step)
                 if grid is not None and tcfg.sample_every and step % tcfg.sample_every == 0 \
