@@ -121,6 +121,8 @@ def launch(argv: list, num_processes: int, devices_per_process: int, *, port: in
                              stderr=subprocess.PIPE, start_new_session=True,
                              preexec_fn=_die_with_parent)
         procs.append(p)
+    # The output threads start after every fork: preexec_fn is unsafe once threads run.
+    for i, p in enumerate(procs):
         prefix = f"[process {i}] ".encode() if i else b""
         for stream, sink in ((p.stdout, out), (p.stderr, err)):
             t = threading.Thread(target=_pump, args=(stream, sink, prefix), daemon=True)

@@ -168,40 +168,42 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(data_dir, straight_runs, m
     np.testing.assert_allclose([l for _, l in _losses(wd)], [l for _, l in _losses(wd8)], rtol=1e-5)
 
 
-def test_one_process_checkpoint_resumes_on_two_and_survives_sigterm_and_kill_9_of_one(
+def test_one_process_checkpoint_resumes_on_two_and_survives_kill_9_and_sigterm_of_one(
         data_dir, straight_runs, tmp_path):
     _, wd8 = straight_runs["diffusion"]
     wd = tmp_path / "wd"
     shutil.copytree(wd8, wd)
     shutil.rmtree(wd / "checkpoints" / "4")  # a 1-process run stopped after step 2
-    (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(wd8)
-                                              if r["step"] <= 2))
-    config = _config_file(tmp_path, "diffusion")
-    args = _train_args(data_dir, config, wd, "--config.train.num_steps=100000")
+    _keep_metrics(wd, 2)
+    # The constant learning rate does not depend on num_steps: a run stopped at step s equals
+    # a straight run of s steps.
+    args = _train_args(data_dir, _config_file(tmp_path, "diffusion"), wd,
+                       "--config.train.num_steps=100000")
 
-    # SIGTERM to process 1 alone, once step 3 is logged: both save the same step and exit 0.
+    # Resumed on 2 processes; kill -9 of process 1 once checkpoint 4 is complete: the launcher
+    # stops process 0 too (it cannot go on alone).
     job = Launched(args)
-    _wait_until(lambda: (wd / "metrics.jsonl").exists() and max(
-        (s for s, _ in _safe_losses(wd)), default=0) >= 3, job)
+    _wait_until(lambda: (_latest(wd) or 0) >= 4, job)
+    os.kill(job.pid(1), signal.SIGKILL)
+    assert job.wait() != 0
+    assert "process 1 was killed by SIGKILL" in job.text
+    killed_at = _latest(wd)
+    # Rows the killed run logged past its checkpoint (the rerun drops them when it starts) must
+    # not be taken for the rerun's progress below.
+    _keep_metrics(wd, killed_at)
+
+    # Both rerun, resuming from the newest complete checkpoint; SIGTERM to process 1 alone once
+    # two more steps are logged: both save the same step and exit 0.
+    job = Launched(args)
+    _wait_until(lambda: max((s for s, _ in _safe_losses(wd)), default=0) >= killed_at + 2, job)
     os.kill(job.pid(1), signal.SIGTERM)
     assert job.wait() == 0, job.text[-4000:]
     stops = re.findall(r"^(\[process 1\] )?\[t2i_jax\] stopped by (.+?) at step (\d+); checkpoint",
                        job.text, re.M)
     assert sorted((p, by) for p, by, _ in stops) == [("", "a signal to another process"),
                                                       ("[process 1] ", "SIGTERM")], job.text
-    (step,) = {int(s) for _, _, s in stops}
-    assert step >= 3 and _latest(wd) == step
-
-    # Both rerun; kill -9 of process 1 once a newer checkpoint is complete: the launcher stops
-    # process 0 too (it cannot go on alone), and the rerun resumes from the newest checkpoint.
-    job = Launched(args)
-    _wait_until(lambda: (_latest(wd) or 0) > step, job)
-    os.kill(job.pid(1), signal.SIGKILL)
-    assert job.wait() != 0
-    assert "process 1 was killed by SIGKILL" in job.text
-    total = _latest(wd) + 2
-    job = Launched(_train_args(data_dir, config, wd, f"--config.train.num_steps={total}"))
-    assert job.wait() == 0, job.text[-4000:]
+    (total,) = {int(s) for _, _, s in stops}
+    assert total > killed_at and _latest(wd) == total
 
     straight = run(tiny(data_dir, train__num_steps=total), tmp_path / "straight")  # 1 x 8, no stops
     final = _restore(tiny(data_dir), wd, total)
@@ -212,6 +214,20 @@ def test_one_process_checkpoint_resumes_on_two_and_survives_sigterm_and_kill_9_o
     np.testing.assert_allclose(l, l_ref, rtol=1e-5)
 
 
+def _keep_metrics(wd, last):
+    """metrics.jsonl cut after step `last`, as a run stopped there leaves it (a row cut by a kill
+    is dropped too)."""
+    rows = []
+    for line in (wd / "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row["step"] <= last:
+            rows.append(line + "\n")
+    (wd / "metrics.jsonl").write_text("".join(rows))
+
+
 def _safe_losses(wd):
     try:
         return _losses(wd)
@@ -219,15 +235,21 @@ def _safe_losses(wd):
         return []
 
 
-def test_a_non_finite_step_stops_every_process_before_it_is_saved(data_dir, tmp_path):
+def test_a_non_finite_step_stops_every_process_before_it_is_saved(data_dir, straight_runs, tmp_path):
+    _, wd8 = straight_runs["diffusion"]
     wd = tmp_path / "wd"
+    shutil.copytree(wd8, wd)
+    shutil.rmtree(wd / "checkpoints" / "4")
+    # From checkpoint 2 with an absurd learning rate: the parameters overflow within two steps.
+    # Metrics are read only every 100 steps, yet both processes stop at the save of step 4,
+    # naming the same first non-finite step, and checkpoint 4 is never written.
     job = Launched(_train_args(data_dir, _config_file(tmp_path, "diffusion"), wd,
                                "--config.train.learning_rate=1e30", "--config.train.warmup_steps=0",
                                "--config.train.num_steps=6", "--config.train.log_every=100"))
     assert job.wait() == 1
-    # Both processes stop at the save of step 4, naming step 3; checkpoint 4 is never written.
-    assert len(re.findall(r"^(?:\[process 1\] )?train.py: error: training diverged at step 3 ",
-                          job.text, re.M)) == 2, job.text
+    bad = re.findall(r"^(?:\[process 1\] )?train.py: error: training diverged at step (\d+) .*"
+                     r"the last good checkpoint \(2\) is intact", job.text, re.M)
+    assert len(bad) == 2 and bad[0] == bad[1] and int(bad[0]) in (3, 4), job.text
     assert ckpt_lib.Checkpointer(str(wd / "checkpoints"), read_only=True).steps() == [2]
 
 
@@ -302,7 +324,7 @@ def test_bad_process_groups_are_refused_in_one_line_within_the_timeout(data_dir,
     assert r.returncode == 2 and "the launcher passes the process-group flags" in r.stderr
 
 
-def test_a_sampling_job_on_two_processes_writes_what_one_writes_and_survives_a_kill(
+def test_a_sampling_job_on_two_processes_survives_a_kill_and_writes_what_one_writes(
         tiny_workdir, tmp_path):
     prompts = ["seven", "数字三", "two", "nine"]
     args = [SAMPLE, f"--workdir={tiny_workdir}", *[f"--prompt={p}" for p in prompts],
@@ -312,17 +334,9 @@ def test_a_sampling_job_on_two_processes_writes_what_one_writes_and_survives_a_k
     assert sample_cli.run(args[1:] + [f"--outdir={tmp_path / 'one'}"]) == 0  # 1 process x 8
     ref, ref_rows = job_lib.load_images(str(tmp_path / "one"))
 
-    job = Launched(args + [f"--outdir={tmp_path / 'two'}"])
-    assert job.wait() == 0, job.text[-4000:]
-    two, rows = job_lib.load_images(str(tmp_path / "two"))
-    assert rows == ref_rows and len(rows) == 64
-    # The same images up to float rounding (the processes' CPU kernels are other programs than
-    # one process's: seen, 1 of 16384 values one level off): at most one level, rarely.
-    diff = np.abs(two.astype(int) - ref.astype(int))
-    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
-
-    # Process 1 killed once 4 of the 16 shards are done; the rerun of both completes the job.
-    out = tmp_path / "killed"
+    # On 2 processes, process 1 killed once 4 of the 16 shards are done; the rerun of both
+    # completes the job.
+    out = tmp_path / "two"
     job = Launched(args + [f"--outdir={out}"])
     _wait_until(lambda: (out / "shards").is_dir() and len(os.listdir(out / "shards")) >= 4, job)
     os.kill(job.pid(1), signal.SIGKILL)
@@ -330,8 +344,12 @@ def test_a_sampling_job_on_two_processes_writes_what_one_writes_and_survives_a_k
     assert not job_lib.is_complete(str(out)) and len(os.listdir(out / "shards")) < 16
     job = Launched(args + [f"--outdir={out}"])
     assert job.wait() == 0, job.text[-4000:]
+    assert "[process 1]" not in job.text  # process 1 writes nothing and reports nothing
     x, rows = job_lib.load_images(str(out))
     assert [r["index"] for r in rows] == list(range(64))  # every index exactly once
     assert sorted(os.listdir(out / "images")) == [f"{i:06d}.png" for i in range(64)]
-    assert rows == ref_rows
-    np.testing.assert_array_equal(x, two)  # bit for bit the uninterrupted 2-process job
+    assert rows == ref_rows  # the same records as on 1 process
+    # The same images up to float rounding (the processes' CPU kernels are other programs than
+    # one process's: seen, 1 of 16384 values one level off): at most one level, rarely.
+    diff = np.abs(x.astype(int) - ref.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
