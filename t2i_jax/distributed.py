@@ -154,8 +154,16 @@ def join(group: ProcessGroup) -> None:
             while not _reachable(address):  # the coordinator is not up yet: wait for it
                 time.sleep(0.25)
         # jax's own deadline comes after ours, so the line above is what the user sees.
-        jax.distributed.initialize(address, group.num_processes, group.process_id,
-                                   initialization_timeout=int(group.timeout) + 30)
+        try:
+            jax.distributed.initialize(address, group.num_processes, group.process_id,
+                                       initialization_timeout=int(group.timeout) + 30)
+        except (ValueError, RuntimeError) as e:  # --multihost outside a cluster jax knows
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(
+                f"could not join the process group ({cause}); --multihost works where jax "
+                "detects the cluster (TPU pods, SLURM, ...): elsewhere pass "
+                "--coordinator_address HOST:PORT --num_processes N --process_id I, or on one "
+                "machine use python -m t2i_jax.launch.") from None
     finally:
         timer.cancel()
 

@@ -291,6 +291,8 @@ def test_bad_process_groups_are_refused_in_one_line_within_the_timeout(data_dir,
     assert r.returncode == 2 and "--process_id 2 is out of range for --num_processes 2" in r.stderr
     r = one("--num_processes=2", "--process_id=0")
     assert r.returncode == 2 and "without --coordinator_address" in r.stderr
+    r = one("--multihost")  # no cluster here for jax to detect
+    assert r.returncode == 2 and "could not join the process group" in r.stderr
     # A coordinator that never comes up: one line after the 3 s timeout, not a hang.
     t0 = time.time()
     r = one(f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2",
