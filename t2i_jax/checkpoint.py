@@ -43,8 +43,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from t2i_jax.config_utils import tree_differences
 from t2i_jax.errors import os_advice, os_errno, short_cause
-from t2i_jax import integrity
+from t2i_jax import distributed, integrity
 
 # Parts of the config that fix the parameters' meaning: a resume must match them exactly.
 MODEL_KEYS = ("family", "model", "diffusion", "data.image_size", "data.channels")
@@ -91,18 +92,10 @@ def _get(d: dict, dotted: str):
 def config_differences(stored: dict, current: dict) -> list[str]:
     """The MODEL_KEYS leaves whose values differ, as 'key: stored -> current' lines."""
     out = []
-
-    def walk(a, b, prefix):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{prefix}.{k}")
-        elif a != b:
-            out.append(f"{prefix}: {a!r} -> {b!r}")
-
     for key in MODEL_KEYS:
         a, b = _get(stored, key), _get(current, key)
         a, b = (DEFAULTS.get(key) if a is None else a), (DEFAULTS.get(key) if b is None else b)
-        walk(_normalise(a), _normalise(b), key)
+        out += tree_differences(_normalise(a), _normalise(b), key)
     return out
 
 
@@ -211,7 +204,7 @@ class Checkpointer:
     def _record(self, step: int) -> None:
         """The step is complete: remember it and write its integrity record (process 0)."""
         self.saved.add(step)
-        if jax.process_index() == 0:
+        if distributed.is_lead():
             try:
                 integrity.write(os.path.join(self.directory, str(step)))
             except OSError as e:  # the step itself is complete: it is kept, unverified
@@ -249,7 +242,7 @@ class Checkpointer:
         self.unrestorable.clear()
 
     def _move_aside(self, step: int, why: str) -> None:
-        if jax.process_index() == 0:
+        if distributed.is_lead():
             os.makedirs(self.damaged_directory, exist_ok=True)
             target = os.path.join(self.damaged_directory, str(step))
             n = 1
@@ -258,9 +251,7 @@ class Checkpointer:
                 n += 1
             os.replace(os.path.join(self.directory, str(step)), target)
             self.report(f"checkpoint {step} moved to {target} ({why}); this run writes it anew.")
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices(f"t2i_jax checkpoint {step} moved")
+        distributed.barrier(f"t2i_jax checkpoint {step} moved")  # the others wait for the move
         self.manager.reload()
 
     def stored_config(self, step: int) -> dict:

@@ -41,6 +41,15 @@ _TRAIN_MINIMA = dict(batch_size=1, num_steps=1, checkpoint_every=1, log_every=1,
                      keep_checkpoints=0, samples_per_prompt=1, fsdp=1, warmup_steps=0)
 
 
+def tree_differences(a, b, prefix: str = "") -> list:
+    """'key: a -> b' for every leaf where two JSON trees (nested dicts) differ, keys dotted from
+    `prefix`."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b))
+                for d in tree_differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    return [] if a == b else [f"{prefix or 'value'}: {a!r} -> {b!r}"]
+
+
 def check_train_config(config) -> None:
     """Refuses, before anything runs, what a training run would trip over later (a NaN learning
     rate, checkpoint_every=0 dividing by zero after compiling): ValueError naming the field."""

@@ -236,14 +236,6 @@ def _gather_flags(flag: bool) -> list:
     return [bool(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(flag)))]
 
 
-def differences(a: Any, b: Any, prefix: str = "") -> list:
-    """'key: a -> b' for every leaf where two JSON trees differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b))
-                for d in differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))]
-    return [] if a == b else [f"{prefix or 'value'}: {a!r} -> {b!r}"]
-
-
 def check_same(what: str, value: dict) -> None:
     """UsageError on every process unless every process holds the same `value` as process 0."""
     if process_count() == 1:
@@ -251,7 +243,8 @@ def check_same(what: str, value: dict) -> None:
     import jax
     mine = json.loads(json.dumps(value, sort_keys=True, default=str))
     lead = json.loads(_broadcast_text(json.dumps(mine, sort_keys=True)))
-    diffs = differences(lead, mine)
+    from t2i_jax.config_utils import tree_differences
+    diffs = tree_differences(lead, mine)
     bad = [i for i, b in enumerate(_gather_flags(bool(diffs))) if b]
     if not bad:
         return

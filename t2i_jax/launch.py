@@ -177,11 +177,6 @@ def launch(argv: list, num_processes: int, devices_per_process: int, *, port: in
 
 
 def parse(argv: list):
-    if "--" not in argv:
-        argv = list(argv)
-        usage = True
-    else:
-        usage = False
     cut = argv.index("--") if "--" in argv else len(argv)
     from t2i_jax.errors import ArgumentParser
     p = ArgumentParser(prog="python -m t2i_jax.launch", description=__doc__.split("\n\n")[0],
@@ -198,7 +193,7 @@ def parse(argv: list):
                    help="passed to every process: seconds for all to join")
     args = p.parse_args(argv[:cut])
     command = argv[cut + 1:]
-    if usage or not command:
+    if not command:
         p.error("no command: put it after --, e.g. -- train.py --config configs/digits.py "
                 "--workdir runs/mp")
     if args.num_processes < 1 or args.devices_per_process < 1:
