@@ -1,7 +1,10 @@
 """Every data set by name, and the one place where a data set's stored features become
 (image, captions, label).
 
-Embedded (prepared locally, offline, no TensorFlow): "digits", "shapes".
+Embedded (prepared locally, offline, no TensorFlow): "digits", "shapes". "shapes" renders
+natively at any size (`Spec.native_size`): `open_split(..., image_size=S)` opens its builder of
+size S (prepared on first use), so the pipeline does not resize it; "digits" is always the 8x8
+scans (the pipeline upscales them).
 TFDS catalog: "mnist", "fashion_mnist", "cifar10", "oxford_flowers102", "coco_captions". These
 are read from array_record files already in data_dir (`DIR/<tfds name>/<version>/`). Preparing
 them needs a network (to download) and TensorFlow (TFDS's catalog builders use it to prepare);
@@ -40,7 +43,8 @@ class Spec:
     prompts: Callable              # style -> fixed prompts for progress grids
     embedded: bool = False
     flip_ok: bool = True           # False where a mirror image changes the caption's meaning
-    builder: Optional[Callable] = None  # embedded: data_dir -> prepared TFDS builder
+    builder: Optional[Callable] = None  # embedded: data_dir[, image_size] -> prepared TFDS builder
+    native_size: bool = False      # embedded and rendered at any size: builder(data_dir, image_size)
     extras: Callable = lambda record: {}  # record -> per-example arrays load_split returns too
 
 
@@ -118,7 +122,8 @@ SPECS = {
                    extras=lambda r: {"id": r["id"]}),
     "shapes": Spec("shapes", shapes_lib.NAME, shapes_lib.SPLITS, _fixed(shapes_lib.convert),
                    shapes_lib.CAPTION_STYLES, None, shapes_lib.sample_prompts, embedded=True,
-                   flip_ok=False, builder=shapes_lib.builder, extras=_shapes_extras),
+                   flip_ok=False, builder=shapes_lib.builder, native_size=True,
+                   extras=_shapes_extras),
     "mnist": Spec("mnist", "mnist", ("train", "test"), _fixed(_digit_convert),
                   digits_lib.CAPTION_STYLES, lambda d=None: digits_lib.CLASS_NAMES,
                   digits_lib.sample_prompts),
@@ -192,11 +197,16 @@ def unavailable_message(spec: Spec, data_dir: Optional[str], reason: str) -> str
         f"neither.)")
 
 
-def open_split(spec: Spec, split: str, data_dir: Optional[str] = None):
-    """A random-access source (len, [i] -> record dict) for `split` of the data set."""
+def open_split(spec: Spec, split: str, data_dir: Optional[str] = None,
+               image_size: Optional[int] = None):
+    """A random-access source (len, [i] -> record dict) for `split` of the data set. image_size:
+    for a data set that renders natively at any size (spec.native_size), its records' size
+    (None: the builder's default); ignored by the others (their stored size is what it is)."""
     if split not in spec.splits:
         raise ValueError(f"data set {spec.name!r} has splits {spec.splits}, not {split!r}.")
     if spec.embedded:
+        if spec.native_size and image_size is not None:
+            return spec.builder(data_dir, image_size=int(image_size)).as_data_source(split=split)
         return spec.builder(data_dir).as_data_source(split=split)
     builder = _find_prepared(spec.tfds_name, data_dir)
     if builder is not None:

@@ -10,7 +10,8 @@ Per example (a grain map, in grain's prefetch threads): read the record (array_r
 access; TFDS decodes the PNG/JPEG with PIL), convert it to (image, captions, label)
 (catalog.py), choose the caption (data.caption: "random" or a style), convert grey <-> RGB to
 data.channels, resize the shorter side to image_size and centre-crop (PIL, bilinear by default:
-data.resize), flip horizontally with probability 1/2 if data.random_flip, scale to [-1, 1],
+data.resize; a data set that renders natively at any size, shapes, is opened at image_size and
+needs no resize), flip horizontally with probability 1/2 if data.random_flip, scale to [-1, 1],
 tokenize. The random choices use numpy's default_rng([seed, epoch, record index, salt]).
 
 State. `get_state()` is {"step": k, ...} plus what fixes the order (data set, size, seed, global
@@ -282,7 +283,7 @@ def make_train_iterator(data_config, *, seed: int, global_batch_size: int,
         raise ValueError(f"max_length must be >= 2 (BOS and EOS), got {max_length}.")
     b = global_batch_size // process_count
     train_split = s.spec.splits[0]
-    source = catalog.open_split(s.spec, train_split, s.data_dir)
+    source = catalog.open_split(s.spec, train_split, s.data_dir, s.image_size)
     n = len(source)
     if n == 0:
         raise ValueError(f"the {train_split!r} split of {s.name!r} is empty.")
@@ -325,7 +326,7 @@ def load_split(data_config, split: str, *, max_examples: Optional[int] = 50_000)
       and the data set's recorded extras (shapes: num_shapes, colour, shape, size, centre, bbox,
       relation, id; digits: id), stacked."""
     s = settings(data_config)
-    source = catalog.open_split(s.spec, split, s.data_dir)
+    source = catalog.open_split(s.spec, split, s.data_dir, s.image_size)
     n = len(source)
     if max_examples is not None and n > max_examples:
         raise ValueError(f"split {split!r} of {s.name!r} has {n} examples > max_examples={max_examples}; "

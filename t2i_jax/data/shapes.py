@@ -2,8 +2,13 @@
 
 Every image is a pure function of (split, index): its attributes are drawn with
 numpy's default_rng([SEED, split code, index]) and rendered in numpy (coverage of each pixel
-estimated on a 4x4 sub-pixel grid, i.e. anti-aliased edges) on a black background; default
-32x32 RGB.
+estimated on a 4x4 sub-pixel grid, i.e. anti-aliased edges) on a black background, RGB, natively
+at any image size S (default 32). The captions, the categorical attributes (colour, shape, size,
+relation, num_shapes) and so the held-out pairs are the same at every size, and so is the scene:
+positions are drawn on the 32x32 grid and scaled by S / 32 (a scene at 64 is the one at 32 drawn
+twice as finely). The TFDS builder of size S is "t2i_shapes" for S = 32 (as always) and
+"t2i_shapes_S" otherwise (`builder(data_dir, image_size=S)`, prepared on first use), so the
+pipeline reads shapes at data.image_size without resizing.
 
 Attributes (recorded with every image, so alignment can be scored exactly):
   colour   COLOURS: red, green, blue, yellow, purple (fixed RGB values, PALETTE)
@@ -78,27 +83,33 @@ def attributes(split: str, index: int, image_size: int = IMAGE_SIZE) -> dict:
     for k in range(n):
         colour[k], shape[k] = _pick_pair(rng, held=(k == forced))
         size[k] = int(rng.integers(len(SIZES)))
-    half = [HALF_EXTENT[s] * image_size if s >= 0 else 0.0 for s in size]
+    # Positions are drawn on the IMAGE_SIZE (32) grid and scaled to image_size, so every size
+    # shows the same scene (a 1-pixel margin at 32 is image_size / 32 pixels at image_size), and
+    # a placement that works at 32 works at every size. At 32 the scale is exactly 1.
+    ref = IMAGE_SIZE
+    half = [HALF_EXTENT[s] * ref if s >= 0 else 0.0 for s in size]
     centre = np.zeros((2, 2), np.float32)
     relation = -1
     if n == 1:
-        lo, hi = half[0] + 1, image_size - 1 - half[0]
+        lo, hi = half[0] + 1, ref - 1 - half[0]
         centre[0] = rng.uniform(lo, hi, size=2)
     else:
         relation = int(rng.integers(len(RELATIONS)))
         axis = 1 if relation in (0, 1) else 0      # y for above/below, x for left/right
         first_lower = relation in (0, 2)           # shape 0 has the smaller coordinate
-        gap = 0.05 * image_size
+        gap = 0.05 * ref
         for _ in range(1000):
-            c = np.array([rng.uniform(h + 1, image_size - 1 - h, size=2) for h in half])
+            c = np.array([rng.uniform(h + 1, ref - 1 - h, size=2) for h in half])
             a, b = (0, 1) if first_lower else (1, 0)
             separated = c[b, axis] - c[a, axis] >= half[a] + half[b] + gap
-            aligned = abs(c[0, 1 - axis] - c[1, 1 - axis]) <= 0.25 * image_size
+            aligned = abs(c[0, 1 - axis] - c[1, 1 - axis]) <= 0.25 * ref
             if separated and aligned:
                 centre[:] = c
                 break
         else:  # cannot happen for these sizes; kept as a guard
             raise RuntimeError("could not place two shapes")
+    if image_size != ref:
+        centre = (centre.astype(np.float64) * (image_size / ref)).astype(np.float32)
     return {"num_shapes": n, "colour": np.array(colour, np.int32), "shape": np.array(shape, np.int32),
             "size": np.array(size, np.int32), "centre": centre, "relation": relation,
             "image_size": image_size}
@@ -108,14 +119,20 @@ def _coverage(shape: int, cx: float, cy: float, h: float, image_size: int) -> np
     """Fraction of each pixel covered by the shape, float32 [S, S] (4x4 sub-pixel samples)."""
     ss = SUPERSAMPLE
     t = (np.arange(image_size * ss, dtype=np.float32) + 0.5) / ss  # sub-pixel centres
-    x, y = t[None, :], t[:, None]
+    # Only the pixels of a window around the shape (every shape lies within h of its centre)
+    # are sampled; the others are 0. The same samples as over the whole image, so the same values.
+    x0, x1 = max(0, int(np.floor(cx - h)) - 1), min(image_size, int(np.ceil(cx + h)) + 2)
+    y0, y1 = max(0, int(np.floor(cy - h)) - 1), min(image_size, int(np.ceil(cy + h)) + 2)
+    x, y = t[None, x0 * ss:x1 * ss], t[y0 * ss:y1 * ss, None]
     if shape == 0:    # circle of radius h
         inside = (x - cx) ** 2 + (y - cy) ** 2 <= h * h
     elif shape == 1:  # square of side 2h
         inside = (np.abs(x - cx) <= h) & (np.abs(y - cy) <= h)
     else:             # triangle: apex (cx, cy - h), base from (cx - h, cy + h) to (cx + h, cy + h)
         inside = (y <= cy + h) & (np.abs(x - cx) <= (y - (cy - h)) / 2)
-    return inside.reshape(image_size, ss, image_size, ss).mean(axis=(1, 3), dtype=np.float32)
+    out = np.zeros((image_size, image_size), np.float32)
+    out[y0:y1, x0:x1] = inside.reshape(y1 - y0, ss, x1 - x0, ss).mean(axis=(1, 3), dtype=np.float32)
+    return out
 
 
 def render(attrs: dict) -> np.ndarray:
@@ -175,14 +192,25 @@ def sample_prompts(style=None) -> list:
             "a large red triangle", "a blue circle below a green square"]
 
 
-def _make_builder():
+def builder_name(image_size: int = IMAGE_SIZE) -> str:
+    """The TFDS name of the builder of size image_size: NAME at 32 (as it always was), else NAME_S."""
+    return NAME if image_size == IMAGE_SIZE else f"{NAME}_{image_size}"
+
+
+def _make_builder(image_size: int):
     import tensorflow_datasets as tfds
     from PIL import Image
 
+    size = int(image_size)
+    tfds_name = builder_name(size)
+
     class T2iShapes(tfds.core.GeneratorBasedBuilder):
         """One or two coloured shapes with compositional captions and exact attributes."""
+        # Set explicitly (TFDS would derive it from the class name): TFDS's registry refuses a
+        # second class of the same name, and each size is its own data set.
+        name = tfds_name
         VERSION = tfds.core.Version("1.0.0")
-        RELEASE_NOTES = {"1.0.0": "3000 train / 300 test / 300 heldout, 32x32."}
+        RELEASE_NOTES = {"1.0.0": f"3000 train / 300 test / 300 heldout, {size}x{size}."}
         code_path = None  # see prepare.py: TFDS's lookup needs importlib_resources on Python >= 3.9
 
         def _info(self):
@@ -190,7 +218,7 @@ def _make_builder():
                 builder=self,
                 description=__doc__,
                 features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
+                    "image": tfds.features.Image(shape=(size, size, 3)),
                     "captions": tfds.features.Sequence(tfds.features.Text()),
                     "num_shapes": np.int32,
                     "colour": tfds.features.Tensor(shape=(2,), dtype=np.int32),
@@ -209,25 +237,34 @@ def _make_builder():
 
         def _generate_examples(self, split):
             for i in range(NUM_EXAMPLES[split]):
-                ex = example(split, i)
+                ex = example(split, i, size)
                 ex["image"] = Image.fromarray(ex["image"])
                 yield i, ex
 
+    if size != IMAGE_SIZE:  # distinct class names too (T2iShapes64), for reprs and pickling
+        T2iShapes.__name__ = T2iShapes.__qualname__ = f"T2iShapes{size}"
     return T2iShapes
 
 
-@functools.cache
-def builder_class():
-    """The TFDS builder class (defined on first use, so importing t2i_jax.data stays light)."""
-    return _make_builder()
+def builder_class(image_size: int = IMAGE_SIZE):
+    """The TFDS builder class of images rendered at image_size (defined on first use, once per
+    size, so importing t2i_jax.data stays light)."""
+    if int(image_size) < 1:
+        raise ValueError(f"shapes image_size must be positive, got {image_size}.")
+    return _builder_class(int(image_size))
 
 
-def builder(data_dir=None):
-    """The prepared TFDS builder (prepared into data_dir on first use)."""
+@functools.cache  # keyed by the int size: builder_class(), (32) and (image_size=32) are one class
+def _builder_class(image_size: int):
+    return _make_builder(image_size)
+
+
+def builder(data_dir=None, image_size: int = IMAGE_SIZE):
+    """The prepared TFDS builder of size image_size (prepared into data_dir on first use)."""
     from t2i_jax.data.prepare import prepared_builder
-    return prepared_builder(builder_class(), data_dir)
+    return prepared_builder(builder_class(int(image_size)), data_dir)
 
 
 def convert(example: dict):
-    """A stored record -> (image uint8 [32, 32, 3], captions, label -1)."""
+    """A stored record -> (image uint8 [S, S, 3], captions, label -1)."""
     return example["image"], [c.decode() if isinstance(c, bytes) else c for c in example["captions"]], -1

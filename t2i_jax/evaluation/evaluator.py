@@ -208,11 +208,13 @@ EXTRA_HELDOUT_START = 100_000  # their indices in the generator's "heldout" stre
 
 def extra_heldout_scenes(data_config, n: int) -> dict:
     """n scenes drawn like the `heldout` split but with indices the split never uses, rendered
-    and processed as load_split does: the evaluator learns the held-out pairs without seeing the
-    official heldout images it is scored on (and the generator never sees any of them)."""
+    natively at data.image_size and processed as load_split does: the evaluator learns the
+    held-out pairs without seeing the official heldout images it is scored on (and the generator
+    never sees any of them)."""
     from t2i_jax.data import shapes
     from t2i_jax.data.pipeline import process_image
-    rows = [shapes.example("heldout", EXTRA_HELDOUT_START + i) for i in range(n)]
+    rows = [shapes.example("heldout", EXTRA_HELDOUT_START + i, image_size=int(data_config.image_size))
+            for i in range(n)]
     out = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in ("num_shapes", "colour", "shape", "size")}
     out["image"] = np.stack([process_image(r["image"], data_config.image_size, data_config.channels)
                              for r in rows])
