@@ -15,6 +15,17 @@ it stopped when the same command is run again. On several hosts, run the same co
 with --multihost or --coordinator_address/--num_processes/--process_id (or on one machine:
 python -m t2i_jax.launch --num_processes 2 --devices_per_process 4 -- sample.py ARGS): the
 images are the same, and only process 0 reads or writes OUTDIR.
+
+A cascade (Imagen) is one resumable job: a base model, then super-resolution stages, each with
+its own options (defaults from its own config; one value for every stage, or one per --sr):
+
+    python sample.py --workdir runs/shapes16 --sr runs/shapes_sr64 --prompt "a large red circle" \
+        --sr_steps 20 --sr_guidance 1 --sr_aug_level 0.2 --outdir out/cascade
+    python sample.py --workdir runs/shapes_sr64 --low_res small_images/ --prompt "..." \
+        --aug_level 0.2 --outdir out/sr                       # SR of given 16x16 images
+
+The final images go to OUTDIR/images; stage k's before them to OUTDIR/stages/k/images (same
+file names), with their own grid.png.
 """
 
 from __future__ import annotations
@@ -81,6 +92,26 @@ def parse_args(argv):
     g.add_argument("--rerank", type=int, default=1, metavar="N",
                    help="draw N candidates per image, keep the one the CLIP scores closest to "
                         "its prompt (needs --clip)")
+    c = p.add_argument_group("cascades (Imagen): super-resolution stages after the --workdir model; "
+                             "each --sr_* flag once (every stage) or once per --sr")
+    c.add_argument("--sr", action="append", default=[], metavar="DIR",
+                   help="a super_resolution workdir whose input is the previous stage's output "
+                        "(repeatable: base -> SR -> SR)")
+    c.add_argument("--sr_steps", action="append", type=int, metavar="N")
+    c.add_argument("--sr_sampler", action="append", choices=SAMPLER_NAMES)
+    c.add_argument("--sr_guidance", action="append", type=float, metavar="W",
+                   help="classifier-free guidance weight of the SR stage (drops the text, "
+                        "never the image)")
+    c.add_argument("--sr_aug_level", action="append", type=float, metavar="S",
+                   help="noise-conditioning augmentation level in [0, 1) the previous stage's "
+                        "output is corrupted to (default: the SR config's sample.aug_level)")
+    c.add_argument("--sr_thresholding", action="append", choices=THRESHOLDINGS)
+    c.add_argument("--low_res", metavar="FILE_OR_DIR",
+                   help="with an SR --workdir: super-resolve these images (PNGs, a directory of "
+                        "PNGs in name order, or an npz's arr_0), one per prompt (or one prompt "
+                        "for all)")
+    c.add_argument("--aug_level", type=float, metavar="S",
+                   help="with --low_res: the SR --workdir's augmentation level")
     from t2i_jax import distributed  # imports no jax
     distributed.add_arguments(p)
     args = p.parse_args(argv)
@@ -104,6 +135,28 @@ def parse_args(argv):
         p.error("--image_scale needs --guide_image FILE (the reference image).")
     if args.rerank < 1:
         p.error(f"--rerank must be >= 1 (candidates per image; 1: no reranking), got {args.rerank}.")
+    for flag in ("sr_steps", "sr_sampler", "sr_guidance", "sr_aug_level", "sr_thresholding"):
+        values = getattr(args, flag)
+        if values and not args.sr:
+            p.error(f"--{flag} needs --sr DIR (a super-resolution stage).")
+        if values and len(values) not in (1, len(args.sr)):
+            p.error(f"--{flag} was given {len(values)} times for {len(args.sr)} --sr stage(s): "
+                    "give it once (every stage) or once per --sr, in order.")
+    for v in (args.sr_aug_level or []) + ([args.aug_level] if args.aug_level is not None else []):
+        if not 0.0 <= v < 1.0:  # NaN fails too
+            p.error(f"an augmentation level must be in [0, 1) (0: the clean low-resolution "
+                    f"image; Imagen samples at 0.1-0.3), got {v}.")
+    for v in args.sr_steps or []:
+        if v < 1:
+            p.error(f"--sr_steps must be >= 1, got {v}.")
+    for v in args.sr_guidance or []:
+        if not math.isfinite(v):
+            p.error(f"--sr_guidance takes finite numbers, got {v}.")
+    if args.aug_level is not None and not args.low_res:
+        p.error("--aug_level is the level of given --low_res images; an SR stage after the "
+                "base takes --sr_aug_level.")
+    if args.low_res and not os.path.exists(args.low_res):
+        p.error(f"--low_res {args.low_res} does not exist.")
     if args.prompts_file is None and not args.prompt:
         p.error("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
     if min(args.num_per_prompt, args.batch_size, args.shard_size, args.grid_columns) < 1:
@@ -195,7 +248,7 @@ def main(argv=None, boundary=None) -> int:
         sampler=args.sampler or base.sampler, num_steps=steps,
         eta=base.eta if args.eta is None else args.eta,
         thresholding=args.thresholding or base.thresholding or "none", spacing=base.spacing,
-        ddpm_variance=args.ddpm_variance or base.ddpm_variance)
+        ddpm_variance=args.ddpm_variance or base.ddpm_variance, percentile=base.percentile)
     guidance = args.guidance if args.guidance is not None else [float(cfg.sample.guidance_weight)]
 
     for i, prompt in enumerate(prompts):
@@ -213,11 +266,16 @@ def main(argv=None, boundary=None) -> int:
                   f"tokens ({max_length - 2} UTF-8 bytes): it was truncated to {kept!r}.",
                   file=sys.stderr)
 
+    try:
+        stages, low_res, low_res_record, aug_level, prompts = load_stages(args, trained, prompts)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     guides, clip = load_guides(args, trained)
     spec = job_lib.JobSpec.create(trained, prompts, num_per_prompt=args.num_per_prompt,
                                   guidance=guidance, seed=args.seed, options=options,
                                   shard_size=args.shard_size, guides=guides, rerank=args.rerank,
-                                  reranker=clip if args.rerank > 1 else None)
+                                  reranker=clip if args.rerank > 1 else None, stages=stages,
+                                  aug_level=aug_level, low_res=low_res_record)
     lead = distributed.is_lead()  # the others compute their rows and write nothing
     if lead:
         print(f"[t2i_jax] checkpoint {trained.step} ({trained.kind} parameters) of "
@@ -226,16 +284,67 @@ def main(argv=None, boundary=None) -> int:
               f"{options.num_steps} steps" + (f", {distributed.process_count()} processes"
                                              if distributed.process_count() > 1 else "") + ".",
               file=sys.stderr)
+        for k, st in enumerate(stages, start=1):
+            o = st.options
+            print(f"[t2i_jax] stage {k}: checkpoint {st.trained.step} of {st.trained.workdir}, "
+                  f"{o.sampler} {o.num_steps} steps, guidance {st.guidance:g}, augmentation "
+                  f"level {st.aug_level:g}, thresholding {o.thresholding or 'none'}.",
+                  file=sys.stderr)
     # The files read on each host (a prompts file, a guide image) must be the same everywhere.
     distributed.check_same("job", spec.to_json())
     result = job_lib.run_job(trained, spec, args.outdir, batch_size=args.batch_size,
                              progress=not args.no_progress, npz=args.npz,
                              grid_columns=args.grid_columns, guides=guides,
-                             reranker=clip if args.rerank > 1 else None)
+                             reranker=clip if args.rerank > 1 else None, stages=stages,
+                             low_res=low_res)
     if lead:
         job_lib.print_summary(result)
         print(os.path.join(os.path.abspath(args.outdir), job_lib.GRID_FILE))
     return 0
+
+
+def load_stages(args, trained, prompts):
+    """The --sr stages (each checked against the one before), stage 0's --low_res inputs and
+    level: (stages, low_res uint8 [P, h, w, C] or None, its record, aug_level, prompts)."""
+    from t2i_jax.sampling import stages as stages_lib
+    from t2i_jax.sampling.load import load_trained
+    low_res = record = aug_level = None
+    if stages_lib.is_sr(trained):
+        if not args.low_res:
+            raise ValueError(
+                f"--workdir {trained.workdir} is a super-resolution model: it needs inputs. Pass a "
+                "base model as --workdir and this one as --sr DIR, or give it --low_res "
+                "FILE_OR_DIR (the images to super-resolve).")
+        low_res, record = stages_lib.load_low_res(args.low_res, trained.family.low_res_shape)
+        if len(prompts) == 1 and len(low_res) > 1:
+            prompts = prompts * len(low_res)  # one prompt for every image
+        if len(prompts) != len(low_res):
+            raise ValueError(f"{len(low_res)} --low_res images for {len(prompts)} prompts: give "
+                             "one prompt (for every image) or one per image, in order.")
+        aug_level = args.aug_level if args.aug_level is not None else \
+            trained.family.default_aug_level()
+    elif args.low_res:
+        raise ValueError(f"--low_res needs a super-resolution model in --workdir; "
+                         f"{trained.workdir} holds a {trained.family.name} model.")
+    n = len(args.sr)
+    steps = stages_lib.per_stage(args.sr_steps, n, "--sr_steps")
+    samplers_ = stages_lib.per_stage(args.sr_sampler, n, "--sr_sampler")
+    weights = stages_lib.per_stage(args.sr_guidance, n, "--sr_guidance")
+    levels = stages_lib.per_stage(args.sr_aug_level, n, "--sr_aug_level")
+    thresholds = stages_lib.per_stage(args.sr_thresholding, n, "--sr_thresholding")
+    stages, prev = [], trained
+    for k, workdir in enumerate(args.sr):
+        st = load_trained(workdir, params=args.params)
+        stages_lib.check_follows(prev, st)
+        options = stages_lib.stage_options(st, sampler=samplers_[k], steps=steps[k],
+                                           thresholding=thresholds[k])
+        w = weights[k] if weights[k] is not None else float(st.config.sample.guidance_weight)
+        if not st.family.conditioning.guidable:
+            w = 0.0
+        level = levels[k] if levels[k] is not None else st.family.default_aug_level()
+        stages.append(stages_lib.Stage(st, options, float(w), float(level)))
+        prev = st
+    return stages, low_res, record, aug_level, prompts
 
 
 def load_guides(args, trained):

@@ -58,5 +58,6 @@ def get_config():
         # x0_hat clipped to [-1, 1] each step (DDPM/ADM's clip_denoised), "dynamic" (Imagen) or
         # "none". Pixel models need it: a trailing-spaced chain starts at abar_T ~ 1e-8, where
         # x0_hat = (x - sqrt(1 - abar) eps_hat) / sqrt(abar) magnifies eps_hat's error ~1e4 times.
-        thresholding="static"))
+        thresholding="static",
+        dynamic_percentile=0.995))  # Imagen's p: s = max(1, quantile(|x0_hat|, p)) per image
     return config

@@ -1,6 +1,8 @@
 """The condition pytree, its null value, and condition dropout (classifier-free guidance).
 
-A `Condition` holds text tokens and their mask, or class labels, or nothing, plus `is_null` [B].
+A `Condition` holds text tokens and their mask, or class labels, or nothing, plus `is_null` [B];
+a super-resolution stage's also holds its low-resolution image and augmentation level, which
+classifier-free guidance never drops (Imagen: CFG drops the text, not the image).
 `Conditioning` is the ONE place that decides, from a model's config, what the model is
 conditioned on: how a training batch and a list of prompts become a Condition, and what the
 null is. Training dropout, the progress grids, sampling jobs and guides all go through it.
@@ -32,6 +34,8 @@ class Condition:
     mask: Optional[jax.Array] = None     # bool [B, L]
     label: Optional[jax.Array] = None    # int32 [B]
     is_null: Optional[jax.Array] = None  # bool [B]
+    low_res: Optional[jax.Array] = None  # float32 [B, h, w, C] in [-1, 1] (SR stages)
+    aug_level: Optional[jax.Array] = None  # float32 [B]: its noise-augmentation level in [0, 1)
 
     @property
     def batch_size(self) -> int:
@@ -64,6 +68,16 @@ def null_condition(batch: int, *, max_length: Optional[int] = None,
         return Condition(label=jnp.full((batch,), num_classes, jnp.int32), is_null=is_null)
     empty = text.tokenize([""] * batch, max_length)
     return Condition(tokens=jnp.asarray(empty.ids), mask=jnp.asarray(empty.mask), is_null=is_null)
+
+
+UNDROPPED = ("low_res", "aug_level")  # parts of a condition the null keeps (never dropped)
+
+
+def keep_undropped(null, cond):
+    """Returns null (a Condition or an Encoded, batch 1 or B) with cond's parts that classifier-
+    free guidance never drops (the low-resolution image and its level): the null row of an SR
+    stage is "no text, the same image"."""
+    return null.replace(**{k: getattr(cond, k) for k in UNDROPPED})
 
 
 def drop_condition(cond: Condition, null: Condition, key: jax.Array, p_uncond) -> Condition:

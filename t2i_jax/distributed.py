@@ -230,6 +230,16 @@ def _broadcast_text(text: str) -> str:
     return out[:n].tobytes().decode("utf-8")
 
 
+def broadcast_from_lead(x):
+    """Process 0's numpy array x on every process (the others pass any array of the same shape
+    and dtype); x itself on one process."""
+    if process_count() == 1:
+        return x
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
 def _gather_flags(flag: bool) -> list:
     import numpy as np
     from jax.experimental import multihost_utils

@@ -5,6 +5,8 @@
 diffusion         a Denoiser (text-, class- or un-conditional) with the DDPM loss and CFG dropout
 noisy_classifier  ADM's classifier of noisy images, p(y | x_t, t)
 contrastive       a CLIP whose image tower reads (x_t, t), for SDG guidance and clean scoring
+super_resolution  a diffusion model conditioned on a low-resolution image (with noise-
+                  conditioning augmentation) and text: a cascade's SR stage (Imagen, CDM)
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from t2i_jax.families.base import Family
 from t2i_jax.families.contrastive import Contrastive
 from t2i_jax.families.diffusion import Diffusion
 from t2i_jax.families.noisy_classifier import NoisyClassifierFamily
+from t2i_jax.families.super_resolution import SuperResolution
 
 FAMILIES = {"diffusion": Diffusion, "noisy_classifier": NoisyClassifierFamily,
-            "contrastive": Contrastive}
+            "contrastive": Contrastive, "super_resolution": SuperResolution}
 
 
 def name_of(config) -> str:
@@ -31,5 +34,5 @@ def build(config) -> Family:
     return FAMILIES[name].from_config(config)
 
 
-__all__ = ["FAMILIES", "Family", "Diffusion", "NoisyClassifierFamily", "Contrastive", "build",
+__all__ = ["FAMILIES", "Family", "Diffusion", "NoisyClassifierFamily", "Contrastive", "SuperResolution", "build",
            "name_of"]

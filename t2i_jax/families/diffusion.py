@@ -99,7 +99,8 @@ class Diffusion(Family):
         t = jax.random.randint(jax.random.fold_in(key, _T), (n,), 0, T)
         noise = jax.random.normal(jax.random.fold_in(key, _NOISE), x0.shape, x0.dtype)
         x_t = forward.q_sample(self.schedule, x0, t, noise)
-        cond = conditioning.drop_condition(self.conditioning.of_batch(batch), self.null(),
+        cond = self.training_condition(batch, key)
+        cond = conditioning.drop_condition(cond, conditioning.keep_undropped(self.null(), cond),
                                            jax.random.fold_in(key, _DROP), hp["p_uncond"])
         out = self.model.apply(params, x_t, t, cond, deterministic=False,
                                rngs={"dropout": jax.random.fold_in(key, _DROPOUT)})
@@ -112,7 +113,20 @@ class Diffusion(Family):
             metrics["null_fraction"] = jnp.mean(cond.is_null.astype(jnp.float32))
         return per_example, metrics
 
+    def training_condition(self, batch: dict, key: jax.Array) -> Condition:
+        """The Condition of a training batch, before dropout (key: the step's key)."""
+        return self.conditioning.of_batch(batch)
+
     # --- what sampling needs ----------------------------------------------------------
+    def sampling_condition(self, cond: Condition, rng: jax.Array, sample_ids) -> Condition:
+        """The Condition the chain sees, from the one a sampling job built (a stage with a
+        low-resolution input augments it here); the identity for a base model."""
+        return cond
+
+    def grid_condition(self, prompts, n: int) -> Condition:
+        """The progress grid's Condition: n rows per prompt."""
+        return self.conditioning.of_prompts([p for p in prompts for _ in range(n)])
+
     def encode(self, params, cond: Condition) -> Encoded:
         """The condition through the text encoder: once per sampling run, not per step."""
         return self.model.apply(params, cond, method=Denoiser.encode)

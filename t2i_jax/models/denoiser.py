@@ -54,6 +54,8 @@ class Encoded:
     context_mask: Optional[jax.Array] = None  # bool [B, L]
     pooled: Optional[jax.Array] = None        # [B, D]
     label: Optional[jax.Array] = None         # int32 [B]
+    low_res: Optional[jax.Array] = None       # [B, h, w, C]: an SR stage's (augmented) input
+    aug_level: Optional[jax.Array] = None     # [B]: its augmentation level
 
 
 class Denoiser(nn.Module):
@@ -75,7 +77,7 @@ class Denoiser(nn.Module):
         if cfg.text is None:
             if cfg.unet.num_classes is not None and cond.label is None:
                 raise ValueError("this model is class-conditional: the Condition needs label [B].")
-            return Encoded(label=cond.label)
+            return Encoded(label=cond.label, low_res=cond.low_res, aug_level=cond.aug_level)
         if cond.tokens is None:
             raise ValueError("this model is text-conditional: the Condition needs tokens and mask.")
         feats: TextFeatures = self.text_encoder(cond.tokens, cond.mask)
@@ -87,11 +89,13 @@ class Denoiser(nn.Module):
             mask = jnp.where(null[..., 0], True, mask)
             pooled = jnp.where(cond.is_null[:, None], self.null_pooled[None], pooled)
         return Encoded(context=context, context_mask=mask,
-                       pooled=pooled if cfg.pooled_text else None, label=None)
+                       pooled=pooled if cfg.pooled_text else None, label=None,
+                       low_res=cond.low_res, aug_level=cond.aug_level)
 
     def denoise(self, x_t, t, enc: Encoded, deterministic: bool = True):
         """Returns eps_hat [B, H, W, C_out] (float32)."""
-        return self.unet(x_t, t, enc.context, enc.context_mask, enc.pooled, enc.label, deterministic)
+        return self.unet(x_t, t, enc.context, enc.context_mask, enc.pooled, enc.label, deterministic,
+                         low_res=enc.low_res, aug_level=enc.aug_level)
 
     def __call__(self, x_t, t, cond: Condition, deterministic: bool = True):
         return self.denoise(x_t, t, self.encode(cond), deterministic)

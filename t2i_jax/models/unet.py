@@ -1,9 +1,12 @@
 """The conditional UNet of ADM / GLIDE / Imagen / Stable Diffusion, in flax.linen (NHWC).
 
 eps_hat = UNet(x_t, t, context=text tokens [B, L, Dc], context_mask [B, L], pooled [B, Dp],
-label [B]). Time enters every ResBlock by scale-shift (FiLM); the pooled text embedding (GLIDE)
+label [B], low_res [B, h, w, C], aug_level [B]). Time enters every ResBlock by scale-shift (FiLM); the pooled text embedding (GLIDE)
 and a class-label embedding (one extra row for the null label) add to the time embedding; text
-tokens enter by cross-attention in the SpatialTransformers. The output convolution is
+tokens enter by cross-attention in the SpatialTransformers. A super-resolution stage's
+low-resolution image is resized up to x_t's size and concatenated with it on the channel axis,
+and its noise-augmentation level is embedded like t and added to the time embedding (Imagen,
+CDM). The output convolution is
 zero-initialised, so eps_hat is exactly 0 at initialisation.
 """
 
@@ -16,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t2i_jax.diffusion import augmentation
 from t2i_jax.models.layers import (ATTENTION_IMPLS, Downsample, Embed, GroupNorm, ResBlock, SpatialTransformer,
                                    Upsample, heads_and_width, timestep_embedding, zeros_init)
 
@@ -113,7 +117,7 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, t, context=None, context_mask=None, pooled=None, label=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, low_res=None, aug_level=None):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         levels = len(cfg.channel_mult)
         if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
@@ -126,6 +130,10 @@ class UNet(nn.Module):
             if label is None:
                 raise ValueError("this UNet is class-conditional (num_classes is set): pass label [B].")
             emb = emb + Embed(cfg.num_classes + 1, emb.shape[-1], dtype, name="label_embed")(label)
+        if aug_level is not None:  # the level s in [0, 1) on the timestep scale 0..1000
+            emb = emb + TimeEmbedding(cfg.channels, dtype, name="aug_embed")(aug_level * 1000.0)
+        if low_res is not None:
+            x = jnp.concatenate([x, augmentation.upsample(low_res, x.shape[1]).astype(x.dtype)], -1)
         h, skips = Encoder(cfg, name="encoder")(x, emb, context, context_mask, deterministic)
         Res, Attn = _blocks(cfg)
         for level in reversed(range(levels)):

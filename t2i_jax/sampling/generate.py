@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2i_jax.conditioning import Condition
+from t2i_jax.conditioning import Condition, keep_undropped
 from t2i_jax.diffusion import guidance, noise, samplers
 from t2i_jax.sampling import guides as guides_lib
 
@@ -31,11 +32,15 @@ class SampleOptions:
     thresholding: Optional[str] = "static"   # "static" (clip x0_hat), "dynamic" (Imagen), None / "none"
     spacing: str = "trailing"
     ddpm_variance: str = "posterior"  # ddpm only: "posterior" (beta~) or "beta" (DDIM paper's sigma-hat)
+    percentile: float = 0.995         # dynamic thresholding's p (Imagen sec. 2.3)
 
     @classmethod
     def from_config(cls, sample) -> "SampleOptions":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(sample).items() if k in names})
+        values = {k: v for k, v in dict(sample).items() if k in names}
+        if "dynamic_percentile" in sample:
+            values["percentile"] = float(sample["dynamic_percentile"])
+        return cls(**values)
 
     def __post_init__(self):
         if self.thresholding in ("none", ""):
@@ -43,6 +48,13 @@ class SampleOptions:
         if self.thresholding not in (None, "static", "dynamic"):
             raise ValueError(f"unknown thresholding {self.thresholding!r}; choose static, dynamic "
                              "or none.")
+        try:
+            p = float(self.percentile)
+        except (TypeError, ValueError):
+            p = float("nan")
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"the dynamic-thresholding percentile must be in (0, 1] (Imagen: "
+                             f"0.995), got {self.percentile}.")
         if self.ddpm_variance not in samplers.DDPM_VARIANCES:
             raise ValueError(f"unknown ddpm_variance {self.ddpm_variance!r}; choose one of "
                              f"{samplers.DDPM_VARIANCES}.")
@@ -86,8 +98,10 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
 
     def generate(params, cond: Condition, rng, guidance_weight, sample_ids, guide_params=(),
                  guide_rows=(), guide_scales=()):
+        cond = family.sampling_condition(cond, rng, sample_ids)  # an SR stage augments its input
         enc = family.encode(params, cond)
-        null_enc = None if null is None else family.encode(params, null)
+        # The null row drops the text (or label), never an SR stage's low-resolution image.
+        null_enc = None if null is None else keep_undropped(family.encode(params, null), enc)
         shape = (cond.batch_size,) + tuple(family.image_shape)
         x_T = noise.initial_noise(rng, shape, sample_ids)
         # The chain's denoiser: the network with CFG, then the gradient guides, then thresholding.
@@ -102,7 +116,10 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
             denoiser = guidance.gradient_guided(
                 denoiser, family.schedule,
                 lambda x, t, _: total(guide_params, guide_rows, scales, noise_ref, x, t))
-        denoiser = guidance.thresholded(denoiser, family.schedule, options.thresholding)
+        threshold = options.thresholding
+        if threshold == "dynamic" and options.percentile != 0.995:
+            threshold = functools.partial(guidance.dynamic_threshold, percentile=options.percentile)
+        denoiser = guidance.thresholded(denoiser, family.schedule, threshold)
         x0 = samplers.chain(denoiser, family.schedule, x_T, sampler=options.sampler,
                             num_steps=options.num_steps, eta=options.eta, rng=rng,
                             prediction=family.prediction, spacing=options.spacing,

@@ -57,6 +57,7 @@ from t2i_jax import distributed, files, images
 from t2i_jax import sharding as mesh_lib
 from t2i_jax.conditioning import Condition
 from t2i_jax.sampling import guides as guides_lib
+from t2i_jax.sampling import stages as stages_lib
 from t2i_jax.sampling.generate import SampleOptions, shared_generate_fn
 from t2i_jax.sampling.load import Trained
 
@@ -96,12 +97,18 @@ class JobSpec:
     guides: tuple = ()     # each guide's record (kind, workdir, step, scale[, image, image_sha256])
     rerank: int = 1        # candidates per image, the one closest to the prompt kept (CLIP)
     reranker: tuple = ()   # (CLIP workdir, step) that scores them
+    stages: tuple = ()     # the SR stages after stage 0, each its record (stages.Stage.record)
+    aug_level: Optional[float] = None  # stage 0's augmentation level when it is an SR model
+    low_res: tuple = ()    # stage 0's given inputs: (("path", ..), ("num_images", ..), ("sha256", ..))
+    percentile: Optional[float] = None  # dynamic thresholding's p (set when it is dynamic)
 
     @classmethod
     def create(cls, trained: Trained, prompts: Sequence[str], *, num_per_prompt: int,
                guidance: Sequence[float], seed: int, options: SampleOptions,
                shard_size: int = 256, guides: Sequence = (), rerank: int = 1,
-               reranker: Optional[Trained] = None) -> "JobSpec":
+               reranker: Optional[Trained] = None, stages: Sequence = (),
+               aug_level: Optional[float] = None,
+               low_res: Optional[dict] = None) -> "JobSpec":
         if not prompts:
             raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
         if num_per_prompt < 1:
@@ -115,17 +122,29 @@ class JobSpec:
                              f"reranking), got {rerank!r}.")
         if rerank > 1 and reranker is None:
             raise ValueError("--rerank needs --clip DIR: the CLIP that scores the candidates.")
+        if low_res is not None and low_res["num_images"] != len(prompts):
+            raise ValueError(f"{low_res['num_images']} --low_res images for {len(prompts)} "
+                             "prompts: give one prompt (for every image) or one per image.")
         return cls(tuple(prompts), int(num_per_prompt), tuple(float(w) for w in guidance),
                    int(seed), options.sampler, int(options.num_steps), float(options.eta),
                    options.thresholding, options.spacing, options.ddpm_variance, trained.kind, trained.step,
                    trained.workdir, int(shard_size),
                    tuple(g.record() for g in guides), int(rerank),
-                   (reranker.workdir, reranker.step) if rerank > 1 else ())
+                   (reranker.workdir, reranker.step) if rerank > 1 else (),
+                   tuple(st.record(k + 1) for k, st in enumerate(stages)),
+                   None if aug_level is None else float(aug_level),
+                   tuple(low_res.items()) if low_res is not None else (),
+                   float(options.percentile) if options.thresholding == "dynamic" else None)
 
     @property
     def options(self) -> SampleOptions:
         return SampleOptions(self.sampler, self.num_steps, self.eta, self.thresholding,
-                             self.spacing, self.ddpm_variance)
+                             self.spacing, self.ddpm_variance,
+                             0.995 if self.percentile is None else self.percentile)
+
+    @property
+    def num_stages(self) -> int:
+        return 1 + len(self.stages)
 
     @property
     def num_images(self) -> int:
@@ -151,9 +170,17 @@ class JobSpec:
                 "guidance": self.guidance[g], "sampler": self.sampler, "steps": self.num_steps,
                 "eta": self.eta, "thresholding": self.thresholding or "none",
                 "ddpm_variance": self.ddpm_variance,
+                **({"percentile": self.percentile} if self.percentile is not None else {}),
                 "checkpoint_step": self.checkpoint_step, "params": self.params,
                 **({"guides": [dict(g) for g in self.guides]} if self.guides else {}),
-                **({"rerank": self.rerank} if self.rerank > 1 else {})}
+                **({"rerank": self.rerank} if self.rerank > 1 else {}),
+                **({"aug_level": self.aug_level} if self.aug_level is not None else {}),
+                **({"low_res": dict(self.low_res)["path"], "low_res_index": p}
+                   if self.low_res else {}),
+                **({"stages": [dict(st) for st in self.stages],
+                    "stage_files": [stage_dir(k, self.num_stages) + "/" + image_file(index)
+                                    for k in range(self.num_stages - 1)]}
+                   if self.stages else {})}
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -167,6 +194,15 @@ class JobSpec:
             del d["rerank"], d["reranker"]
         else:
             d["reranker"] = list(self.reranker)
+        # Jobs without stages, levels or given inputs keep the identity they had before.
+        for key, empty in (("stages", ()), ("aug_level", None), ("low_res", ()),
+                           ("percentile", None)):
+            if getattr(self, key) == empty:
+                del d[key]
+        if self.stages:
+            d["stages"] = [dict(st) for st in self.stages]
+        if self.low_res:
+            d["low_res"] = dict(self.low_res)
         return d
 
 
@@ -176,6 +212,11 @@ def image_file(index: int) -> str:
 
 def shard_file(shard: int) -> str:
     return f"shards/{shard:05d}.jsonl"
+
+
+def stage_dir(k: int, num_stages: int) -> str:
+    """Stage k's directory relative to OUTDIR: "." for the last stage, stages/k before it."""
+    return "." if k == num_stages - 1 else f"stages/{k}"
 
 
 @dataclasses.dataclass
@@ -211,8 +252,10 @@ def check_outdir(spec: JobSpec, outdir: str) -> None:
         files.write_json(path, want)
 
 
-def finished_shards(spec: JobSpec, outdir: str) -> set:
-    """Shards whose record file holds exactly this job's records and whose PNGs all exist."""
+def finished_shards(spec: JobSpec, outdir: str, record_fn=None) -> set:
+    """Shards whose record file holds exactly this job's records (record_fn(i): a stage's, the
+    final records by default) and whose PNGs all exist."""
+    record_fn = record_fn or spec.record
     done = set()
     for s in range(spec.num_shards):
         path = os.path.join(outdir, shard_file(s))
@@ -222,7 +265,7 @@ def finished_shards(spec: JobSpec, outdir: str) -> set:
             rows = files.read_jsonl(path)
         except (ValueError, OSError):
             continue  # unreadable: redo it
-        want = [spec.record(i) for i in
+        want = [record_fn(i) for i in
                 range(s * spec.shard_size, min((s + 1) * spec.shard_size, spec.num_images))]
         stripped = [{k: v for k, v in r.items() if k not in EXTRA_KEYS} for r in rows]
         if stripped == want and all(
@@ -236,11 +279,24 @@ def prompt_conditions(trained: Trained, prompts: Sequence[str]) -> Condition:
     return trained.family.conditioning.of_prompts(prompts)
 
 
+def _stage_record_fn(spec: JobSpec, k: int):
+    """Stage k's per-image records: the job's, marked with the stage for the earlier stages."""
+    if k == spec.num_stages - 1:
+        return spec.record
+    return lambda i: dict(spec.record(i), stage=k)
+
+
 def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 64,
             devices: Optional[list] = None, progress: bool = True, npz: bool = False,
             grid_columns: int = 16, guides: Sequence = (),
-            reranker: Optional[Trained] = None) -> JobResult:
-    """Generates every image of `spec` not already in `outdir` and assembles the outputs."""
+            reranker: Optional[Trained] = None, stages: Sequence = (),
+            low_res: Optional[np.ndarray] = None) -> JobResult:
+    """Generates every image of `spec` not already in `outdir` and assembles the outputs.
+
+    stages: the SR stages (sampling/stages.py Stage) after `trained` (stage 0), run one after
+    the other over all the job's images, each from the previous stage's PNGs; the last stage's
+    images are the job's (OUTDIR/images), stage k's before it go to OUTDIR/stages/k/.
+    low_res: stage 0's given inputs (uint8 [P, h, w, C], one per prompt) when it is SR."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if grid_columns < 1:
@@ -257,112 +313,194 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
                          f"{[w for w in spec.guidance if w]}). Pass --guidance 0.")
     if [g.record() for g in guides] != list(spec.guides):
         raise ValueError("the guides passed to run_job are not the job's (JobSpec.create(guides=...)).")
+    if [st.record(k + 1) for k, st in enumerate(stages)] != [dict(r) for r in spec.stages]:
+        raise ValueError("the stages passed to run_job are not the job's (JobSpec.create(stages=...)).")
+    if (low_res is not None) != bool(spec.low_res):
+        raise ValueError("pass low_res= (stage 0's inputs) exactly when the job has them.")
     if (spec.rerank > 1) != (reranker is not None):
         raise ValueError("pass reranker= (a CLIP) exactly when the job reranks (rerank > 1).")
+    models = [trained] + [st.trained for st in stages]
+    sr_first = getattr(family, "low_res_shape", None) is not None
+    if sr_first and (low_res is None or spec.aug_level is None):
+        raise ValueError(f"{trained.workdir} is a super-resolution model: it needs low-resolution "
+                         "inputs (--low_res FILE_OR_DIR) and an augmentation level, or put a base "
+                         "model in --workdir and this one in --sr.")
     generate = shared_generate_fn(family, spec.options, guided, guides)
-    programs_before = generate._cache_size()  # shared across jobs: count this job's own
+    stage_generates = [shared_generate_fn(st.trained.family, st.options,
+                                          st.guidance != 0.0 and st.trained.family.conditioning.guidable)
+                       for st in stages]
+    programs_before = [g._cache_size() for g in [generate] + stage_generates]
+    stage_conds = [prompt_conditions(st.trained, spec.prompts) for st in stages]
     guide_rows = [g.rows(spec.prompts) for g in guides]  # [P, ...] each; may refuse a prompt
     guide_scales = np.asarray([g.scale for g in guides], np.float32)
     if reranker is not None:
         score = guides_lib.clip_score_fn(reranker.family)
         rerank_rows = guides_lib.text_rows(reranker, spec.prompts)
-    def survey() -> list:
-        """Process 0: the job's identity checked, leftovers removed, the finished shards."""
-        check_outdir(spec, outdir)
-        _remove_temporaries(outdir)
-        return sorted(finished_shards(spec, outdir))
+    num_stages = spec.num_stages
+    dirs = [os.path.join(outdir, stage_dir(k, num_stages)) for k in range(num_stages)]
 
+    def survey(k: int):
+        """Process 0: (stage 0) the job's identity checked, leftovers removed; stage k's
+        finished shards."""
+        def fn() -> list:
+            if k == 0:
+                check_outdir(spec, outdir)
+            for sub in ("images", "shards"):
+                os.makedirs(os.path.join(dirs[k], sub), exist_ok=True)
+            _remove_temporaries(dirs[k])
+            return sorted(finished_shards(spec, dirs[k], _stage_record_fn(spec, k)))
+        return fn
+
+    total = spec.num_images
+    bounds = lambda s: (s * spec.shard_size, min((s + 1) * spec.shard_size, total))  # noqa: E731
     with distributed.lead_holds(_OutdirLock(outdir, enabled=lead)):
-        done = set(distributed.lead_decides(survey))  # the same list on every process
-        todo = [s for s in range(spec.num_shards) if s not in done]
-        total = spec.num_images
-        bounds = lambda s: (s * spec.shard_size, min((s + 1) * spec.shard_size, total))  # noqa: E731
-        todo_idx = (np.concatenate([np.arange(*bounds(s)) for s in todo]) if todo
-                    else np.zeros((0,), np.int64))
-        left_in_shard = {s: bounds(s)[1] - bounds(s)[0] for s in todo}
-
         mesh = mesh_lib.make_mesh(1, devices)
         n_dev = mesh.devices.size
-        # Every call has this many rows (the last one padded): one compilation per job.
-        per_call = math.ceil(min(batch_size, max(len(todo_idx), 1)) / n_dev) * n_dev
         row_sharding = mesh_lib.batch_sharding(mesh)
         put = lambda a: mesh_lib.put(a, row_sharding)  # noqa: E731
-        params = jax.device_put(trained.params, mesh_lib.replicated(mesh))  # this job's devices
-        guide_params = tuple(jax.device_put(g.trained.params, mesh_lib.replicated(mesh))
-                             for g in guides)
-        clip_params = (jax.device_put(reranker.params, mesh_lib.replicated(mesh))
-                       if reranker is not None else None)
-        extras: dict = {}
+        rep = mesh_lib.replicated(mesh)
+        params = [jax.device_put(m.params, rep) for m in models]  # this job's devices
+        guide_params = tuple(jax.device_put(g.trained.params, rep) for g in guides)
+        clip_params = jax.device_put(reranker.params, rep) if reranker is not None else None
         # Replicated on the job's mesh, as the rerank candidates' keys are: one program for both.
-        rng = mesh_lib.put(jax.random.fold_in(jax.random.key(spec.seed), SEED_STREAM),
-                           mesh_lib.replicated(mesh))
+        rng = mesh_lib.put(jax.random.fold_in(jax.random.key(spec.seed), SEED_STREAM), rep)
         guidance = np.asarray(spec.guidance, np.float32)
-
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=total - len(todo_idx), unit="img", desc="sample",
-                   dynamic_ncols=True, disable=not (progress and lead))
-        generated, t0, t_first, n_after_first = 0, time.perf_counter(), None, 0
-        non_finite: list = []
-        try:
-            with jax.set_mesh(mesh):
-                for b0 in range(0, len(todo_idx), per_call):
-                    idx = todo_idx[b0:b0 + per_call]
-                    full = np.concatenate([idx, np.full(per_call - len(idx), idx[-1])])
-                    g, p, _, sid = spec.decompose(full)
-                    rows_of = lambda tree: jax.tree_util.tree_map(  # noqa: E731
-                        lambda c: put(np.asarray(c)[p]), tree)
-                    cond = rows_of(conds)
-                    args = (put(guidance[g]), put(sid.astype(np.int32)), guide_params,
-                            tuple(rows_of(r) for r in guide_rows), guide_scales)
-                    x = generate(params, cond, rng, *args)
-                    if reranker is not None:
-                        x, won, best = _rerank(generate, score, params, cond, rng, args, x,
-                                               clip_params, rows_of(rerank_rows), spec.rerank)
-                        won, best = distributed.to_host((won, best))
-                        for i, c, sc in zip(idx, won[:len(idx)], best[:len(idx)]):
-                            extras[int(i)] = dict(rerank_score=float(sc) if np.isfinite(sc) else None,
-                                                  rerank_candidate=int(c))
-                    x = distributed.to_host(x)[:len(idx)]  # every process: same decisions
-                    finite = np.isfinite(x).reshape(len(idx), -1).all(axis=1)
-                    non_finite.extend(int(i) for i in idx[~finite])
-                    x = images.to_uint8(np.where(finite[:, None, None, None], x, 0.0))
-                    for i, im, ok in zip(idx, x, finite):
-                        if not ok:
-                            continue  # nothing is written for it: its shard stays unfinished
-                        if lead:
-                            images.save_png(os.path.join(outdir, image_file(int(i))), im)
-                        s = int(i) // spec.shard_size
-                        left_in_shard[s] -= 1
-                        if left_in_shard[s] == 0 and lead:
-                            # The shard's record file after all its PNGs: it means "done".
-                            files.write_jsonl(os.path.join(outdir, shard_file(s)),
-                                              [dict(spec.record(j), **extras.pop(j, {}))
-                                               for j in range(*bounds(s))])
-                    generated += len(idx)
-                    if t_first is None:
-                        t_first = time.perf_counter()
-                    else:
-                        n_after_first += len(idx)
-                    bar.update(len(idx))
-        finally:
-            bar.close()
-        seconds = time.perf_counter() - t0
-        steady = (time.perf_counter() - t_first) if t_first is not None else 0.0
-        result = JobResult(outdir, total, generated, len(done), seconds,
-                           n_after_first / steady if n_after_first else float("nan"),
-                           generate._cache_size() - programs_before)
-        if lead and generated:
-            files.write_json(os.path.join(outdir, STATS_FILE), dict(
-                generated=generated, seconds=seconds,
-                images_per_s=result.images_per_s if n_after_first else None,
-                compilations=result.compilations, rows_per_call=per_call, devices=n_dev,
-                processes=jax.process_count()))
-        if non_finite:
-            raise NonFiniteImagesError(_non_finite_message(spec, non_finite, outdir))
-        if lead and not any(left_in_shard.values()):  # every shard was done or is now
+        stage_stats, skipped, first_done = [], 0, None
+        for k in range(num_stages):
+            done = set(distributed.lead_decides(survey(k)))  # the same list on every process
+            if k == 0:
+                first_done = len(done)
+            todo = [s for s in range(spec.num_shards) if s not in done]
+            skipped += len(done)
+            todo_idx = (np.concatenate([np.arange(*bounds(s)) for s in todo]) if todo
+                        else np.zeros((0,), np.int64))
+            left_in_shard = {s: bounds(s)[1] - bounds(s)[0] for s in todo}
+            # Every call has this many rows (the last one padded): one compilation per stage.
+            per_call = math.ceil(min(batch_size, max(len(todo_idx), 1)) / n_dev) * n_dev
+            record_fn = _stage_record_fn(spec, k)
+            k_rng = stages_lib.stage_rng(rng, k)
+            if k == 0:
+                gen, cond_rows, k_params = generate, conds, params[0]
+            else:
+                gen, cond_rows, k_params = stage_generates[k - 1], stage_conds[k - 1], params[k]
+            k_family = models[k].family
+            level = spec.aug_level if k == 0 else stages[k - 1].aug_level
+            extras: dict = {}
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=total - len(todo_idx), unit="img",
+                       desc="sample" if num_stages == 1 else f"stage {k}", dynamic_ncols=True,
+                       disable=not (progress and lead))
+            generated, t0, t_first, n_after_first = 0, time.perf_counter(), None, 0
+            non_finite: list = []
+            try:
+                with jax.set_mesh(mesh):
+                    for b0 in range(0, len(todo_idx), per_call):
+                        idx = todo_idx[b0:b0 + per_call]
+                        full = np.concatenate([idx, np.full(per_call - len(idx), idx[-1])])
+                        g, p, _, sid = spec.decompose(full)
+                        rows_of = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+                            lambda c: put(np.asarray(c)[p]), tree)
+                        cond = rows_of(cond_rows)
+                        if k > 0 or low_res is not None:
+                            if k == 0:
+                                inputs = low_res[p]
+                            else:  # the previous stage's PNGs, read by process 0 alone
+                                shape = (len(full),) + tuple(models[k - 1].family.image_shape)
+                                inputs = distributed.broadcast_from_lead(
+                                    _read_stage_images(dirs[k - 1], full) if lead
+                                    else np.zeros(shape, np.uint8))
+                            cond = cond.replace(
+                                low_res=put(stages_lib.to_float(inputs)),
+                                aug_level=put(np.full((len(full),), level, np.float32)))
+                        if k == 0:
+                            args = (put(guidance[g]), put(sid.astype(np.int32)), guide_params,
+                                    tuple(rows_of(r) for r in guide_rows), guide_scales)
+                        else:
+                            w = np.full((len(full),), stages[k - 1].guidance, np.float32)
+                            args = (put(w), put(sid.astype(np.int32)))
+                        x = gen(k_params, cond, k_rng, *args)
+                        if k == 0 and reranker is not None:
+                            x, won, best = _rerank(gen, score, k_params, cond, k_rng, args, x,
+                                                   clip_params, rows_of(rerank_rows), spec.rerank)
+                            won, best = distributed.to_host((won, best))
+                            for i, c, sc in zip(idx, won[:len(idx)], best[:len(idx)]):
+                                extras[int(i)] = dict(
+                                    rerank_score=float(sc) if np.isfinite(sc) else None,
+                                    rerank_candidate=int(c))
+                        x = distributed.to_host(x)[:len(idx)]  # every process: same decisions
+                        finite = np.isfinite(x).reshape(len(idx), -1).all(axis=1)
+                        non_finite.extend(int(i) for i in idx[~finite])
+                        x = images.to_uint8(np.where(finite[:, None, None, None], x, 0.0))
+                        for i, im, ok in zip(idx, x, finite):
+                            if not ok:
+                                continue  # nothing is written for it: its shard stays unfinished
+                            if lead:
+                                images.save_png(os.path.join(dirs[k], image_file(int(i))), im)
+                            s = int(i) // spec.shard_size
+                            left_in_shard[s] -= 1
+                            if left_in_shard[s] == 0 and lead:
+                                # The shard's record file after all its PNGs: it means "done".
+                                files.write_jsonl(os.path.join(dirs[k], shard_file(s)),
+                                                  [dict(record_fn(j), **extras.pop(j, {}))
+                                                   for j in range(*bounds(s))])
+                        generated += len(idx)
+                        if t_first is None:
+                            t_first = time.perf_counter()
+                        else:
+                            n_after_first += len(idx)
+                        bar.update(len(idx))
+            finally:
+                bar.close()
+            seconds = time.perf_counter() - t0
+            steady = (time.perf_counter() - t_first) if t_first is not None else 0.0
+            stage_stats.append(dict(
+                stage=k, workdir=models[k].workdir, generated=generated, seconds=seconds,
+                images_per_s=n_after_first / steady if n_after_first else None,
+                compilations=gen._cache_size() - programs_before[k], rows_per_call=per_call))
+            if non_finite:
+                _write_stats(outdir, stage_stats, n_dev, lead)
+                raise NonFiniteImagesError(_non_finite_message(spec, non_finite, dirs[k]))
+            if lead and k < num_stages - 1:
+                assemble(spec, dirs[k], grid_columns=grid_columns,
+                         scale=max(1, 64 // k_family.image_shape[0]))
+        generated = sum(st["generated"] for st in stage_stats)
+        seconds = sum(st["seconds"] for st in stage_stats)
+        last = stage_stats[-1]
+        if num_stages == 1:
+            rate = last["images_per_s"]
+        else:  # the whole cascade: images through every stage per second, steady state
+            rates = [st["images_per_s"] for st in stage_stats]
+            rate = (1.0 / sum(1.0 / r for r in rates)) if all(rates) else None
+        result = JobResult(outdir, total, last["generated"], first_done if num_stages == 1
+                           else skipped, seconds, float("nan") if rate is None else rate,
+                           sum(st["compilations"] for st in stage_stats))
+        if generated:
+            _write_stats(outdir, stage_stats, n_dev, lead)
+        if lead:  # every shard of the last stage was done or is now
             assemble(spec, outdir, npz=npz, grid_columns=grid_columns,
-                     scale=max(1, 64 // family.image_shape[0]))
+                     scale=max(1, 64 // models[-1].family.image_shape[0]))
     return result
+
+
+def _write_stats(outdir: str, stage_stats: list, n_dev: int, lead: bool) -> None:
+    if not lead:
+        return
+    last = stage_stats[-1]
+    out = dict(generated=sum(st["generated"] for st in stage_stats),
+               seconds=sum(st["seconds"] for st in stage_stats),
+               images_per_s=last["images_per_s"],
+               compilations=sum(st["compilations"] for st in stage_stats),
+               rows_per_call=last["rows_per_call"], devices=n_dev, processes=jax.process_count())
+    if len(stage_stats) > 1:
+        rates = [st["images_per_s"] for st in stage_stats]
+        out["images_per_s"] = (1.0 / sum(1.0 / r for r in rates)) if all(rates) else None
+        out["stages"] = stage_stats
+    files.write_json(os.path.join(outdir, STATS_FILE), out)
+
+
+def _read_stage_images(directory: str, index: np.ndarray) -> np.ndarray:
+    """uint8 [N, h, w, C]: the PNGs of images `index` in a stage's directory."""
+    return np.stack([images.load_png(os.path.join(directory, image_file(int(i)))) for i in index])
 
 
 def _rerank(generate, score, params, cond, rng, args, x0, clip_params, text_rows, n: int):

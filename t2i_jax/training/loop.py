@@ -301,7 +301,7 @@ class _GridSampler:
         self.dir = os.path.join(workdir, "samples")
         self.prompts = family.grid_prompts()
         self.n = cfg.train.samples_per_prompt
-        self.cond = family.conditioning.of_prompts([p for p in self.prompts for _ in range(self.n)])
+        self.cond = family.grid_condition(self.prompts, self.n)
         guided = family.conditioning.guidable and float(cfg.sample.guidance_weight) != 0.0
         self.w = float(cfg.sample.guidance_weight) if guided else 0.0
         rep = mesh_lib.replicated(mesh)  # the inputs of a program over every process's devices

@@ -1,0 +1,175 @@
+"""Stages: a pipeline of trained models at sampling time (a cascade: base -> SR -> SR).
+
+A stage is one trained model with its sampling options. Stage 0 draws from noise given the
+prompts (a base model), or super-resolves given low-resolution images (`--low_res`); each later
+stage is a super-resolution model (families/super_resolution.py) whose input is the previous
+stage's output, read back from its PNGs (so a resumed job and a fresh one see the same uint8
+inputs). Stage k's randomness is fold_in(rng, k) for k >= 1; stage 0 keeps the job's key
+itself, so the base stage of a cascade gives exactly the images the base model gives alone
+(and jobs from before stages existed keep their images).
+
+Every stage is checked against the one before it before anything runs: an SR stage's input
+size must be the previous stage's output size, its channels and data set the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import os
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from t2i_jax.diffusion import augmentation
+from t2i_jax.sampling.generate import SampleOptions
+from t2i_jax.sampling.load import Trained
+
+SR_FAMILY = "super_resolution"
+
+
+def stage_rng(rng: jax.Array, k: int) -> jax.Array:
+    """Stage k's key: the job's key for stage 0, fold_in(rng, k) after it."""
+    return rng if k == 0 else jax.random.fold_in(rng, k)
+
+
+def is_sr(trained: Trained) -> bool:
+    return trained.family.name == SR_FAMILY
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A super-resolution stage after stage 0: its model and its own sampling options."""
+    trained: Trained
+    options: SampleOptions
+    guidance: float
+    aug_level: float
+
+    def record(self, k: int) -> dict:
+        o = self.options
+        out = {"stage": k, "workdir": self.trained.workdir, "checkpoint_step": self.trained.step,
+               "params": self.trained.kind, "sampler": o.sampler, "steps": o.num_steps,
+               "eta": o.eta, "thresholding": o.thresholding or "none",
+               "ddpm_variance": o.ddpm_variance, "spacing": o.spacing,
+               "guidance": self.guidance, "aug_level": self.aug_level}
+        if o.thresholding == "dynamic":
+            out["percentile"] = o.percentile
+        return out
+
+
+def image_shape(trained: Trained) -> tuple:
+    return tuple(trained.family.image_shape)
+
+
+def check_follows(prev: Trained, stage: Trained, flag: str = "--sr") -> None:
+    """Refuses an SR stage that cannot take the previous stage's images (ValueError naming it)."""
+    if not is_sr(stage):
+        raise ValueError(
+            f"{flag} {stage.workdir} holds a {stage.family.name} model, not a super_resolution "
+            "one: a cascade's later stages are SR models (train one with e.g. configs/"
+            "shapes_sr64.py). A base model goes in --workdir.")
+    want = stage.family.low_res_shape
+    have = image_shape(prev)
+    if want[:2] != have[:2]:
+        raise ValueError(
+            f"{flag} {stage.workdir} takes {want[0]}x{want[1]} inputs, but the stage before it "
+            f"({prev.workdir}) makes {have[0]}x{have[1]} images: chain SR stages whose "
+            "sr.low_res_size is the previous stage's data.image_size.")
+    if want[2] != have[2]:
+        raise ValueError(
+            f"{flag} {stage.workdir} takes {want[2]}-channel images, but {prev.workdir} makes "
+            f"{have[2]}-channel ones: the stages must share data.channels.")
+    a, b = prev.config.data.name, stage.config.data.name
+    if a != b:
+        raise ValueError(f"{flag} {stage.workdir} was trained on {b!r}, the stage before it "
+                         f"({prev.workdir}) on {a!r}: a cascade's stages share one data set.")
+
+
+def stage_options(trained: Trained, *, sampler=None, steps=None, eta=None, thresholding=None,
+                  ddpm_variance=None) -> SampleOptions:
+    """A stage's options: the given ones, else its own config's (config.sample)."""
+    cfg = trained.config
+    base = SampleOptions.from_config(cfg.sample)
+    T = trained.family.schedule.num_timesteps
+    n = steps if steps is not None else base.num_steps
+    if not 1 <= n <= T:
+        raise ValueError(f"{n} sampling steps for {trained.workdir} is outside 1..{T}: it was "
+                         f"trained with T = {T} timesteps.")
+    return SampleOptions(
+        sampler=sampler or base.sampler, num_steps=n, eta=base.eta if eta is None else eta,
+        thresholding=thresholding or base.thresholding or "none", spacing=base.spacing,
+        ddpm_variance=ddpm_variance or base.ddpm_variance, percentile=base.percentile)
+
+
+def per_stage(values: Optional[Sequence], n: int, flag: str) -> list:
+    """One value per SR stage from a repeatable flag: none given -> [None] * n, one -> the same
+    for all, n -> one each; anything else is refused."""
+    if not values:
+        return [None] * n
+    if len(values) == 1:
+        return list(values) * n
+    if len(values) != n:
+        raise ValueError(f"{flag} was given {len(values)} times for {n} --sr stage(s): give it "
+                         "once (every stage) or once per --sr, in order.")
+    return list(values)
+
+
+def load_low_res(path: str, shape: tuple) -> tuple:
+    """(uint8 [N, h, w, C], its record) of `--low_res` PNGs (a file, or a directory's *.png in
+    name order) or an npz (arr_0 [N, h, w, C] uint8, the layout sample.py --npz writes),
+    refused unless every image is `shape` (h, w, C)."""
+    from t2i_jax import images
+    if not os.path.exists(path):
+        raise ValueError(f"--low_res {path} does not exist.")
+    if os.path.isdir(path):
+        names = sorted(glob.glob(os.path.join(path, "*.png")))
+        if not names:
+            raise ValueError(f"--low_res {path} holds no .png files.")
+        arrays = []
+        for name in names:
+            try:
+                arrays.append(images.load_png(name))
+            except Exception as e:  # noqa: BLE001  (PIL raises many kinds)
+                raise ValueError(f"--low_res: cannot read {name} as an image ({e}).") from None
+    elif path.endswith(".npz"):
+        with np.load(path) as z:
+            if "arr_0" not in z:
+                raise ValueError(f"--low_res {path} has no arr_0 (uint8 [N, h, w, C]).")
+            arrays = list(np.asarray(z["arr_0"]))
+    else:
+        try:
+            arrays = [images.load_png(path)]
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"--low_res: cannot read {path} as an image ({e}); pass PNGs, a "
+                             "directory of them, or an npz.") from None
+    h, w, c = shape
+    out = []
+    for i, a in enumerate(arrays):
+        a = np.asarray(a)
+        if a.ndim == 2:
+            a = a[..., None]
+        if a.dtype != np.uint8:
+            raise ValueError(f"--low_res image {i} of {path} is {a.dtype}, not uint8.")
+        if a.shape[-1] == 3 and c == 1 and np.array_equal(a[..., :1].repeat(3, -1), a):
+            a = a[..., :1]  # grey saved as RGB (npz files of grey images are)
+        if a.shape[-1] == 4:
+            a = a[..., :3]
+        if a.shape != (h, w, c):
+            raise ValueError(f"--low_res image {i} of {path} is {a.shape[0]}x{a.shape[1]}x"
+                             f"{a.shape[2]}, but the SR stage takes {h}x{w}x{c} inputs (its "
+                             "sr.low_res_size and data.channels).")
+        out.append(a)
+    x = np.stack(out)
+    digest = hashlib.sha256(x.tobytes()).hexdigest()
+    return x, {"path": os.path.abspath(path), "num_images": int(len(x)), "sha256": digest}
+
+
+def to_float(x_uint8: np.ndarray) -> np.ndarray:
+    """uint8 images -> float32 in [-1, 1] (the inverse of images.to_uint8 up to rounding)."""
+    return np.asarray(x_uint8, np.float32) / 127.5 - 1.0
+
+
+def check_aug_level(level, flag: str) -> float:
+    return augmentation.check_level(level, flag)
