@@ -148,11 +148,24 @@ def digits_evaluator(data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def cascade(data_dir, tmp_path_factory):
+    """(base workdir, SR workdir): the tiny 8x8 digits model and the tiny 8 -> 16 SR stage
+    (tests/tiny_families.py), each trained 40 steps once for all workers; read-only."""
+    from runs import run, tiny
+    out = []
+    for name in ("base8", "super_resolution"):
+        def make(wd, name=name):
+            run(tiny(data_dir, name, train__num_steps=40, train__checkpoint_every=40), wd)
+        out.append(str(_made_once(tmp_path_factory, f"cascade_{name}", make)))
+    return tuple(out)
+
+
+@pytest.fixture(scope="session")
 def straight_runs(data_dir, tmp_path_factory, tiny_run):
     """{family: (state after 4 steps on 8 devices, workdir with checkpoints 2 and 4)}."""
     from runs import restore_step, run, tiny
     out = {"diffusion": tiny_run}
-    for name in ("noisy_classifier", "contrastive"):
+    for name in ("noisy_classifier", "contrastive", "super_resolution"):
         wd = _made_once(tmp_path_factory, f"straight_{name}",
                         lambda p, name=name: run(tiny(data_dir, name), p))
         out[name] = (restore_step(tiny(data_dir, name), wd, 4), wd)

@@ -1,7 +1,11 @@
 """Tiny configs of every family on the embedded digits (seconds per run), for the tests that
 every family must pass (tests/test_families.py) and the guide tests (tests/test_guides.py).
 
-    get_config("diffusion" | "uncond" | "noisy_classifier" | "contrastive")
+    get_config("diffusion" | "uncond" | "noisy_classifier" | "contrastive" | "super_resolution"
+               | "base8")
+
+"base8" is the tiny diffusion model on the 8x8 digits (the scans' own size), the base of the
+tiny cascade: "super_resolution" takes its 8x8 images to 16x16.
 """
 
 import os
@@ -33,6 +37,14 @@ def get_config(name="diffusion"):
             text=dict(max_length=32, width=16, num_layers=1, num_heads=2, mlp_ratio=2,
                       attention_impl="einsum", dtype="float32")))
         config.train.clean_fraction = 0.25
+    elif name == "super_resolution":
+        config.family = name
+        config.sr = ml_collections.ConfigDict(dict(
+            low_res_size=8, max_train_level=0.999, train_levels="example", train_crop=8))
+        config.sample.aug_level = 0.2
+        config.sample.guidance_weight = 1.0
+    elif name == "base8":
+        config.data.image_size = 8
     elif name != "diffusion":
         raise ValueError(name)
     return config
