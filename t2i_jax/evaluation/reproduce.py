@@ -6,6 +6,8 @@
     python -m t2i_jax.evaluation.reproduce classifier --workdir runs/digits_uncond \
         --classifier runs/digits_classifier
     python -m t2i_jax.evaluation.reproduce sdg --workdir runs/digits_uncond --clip runs/digits_clip
+    python -m t2i_jax.evaluation.reproduce cascade --workdir runs/shapes16 --sr runs/shapes_sr64 \
+        --sr_noaug runs/shapes_sr64_noaug
 
   cfg          Ho & Salimans (2022), fig. 4 / table 1: guidance weight w in {0, 0.5, 1, 2, 3, 5}
                (one sampling job, one compilation) -> FD, alignment, precision, recall; plot of
@@ -19,6 +21,9 @@
                scale -> FD, alignment, precision, recall, and the trade-off plot.
   sdg          Liu et al. (2023): SDG text, image and text + image guidance over their scales,
                and CLIP reranking over N (t2i_jax/evaluation/reproduce_guides.py).
+  cascade      Ho et al. (2021) / Imagen: a base + SR cascade over the SR's augmentation level
+               (and an SR trained without it), static vs dynamic thresholding, the SR on real
+               images (PSNR/SSIM), consistency, detail, speed (reproduce_cascade.py).
 
 FD is the Fréchet distance of the evaluator classifier's 128-d penultimate features
 (t2i_jax/evaluation/evaluator.py) between the generated images and the data set's held-out
@@ -355,7 +360,8 @@ def _save_fig(fig, path):
 def main(argv=None) -> int:
     p = ArgumentParser(prog="python -m t2i_jax.evaluation.reproduce",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("experiment", choices=("cfg", "ddim", "checkpoints", "classifier", "sdg"))
+    p.add_argument("experiment", choices=("cfg", "ddim", "checkpoints", "classifier", "sdg",
+                                          "cascade"))
     p.add_argument("--workdir", required=True, help="training workdir of a digits/shapes model")
     p.add_argument("--out", help="default: WORKDIR/reproduce/EXPERIMENT")
     p.add_argument("--num_per_prompt", type=int, default=50, help="images per prompt per row")
@@ -363,9 +369,14 @@ def main(argv=None) -> int:
                    help="ddim and checkpoints: the w of every row (default 0: the conditional "
                         "model unguided, as the DDIM paper's table had no guidance)")
     p.add_argument("--steps", type=int, default=50,
-                   help="cfg, classifier, sdg: sampling steps (config's sampler)")
+                   help="cfg, classifier, sdg, cascade (its base): sampling steps (config's "
+                        "sampler)")
     p.add_argument("--classifier", help="classifier: the noisy_classifier workdir that guides")
     p.add_argument("--clip", help="sdg: the contrastive (CLIP) workdir that guides")
+    p.add_argument("--sr", help="cascade: the super_resolution workdir after the --workdir base")
+    p.add_argument("--sr_noaug", help="cascade: the same SR trained with sr.max_train_level=0")
+    p.add_argument("--sr_steps", type=int, help="cascade: the SR's sampling steps (default: its "
+                                                "config's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--no_progress", action="store_true")
@@ -376,12 +387,18 @@ def main(argv=None) -> int:
         p.error(f"--seed must be in [0, 2^32) (JAX keys hold 32 bits), got {a.seed}.")
     if not math.isfinite(a.guidance):
         p.error(f"--guidance must be a finite number, got {a.guidance}.")
-    needs = dict(classifier="classifier", sdg="clip")
+    if a.sr_steps is not None and a.sr_steps < 1:
+        p.error(f"--sr_steps must be >= 1, got {a.sr_steps}.")
+    needs = dict(classifier="classifier", sdg="clip", cascade="sr")
     for exp, flag in needs.items():
         if a.experiment == exp and not getattr(a, flag):
-            p.error(f"reproduce {exp} needs --{flag} DIR (the guide's training workdir).")
+            what = "super-resolution model" if exp == "cascade" else "guide"
+            p.error(f"reproduce {exp} needs --{flag} DIR (the {what}'s training workdir).")
         if a.experiment != exp and getattr(a, flag):
             p.error(f"--{flag} is for reproduce {exp}, not {a.experiment}.")
+    for flag in ("sr_noaug", "sr_steps"):
+        if a.experiment != "cascade" and getattr(a, flag) is not None:
+            p.error(f"--{flag} is for reproduce cascade, not {a.experiment}.")
     a.out = a.out or os.path.join(a.workdir, "reproduce", a.experiment)
     try:
         a.out = files.check_writable_dir(files.check_output_dir(a.out, "--out"), "--out")
@@ -392,6 +409,9 @@ def main(argv=None) -> int:
         f"interrupted: the finished sampling shards under {a.out} are kept; rerun the same "
         "command to go on."))
     boundary.log_in(a.out)
+    if a.experiment == "cascade":  # its models are checked before OUT is locked or written
+        from t2i_jax.evaluation import reproduce_cascade
+        return boundary.run(reproduce_cascade.run, a)
     return boundary.run(_reproduce, a)
 
 
