@@ -21,6 +21,7 @@ def get_config():
     config.data.image_size = 32
     config.sr = ml_collections.ConfigDict(dict(
         low_res_size=16, max_train_level=0.999, train_levels="example", train_crop=16))
+    config.diffusion.prediction = "v"  # as configs/shapes_sr64.py explains
     u = config.model.unet
     u.channels = 32
     u.channel_mult = (1, 2, 2)     # 32, 16, 8

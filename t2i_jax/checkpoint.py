@@ -48,7 +48,7 @@ from t2i_jax.errors import os_advice, os_errno, short_cause
 from t2i_jax import distributed, integrity
 
 # Parts of the config that fix the parameters' meaning: a resume must match them exactly.
-MODEL_KEYS = ("family", "model", "diffusion", "data.image_size", "data.channels")
+MODEL_KEYS = ("family", "model", "diffusion", "data.image_size", "data.channels", "sr.low_res_size")
 DEFAULTS = {"family": "diffusion"}  # configs written before the key existed
 
 
