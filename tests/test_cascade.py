@@ -260,3 +260,18 @@ def test_check_follows_names_a_channel_or_data_set_mismatch(data_dir, cascade):
         stages_lib.check_follows(base, fake(data__name="shapes"))
     with pytest.raises(ValueError, match="takes 4x4 inputs, but the stage before it .* makes 8x8"):
         stages_lib.check_follows(base, fake(sr__low_res_size=4))
+
+
+@pytest.mark.parametrize("base, sr", [("shapes16.py", "shapes_sr64.py"), ("digits.py", "digits_sr32.py")])
+def test_the_shipped_cascade_configs_fit_together(base, sr):
+    """configs/shapes16 -> shapes_sr64 and digits -> digits_sr32 form valid cascades (input size,
+    channels, data set), with a sampling level in [0, 1) and v-prediction for the SR."""
+    from t2i_jax.config_utils import load_config
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    b, s = (load_config(os.path.join(root, name)) for name in (base, sr))
+    fb, fs = families.build(b), families.build(s)
+    stages_lib.check_follows(Trained(fb, None, 0, "ema", base), Trained(fs, None, 0, "ema", sr))
+    assert fs.name == "super_resolution" and fs.prediction == "v"
+    assert 0 <= fs.default_aug_level() < 1
+    assert fs.image_shape[0] == 4 * fs.low_res_shape[0] if sr == "shapes_sr64.py" else \
+        fs.image_shape[0] == 2 * fs.low_res_shape[0]
