@@ -135,13 +135,6 @@ def parse_args(argv):
         p.error("--image_scale needs --guide_image FILE (the reference image).")
     if args.rerank < 1:
         p.error(f"--rerank must be >= 1 (candidates per image; 1: no reranking), got {args.rerank}.")
-    for flag in ("sr_steps", "sr_sampler", "sr_guidance", "sr_aug_level", "sr_thresholding"):
-        values = getattr(args, flag)
-        if values and not args.sr:
-            p.error(f"--{flag} needs --sr DIR (a super-resolution stage).")
-        if values and len(values) not in (1, len(args.sr)):
-            p.error(f"--{flag} was given {len(values)} times for {len(args.sr)} --sr stage(s): "
-                    "give it once (every stage) or once per --sr, in order.")
     for v in (args.sr_aug_level or []) + ([args.aug_level] if args.aug_level is not None else []):
         if not 0.0 <= v < 1.0:  # NaN fails too
             p.error(f"an augmentation level must be in [0, 1) (0: the clean low-resolution "
@@ -152,6 +145,15 @@ def parse_args(argv):
     for v in args.sr_guidance or []:
         if not math.isfinite(v):
             p.error(f"--sr_guidance takes finite numbers, got {v}.")
+    # Each --sr_* flag becomes one value per --sr stage (None: the stage's own config's).
+    for flag in ("sr_steps", "sr_sampler", "sr_guidance", "sr_aug_level", "sr_thresholding"):
+        values, n = getattr(args, flag) or [], len(args.sr)
+        if values and not n:
+            p.error(f"--{flag} needs --sr DIR (a super-resolution stage).")
+        if len(values) not in (0, 1, n):
+            p.error(f"--{flag} was given {len(values)} times for {n} --sr stage(s): give it once "
+                    "(every stage) or once per --sr, in order.")
+        setattr(args, flag, values * n if len(values) == 1 else values or [None] * n)
     if args.aug_level is not None and not args.low_res:
         p.error("--aug_level is the level of given --low_res images; an SR stage after the "
                 "base takes --sr_aug_level.")
@@ -228,7 +230,7 @@ def main(argv=None, boundary=None) -> int:
     from t2i_jax.errors import UsageError
     from t2i_jax.models import text
     from t2i_jax.sampling import job as job_lib
-    from t2i_jax.sampling.generate import SampleOptions
+    from t2i_jax.sampling import stages as stages_lib
     from t2i_jax.sampling.load import load_trained, require_generator
     assert set(SAMPLER_NAMES) == set(samplers.SAMPLERS), "sample.py's sampler list is stale"
 
@@ -238,17 +240,12 @@ def main(argv=None, boundary=None) -> int:
         require_generator(trained)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    T = family.schedule.num_timesteps
-    steps = args.steps if args.steps is not None else cfg.sample.num_steps
-    if not 1 <= steps <= T:
-        raise UsageError(f"--steps {steps} is outside 1..{T}: the model was trained with T = {T} "
-                         "timesteps, and a sampler visits at most all of them.")
-    base = SampleOptions.from_config(cfg.sample)
-    options = SampleOptions(
-        sampler=args.sampler or base.sampler, num_steps=steps,
-        eta=base.eta if args.eta is None else args.eta,
-        thresholding=args.thresholding or base.thresholding or "none", spacing=base.spacing,
-        ddpm_variance=args.ddpm_variance or base.ddpm_variance, percentile=base.percentile)
+    try:
+        options = stages_lib.stage_options(trained, sampler=args.sampler, steps=args.steps,
+                                           eta=args.eta, thresholding=args.thresholding,
+                                           ddpm_variance=args.ddpm_variance)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     guidance = args.guidance if args.guidance is not None else [float(cfg.sample.guidance_weight)]
 
     for i, prompt in enumerate(prompts):
@@ -326,18 +323,14 @@ def load_stages(args, trained, prompts):
     elif args.low_res:
         raise ValueError(f"--low_res needs a super-resolution model in --workdir; "
                          f"{trained.workdir} holds a {trained.family.name} model.")
-    n = len(args.sr)
-    steps = stages_lib.per_stage(args.sr_steps, n, "--sr_steps")
-    samplers_ = stages_lib.per_stage(args.sr_sampler, n, "--sr_sampler")
-    weights = stages_lib.per_stage(args.sr_guidance, n, "--sr_guidance")
-    levels = stages_lib.per_stage(args.sr_aug_level, n, "--sr_aug_level")
-    thresholds = stages_lib.per_stage(args.sr_thresholding, n, "--sr_thresholding")
+    steps, samplers_, weights = args.sr_steps, args.sr_sampler, args.sr_guidance
+    levels, thresholds = args.sr_aug_level, args.sr_thresholding  # one per --sr (parse_args)
     stages, prev = [], trained
     for k, workdir in enumerate(args.sr):
         st = load_trained(workdir, params=args.params)
         stages_lib.check_follows(prev, st)
         options = stages_lib.stage_options(st, sampler=samplers_[k], steps=steps[k],
-                                           thresholding=thresholds[k])
+                                           thresholding=thresholds[k], flag="--sr_steps")
         w = weights[k] if weights[k] is not None else float(st.config.sample.guidance_weight)
         if not st.family.conditioning.guidable:
             w = 0.0

@@ -193,6 +193,7 @@ def reproduce_cascade(models: Models, out: str, *, num_per_prompt: int, seed: in
     reproduce.evaluator_cache of the base's workdir (or of the SR's, where it holds one)."""
     from t2i_jax.evaluation import evaluator as ev_lib
     from t2i_jax.evaluation import reproduce as rep
+    from t2i_jax.diffusion import augmentation
     from t2i_jax.evaluation.image_metrics import psnr, ssim
     from t2i_jax.sampling import stages as stages_lib
     base, sr, noaug = models.base, models.sr, models.sr_noaug
@@ -202,7 +203,7 @@ def reproduce_cascade(models: Models, out: str, *, num_per_prompt: int, seed: in
     default_level = float(sr.family.default_aug_level())
     levels = sorted({float(s) for s in levels} | {default_level})
     for s in levels:
-        stages_lib.check_aug_level(s, "an augmentation level")
+        augmentation.check_level(s, "an augmentation level")
     if cache_dirs is None:
         sr_shared = rep.evaluator_dir(sr.workdir)
         cache_dirs = (rep.evaluator_cache(base.workdir, out, bcfg.data),

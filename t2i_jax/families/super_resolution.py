@@ -83,6 +83,11 @@ class SuperResolution(Diffusion):
                    sr=sr)
 
     @property
+    def factor(self) -> int:
+        """The upsampling factor: data.image_size / sr.low_res_size."""
+        return self.image_shape[0] // self.sr.low_res_size
+
+    @property
     def low_res_shape(self) -> tuple:
         """(h, w, C) of the stage's input: the previous stage's output."""
         return (self.sr.low_res_size, self.sr.low_res_size, self.image_shape[-1])
@@ -105,17 +110,14 @@ class SuperResolution(Diffusion):
         """Random crops [B, c, c, C] of x0 at offsets that are multiples of the upsampling factor,
         so the box downsample of a crop is exactly the crop of the downsampled image (Imagen
         trains its SR stages on crops; the network is convolutional with attention)."""
-        c, size = self.sr.train_crop, self.image_shape[0]
-        factor = size // self.sr.low_res_size
-        n = x0.shape[0]
-        offsets = jax.random.randint(key, (n, 2), 0, (size - c) // factor + 1) * factor
+        c, size, factor = self.sr.train_crop, self.image_shape[0], self.factor
+        offsets = jax.random.randint(key, (x0.shape[0], 2), 0, (size - c) // factor + 1) * factor
         return jax.vmap(lambda im, o: jax.lax.dynamic_slice(
             im, (o[0], o[1], 0), (c, c, im.shape[-1])))(x0, offsets)
 
     def training_condition(self, batch: dict, key: jax.Array) -> Condition:
         x0 = batch["image"]                                                # [B, H, W, C]
-        factor = self.image_shape[0] // self.sr.low_res_size
-        z = augmentation.downsample(x0, x0.shape[1] // factor)             # [B, h, w, C]
+        z = augmentation.downsample(x0, x0.shape[1] // self.factor)        # [B, h, w, C]
         n = x0.shape[0]
         shape = (n,) if self.sr.train_levels == "example" else ()
         level = jax.random.uniform(jax.random.fold_in(key, _LEVEL), shape, jnp.float32,

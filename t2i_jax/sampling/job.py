@@ -320,8 +320,7 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
     if (spec.rerank > 1) != (reranker is not None):
         raise ValueError("pass reranker= (a CLIP) exactly when the job reranks (rerank > 1).")
     models = [trained] + [st.trained for st in stages]
-    sr_first = getattr(family, "low_res_shape", None) is not None
-    if sr_first and (low_res is None or spec.aug_level is None):
+    if stages_lib.is_sr(trained) and (low_res is None or spec.aug_level is None):
         raise ValueError(f"{trained.workdir} is a super-resolution model: it needs low-resolution "
                          "inputs (--low_res FILE_OR_DIR) and an augmentation level, or put a base "
                          "model in --workdir and this one in --sr.")
@@ -365,11 +364,9 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
         # Replicated on the job's mesh, as the rerank candidates' keys are: one program for both.
         rng = mesh_lib.put(jax.random.fold_in(jax.random.key(spec.seed), SEED_STREAM), rep)
         guidance = np.asarray(spec.guidance, np.float32)
-        stage_stats, skipped, first_done = [], 0, None
+        stage_stats, skipped = [], 0
         for k in range(num_stages):
             done = set(distributed.lead_decides(survey(k)))  # the same list on every process
-            if k == 0:
-                first_done = len(done)
             todo = [s for s in range(spec.num_shards) if s not in done]
             skipped += len(done)
             todo_idx = (np.concatenate([np.arange(*bounds(s)) for s in todo]) if todo
@@ -458,44 +455,39 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
                 images_per_s=n_after_first / steady if n_after_first else None,
                 compilations=gen._cache_size() - programs_before[k], rows_per_call=per_call))
             if non_finite:
-                _write_stats(outdir, stage_stats, n_dev, lead)
+                if lead:
+                    files.write_json(os.path.join(outdir, STATS_FILE),
+                                     _job_stats(stage_stats, n_dev))
                 raise NonFiniteImagesError(_non_finite_message(spec, non_finite, dirs[k]))
             if lead and k < num_stages - 1:
                 assemble(spec, dirs[k], grid_columns=grid_columns,
                          scale=max(1, 64 // k_family.image_shape[0]))
-        generated = sum(st["generated"] for st in stage_stats)
-        seconds = sum(st["seconds"] for st in stage_stats)
-        last = stage_stats[-1]
-        if num_stages == 1:
-            rate = last["images_per_s"]
-        else:  # the whole cascade: images through every stage per second, steady state
-            rates = [st["images_per_s"] for st in stage_stats]
-            rate = (1.0 / sum(1.0 / r for r in rates)) if all(rates) else None
-        result = JobResult(outdir, total, last["generated"], first_done if num_stages == 1
-                           else skipped, seconds, float("nan") if rate is None else rate,
-                           sum(st["compilations"] for st in stage_stats))
-        if generated:
-            _write_stats(outdir, stage_stats, n_dev, lead)
+        stats = _job_stats(stage_stats, n_dev)
+        result = JobResult(outdir, total, stage_stats[-1]["generated"], skipped,
+                           stats["seconds"], float("nan") if stats["images_per_s"] is None
+                           else stats["images_per_s"], stats["compilations"])
+        if lead and stats["generated"]:
+            files.write_json(os.path.join(outdir, STATS_FILE), stats)
         if lead:  # every shard of the last stage was done or is now
             assemble(spec, outdir, npz=npz, grid_columns=grid_columns,
                      scale=max(1, 64 // models[-1].family.image_shape[0]))
     return result
 
 
-def _write_stats(outdir: str, stage_stats: list, n_dev: int, lead: bool) -> None:
-    if not lead:
-        return
-    last = stage_stats[-1]
+def _job_stats(stage_stats: list, n_dev: int) -> dict:
+    """stats.json: the totals of every stage's run; images/s is the last stage's, and for a
+    cascade the whole chain's 1 / sum_k (1 / r_k) with each stage's own rows."""
+    rates = [st["images_per_s"] for st in stage_stats]
     out = dict(generated=sum(st["generated"] for st in stage_stats),
                seconds=sum(st["seconds"] for st in stage_stats),
-               images_per_s=last["images_per_s"],
+               images_per_s=rates[0] if len(rates) == 1 else
+               (1.0 / sum(1.0 / r for r in rates)) if all(rates) else None,
                compilations=sum(st["compilations"] for st in stage_stats),
-               rows_per_call=last["rows_per_call"], devices=n_dev, processes=jax.process_count())
+               rows_per_call=stage_stats[-1]["rows_per_call"], devices=n_dev,
+               processes=jax.process_count())
     if len(stage_stats) > 1:
-        rates = [st["images_per_s"] for st in stage_stats]
-        out["images_per_s"] = (1.0 / sum(1.0 / r for r in rates)) if all(rates) else None
         out["stages"] = stage_stats
-    files.write_json(os.path.join(outdir, STATS_FILE), out)
+    return out
 
 
 def _read_stage_images(directory: str, index: np.ndarray) -> np.ndarray:

@@ -18,12 +18,10 @@ import dataclasses
 import glob
 import hashlib
 import os
-from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
-from t2i_jax.diffusion import augmentation
 from t2i_jax.sampling.generate import SampleOptions
 from t2i_jax.sampling.load import Trained
 
@@ -88,32 +86,20 @@ def check_follows(prev: Trained, stage: Trained, flag: str = "--sr") -> None:
 
 
 def stage_options(trained: Trained, *, sampler=None, steps=None, eta=None, thresholding=None,
-                  ddpm_variance=None) -> SampleOptions:
-    """A stage's options: the given ones, else its own config's (config.sample)."""
+                  ddpm_variance=None, flag: str = "--steps") -> SampleOptions:
+    """A stage's options: the given ones, else its own config's (config.sample); ValueError
+    naming `flag` for a step count outside 1..T."""
     cfg = trained.config
     base = SampleOptions.from_config(cfg.sample)
     T = trained.family.schedule.num_timesteps
     n = steps if steps is not None else base.num_steps
     if not 1 <= n <= T:
-        raise ValueError(f"{n} sampling steps for {trained.workdir} is outside 1..{T}: it was "
-                         f"trained with T = {T} timesteps.")
+        raise ValueError(f"{flag} {n} is outside 1..{T}: {trained.workdir} was trained with "
+                         f"T = {T} timesteps, and a sampler visits at most all of them.")
     return SampleOptions(
         sampler=sampler or base.sampler, num_steps=n, eta=base.eta if eta is None else eta,
         thresholding=thresholding or base.thresholding or "none", spacing=base.spacing,
         ddpm_variance=ddpm_variance or base.ddpm_variance, percentile=base.percentile)
-
-
-def per_stage(values: Optional[Sequence], n: int, flag: str) -> list:
-    """One value per SR stage from a repeatable flag: none given -> [None] * n, one -> the same
-    for all, n -> one each; anything else is refused."""
-    if not values:
-        return [None] * n
-    if len(values) == 1:
-        return list(values) * n
-    if len(values) != n:
-        raise ValueError(f"{flag} was given {len(values)} times for {n} --sr stage(s): give it "
-                         "once (every stage) or once per --sr, in order.")
-    return list(values)
 
 
 def load_low_res(path: str, shape: tuple) -> tuple:
@@ -170,6 +156,3 @@ def to_float(x_uint8: np.ndarray) -> np.ndarray:
     """uint8 images -> float32 in [-1, 1] (the inverse of images.to_uint8 up to rounding)."""
     return np.asarray(x_uint8, np.float32) / 127.5 - 1.0
 
-
-def check_aug_level(level, flag: str) -> float:
-    return augmentation.check_level(level, flag)
