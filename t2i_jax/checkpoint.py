@@ -3,7 +3,9 @@
   state   the TrainState (params, ema_params, opt_state, step, rng key data) as orbax arrays;
   data    the input iterator's state (JSON), so a resumed run sees exactly the batches it would
           have seen;
-  config  the whole experiment config (JSON): a resume under a different model is refused.
+  config  the whole experiment config (JSON): a resume under a different model is refused;
+  statistics  (the final step of a family that computes them, JSON) what the family derived from
+          its trained parameters, e.g. an autoencoder's scale factor (families/autoencoder.py).
 
 Orbax writes a step into a temporary directory and renames it when complete, so a job killed
 mid-save leaves no step that looks finished. After the rename, `t2i_integrity.json` in the step
@@ -48,7 +50,8 @@ from t2i_jax.errors import os_advice, os_errno, short_cause
 from t2i_jax import distributed, integrity
 
 # Parts of the config that fix the parameters' meaning: a resume must match them exactly.
-MODEL_KEYS = ("family", "model", "diffusion", "data.image_size", "data.channels", "sr.low_res_size")
+MODEL_KEYS = ("family", "model", "diffusion", "data.image_size", "data.channels", "sr.low_res_size",
+              "frozen")
 DEFAULTS = {"family": "diffusion"}  # configs written before the key existed
 
 
@@ -77,6 +80,7 @@ class Restored(NamedTuple):
     state: Any
     data_state: Optional[dict]
     config: dict
+    statistics: Optional[dict] = None
 
 
 def _normalise(x):
@@ -167,7 +171,8 @@ class Checkpointer:
     def damaged_directory(self) -> str:
         return self.directory + ".damaged"
 
-    def save(self, step: int, state: Any, data_state: Optional[dict], config: dict) -> None:
+    def save(self, step: int, state: Any, data_state: Optional[dict], config: dict,
+             statistics: Optional[dict] = None) -> None:
         if self.read_only:
             raise ValueError(f"this Checkpointer of {self.directory} is read-only.")
         if step in self.saved:
@@ -179,6 +184,8 @@ class Checkpointer:
                      config=ocp.args.JsonSave(_normalise(config)))
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(_normalise(data_state))
+        if statistics is not None:
+            items["statistics"] = ocp.args.JsonSave(_normalise(statistics))
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
             self.manager.wait_until_finished()
@@ -288,8 +295,9 @@ class Checkpointer:
                     items = dict(state=ocp.args.PyTreeRestore(
                         item=part, restore_args=ocp.checkpoint_utils.construct_restore_args(part),
                         partial_restore=True))
-                if os.path.isdir(os.path.join(self.directory, str(s), "data")):
-                    items["data"] = ocp.args.JsonRestore()
+                for extra in ("data", "statistics"):
+                    if os.path.isdir(os.path.join(self.directory, str(s), extra)):
+                        items[extra] = ocp.args.JsonRestore()
                 restored = self.manager.restore(s, args=ocp.args.Composite(**items))
             except IncompatibleCheckpointError:
                 raise
@@ -307,8 +315,8 @@ class Checkpointer:
                 continue
             state = (_from_tree(abstract, restored.state) if only is None
                      else {k: restored.state[k] for k in only})
-            return Restored(s, state,
-                            restored.get("data") if "data" in items else None, config)
+            return Restored(s, state, restored.get("data") if "data" in items else None, config,
+                            restored.get("statistics") if "statistics" in items else None)
         if step is not None:
             others = [c for c in self.steps() if c != step]
             raise CheckpointDamagedError(

@@ -161,11 +161,36 @@ def cascade(data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def straight_runs(data_dir, tmp_path_factory, tiny_run):
+def tiny_autoencoder(data_dir, tmp_path_factory):
+    """The tiny digits autoencoder (tests/tiny_families.py, with its patch-GAN) trained 40 steps
+    to its end, so its checkpoint stores the scale factor, once for all workers; read-only.
+    $T2I_TEST_AUTOENCODER names it: the tiny latent model's config reads it."""
+    from runs import run, tiny
+
+    def make(wd):
+        run(tiny(data_dir, "autoencoder", train__num_steps=40, train__checkpoint_every=40), wd)
+    wd = str(_made_once(tmp_path_factory, "tiny_autoencoder", make))
+    os.environ["T2I_TEST_AUTOENCODER"] = wd
+    return wd
+
+
+@pytest.fixture(scope="session")
+def tiny_latent(data_dir, tmp_path_factory, tiny_autoencoder):
+    """The tiny latent model on tiny_autoencoder, trained 40 steps once; read-only."""
+    from runs import run, tiny
+
+    def make(wd):
+        run(tiny(data_dir, "latent_diffusion", train__num_steps=40, train__checkpoint_every=40), wd)
+    return str(_made_once(tmp_path_factory, "tiny_latent", make))
+
+
+@pytest.fixture(scope="session")
+def straight_runs(data_dir, tmp_path_factory, tiny_run, tiny_autoencoder):
     """{family: (state after 4 steps on 8 devices, workdir with checkpoints 2 and 4)}."""
     from runs import restore_step, run, tiny
     out = {"diffusion": tiny_run}
-    for name in ("noisy_classifier", "contrastive", "super_resolution"):
+    for name in ("noisy_classifier", "contrastive", "super_resolution", "autoencoder",
+                 "latent_diffusion"):
         wd = _made_once(tmp_path_factory, f"straight_{name}",
                         lambda p, name=name: run(tiny(data_dir, name), p))
         out[name] = (restore_step(tiny(data_dir, name), wd, 4), wd)

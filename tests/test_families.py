@@ -25,7 +25,8 @@ from t2i_jax.training.writers import read_metrics
 from runs import (ROOT, TESTS, assert_trees_close, assert_trees_equal,  # noqa: E402
                   restore_step as _restore, run, tiny)
 
-FAMILIES = ("diffusion", "noisy_classifier", "contrastive", "super_resolution")
+FAMILIES = ("diffusion", "noisy_classifier", "contrastive", "super_resolution", "autoencoder",
+            "latent_diffusion")
 
 
 def _from_step_2(wd4, tmp_path, name):

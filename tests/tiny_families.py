@@ -2,10 +2,14 @@
 every family must pass (tests/test_families.py) and the guide tests (tests/test_guides.py).
 
     get_config("diffusion" | "uncond" | "noisy_classifier" | "contrastive" | "super_resolution"
-               | "base8")
+               | "base8" | "autoencoder" | "latent_diffusion")
 
 "base8" is the tiny diffusion model on the 8x8 digits (the scans' own size), the base of the
 tiny cascade: "super_resolution" takes its 8x8 images to 16x16.
+
+"autoencoder" (16x16x1 -> 8x8x2, with the patch-GAN from step 2, so the shared tests cover it)
+and "latent_diffusion" on a trained tiny autoencoder, whose workdir is $T2I_TEST_AUTOENCODER
+(tests/conftest.py's tiny_autoencoder fixture sets it; subprocesses inherit it).
 """
 
 import os
@@ -45,6 +49,26 @@ def get_config(name="diffusion"):
         config.sample.guidance_weight = 1.0
     elif name == "base8":
         config.data.image_size = 8
+    elif name == "autoencoder":
+        config.family = name
+        config.model = ml_collections.ConfigDict(dict(
+            ae=dict(factor=2, latent_channels=2, channels=8, channel_mult=(1, 2),
+                    num_res_blocks=1, num_groups=4),
+            discriminator=dict(channels=8, num_layers=1)))
+        tr = config.train
+        tr.grad_clip = 0.0
+        tr.kl_weight = 1e-6
+        tr.logvar_init = 0.0
+        tr.disc_weight = 0.5
+        tr.disc_start = 2
+        tr.scale_images = 64
+    elif name == "latent_diffusion":
+        config.family = name
+        config.model.autoencoder = os.environ.get("T2I_TEST_AUTOENCODER", "")
+        config.model.unet.out_channels = 2
+        config.latent = ml_collections.ConfigDict(dict(scale_by_std=True))
+        config.sample.thresholding = "none"
+        config.diffusion.prediction = "v"  # as configs/shapes64_ldm.py: x0_hat unclipped
     elif name != "diffusion":
         raise ValueError(name)
     return config

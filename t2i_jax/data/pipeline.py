@@ -319,15 +319,17 @@ def num_classes(data_config) -> Optional[int]:
     return None if names is None else len(names)
 
 
-def load_split(data_config, split: str, *, max_examples: Optional[int] = 50_000) -> dict:
-    """Every example of a (small) split, processed like training data but without flips:
+def load_split(data_config, split: str, *, max_examples: Optional[int] = 50_000,
+               limit: Optional[int] = None) -> dict:
+    """Every example of a (small) split (or its first `limit`), processed like training data but
+    without flips:
       image float32 [N, H, W, C] in [-1, 1], caption list[str] (data.caption's style; the first
       for "random"), captions list[list[str]] (all phrasings), label int32 [N], index int64 [N],
       and the data set's recorded extras (shapes: num_shapes, colour, shape, size, centre, bbox,
       relation, id; digits: id), stacked."""
     s = settings(data_config)
     source = catalog.open_split(s.spec, split, s.data_dir, s.image_size)
-    n = len(source)
+    n = len(source) if limit is None else min(len(source), int(limit))
     if max_examples is not None and n > max_examples:
         raise ValueError(f"split {split!r} of {s.name!r} has {n} examples > max_examples={max_examples}; "
                          "load_split is for small evaluation splits.")

@@ -8,6 +8,9 @@
     python -m t2i_jax.evaluation.reproduce sdg --workdir runs/digits_uncond --clip runs/digits_clip
     python -m t2i_jax.evaluation.reproduce cascade --workdir runs/shapes16 --sr runs/shapes_sr64 \
         --sr_noaug runs/shapes_sr64_noaug
+    python -m t2i_jax.evaluation.reproduce latent --workdir runs/shapes64_ldm \
+        --f4_short runs/shapes64_ldm_f4_800 --f2 runs/shapes64_ldm_f2_800 \
+        --noscale runs/shapes64_ldm_noscale_800 --base runs/shapes16 --sr runs/shapes_sr64
 
   cfg          Ho & Salimans (2022), fig. 4 / table 1: guidance weight w in {0, 0.5, 1, 2, 3, 5}
                (one sampling job, one compilation) -> FD, alignment, precision, recall; plot of
@@ -24,6 +27,9 @@
   cascade      Ho et al. (2021) / Imagen: a base + SR cascade over the SR's augmentation level
                (and an SR trained without it), static vs dynamic thresholding, the SR on real
                images (PSNR/SSIM), consistency, detail, speed (reproduce_cascade.py).
+  latent       Rombach et al. (2022): a latent model at 64x64 against the cascade, the
+               autoencoder's f = 2 vs 4 (reconstructions and samples), with and without the
+               scale factor; training and sampling images/s (reproduce_latent.py).
 
 FD is the Fréchet distance of the evaluator classifier's 128-d penultimate features
 (t2i_jax/evaluation/evaluator.py) between the generated images and the data set's held-out
@@ -361,7 +367,7 @@ def main(argv=None) -> int:
     p = ArgumentParser(prog="python -m t2i_jax.evaluation.reproduce",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", choices=("cfg", "ddim", "checkpoints", "classifier", "sdg",
-                                          "cascade"))
+                                          "cascade", "latent"))
     p.add_argument("--workdir", required=True, help="training workdir of a digits/shapes model")
     p.add_argument("--out", help="default: WORKDIR/reproduce/EXPERIMENT")
     p.add_argument("--num_per_prompt", type=int, default=50, help="images per prompt per row")
@@ -373,7 +379,14 @@ def main(argv=None) -> int:
                         "sampler)")
     p.add_argument("--classifier", help="classifier: the noisy_classifier workdir that guides")
     p.add_argument("--clip", help="sdg: the contrastive (CLIP) workdir that guides")
-    p.add_argument("--sr", help="cascade: the super_resolution workdir after the --workdir base")
+    p.add_argument("--sr", help="cascade: the super_resolution workdir after the --workdir base; "
+                                "latent: the cascade's SR stage, after --base")
+    p.add_argument("--base", help="latent: the cascade's 16x16 base workdir")
+    p.add_argument("--f4_short", help="latent: a latent model trained as --f2 and --noscale "
+                                      "are (the f = 4 reference of equal training)")
+    p.add_argument("--f2", help="latent: the latent model on an f = 2 autoencoder")
+    p.add_argument("--noscale", help="latent: the latent model trained with "
+                                     "latent.scale_by_std=False")
     p.add_argument("--sr_noaug", help="cascade: the same SR trained with sr.max_train_level=0")
     p.add_argument("--sr_steps", type=int, help="cascade: the SR's sampling steps (default: its "
                                                 "config's)")
@@ -389,8 +402,13 @@ def main(argv=None) -> int:
         p.error(f"--guidance must be a finite number, got {a.guidance}.")
     if a.sr_steps is not None and a.sr_steps < 1:
         p.error(f"--sr_steps must be >= 1, got {a.sr_steps}.")
+    for flag in ("base", "f4_short", "f2", "noscale"):
+        if a.experiment != "latent" and getattr(a, flag) is not None:
+            p.error(f"--{flag} is for reproduce latent, not {a.experiment}.")
     needs = dict(classifier="classifier", sdg="clip", cascade="sr")
     for exp, flag in needs.items():
+        if exp == "cascade" and a.experiment == "latent":
+            continue  # --sr is optional there (with --base)
         if a.experiment == exp and not getattr(a, flag):
             what = "super-resolution model" if exp == "cascade" else "guide"
             p.error(f"reproduce {exp} needs --{flag} DIR (the {what}'s training workdir).")
@@ -412,6 +430,9 @@ def main(argv=None) -> int:
     if a.experiment == "cascade":  # its models are checked before OUT is locked or written
         from t2i_jax.evaluation import reproduce_cascade
         return boundary.run(reproduce_cascade.run, a)
+    if a.experiment == "latent":
+        from t2i_jax.evaluation import reproduce_latent
+        return boundary.run(reproduce_latent.run, a)
     return boundary.run(_reproduce, a)
 
 

@@ -7,18 +7,24 @@ noisy_classifier  ADM's classifier of noisy images, p(y | x_t, t)
 contrastive       a CLIP whose image tower reads (x_t, t), for SDG guidance and clean scoring
 super_resolution  a diffusion model conditioned on a low-resolution image (with noise-
                   conditioning augmentation) and text: a cascade's SR stage (Imagen, CDM)
+autoencoder       latent diffusion's KL autoencoder (L1 NLL + KL, optional patch-GAN), with the
+                  scale factor of its latents stored in its final checkpoint
+latent_diffusion  the diffusion family on a frozen autoencoder's scaled latents (LDM / SD)
 """
 
 from __future__ import annotations
 
+from t2i_jax.families.autoencoder import AutoencoderFamily
 from t2i_jax.families.base import Family
 from t2i_jax.families.contrastive import Contrastive
 from t2i_jax.families.diffusion import Diffusion
+from t2i_jax.families.latent import LatentDiffusion
 from t2i_jax.families.noisy_classifier import NoisyClassifierFamily
 from t2i_jax.families.super_resolution import SuperResolution
 
 FAMILIES = {"diffusion": Diffusion, "noisy_classifier": NoisyClassifierFamily,
-            "contrastive": Contrastive, "super_resolution": SuperResolution}
+            "contrastive": Contrastive, "super_resolution": SuperResolution,
+            "autoencoder": AutoencoderFamily, "latent_diffusion": LatentDiffusion}
 
 
 def name_of(config) -> str:
@@ -34,5 +40,5 @@ def build(config) -> Family:
     return FAMILIES[name].from_config(config)
 
 
-__all__ = ["FAMILIES", "Family", "Diffusion", "NoisyClassifierFamily", "Contrastive", "SuperResolution", "build",
-           "name_of"]
+__all__ = ["FAMILIES", "Family", "Diffusion", "NoisyClassifierFamily", "Contrastive", "SuperResolution",
+           "AutoencoderFamily", "LatentDiffusion", "build", "name_of"]

@@ -51,7 +51,15 @@ class Family:
         raise NotImplementedError
 
     def hparams(self) -> dict:
-        """Traced scalar hyperparameters of the loss (values, not program constants)."""
+        """The loss's traced inputs that are not trained: scalar hyperparameters (values, not
+        program constants) and the parameters of frozen models (an autoencoder, a CLIP), which
+        the loop places on the devices once and passes to every step."""
+        return {}
+
+    def frozen_identity(self) -> dict:
+        """{name: what identifies each frozen model this family reads} (its workdir, checkpoint
+        step and a hash of its parameters), stored in the config of every checkpoint: a resume
+        or a sampler with another frozen model is refused. {} for a family without one."""
         return {}
 
     def next_command(self, workdir: str) -> str:

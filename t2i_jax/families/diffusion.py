@@ -64,18 +64,22 @@ class Diffusion(Family):
     generates = True
 
     @classmethod
-    def from_config(cls, config) -> "Diffusion":
+    def from_config(cls, config, shape=None) -> "Diffusion":
+        """shape: the (H, W, C) the chain runs on (default the data's; a latent model's latent)."""
+        shape = tuple(shape or image_shape(config))
         model = Denoiser(ModelConfig.from_config(config.model))
         d, t = config.diffusion, config.train
         if not 0.0 <= t.p_uncond <= 1.0:
             raise ValueError(f"train.p_uncond must be in [0, 1], got {t.p_uncond}.")
         loss_cfg = LossConfig(prediction=d.prediction, weighting=t.loss_weighting,
                               min_snr_gamma=t.min_snr_gamma, p_uncond=t.p_uncond)
-        if model.cfg.unet.out_channels != config.data.channels:
+        if model.cfg.unet.out_channels != shape[-1]:
+            what = ("data.channels" if shape == image_shape(config) else
+                    "the autoencoder's latent channels")
             raise ValueError(f"model.unet.out_channels={model.cfg.unet.out_channels} must equal "
-                             f"data.channels={config.data.channels}.")
+                             f"{what}={shape[-1]}.")
         return cls(config=config, conditioning=conditioning_of(model.cfg, config.data),
-                   image_shape=image_shape(config), model=model, schedule=schedule_of(config),
+                   image_shape=shape, model=model, schedule=schedule_of(config),
                    loss_cfg=loss_cfg)
 
     @property
@@ -94,7 +98,7 @@ class Diffusion(Family):
         return dict(p_uncond=jnp.asarray(self.loss_cfg.p_uncond, jnp.float32))
 
     def loss(self, params, batch: dict, key: jax.Array, hp: dict):
-        x0 = batch["image"]                                        # [B, H, W, C]
+        x0 = self.diffusion_data(batch, key, hp)                   # [B, H, W, C]
         n, T = x0.shape[0], self.schedule.num_timesteps
         t = jax.random.randint(jax.random.fold_in(key, _T), (n,), 0, T)
         noise = jax.random.normal(jax.random.fold_in(key, _NOISE), x0.shape, x0.dtype)
@@ -113,11 +117,38 @@ class Diffusion(Family):
             metrics["null_fraction"] = jnp.mean(cond.is_null.astype(jnp.float32))
         return per_example, metrics
 
+    def diffusion_data(self, batch: dict, key: jax.Array, hp: dict) -> jax.Array:
+        """The x0 the chain is trained on: the batch's images (a latent model's latents)."""
+        return batch["image"]
+
     def training_condition(self, batch: dict, key: jax.Array) -> Condition:
         """The Condition of a training batch, before dropout (key: the step's key)."""
         return self.conditioning.of_batch(batch)
 
     # --- what sampling needs ----------------------------------------------------------
+    latent = False  # whether x_t is a latent (no pixel thresholding), decoded by to_output
+
+    @property
+    def output_shape(self) -> tuple:
+        """The (H, W, C) of the images sampling writes (the chain's, unless decoded)."""
+        return tuple(self.image_shape)
+
+    def sampling_inputs(self):
+        """Frozen parameters the sampling function reads besides the model's (a latent
+        model's autoencoder), passed to it as arguments, never baked in as constants."""
+        return {}
+
+    def to_output(self, inputs, x0: jax.Array) -> jax.Array:
+        """The chain's x0 -> the output images (the identity; a latent model decodes)."""
+        return x0
+
+    def decoder_record(self) -> dict:
+        """What a sampling record says decoded the chain's output ({}: nothing did)."""
+        return {}
+
+    def check_options(self, options, flag: str = "--thresholding") -> None:
+        """Refuses sampling options that make no sense for this model (ValueError)."""
+
     def sampling_condition(self, cond: Condition, rng: jax.Array, sample_ids) -> Condition:
         """The Condition the chain sees, from the one a sampling job built (a stage with a
         low-resolution input augments it here); the identity for a base model."""

@@ -36,6 +36,7 @@ class ModelConfig:
     def from_config(cls, config) -> "ModelConfig":
         """Builds the typed config from a ConfigDict (or dict) with `unet`, `text` and options."""
         d = dict(config)
+        d.pop("autoencoder", None)  # a latent model's frozen autoencoder (families/latent.py)
         text_cfg = d.pop("text", None)
         return cls(unet=UNetConfig(**dict(d.pop("unet"))),
                    text=None if text_cfg is None else TextConfig(**dict(text_cfg)), **d)

@@ -78,7 +78,8 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
                      guides: Sequence = ()) -> Callable:
     """Returns generate(params, cond [B], rng, guidance_weight, sample_ids [B], guide_params=(),
     guide_rows=(), guide_scales=()) -> x0 [B, H, W, C] in [-1, 1] (clipped; NaN where the chain
-    produced a non-finite value) for a diffusion family (families/diffusion.py).
+    produced a non-finite value) for a diffusion family (families/diffusion.py); a latent
+    model's x0 is decoded to pixels ([B] + family.output_shape).
 
     guided: each step evaluates the model on the condition and on the family's null condition
     and combines eps~ = (1 + w) eps(x, y) - w eps(x, null), w = guidance_weight ([] or [B]);
@@ -93,16 +94,17 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
     guided = guided and family.conditioning.guidable
     samplers.check_chain(family.schedule, options.num_steps, options.spacing,
                          family.prediction)  # fails here, not in jit
+    family.check_options(options)  # a latent model refuses pixel thresholding
     null = family.null() if guided else None
     total = guides_lib.guide_fn(guides) if guides else None
 
-    def generate(params, cond: Condition, rng, guidance_weight, sample_ids, guide_params=(),
-                 guide_rows=(), guide_scales=()):
+    def generate(params, inputs, cond: Condition, rng, guidance_weight, sample_ids,
+                 guide_params=(), guide_rows=(), guide_scales=()):
         cond = family.sampling_condition(cond, rng, sample_ids)  # an SR stage augments its input
         enc = family.encode(params, cond)
         # The null row drops the text (or label), never an SR stage's low-resolution image.
         null_enc = None if null is None else keep_undropped(family.encode(params, null), enc)
-        shape = (cond.batch_size,) + tuple(family.image_shape)
+        shape = (cond.batch_size,) + tuple(family.image_shape)  # the chain's x_t
         x_T = noise.initial_noise(rng, shape, sample_ids)
         # The chain's denoiser: the network with CFG, then the gradient guides, then thresholding.
         denoiser = guidance.model_denoiser(
@@ -124,11 +126,39 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
                             num_steps=options.num_steps, eta=options.eta, rng=rng,
                             prediction=family.prediction, spacing=options.spacing,
                             ddpm_variance=options.ddpm_variance, sample_ids=sample_ids)
+        x0 = family.to_output(inputs, x0)  # a latent model decodes to pixels
         # Clipping would turn +-inf into a valid-looking white or black pixel: NaN marks every
         # non-finite value, so callers can refuse the image (clip keeps NaN).
         return jnp.clip(jnp.where(jnp.isfinite(x0), x0, jnp.nan), -1.0, 1.0)
 
-    return jax.jit(generate)
+    return _with_inputs(jax.jit(generate), family.sampling_inputs())
+
+
+def _with_inputs(jitted: Callable, inputs) -> Callable:
+    """generate(params, cond, ...) -> jitted(params, inputs, cond, ...): the family's frozen
+    inputs (a latent model's autoencoder) are an argument of the program, not constants in it,
+    placed once per mesh, replicated over the devices the parameters are on."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from t2i_jax import sharding as mesh_lib
+    placed = {}
+
+    def generate(params, *args, **kwargs):
+        if not jax.tree_util.tree_leaves(inputs):
+            return jitted(params, inputs, *args, **kwargs)
+        sharding = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)
+        key = (sharding.mesh, "mesh") if isinstance(sharding, NamedSharding) else sharding
+        if key not in placed:
+            placed.clear()  # one placement at a time: a new mesh replaces the old one
+            if isinstance(sharding, NamedSharding):
+                placed[key] = mesh_lib.put(inputs, NamedSharding(sharding.mesh, PartitionSpec()))
+            else:
+                placed[key] = jax.device_put(inputs, sharding)
+        return jitted(params, placed[key], *args, **kwargs)
+
+    generate.jitted = jitted
+    generate._cache_size = jitted._cache_size  # compilations so far (the job's stats read it)
+    return generate
 
 
 _PROGRAMS: "collections.OrderedDict" = collections.OrderedDict()

@@ -65,6 +65,12 @@ def check_matches(guide: Trained, model: Trained, flag: str) -> None:
     for key in ("name", "image_size", "channels"):
         if g.data[key] != m.data[key]:
             diffs.append(f"data.{key}: {g.data[key]!r} (guide) vs {m.data[key]!r} (model)")
+    if not diffs and tuple(guide.family.image_shape) != tuple(model.family.image_shape):
+        # a latent model's x_t is a latent [H/f, W/f, c], not the pixels of its data set
+        diffs.append(f"the guide reads x_t of shape {tuple(guide.family.image_shape)}, the "
+                     f"model's x_t is {tuple(model.family.image_shape)}"
+                     + (" (a latent: guides of a latent model are trained on its latents)"
+                        if getattr(model.family, "latent", False) else ""))
     for key in ("schedule", "num_timesteps", "zero_terminal_snr"):
         if g.diffusion.get(key) != m.diffusion.get(key):
             diffs.append(f"diffusion.{key}: {g.diffusion.get(key)!r} (guide) vs "

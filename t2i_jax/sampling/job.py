@@ -101,6 +101,8 @@ class JobSpec:
     aug_level: Optional[float] = None  # stage 0's augmentation level when it is an SR model
     low_res: tuple = ()    # stage 0's given inputs: (("path", ..), ("num_images", ..), ("sha256", ..))
     percentile: Optional[float] = None  # dynamic thresholding's p (set when it is dynamic)
+    decoder: tuple = ()    # a latent model's autoencoder: (("workdir", ..), ("checkpoint_step", ..),
+                           # ("sha256", ..), ("scale_factor", ..))
 
     @classmethod
     def create(cls, trained: Trained, prompts: Sequence[str], *, num_per_prompt: int,
@@ -134,7 +136,8 @@ class JobSpec:
                    tuple(st.record(k + 1) for k, st in enumerate(stages)),
                    None if aug_level is None else float(aug_level),
                    tuple(low_res.items()) if low_res is not None else (),
-                   float(options.percentile) if options.thresholding == "dynamic" else None)
+                   float(options.percentile) if options.thresholding == "dynamic" else None,
+                   tuple(trained.family.decoder_record().items()))
 
     @property
     def options(self) -> SampleOptions:
@@ -177,6 +180,7 @@ class JobSpec:
                 **({"aug_level": self.aug_level} if self.aug_level is not None else {}),
                 **({"low_res": dict(self.low_res)["path"], "low_res_index": p}
                    if self.low_res else {}),
+                **({"decoder": dict(self.decoder)} if self.decoder else {}),
                 **({"stages": [dict(st) for st in self.stages],
                     "stage_files": [stage_dir(k, self.num_stages) + "/" + image_file(index)
                                     for k in range(self.num_stages - 1)]}
@@ -196,7 +200,7 @@ class JobSpec:
             d["reranker"] = list(self.reranker)
         # Jobs without stages, levels or given inputs keep the identity they had before.
         for key, empty in (("stages", ()), ("aug_level", None), ("low_res", ()),
-                           ("percentile", None)):
+                           ("percentile", None), ("decoder", ())):
             if getattr(self, key) == empty:
                 del d[key]
         if self.stages:
@@ -402,7 +406,7 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
                             if k == 0:
                                 inputs = low_res[p]
                             else:  # the previous stage's PNGs, read by process 0 alone
-                                shape = (len(full),) + tuple(models[k - 1].family.image_shape)
+                                shape = (len(full),) + tuple(models[k - 1].family.output_shape)
                                 inputs = distributed.broadcast_from_lead(
                                     _read_stage_images(dirs[k - 1], full) if lead
                                     else np.zeros(shape, np.uint8))
@@ -461,7 +465,7 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
                 raise NonFiniteImagesError(_non_finite_message(spec, non_finite, dirs[k]))
             if lead and k < num_stages - 1:
                 assemble(spec, dirs[k], grid_columns=grid_columns,
-                         scale=max(1, 64 // k_family.image_shape[0]))
+                         scale=max(1, 64 // k_family.output_shape[0]))
         stats = _job_stats(stage_stats, n_dev)
         result = JobResult(outdir, total, stage_stats[-1]["generated"], skipped,
                            stats["seconds"], float("nan") if stats["images_per_s"] is None
@@ -470,7 +474,7 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
             files.write_json(os.path.join(outdir, STATS_FILE), stats)
         if lead:  # every shard of the last stage was done or is now
             assemble(spec, outdir, npz=npz, grid_columns=grid_columns,
-                     scale=max(1, 64 // models[-1].family.image_shape[0]))
+                     scale=max(1, 64 // models[-1].family.output_shape[0]))
     return result
 
 

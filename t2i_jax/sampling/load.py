@@ -19,7 +19,7 @@ import ml_collections
 
 from t2i_jax import families
 from t2i_jax import sharding as mesh_lib
-from t2i_jax.checkpoint import Checkpointer
+from t2i_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
 from t2i_jax.families.base import Family
 
 PARAM_KINDS = ("ema", "raw")
@@ -75,7 +75,12 @@ def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema
         def abstract_for(stored: dict):
             # The family comes from the config stored with the checkpoint being read (a damaged
             # newest one falls back to the previous step's config, too).
-            family = built["family"] = families.build(ml_collections.ConfigDict(stored))
+            try:
+                family = built["family"] = families.build(ml_collections.ConfigDict(stored))
+            except IncompatibleCheckpointError:
+                raise
+            except ValueError as e:  # e.g. a latent model's autoencoder missing or changed:
+                raise IncompatibleCheckpointError(str(e)) from e  # not damage of this step
             shapes = jax.eval_shape(family.init_params, jax.random.key(0))
             return {field: jax.tree_util.tree_map(
                 lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), shapes)}
@@ -90,6 +95,9 @@ def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema
 def require_generator(trained: Trained) -> Trained:
     """The trained model itself, or ValueError if its family draws no images (a guide)."""
     if not trained.family.generates:
+        hint = (" An autoencoder is half of a latent model: train one on it (configs/"
+                "shapes64_ldm.py with --config.model.autoencoder=" + trained.workdir + ") and "
+                "sample that." if trained.family.name == "autoencoder" else "")
         raise ValueError(f"{trained.workdir} holds a {trained.family.name} model, which does not "
-                         "generate images: pass the --workdir of a diffusion model.")
+                         "generate images: pass the --workdir of a diffusion model." + hint)
     return trained

@@ -54,11 +54,15 @@ class Stage:
                "guidance": self.guidance, "aug_level": self.aug_level}
         if o.thresholding == "dynamic":
             out["percentile"] = o.percentile
+        decoder = self.trained.family.decoder_record()
+        if decoder:
+            out["decoder"] = decoder
         return out
 
 
 def image_shape(trained: Trained) -> tuple:
-    return tuple(trained.family.image_shape)
+    """The (H, W, C) of the images a stage writes (a latent model's decoded ones)."""
+    return tuple(trained.family.output_shape)
 
 
 def check_follows(prev: Trained, stage: Trained, flag: str = "--sr") -> None:
@@ -96,10 +100,12 @@ def stage_options(trained: Trained, *, sampler=None, steps=None, eta=None, thres
     if not 1 <= n <= T:
         raise ValueError(f"{flag} {n} is outside 1..{T}: {trained.workdir} was trained with "
                          f"T = {T} timesteps, and a sampler visits at most all of them.")
-    return SampleOptions(
+    options = SampleOptions(
         sampler=sampler or base.sampler, num_steps=n, eta=base.eta if eta is None else eta,
         thresholding=thresholding or base.thresholding or "none", spacing=base.spacing,
         ddpm_variance=ddpm_variance or base.ddpm_variance, percentile=base.percentile)
+    trained.family.check_options(options, flag.replace("steps", "thresholding"))
+    return options
 
 
 def load_low_res(path: str, shape: tuple) -> tuple:

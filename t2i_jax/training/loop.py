@@ -124,6 +124,9 @@ def train(config, workdir: str, *, devices: Optional[list] = None, progress: boo
     mesh_lib.check_batch_size(tcfg.batch_size, mesh)
     config_dict = config.to_dict()
     config_dict.setdefault("family", families.name_of(config))
+    frozen = run.family.frozen_identity()
+    if frozen:  # which frozen models (and which of their checkpoints) the parameters go with
+        config_dict["frozen"] = frozen
     lead = jax.process_index() == 0
     workdir = files.check_writable_dir(workdir, "--workdir")
     iterator = data_lib.make_train_iterator(
@@ -191,10 +194,11 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
                       out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
     writer = MetricWriter(workdir, resume_step=start, enabled=lead)
     # Every process samples the grid (its program spans all devices); process 0 writes it.
-    grid = _GridSampler(family, workdir, writer, mesh, lead) if family.generates else None
+    grid = (_GridSampler(family, workdir, writer, mesh, lead) if family.generates else
+            _Preview(family, workdir, writer, lead) if hasattr(family, "preview") else None)
 
     data_state = iterator.get_state()
-    hp = family.hparams()
+    hp = mesh_lib.put(family.hparams(), mesh_lib.replicated(mesh))  # on the devices once
     watch = _fresh_watch()
 
     def guard():
@@ -208,7 +212,13 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
 
     def save(step):
         guard()
-        ckpt.save(step, state, data_state, config_dict)
+        statistics = None
+        if step == tcfg.num_steps and hasattr(family, "final_statistics"):
+            # e.g. the autoencoder's scale factor: from the EMA parameters, on every process alike
+            statistics = family.final_statistics(distributed.to_host(state.ema_params))
+            if lead:
+                print(f"[t2i_jax] final statistics: {_brief(statistics)}", file=sys.stderr)
+        ckpt.save(step, state, data_state, config_dict, statistics)
 
     stop: dict = {}
     previous = _install_stop_handlers(stop)
@@ -281,6 +291,10 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
     return state
 
 
+def _brief(statistics: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in statistics.items() if isinstance(v, float))
+
+
 def _print_summary(family: Family, workdir: str, checkpoint: str) -> None:
     """Where the run's results are, and the command that comes next."""
     samples = os.path.join(workdir, "samples")
@@ -288,6 +302,26 @@ def _print_summary(family: Family, workdir: str, checkpoint: str) -> None:
     grid = f"; newest sample grid {os.path.join(samples, grids[-1])}" if grids else ""
     print(f"[t2i_jax] done: checkpoint {checkpoint}{grid}.\n[t2i_jax] next: "
           f"{family.next_command(workdir)}", file=sys.stderr)
+
+
+class _Preview:
+    """A family that draws no samples but shows its work (an autoencoder: test images above
+    their reconstructions): family.preview(EMA params) as a PNG grid, as _GridSampler's."""
+
+    def __init__(self, family, workdir: str, writer: MetricWriter, lead: bool = True):
+        self.family, self.writer, self.lead = family, writer, lead
+        self.dir = os.path.join(workdir, "samples")
+        self.fn = jax.jit(family.preview)
+
+    def __call__(self, state: TrainState, step: int) -> str:
+        x = distributed.to_host(self.fn(state.ema_params))
+        path = os.path.join(self.dir, f"step_{step:07d}.png")
+        if self.lead:
+            grid = images.make_grid(images.to_uint8(x), rows=self.family.preview_rows,
+                                    scale=max(1, 64 // self.family.image_shape[0]))
+            images.save_png(path, grid)
+            self.writer.image(step, "samples", grid)
+        return path
 
 
 class _GridSampler:
@@ -316,7 +350,7 @@ class _GridSampler:
         if self.lead:
             grid = images.make_grid(images.to_uint8(distributed.to_host(x)),
                                     rows=len(self.prompts),
-                                    scale=max(1, 64 // self.family.image_shape[0]))
+                                    scale=max(1, 64 // self.family.output_shape[0]))
             images.save_png(path, grid)
             self.writer.image(step, "samples", grid)
         else:

@@ -20,7 +20,9 @@ def make_train_step(family: Family, optim: OptimConfig,
     """Returns train_step(state, batch, hparams) -> (state, metrics), pure and jittable.
 
     batch: the family's batch_keys (image [B, H, W, C] in [-1, 1], tokens/mask [B, L], label [B]).
-    hparams: `family.hparams()`, traced scalars (runs differing only in them share a program).
+    hparams: `family.hparams()`, the loss's traced inputs that are not trained: scalars (runs
+    differing only in them share a program) and frozen models' parameters; the loss also sees
+    hp["step"], the step being taken (a term that starts at a given step reads it).
     metrics: loss (the mean of the family's per-example loss), the family's own metrics,
     grad_norm (before clipping), lr, and finite (bool: the loss, the gradient norm and every
     updated parameter are finite; the loop's NaN guard reads it).
@@ -31,7 +33,7 @@ def make_train_step(family: Family, optim: OptimConfig,
         key = jax.random.fold_in(state.key(), state.step)
 
         def loss_fn(params):
-            per_example, metrics = family.loss(params, batch, key, hp)  # [B], {name: []}
+            per_example, metrics = family.loss(params, batch, key, dict(hp, step=state.step))
             return jnp.mean(per_example), metrics
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

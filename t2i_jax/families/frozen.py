@@ -1,0 +1,97 @@
+"""Frozen models a family reads but never trains (latent diffusion's autoencoder; later a CLIP,
+a T5): the EMA parameters of a training workdir's newest checkpoint, as host arrays.
+
+    frozen = load_frozen("runs/shapes64_ae", "autoencoder", flag="config.model.autoencoder")
+    frozen.family, frozen.params, frozen.step, frozen.statistics, frozen.identity()
+
+The parameters never enter the TrainState: the family hands them to the loss through
+`hparams()` (placed on the devices once) and to sampling through `sampling_inputs()`. So they
+are not trained, not averaged, not in the optimizer state and not in the family's checkpoints;
+the checkpoints record `identity()` instead (config["frozen"], checked like the model config), so
+a resume or a sampler meeting another autoencoder (retrained since, or another workdir) refuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from t2i_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
+
+
+@dataclasses.dataclass
+class Frozen:
+    family: Any              # the frozen model's family, rebuilt from its stored config
+    params: Any              # its EMA parameters, numpy
+    step: int                # its checkpoint step
+    statistics: Optional[dict]  # what its final checkpoint stores (an autoencoder's scale factor)
+    workdir: str
+
+    def identity(self) -> dict:
+        if not hasattr(self, "_sha256"):
+            self._sha256 = params_sha256(self.params)
+        return dict(workdir=self.workdir, step=self.step, sha256=self._sha256)
+
+    @property
+    def config(self) -> ml_collections.ConfigDict:
+        return self.family.config
+
+
+def params_sha256(params) -> str:
+    """A hash of every leaf's path, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def load_frozen(workdir, family_name: str, *, flag: str) -> Frozen:
+    """The newest restorable checkpoint's EMA parameters of a `family_name` workdir; ValueError
+    naming `flag` for a missing workdir, no checkpoint or another family."""
+    from t2i_jax import families
+    if not workdir or not isinstance(workdir, str):
+        raise ValueError(f"{flag} must name the workdir of a trained {family_name} model, got "
+                         f"{workdir!r}.")
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{flag}={workdir} has no checkpoints ({directory} does not exist): "
+                         f"train the {family_name} first, or point {flag} at its workdir.")
+    ckpt = Checkpointer(directory, keep=0, read_only=True)
+    built = {}
+    device = jax.local_devices()[0]
+    try:
+        if not ckpt.steps():
+            raise ValueError(f"{flag}={workdir} has no finished checkpoint yet: train the "
+                             f"{family_name} first.")
+
+        def abstract_for(stored: dict):
+            config = ml_collections.ConfigDict(stored)
+            name = families.name_of(config)
+            if name != family_name:
+                raise IncompatibleCheckpointError(
+                    f"{flag}={workdir} holds a {name} model, not a {family_name}.")
+            try:
+                family = built["family"] = families.build(config)
+            except IncompatibleCheckpointError:
+                raise
+            except ValueError as e:  # a config the code cannot build: not damage of the step
+                raise IncompatibleCheckpointError(f"{flag}={workdir}: {e}") from e
+            shapes = jax.eval_shape(family.init_params, jax.random.key(0))
+            sharding = jax.sharding.SingleDeviceSharding(device)
+            return {"ema_params": jax.tree_util.tree_map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)}
+
+        restored = ckpt.restore(abstract_for, only=("ema_params",))
+    finally:
+        ckpt.close()
+    params = jax.tree_util.tree_map(np.asarray, restored.state["ema_params"])
+    return Frozen(built["family"], params, int(restored.step), restored.statistics, workdir)

@@ -1,0 +1,165 @@
+"""The latent diffusion family (Rombach et al. 2022): the diffusion family run on the latents of
+a frozen autoencoder (families/autoencoder.py) trained on the same data, at the same size.
+
+config.model.autoencoder names the autoencoder's workdir; its EMA parameters are loaded frozen
+(families/frozen.py: never trained, never averaged, not in the optimizer state or this model's
+checkpoints, which record its identity instead). Per step, inside the jitted step:
+  z0 = scale_factor * z, z ~ q(z | x0) (a posterior sample, as LDM's encode_first_stage +
+       get_first_stage_encoding), held fixed (no gradient reaches the autoencoder);
+  then the diffusion family's loss on z0: text conditioning, CFG dropout, any prediction.
+scale_factor is the one the autoencoder's final checkpoint stores (1 / std of sampled training
+latents: LDM's scale_by_std), or 1 with latent.scale_by_std=False (the ablation).
+Sampling runs the chain on [H/f, W/f, c] and decodes x0 / scale_factor to pixels. Thresholding
+x0_hat to [-1, 1] (static, or dynamic's rescaling into it) assumes pixels: refused here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+
+from t2i_jax.families.base import image_shape
+from t2i_jax.families.diffusion import Diffusion
+from t2i_jax.families.frozen import Frozen, load_frozen
+
+_POSTERIOR = 8   # stream of the step's key: z ~ q(z | x0) (the diffusion family: 0..3)
+FLAG = "config.model.autoencoder"
+PIXEL_THRESHOLDS = ("static", "dynamic")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentConfig:
+    scale_by_std: bool = True    # False: z is not rescaled (LDM's reason for it, shown)
+
+    @classmethod
+    def from_config(cls, config) -> "LatentConfig":
+        section = dict(config.get("latent", None) or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(section) - names)
+        if unknown:
+            raise ValueError(f"unknown latent settings {unknown}; the latent_diffusion family reads "
+                             f"{sorted(names)}.")
+        return cls(**section)
+
+
+def thresholding_refusal(thresholding, flag: str) -> str:
+    return (f"{flag} {thresholding} is refused for a latent model: it clips x0_hat to [-1, 1] "
+            + ("(dynamic: rescales it into [-1, 1]) " if thresholding == "dynamic" else "")
+            + "each step, the range of pixels, but here x0_hat is a scaled latent (std ~1, "
+            "unbounded), which clipping would distort before the decoder sees it. Use "
+            f"{flag} none (a latent model's default).")
+
+
+def _resolve(config) -> str:
+    """The autoencoder's workdir: the absolute one a checkpoint recorded when it still exists
+    (a sampler run from another directory), else config.model.autoencoder."""
+    path = config.model.get("autoencoder", None)
+    recorded = (config.get("frozen", None) or {}).get("autoencoder", {}) or {}
+    if recorded.get("workdir") and os.path.isdir(recorded["workdir"]):
+        return recorded["workdir"]
+    return path
+
+
+@dataclasses.dataclass
+class LatentDiffusion(Diffusion):
+    autoencoder: Frozen = None
+    scale_factor: float = 1.0
+    latent_cfg: LatentConfig = None
+
+    name = "latent_diffusion"
+    latent = True
+
+    @classmethod
+    def from_config(cls, config) -> "LatentDiffusion":
+        latent_cfg = LatentConfig.from_config(config)
+        thr = config.sample.get("thresholding", None)
+        if thr in PIXEL_THRESHOLDS:
+            raise ValueError(thresholding_refusal(thr, "config.sample.thresholding"))
+        frozen = load_frozen(_resolve(config), "autoencoder", flag=FLAG)
+        check_autoencoder(config, frozen)
+        recorded = (config.get("frozen", None) or {}).get("autoencoder", None)
+        if recorded:  # a stored model: its autoencoder must be the one it was trained with
+            now = frozen.identity()
+            if (recorded.get("sha256"), recorded.get("step")) != (now["sha256"], now["step"]):
+                raise ValueError(
+                    f"the autoencoder in {frozen.workdir} (checkpoint {now['step']}, sha256 "
+                    f"{now['sha256'][:12]}) is not the one this latent model was trained with "
+                    f"(checkpoint {recorded.get('step')}, sha256 {str(recorded.get('sha256'))[:12]}"
+                    f", in {recorded.get('workdir')}): its latents would decode wrongly. Restore "
+                    "that autoencoder, or retrain the latent model on this one.")
+        if latent_cfg.scale_by_std:
+            stats = frozen.statistics or {}
+            if "scale_factor" not in stats:
+                raise ValueError(
+                    f"{FLAG}={frozen.workdir}: its checkpoint {frozen.step} stores no scale factor "
+                    "(it is computed when training reaches train.num_steps): finish training the "
+                    f"autoencoder (rerun its train.py command), or pass "
+                    "--config.latent.scale_by_std=False to train on unscaled latents.")
+            scale = float(stats["scale_factor"])
+        else:
+            scale = 1.0
+        shape = frozen.family.latent_shape
+        base = Diffusion.from_config(config, shape=shape)
+        return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(Diffusion)},
+                   autoencoder=frozen, scale_factor=scale, latent_cfg=latent_cfg)
+
+    @property
+    def ae(self):
+        """The autoencoder's family (encode, decode)."""
+        return self.autoencoder.family
+
+    def frozen_identity(self) -> dict:
+        return {"autoencoder": self.autoencoder.identity()}
+
+    def hparams(self) -> dict:
+        return dict(super().hparams(), autoencoder=self.autoencoder.params)
+
+    def diffusion_data(self, batch: dict, key: jax.Array, hp: dict) -> jax.Array:
+        post = self.ae.encode(hp["autoencoder"], batch["image"])
+        z = post.sample(jax.random.fold_in(key, _POSTERIOR))
+        return jax.lax.stop_gradient(z * self.scale_factor)                # [B, h, w, c]
+
+    # --- sampling ------------------------------------------------------------------------
+    @property
+    def output_shape(self) -> tuple:
+        return image_shape(self.config)
+
+    def sampling_inputs(self):
+        return {"autoencoder": self.autoencoder.params}
+
+    def to_output(self, inputs, x0: jax.Array) -> jax.Array:
+        return self.ae.decode(inputs["autoencoder"], x0 / self.scale_factor)
+
+    def decoder_record(self) -> dict:
+        ident = self.autoencoder.identity()
+        return dict(workdir=ident["workdir"], checkpoint_step=ident["step"],
+                    sha256=ident["sha256"], scale_factor=self.scale_factor)
+
+    def check_options(self, options, flag: str = "--thresholding") -> None:
+        if options.thresholding in PIXEL_THRESHOLDS:
+            raise ValueError(thresholding_refusal(options.thresholding, flag))
+
+
+def check_autoencoder(config, frozen: Frozen) -> None:
+    """Refuses an autoencoder of other data, and a denoiser that does not fit its latents."""
+    ae = frozen.config
+    diffs = [f"data.{k}: {ae.data[k]!r} (autoencoder) vs {config.data[k]!r} (this model)"
+             for k in ("name", "image_size", "channels") if ae.data[k] != config.data[k]]
+    if diffs:
+        raise ValueError(f"{FLAG}={frozen.workdir} was trained on other images: "
+                         + "; ".join(diffs) + ". Train the autoencoder on this model's data set "
+                         "and image size (or point config.model.autoencoder at one that was).")
+    h, w, c = frozen.family.latent_shape
+    u = config.model.unet
+    if u.out_channels != c:
+        raise ValueError(f"model.unet.out_channels={u.out_channels}, but the autoencoder in "
+                         f"{frozen.workdir} makes latents of {c} channels ([{h}, {w}, {c}]): set "
+                         f"--config.model.unet.out_channels={c}.")
+    halvings = len(u.channel_mult) - 1
+    if h % (2 ** halvings):
+        raise ValueError(f"the UNet halves its input {halvings} times (model.unet.channel_mult="
+                         f"{tuple(u.channel_mult)}), but the autoencoder in {frozen.workdir} makes "
+                         f"{h}x{w} latents (f={frozen.family.ae_config.factor}): use fewer levels "
+                         "or an autoencoder with a smaller factor.")
