@@ -11,7 +11,8 @@ loss, gradients, AdamW, EMA) and its real sampling function (sampling/generate.p
                  the encoder's share of the step is the difference);
   pixel          the same UNet (widths, levels, attention levels) as a pixel diffusion model of
                  the data's size, [H, W, C].
-Sampling: a guided DDIM chain at --sample_batch images, timed at n1 and n2 steps; the per-step
+Each training step's FLOPs come from XLA's cost analysis of the compiled step. Sampling: a
+guided DDIM chain at --sample_batch images, timed at n1 and n2 steps; the per-step
 time is (t(n2) - t(n1)) / (n2 - n1), and what remains (for the latent model, mostly decoding) is
 the fixed cost. Medians of --steps timed training steps after --warmup. A table, then JSON.
 """
@@ -69,7 +70,9 @@ def train_step_s(family, config, batch, args) -> float:
     state = jax.jit(lambda k: create_state(family, tx, k))(jax.random.key(0))
     hp = mesh_lib.put(family.hparams(), mesh_lib.replicated(mesh_lib.make_mesh(1)))
     step = jax.jit(make_train_step(family, optim, tx), donate_argnums=0)
-    holder = {"s": state}
+    cost = step.lower(state, batch, hp).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    holder = {"s": state, "gflop": float(cost.get("flops", float("nan"))) / 1e9}
 
     def one():
         holder["s"], m = step(holder["s"], batch, hp)
@@ -77,7 +80,7 @@ def train_step_s(family, config, batch, args) -> float:
 
     for _ in range(args.warmup):
         jax.block_until_ready(one())
-    return _time(one, args.steps)
+    return _time(one, args.steps), holder["gflop"]
 
 
 def sample_times(family, params, args) -> tuple:
@@ -140,8 +143,9 @@ def main(argv=None) -> int:
     rows = {}
     for name, fam, b in (("latent", latent, batch), ("latent cached", cached, cached_batch),
                          ("pixel", pixel, batch)):
-        rows[name] = dict(chain_shape=list(fam.image_shape),
-                          train_step_s=train_step_s(fam, config, b, args))
+        seconds, gflop = train_step_s(fam, config, b, args)
+        rows[name] = dict(chain_shape=list(fam.image_shape), train_step_s=seconds,
+                          train_step_gflop=gflop)
         print(f"[bench] {name}: train step {rows[name]['train_step_s']:.3f} s", file=sys.stderr)
     for name, fam in (("latent", latent), ("pixel", pixel)):
         if name == "pixel" and args.skip_pixel_sampling:
@@ -154,15 +158,19 @@ def main(argv=None) -> int:
     lat, pix, cac = rows["latent"], rows["pixel"], rows["latent cached"]
     print(f"\n{args.config}, train batch {B}, sampling batch {S} (guided DDIM), "
           f"{jax.devices()[0].device_kind} x{len(jax.devices())}\n")
-    print("| model | x_t | train step s | train img/s | sampling step s | fixed s (decode) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | x_t | train step GFLOP | train step s | train img/s | sampling step s | "
+          "fixed s (decode) |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         ss = r.get("sample_step_s")
-        print(f"| {name} | {'x'.join(map(str, r['chain_shape']))} | {r['train_step_s']:.3f} | "
+        print(f"| {name} | {'x'.join(map(str, r['chain_shape']))} | {r['train_step_gflop']:.1f} | "
+              f"{r['train_step_s']:.3f} | "
               f"{B / r['train_step_s']:.1f} | {'' if ss is None else f'{ss:.4f}'} | "
               f"{'' if ss is None else format(r['sample_fixed_s'], '.3f')} |")
     ratio = dict(train_pixel_over_latent=pix["train_step_s"] / lat["train_step_s"],
-                 encoder_share_of_latent_step=1 - cac["train_step_s"] / lat["train_step_s"])
+                 train_flops_pixel_over_latent=pix["train_step_gflop"] / lat["train_step_gflop"],
+                 encoder_share_of_latent_step=1 - cac["train_step_s"] / lat["train_step_s"],
+                 encoder_share_of_latent_flops=1 - cac["train_step_gflop"] / lat["train_step_gflop"])
     if "sample_step_s" in pix:
         ratio["sampling_step_pixel_over_latent"] = pix["sample_step_s"] / lat["sample_step_s"]
     print("\n" + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()))

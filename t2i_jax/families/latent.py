@@ -49,7 +49,8 @@ def thresholding_refusal(thresholding, flag: str) -> str:
             + ("(dynamic: rescales it into [-1, 1]) " if thresholding == "dynamic" else "")
             + "each step, the range of pixels, but here x0_hat is a scaled latent (std ~1, "
             "unbounded), which clipping would distort before the decoder sees it. Use "
-            f"{flag} none (a latent model's default).")
+            + ("--config.sample.thresholding=none" if flag.startswith("config.") else f"{flag} none")
+            + " (a latent model's default).")
 
 
 def _resolve(config) -> str:
