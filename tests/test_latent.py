@@ -176,6 +176,11 @@ def test_a_latent_model_samples_decoded_pixels_alike_on_1_and_8_devices_and_any_
         job_lib.run_job(trained, spec, str(tmp_path / name), batch_size=batch, devices=devices,
                         progress=False)
         got[name] = job_lib.load_images(str(tmp_path / name))
+    # A rerun in the same directory is the same job (its identity, decoder included, reads back
+    # from job.json as written): it finds every shard done.
+    again = job_lib.run_job(trained, spec, str(tmp_path / "1dev_b7"), batch_size=7,
+                            devices=jax.devices()[:1], progress=False)
+    assert again.generated == 0
     (x8, rows), (x1, _) = got["8dev_b1"], got["1dev_b7"]
     assert x8.shape == (12, 16, 16, 1)
     np.testing.assert_array_equal(x8, x1)

@@ -132,17 +132,19 @@ class Reader:
         return out
 
 
-def _real_rows(reader, config, n: int) -> dict:
-    """Real test images with their captions: what each reading scores for real data."""
+def _real_rows(reader, config, n: int, index: int = 1) -> dict:
+    """Real images of split `index` (1: test; 2: shapes' held-out pairs) with their captions:
+    what each reading scores for real data."""
     from t2i_jax import data as data_lib
     from t2i_jax.images import to_uint8
-    split = data_lib.get_spec(config.data.name).splits[1]
+    split = data_lib.get_spec(config.data.name).splits[index]
     d = data_lib.load_split(config.data, split, limit=n)
     return reader.score(to_uint8(d["image"]), list(d["caption"]))
 
 
 def reproduce_latent(models: Models, out: str, *, num_per_prompt: int, seed: int,
                      batch_size: int, steps: int, progress: bool = True) -> dict:
+    from t2i_jax import data as data_lib
     from t2i_jax.evaluation import reconstruct
     from t2i_jax.evaluation import reproduce as rep
     from t2i_jax.sampling import job as job_lib
@@ -202,9 +204,12 @@ def reproduce_latent(models: Models, out: str, *, num_per_prompt: int, seed: int
                          **reader.score(x, [r["prompt"] for r in rws])))
     n = len(prompts) * num_per_prompt
     real = dict(model="real test images", **_real_rows(reader, cfg, n))
+    splits = data_lib.get_spec(cfg.data.name).splits
+    real_heldout = (dict(model=f"real {splits[2]} images (held-out pairs)",
+                         **_real_rows(reader, cfg, n, 2)) if len(splits) > 2 else None)
     scale = _scale_section(main, models.noscale)
     res = dict(experiment="latent", prompts=prompts, num_per_prompt=num_per_prompt, seed=seed,
-               guidance=w, steps=steps, rows=rows, real=real,
+               guidance=w, steps=steps, rows=rows, real=real, real_heldout=real_heldout,
                reconstruction=list(recon.values()), scale=scale,
                evaluator_accuracy={"64": reader.s64.ev.accuracy, "16": reader.s16.ev.accuracy})
     return res
@@ -230,19 +235,22 @@ def _scale_section(main, noscale) -> dict:
 
 def markdown(res: dict) -> str:
     from t2i_jax.evaluation.reproduce import _fmt, markdown_table
-    head = ["model", "x_t", "train img/s", "sample img/s", "FD", "align 64", "align 16",
-            "align 16 held-out", "colour (seen / held-out)", "shape (seen / held-out)"]
+    head = ["model", "x_t", "train img/s", "sample img/s", "FD", "align 64 (seen / held-out)",
+            "align 16 (seen / held-out)", "colour 16 (seen / held-out)",
+            "shape 16 (seen / held-out)"]
 
     def line(r):
         xt = r.get("x_t")
         xt = " + ".join("x".join(map(str, v)) for v in xt) if xt and isinstance(xt[0], list) \
             else ("x".join(map(str, xt)) if xt else "")
         return [r["model"], xt, _fmt(r.get("train_images_per_s"), 1), _fmt(r.get("images_per_s"), 2),
-                _fmt(r.get("fd"), 0), _fmt(r.get("alignment")), _fmt(r.get("alignment_16")),
-                _fmt(r.get("alignment_16_heldout")),
+                _fmt(r.get("fd"), 0),
+                f"{_fmt(r.get('alignment_seen'))} / {_fmt(r.get('alignment_heldout'))}",
+                f"{_fmt(r.get('alignment_seen_16'))} / {_fmt(r.get('alignment_heldout_16'))}",
                 f"{_fmt(r.get('colour_rate_16_seen'))} / {_fmt(r.get('colour_rate_16_heldout'))}",
                 f"{_fmt(r.get('shape_rate_16_seen'))} / {_fmt(r.get('shape_rate_16_heldout'))}"]
-    md = [markdown_table(head, [line(r) for r in res["rows"]] + [line(res["real"])])]
+    reals = [line(res["real"])] + ([line(res["real_heldout"])] if res.get("real_heldout") else [])
+    md = [markdown_table(head, [line(r) for r in res["rows"]] + reals)]
     md.append(f"\n{len(res['prompts'])} prompts x {res['num_per_prompt']} images, w = "
               f"{res['guidance']}, {res['steps']} DDIM steps (the cascade's SR: its config's). "
               f"Evaluator accuracy on its own held-out images: 64x64 "

@@ -207,6 +207,8 @@ class JobSpec:
             d["stages"] = [dict(st) for st in self.stages]
         if self.low_res:
             d["low_res"] = dict(self.low_res)
+        if self.decoder:  # as JSON reads it back, so a rerun recognises its own job
+            d["decoder"] = dict(self.decoder)
         return d
 
 
