@@ -151,7 +151,8 @@ def reproduce_latent(models: Models, out: str, *, num_per_prompt: int, seed: int
     from t2i_jax.sampling import stages as stages_lib
     main = models.latent
     cfg = main.config
-    reader = Reader(cfg, rep.evaluator_cache(main.workdir, out, cfg.data))
+    cache = rep.evaluator_cache(main.workdir, out, cfg.data)
+    reader = Reader(cfg, cache)
     prompts = rep.default_prompts(cfg)
     samples = os.path.join(out, "samples")
     common = dict(seed=seed, batch_size=batch_size, progress=progress)
@@ -171,8 +172,10 @@ def reproduce_latent(models: Models, out: str, *, num_per_prompt: int, seed: int
                                  **common)
         ae = fam.autoencoder
         if ae.workdir not in recon:
-            recon[ae.workdir] = reconstruct.evaluate(ae, os.path.join(out, "reconstruct",
-                                                                      f"f{fam.ae.ae_config.factor}"))
+            # with the reader's evaluator, so every autoencoder's rFD is in the same features
+            recon[ae.workdir] = reconstruct.evaluate(
+                ae, os.path.join(out, "reconstruct", f"f{fam.ae.ae_config.factor}"),
+                evaluator_dir=cache)
         rows.append(dict(model=label, workdir=trained.workdir, checkpoint_step=trained.step,
                          x_t=list(fam.image_shape), factor=fam.ae.ae_config.factor,
                          scale_factor=fam.scale_factor, train_images_per_s=train_rate(trained.workdir),
