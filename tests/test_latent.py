@@ -230,7 +230,7 @@ def test_latent_refusals_name_the_problem_before_anything_is_written(data_dir, t
     # Not an autoencoder; no autoencoder; static thresholding in the config.
     cfg = tiny(data_dir, "latent_diffusion")
     cfg.model.autoencoder = tiny_latent
-    refused(cfg, "holds a latent_diffusion model, not a autoencoder")
+    refused(cfg, "holds a latent_diffusion model, not an autoencoder")
     cfg.model.autoencoder = str(tmp_path / "missing")
     refused(cfg, "has no checkpoints")
     refused(_sample(tiny(data_dir, "latent_diffusion"), "static"),

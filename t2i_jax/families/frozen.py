@@ -78,7 +78,8 @@ def load_frozen(workdir, family_name: str, *, flag: str) -> Frozen:
             name = families.name_of(config)
             if name != family_name:
                 raise IncompatibleCheckpointError(
-                    f"{flag}={workdir} holds a {name} model, not a {family_name}.")
+                    f"{flag}={workdir} holds a {name} model, not a"
+                    f"{'n' if family_name[0] in 'aeiou' else ''} {family_name}.")
             try:
                 family = built["family"] = families.build(config)
             except IncompatibleCheckpointError:
