@@ -37,18 +37,15 @@ def reconstruct(frozen, images: np.ndarray, *, sample: bool = False, seed: int =
     import jax
     import jax.numpy as jnp
 
-    from t2i_jax.diffusion import noise
+    from t2i_jax.families.autoencoder import posterior_latents
     from t2i_jax.images import to_uint8
     fam, params = frozen.family, frozen.params
     key = jax.random.key(seed)
 
     @jax.jit
     def fn(p, x, ids):
-        post = fam.encode(p, x)
-        z = post.mean
-        if sample:
-            z = z + post.std * noise.initial_noise(key, z.shape, ids)
-        return jnp.clip(fam.decode(p, z), -1.0, 1.0)
+        z, mean = posterior_latents(fam, p, x, key, ids)
+        return jnp.clip(fam.decode(p, z if sample else mean), -1.0, 1.0)
 
     out = []
     for s in range(0, len(images), batch):

@@ -289,7 +289,9 @@ def reproduce_checkpoints(workdir: str, out: str, *, num_per_prompt: int, seed: 
 
 
 def _finite_or_none(x):
-    """NaN / infinity -> None (JSON has no NaN), recursively."""
+    """NaN / infinity -> None (JSON has no NaN), numpy scalars -> Python ones, recursively."""
+    if isinstance(x, (np.floating, np.integer)):
+        x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):

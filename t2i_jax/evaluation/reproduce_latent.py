@@ -284,20 +284,9 @@ def run(a) -> int:
                                batch_size=a.batch_size, steps=a.steps,
                                progress=not a.no_progress)
         md = markdown(res)
-        files.write_json(os.path.join(a.out, "results.json"), _clean(res))
-        files.write_text(os.path.join(a.out, "table.md"), md + "\n")
+        from t2i_jax.evaluation import reproduce as rep
+        rep._write(a.out, res, md + "\n")
         print(md)
         print(f"[t2i_jax] wrote {a.out}/table.md and results.json", file=sys.stderr)
     return 0
 
-
-def _clean(x):
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    if isinstance(x, (np.floating, np.integer)):
-        return _clean(x.item())
-    return x

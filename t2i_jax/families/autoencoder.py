@@ -151,10 +151,9 @@ class AutoencoderFamily(Family):
     def loss(self, params, batch: dict, key: jax.Array, hp: dict):
         x = batch["image"]                                                   # [B, H, W, C]
         p = params["params"]
-        ae = {"params": p["autoencoder"]}
-        post = self.model.apply(ae, x, method=Autoencoder.encode)
+        post = self.encode(params, x)
         z = post.sample(jax.random.fold_in(key, _POSTERIOR))
-        h = self.model.apply(ae, z, method=Autoencoder.decode_features)
+        h = self.model.apply({"params": p["autoencoder"]}, z, method=Autoencoder.decode_features)
         conv = p["autoencoder"]["conv_out"]
         logvar = p["logvar"]
 
@@ -168,15 +167,14 @@ class AutoencoderFamily(Family):
         metrics = dict(nll=jnp.mean(nll), kl=jnp.mean(kl), logvar=logvar,
                        l1=jnp.mean(jnp.abs(x - x_hat)))
         if self.discriminator is not None:
-            per_example, gan = self._adversarial(p, x, h, conv, nll_of, per_example, hp)
+            per_example, gan = self._adversarial(p, x, h, x_hat, conv, nll_of, per_example, hp)
             metrics.update(gan)
         return per_example, metrics
 
-    def _adversarial(self, p, x, h, conv, nll_of, per_example, hp):
+    def _adversarial(self, p, x, h, x_hat, conv, nll_of, per_example, hp):
         c = self.loss_cfg
         disc = lambda dp, img: self.discriminator.apply({"params": dp}, img)  # noqa: E731
         d_fixed = jax.lax.stop_gradient(p["discriminator"])
-        x_hat = conv_out_apply(self.ae_config, conv, h)
         g = -jnp.mean(disc(d_fixed, x_hat), axis=(1, 2))                    # [B]
         h_fixed = jax.lax.stop_gradient(h)
         at = lambda k: conv_out_apply(self.ae_config, dict(conv, kernel=k), h_fixed)  # noqa: E731
@@ -229,7 +227,7 @@ def sample_latents(family: AutoencoderFamily, params, images: np.ndarray, key: j
                    batch: int = SCALE_BATCH):
     """(z [N, h, w, c] sampled from each image's posterior, means [N, h, w, c]) as float64, image
     i's noise from fold_in by its index i (the same for any batch size)."""
-    enc = jax.jit(lambda p, x, ids: _sampled(family, p, x, key, ids))
+    enc = jax.jit(lambda p, x, ids: posterior_latents(family, p, x, key, ids))
     zs, means = [], []
     for s in range(0, len(images), batch):
         x = jnp.asarray(images[s:s + batch])
@@ -239,7 +237,8 @@ def sample_latents(family: AutoencoderFamily, params, images: np.ndarray, key: j
     return np.concatenate(zs), np.concatenate(means)
 
 
-def _sampled(family, params, x, key, ids):
+def posterior_latents(family, params, x, key, ids):
+    """(z sampled from q(z | x) with image i's noise from `key` by its id ids[i], the mean)."""
     post = family.encode(params, x)
     eps = noise.initial_noise(key, post.mean.shape, ids)
     return post.mean + post.std * eps, post.mean

@@ -56,7 +56,6 @@ def params_sha256(params) -> str:
 def load_frozen(workdir, family_name: str, *, flag: str) -> Frozen:
     """The newest restorable checkpoint's EMA parameters of a `family_name` workdir; ValueError
     naming `flag` for a missing workdir, no checkpoint or another family."""
-    from t2i_jax import families
     if not workdir or not isinstance(workdir, str):
         raise ValueError(f"{flag} must name the workdir of a trained {family_name} model, got "
                          f"{workdir!r}.")
@@ -66,33 +65,47 @@ def load_frozen(workdir, family_name: str, *, flag: str) -> Frozen:
         raise ValueError(f"{flag}={workdir} has no checkpoints ({directory} does not exist): "
                          f"train the {family_name} first, or point {flag} at its workdir.")
     ckpt = Checkpointer(directory, keep=0, read_only=True)
-    built = {}
-    device = jax.local_devices()[0]
     try:
         if not ckpt.steps():
             raise ValueError(f"{flag}={workdir} has no finished checkpoint yet: train the "
                              f"{family_name} first.")
-
-        def abstract_for(stored: dict):
-            config = ml_collections.ConfigDict(stored)
-            name = families.name_of(config)
-            if name != family_name:
-                raise IncompatibleCheckpointError(
-                    f"{flag}={workdir} holds a {name} model, not a"
-                    f"{'n' if family_name[0] in 'aeiou' else ''} {family_name}.")
-            try:
-                family = built["family"] = families.build(config)
-            except IncompatibleCheckpointError:
-                raise
-            except ValueError as e:  # a config the code cannot build: not damage of the step
-                raise IncompatibleCheckpointError(f"{flag}={workdir}: {e}") from e
-            shapes = jax.eval_shape(family.init_params, jax.random.key(0))
-            sharding = jax.sharding.SingleDeviceSharding(device)
-            return {"ema_params": jax.tree_util.tree_map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)}
-
-        restored = ckpt.restore(abstract_for, only=("ema_params",))
+        family, restored = restore_params(
+            ckpt, "ema_params", jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+            expect=family_name, label=f"{flag}={workdir}")
     finally:
         ckpt.close()
     params = jax.tree_util.tree_map(np.asarray, restored.state["ema_params"])
-    return Frozen(built["family"], params, int(restored.step), restored.statistics, workdir)
+    return Frozen(family, params, int(restored.step), restored.statistics, workdir)
+
+
+def restore_params(ckpt: Checkpointer, field: str, sharding, *, step: Optional[int] = None,
+                   expect: Optional[str] = None, label: str = ""):
+    """(family, Restored) of the newest restorable step of an open reader (or `step`), reading
+    the TrainState field `field` alone ("ema_params" or "params"), placed with `sharding`. The
+    family is rebuilt from the config stored WITH the step being read (a damaged newest step
+    falls back to the previous step's config, too). A config of another family than `expect`,
+    or one the code refuses to build (a latent model whose autoencoder is missing or changed),
+    is IncompatibleCheckpointError, never taken for damage of the step; `label` starts its
+    message."""
+    from t2i_jax import families
+    built = {}
+
+    def abstract_for(stored: dict):
+        config = ml_collections.ConfigDict(stored)
+        name = families.name_of(config)
+        if expect is not None and name != expect:
+            raise IncompatibleCheckpointError(
+                f"{label} holds a {name} model, not a{'n' if expect[0] in 'aeiou' else ''} "
+                f"{expect}.")
+        try:
+            family = built["family"] = families.build(config)
+        except IncompatibleCheckpointError:
+            raise
+        except ValueError as e:
+            raise IncompatibleCheckpointError(f"{label}: {e}" if label else str(e)) from e
+        shapes = jax.eval_shape(family.init_params, jax.random.key(0))
+        return {field: jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)}
+
+    restored = ckpt.restore(abstract_for, step=step, only=(field,))
+    return built["family"], restored

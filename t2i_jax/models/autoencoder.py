@@ -14,7 +14,6 @@ posterior q(z | x), the log-variance clipped to [-30, 20] as LDM's DiagonalGauss
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Tuple
 
 import flax.linen as nn
@@ -181,7 +180,3 @@ def latent_shape(cfg: AutoencoderConfig, image_size: int) -> tuple:
                          f"factor f={cfg.factor}.")
     s = image_size // cfg.factor
     return (s, s, cfg.latent_channels)
-
-
-def num_halvings(factor: int) -> int:
-    return int(round(math.log2(factor)))

@@ -14,13 +14,12 @@ import dataclasses
 import os
 from typing import Any, Optional
 
-import jax
 import ml_collections
 
-from t2i_jax import families
 from t2i_jax import sharding as mesh_lib
-from t2i_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
+from t2i_jax.checkpoint import Checkpointer
 from t2i_jax.families.base import Family
+from t2i_jax.families.frozen import restore_params
 
 PARAM_KINDS = ("ema", "raw")
 
@@ -67,28 +66,11 @@ def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema
         if step is not None and step not in steps:
             raise NoCheckpointError(f"no checkpoint of step {step} in {directory}; it has {steps}.")
         mesh = mesh if mesh is not None else mesh_lib.make_mesh(1)
-        rep = mesh_lib.replicated(mesh)
-        built = {}
-
         field = "ema_params" if params == "ema" else "params"
-
-        def abstract_for(stored: dict):
-            # The family comes from the config stored with the checkpoint being read (a damaged
-            # newest one falls back to the previous step's config, too).
-            try:
-                family = built["family"] = families.build(ml_collections.ConfigDict(stored))
-            except IncompatibleCheckpointError:
-                raise
-            except ValueError as e:  # e.g. a latent model's autoencoder missing or changed:
-                raise IncompatibleCheckpointError(str(e)) from e  # not damage of this step
-            shapes = jax.eval_shape(family.init_params, jax.random.key(0))
-            return {field: jax.tree_util.tree_map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), shapes)}
-
-        restored = ckpt.restore(abstract_for, step=step, only=(field,))
+        family, restored = restore_params(ckpt, field, mesh_lib.replicated(mesh), step=step)
     finally:
         ckpt.close()
-    return Trained(built["family"], restored.state[field], int(restored.step), params,
+    return Trained(family, restored.state[field], int(restored.step), params,
                    os.path.abspath(workdir))
 
 
