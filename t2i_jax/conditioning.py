@@ -36,6 +36,8 @@ class Condition:
     is_null: Optional[jax.Array] = None  # bool [B]
     low_res: Optional[jax.Array] = None  # float32 [B, h, w, C] in [-1, 1] (SR stages)
     aug_level: Optional[jax.Array] = None  # float32 [B]: its noise-augmentation level in [0, 1)
+    embedding: Optional[jax.Array] = None  # float32 [B, E]: a CLIP image embedding (unCLIP's
+                                           # decoder); the null is the zero vector
 
     @property
     def batch_size(self) -> int:
@@ -97,6 +99,36 @@ def replace_rows(cond: Condition, null: Condition, mask) -> Condition:
     return jax.tree_util.tree_map(pick, cond, null)
 
 
+# The parts of a condition that are dropped independently (unCLIP's decoder drops its image
+# embedding 10% and its text 50% of the time): part -> the Condition fields it replaces.
+PARTS = {"text": ("tokens", "mask", "label", "is_null"), "embedding": ("embedding",)}
+
+
+def drop_parts(cond: Condition, null: Condition, key: jax.Array, rates: dict) -> Condition:
+    """Returns cond with each part of `rates` ({"text": p, "embedding": q}) replaced by null's,
+    each row and part independently with its own probability (stream i of key for the i-th part
+    of PARTS; rates may be traced)."""
+    unknown = sorted(set(rates) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown condition parts {unknown}; the parts are {sorted(PARTS)}.")
+    n = cond.batch_size
+    for i, (part, fields) in enumerate(PARTS.items()):
+        if part not in rates:
+            continue
+        drop = jax.random.bernoulli(jax.random.fold_in(key, i), rates[part], (n,))
+        picked = {f: getattr(cond, f) for f in fields if getattr(cond, f) is not None}
+        nulls = {f: getattr(null, f) for f in picked}
+        swapped = replace_rows(Condition(**picked), Condition(**nulls), drop)
+        cond = cond.replace(**{f: getattr(swapped, f) for f in picked})
+    return cond
+
+
+def null_embedding(batch: int, dim: int) -> jax.Array:
+    """The null image embedding [batch, dim]: zeros (unCLIP sets the CLIP embedding to zero; a
+    CLIP embedding is a unit vector, so zero is never a real one)."""
+    return jnp.zeros((batch, dim), jnp.float32)
+
+
 def check_null_mode(mode: str) -> None:
     if mode not in NULL_MODES:
         raise ValueError(f"unknown null condition {mode!r}; choose one of {NULL_MODES}.")
@@ -118,6 +150,7 @@ class Conditioning:
     max_length: int = 16
     class_names: tuple = ()
     dataset: str = ""
+    embedding_dim: Optional[int] = None  # also conditioned on a CLIP image embedding [E]
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -136,22 +169,32 @@ class Conditioning:
         return len(self.class_names)
 
     def null(self, batch: int = 1) -> Condition:
-        """The null Condition for `batch` rows: what dropout inserts and sampling guides with."""
+        """The null Condition for `batch` rows: what dropout inserts and sampling guides with
+        (with an image embedding: the null text and the null embedding, both dropped)."""
         if self.kind == "text":
-            return null_condition(batch, max_length=self.max_length)
-        if self.kind == "label":
-            return null_condition(batch, num_classes=self.num_classes)
-        return Condition(is_null=jnp.ones((batch,), bool))
+            null = null_condition(batch, max_length=self.max_length)
+        elif self.kind == "label":
+            null = null_condition(batch, num_classes=self.num_classes)
+        else:
+            null = Condition(is_null=jnp.ones((batch,), bool))
+        return self._with_null_embedding(null)
+
+    def _with_null_embedding(self, cond: Condition) -> Condition:
+        if self.embedding_dim is None:
+            return cond
+        return cond.replace(embedding=null_embedding(cond.batch_size, self.embedding_dim))
 
     def of_batch(self, batch: dict) -> Condition:
         """The Condition a training batch carries (tokens/mask or label [B])."""
         n = batch["image"].shape[0]
         if self.kind == "text":
-            return Condition(tokens=batch["tokens"], mask=batch["mask"],
+            cond = Condition(tokens=batch["tokens"], mask=batch["mask"],
                              is_null=jnp.zeros((n,), bool))
-        if self.kind == "label":
-            return class_condition(batch["label"])
-        return self.null(n)
+        elif self.kind == "label":
+            cond = class_condition(batch["label"])
+        else:
+            return self.null(n)
+        return self._with_null_embedding(cond)  # a decoder's family fills in the embedding
 
     def check_prompts(self, prompts: Sequence[str]) -> None:
         """Refuses prompts this model cannot take (a class-conditional model takes class names)."""
@@ -173,7 +216,8 @@ class Conditioning:
         else:
             cond = class_condition([self.class_names.index(p) if p else 0 for p in prompts])
         empty = jnp.asarray([not p for p in prompts])
-        return replace_rows(cond, self.null(1), empty)
+        # With an image embedding: the null one, until a job gives each row its own.
+        return replace_rows(self._with_null_embedding(cond), self.null(1), empty)
 
     def label_of(self, prompts: Sequence[str]):
         """The class indices [B] of prompts that are class names (a classifier guide's target)."""

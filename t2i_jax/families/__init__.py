@@ -10,6 +10,8 @@ super_resolution  a diffusion model conditioned on a low-resolution image (with 
 autoencoder       latent diffusion's KL autoencoder (L1 NLL + KL, optional patch-GAN), with the
                   scale factor of its latents stored in its final checkpoint
 latent_diffusion  the diffusion family on a frozen autoencoder's scaled latents (LDM / SD)
+prior             unCLIP's prior: diffusion over a frozen CLIP's image embeddings given text (x0)
+decoder           unCLIP's decoder: the diffusion family conditioned on a CLIP image embedding
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from __future__ import annotations
 from t2i_jax.families.autoencoder import AutoencoderFamily
 from t2i_jax.families.base import Family
 from t2i_jax.families.contrastive import Contrastive
+from t2i_jax.families.decoder import Decoder
 from t2i_jax.families.diffusion import Diffusion
 from t2i_jax.families.latent import LatentDiffusion
 from t2i_jax.families.noisy_classifier import NoisyClassifierFamily
+from t2i_jax.families.prior import Prior
 from t2i_jax.families.super_resolution import SuperResolution
 
 FAMILIES = {"diffusion": Diffusion, "noisy_classifier": NoisyClassifierFamily,
             "contrastive": Contrastive, "super_resolution": SuperResolution,
-            "autoencoder": AutoencoderFamily, "latent_diffusion": LatentDiffusion}
+            "autoencoder": AutoencoderFamily, "latent_diffusion": LatentDiffusion,
+            "prior": Prior, "decoder": Decoder}
 
 
 def name_of(config) -> str:
@@ -41,4 +46,4 @@ def build(config) -> Family:
 
 
 __all__ = ["FAMILIES", "Family", "Diffusion", "NoisyClassifierFamily", "Contrastive", "SuperResolution",
-           "AutoencoderFamily", "LatentDiffusion", "build", "name_of"]
+           "AutoencoderFamily", "LatentDiffusion", "Prior", "Decoder", "build", "name_of"]

@@ -72,6 +72,19 @@ class Family:
 
 
 
+PIXEL_THRESHOLDS = ("static", "dynamic")
+
+
+def thresholding_refusal(thresholding, flag: str, what: str, why: str) -> str:
+    """The refusal of pixel thresholding for a model whose x0 is not pixels (`what`: "a latent
+    model", "a prior"; `why`: what its x0 is)."""
+    return (f"{flag} {thresholding} is refused for {what}: it clips x0_hat to [-1, 1] "
+            + ("(dynamic: rescales it into [-1, 1]) " if thresholding == "dynamic" else "")
+            + f"each step, the range of pixels, but {why}. Use "
+            + ("--config.sample.thresholding=none" if flag.startswith("config.") else f"{flag} none")
+            + f" ({what}'s default).")
+
+
 def image_shape(config) -> tuple:
     return (config.data.image_size, config.data.image_size, config.data.channels)
 

@@ -103,11 +103,9 @@ class Diffusion(Family):
         t = jax.random.randint(jax.random.fold_in(key, _T), (n,), 0, T)
         noise = jax.random.normal(jax.random.fold_in(key, _NOISE), x0.shape, x0.dtype)
         x_t = forward.q_sample(self.schedule, x0, t, noise)
-        cond = self.training_condition(batch, key)
-        cond = conditioning.drop_condition(cond, conditioning.keep_undropped(self.null(), cond),
-                                           jax.random.fold_in(key, _DROP), hp["p_uncond"])
-        out = self.model.apply(params, x_t, t, cond, deterministic=False,
-                               rngs={"dropout": jax.random.fold_in(key, _DROPOUT)})
+        cond = self.training_condition(batch, key, hp)
+        cond = self.drop(cond, jax.random.fold_in(key, _DROP), hp)
+        out = self.apply_model(params, x_t, t, cond, jax.random.fold_in(key, _DROPOUT), hp)
         c = self.loss_cfg
         per_example = losses.per_example_loss(self.schedule, out, x0, t, noise,
                                               prediction=c.prediction, weighting=c.weighting,
@@ -115,15 +113,29 @@ class Diffusion(Family):
         metrics = quarter_means(per_example, t, T, "loss")
         if self.conditioning.guidable:
             metrics["null_fraction"] = jnp.mean(cond.is_null.astype(jnp.float32))
+        if cond.embedding is not None:  # an unCLIP decoder's embedding, dropped on its own
+            metrics["embedding_null_fraction"] = jnp.mean(
+                jnp.all(cond.embedding == 0, axis=-1).astype(jnp.float32))
         return per_example, metrics
 
     def diffusion_data(self, batch: dict, key: jax.Array, hp: dict) -> jax.Array:
         """The x0 the chain is trained on: the batch's images (a latent model's latents)."""
         return batch["image"]
 
-    def training_condition(self, batch: dict, key: jax.Array) -> Condition:
+    def training_condition(self, batch: dict, key: jax.Array, hp: dict) -> Condition:
         """The Condition of a training batch, before dropout (key: the step's key)."""
         return self.conditioning.of_batch(batch)
+
+    def drop(self, cond: Condition, key: jax.Array, hp: dict) -> Condition:
+        """Classifier-free guidance's dropout: each row to the null with probability p_uncond
+        (the null keeps what CFG never drops: an SR stage's low-resolution image)."""
+        return conditioning.drop_condition(cond, conditioning.keep_undropped(self.null(), cond),
+                                           key, hp["p_uncond"])
+
+    def apply_model(self, params, x_t, t, cond: Condition, dropout_key, hp: dict):
+        """The network's output for a training batch (dropout on)."""
+        return self.model.apply(params, x_t, t, cond, deterministic=False,
+                                rngs={"dropout": dropout_key})
 
     # --- what sampling needs ----------------------------------------------------------
     latent = False  # whether x_t is a latent (no pixel thresholding), decoded by to_output
@@ -158,8 +170,9 @@ class Diffusion(Family):
         """The progress grid's Condition: n rows per prompt."""
         return self.conditioning.of_prompts([p for p in prompts for _ in range(n)])
 
-    def encode(self, params, cond: Condition) -> Encoded:
-        """The condition through the text encoder: once per sampling run, not per step."""
+    def encode(self, params, cond: Condition, inputs=None) -> Encoded:
+        """The condition through the text encoder: once per sampling run, not per step
+        (inputs: the sampling_inputs, for a family whose encoder is frozen)."""
         return self.model.apply(params, cond, method=Denoiser.encode)
 
     def denoise_fn(self, params):

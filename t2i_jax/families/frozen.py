@@ -43,6 +43,43 @@ class Frozen:
         return self.family.config
 
 
+def resolve(config, name: str, flag: str):
+    """A frozen model's workdir: the absolute one a checkpoint recorded (config.frozen[name])
+    when it still exists (a sampler run from another directory), else the config's `flag`
+    (config.model.<name>)."""
+    path = config.model.get(flag.rsplit(".", 1)[-1], None)
+    recorded = (config.get("frozen", None) or {}).get(name, {}) or {}
+    if recorded.get("workdir") and os.path.isdir(recorded["workdir"]):
+        return recorded["workdir"]
+    return path
+
+
+def check_recorded(config, name: str, frozen: "Frozen", consequence: str) -> None:
+    """Refuses a frozen model other than the one a stored model recorded (config.frozen[name]):
+    `consequence` says what would go wrong."""
+    recorded = (config.get("frozen", None) or {}).get(name, None)
+    if not recorded:
+        return
+    now = frozen.identity()
+    if (recorded.get("sha256"), recorded.get("step")) != (now["sha256"], now["step"]):
+        raise ValueError(
+            f"the {name} in {frozen.workdir} (checkpoint {now['step']}, sha256 "
+            f"{now['sha256'][:12]}) is not the one this model was trained with (checkpoint "
+            f"{recorded.get('step')}, sha256 {str(recorded.get('sha256'))[:12]}, in "
+            f"{recorded.get('workdir')}): {consequence}. Restore that {name}, or retrain this "
+            f"model on this one.")
+
+
+def check_same_data(config, frozen: "Frozen", flag: str, role: str, fix: str) -> None:
+    """Refuses a frozen model trained on another data set, image size or channel count."""
+    other = frozen.config
+    diffs = [f"data.{k}: {other.data[k]!r} ({role}) vs {config.data[k]!r} (this model)"
+             for k in ("name", "image_size", "channels") if other.data[k] != config.data[k]]
+    if diffs:
+        raise ValueError(f"{flag}={frozen.workdir} was trained on other images: "
+                         + "; ".join(diffs) + ". " + fix)
+
+
 def params_sha256(params) -> str:
     """A hash of every leaf's path, dtype, shape and bytes."""
     h = hashlib.sha256()

@@ -16,17 +16,17 @@ x0_hat to [-1, 1] (static, or dynamic's rescaling into it) assumes pixels: refus
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 
-from t2i_jax.families.base import image_shape
+from t2i_jax.families import base
+from t2i_jax.families.base import PIXEL_THRESHOLDS, image_shape
 from t2i_jax.families.diffusion import Diffusion
-from t2i_jax.families.frozen import Frozen, load_frozen
+from t2i_jax.families.frozen import (Frozen, check_recorded, check_same_data, load_frozen,
+                                     resolve)
 
 _POSTERIOR = 8   # stream of the step's key: z ~ q(z | x0) (the diffusion family: 0..3)
 FLAG = "config.model.autoencoder"
-PIXEL_THRESHOLDS = ("static", "dynamic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,22 +45,9 @@ class LatentConfig:
 
 
 def thresholding_refusal(thresholding, flag: str) -> str:
-    return (f"{flag} {thresholding} is refused for a latent model: it clips x0_hat to [-1, 1] "
-            + ("(dynamic: rescales it into [-1, 1]) " if thresholding == "dynamic" else "")
-            + "each step, the range of pixels, but here x0_hat is a scaled latent (std ~1, "
-            "unbounded), which clipping would distort before the decoder sees it. Use "
-            + ("--config.sample.thresholding=none" if flag.startswith("config.") else f"{flag} none")
-            + " (a latent model's default).")
-
-
-def _resolve(config) -> str:
-    """The autoencoder's workdir: the absolute one a checkpoint recorded when it still exists
-    (a sampler run from another directory), else config.model.autoencoder."""
-    path = config.model.get("autoencoder", None)
-    recorded = (config.get("frozen", None) or {}).get("autoencoder", {}) or {}
-    if recorded.get("workdir") and os.path.isdir(recorded["workdir"]):
-        return recorded["workdir"]
-    return path
+    return base.thresholding_refusal(
+        thresholding, flag, "a latent model", "here x0_hat is a scaled latent (std ~1, unbounded), "
+        "which clipping would distort before the decoder sees it")
 
 
 @dataclasses.dataclass
@@ -78,18 +65,10 @@ class LatentDiffusion(Diffusion):
         thr = config.sample.get("thresholding", None)
         if thr in PIXEL_THRESHOLDS:
             raise ValueError(thresholding_refusal(thr, "config.sample.thresholding"))
-        frozen = load_frozen(_resolve(config), "autoencoder", flag=FLAG)
+        frozen = load_frozen(resolve(config, "autoencoder", FLAG), "autoencoder", flag=FLAG)
         check_autoencoder(config, frozen)
-        recorded = (config.get("frozen", None) or {}).get("autoencoder", None)
-        if recorded:  # a stored model: its autoencoder must be the one it was trained with
-            now = frozen.identity()
-            if (recorded.get("sha256"), recorded.get("step")) != (now["sha256"], now["step"]):
-                raise ValueError(
-                    f"the autoencoder in {frozen.workdir} (checkpoint {now['step']}, sha256 "
-                    f"{now['sha256'][:12]}) is not the one this latent model was trained with "
-                    f"(checkpoint {recorded.get('step')}, sha256 {str(recorded.get('sha256'))[:12]}"
-                    f", in {recorded.get('workdir')}): its latents would decode wrongly. Restore "
-                    "that autoencoder, or retrain the latent model on this one.")
+        # a stored model: its autoencoder must be the one it was trained with
+        check_recorded(config, "autoencoder", frozen, "its latents would decode wrongly")
         if latent_cfg.scale_by_std:
             stats = frozen.statistics or {}
             if "scale_factor" not in stats:
@@ -145,13 +124,9 @@ class LatentDiffusion(Diffusion):
 
 def check_autoencoder(config, frozen: Frozen) -> None:
     """Refuses an autoencoder of other data, and a denoiser that does not fit its latents."""
-    ae = frozen.config
-    diffs = [f"data.{k}: {ae.data[k]!r} (autoencoder) vs {config.data[k]!r} (this model)"
-             for k in ("name", "image_size", "channels") if ae.data[k] != config.data[k]]
-    if diffs:
-        raise ValueError(f"{FLAG}={frozen.workdir} was trained on other images: "
-                         + "; ".join(diffs) + ". Train the autoencoder on this model's data set "
-                         "and image size (or point config.model.autoencoder at one that was).")
+    check_same_data(config, frozen, FLAG, "autoencoder",
+                    "Train the autoencoder on this model's data set and image size (or point "
+                    "config.model.autoencoder at one that was).")
     h, w, c = frozen.family.latent_shape
     u = config.model.unet
     if u.out_channels != c:

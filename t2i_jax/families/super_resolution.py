@@ -115,7 +115,7 @@ class SuperResolution(Diffusion):
         return jax.vmap(lambda im, o: jax.lax.dynamic_slice(
             im, (o[0], o[1], 0), (c, c, im.shape[-1])))(x0, offsets)
 
-    def training_condition(self, batch: dict, key: jax.Array) -> Condition:
+    def training_condition(self, batch: dict, key: jax.Array, hp: dict) -> Condition:
         x0 = batch["image"]                                                # [B, H, W, C]
         z = augmentation.downsample(x0, x0.shape[1] // self.factor)        # [B, h, w, C]
         n = x0.shape[0]

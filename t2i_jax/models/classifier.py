@@ -102,6 +102,13 @@ class TwoTowerSimilarity(nn.Module):
         z = self.text_proj(self.text(ids, mask).pooled)
         return z / jnp.linalg.norm(z, axis=-1, keepdims=True)  # [B, E]
 
+    def encode_text(self, ids, mask):
+        """(the text tower's TextFeatures (tokens [B, L, D], mask, pooled), the L2-normalised
+        text embedding [B, E]): what unCLIP's prior reads of a caption."""
+        feats = self.text(ids, mask)
+        z = self.text_proj(feats.pooled)
+        return feats, z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+
     def __call__(self, x_t, t, ids, mask, deterministic: bool = True):
         """Returns the cosine similarity [B] of each noisy image with its own prompt."""
         return jnp.sum(self.embed_image(x_t, t, deterministic) * self.embed_text(ids, mask), axis=-1)

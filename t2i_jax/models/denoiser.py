@@ -31,12 +31,17 @@ class ModelConfig:
     text: Optional[TextConfig] = TextConfig()  # None: class-conditional or unconditional
     null: str = "empty_prompt"                 # or "learned" (see t2i_jax.conditioning)
     pooled_text: bool = True                   # add the pooled text feature to the time embedding
+    # unCLIP's decoder: a CLIP image embedding [E] projected into the time embedding and into
+    # `embedding_tokens` extra context tokens beside the text's (None: no image embedding)
+    embedding_dim: Optional[int] = None
+    embedding_tokens: int = 4
 
     @classmethod
     def from_config(cls, config) -> "ModelConfig":
         """Builds the typed config from a ConfigDict (or dict) with `unet`, `text` and options."""
         d = dict(config)
         d.pop("autoencoder", None)  # a latent model's frozen autoencoder (families/latent.py)
+        d.pop("clip", None)         # an unCLIP decoder's frozen CLIP (families/decoder.py)
         text_cfg = d.pop("text", None)
         return cls(unet=UNetConfig(**dict(d.pop("unet"))),
                    text=None if text_cfg is None else TextConfig(**dict(text_cfg)), **d)
@@ -57,6 +62,7 @@ class Encoded:
     label: Optional[jax.Array] = None         # int32 [B]
     low_res: Optional[jax.Array] = None       # [B, h, w, C]: an SR stage's (augmented) input
     aug_level: Optional[jax.Array] = None     # [B]: its augmentation level
+    embedding: Optional[jax.Array] = None     # [B, E]: a CLIP image embedding (unCLIP)
 
 
 class Denoiser(nn.Module):
@@ -65,6 +71,9 @@ class Denoiser(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.unet = UNet(cfg.unet)
+        if cfg.embedding_dim is not None:
+            width = cfg.text.width if cfg.text is not None else 4 * cfg.unet.channels
+            self.embedding_tokens = nn.Dense(cfg.embedding_tokens * width)
         if cfg.text is not None:
             self.text_encoder = TextEncoder(cfg.text)
             if cfg.null == "learned":
@@ -73,7 +82,28 @@ class Denoiser(nn.Module):
                 self.null_pooled = self.param("null_pooled", init, (cfg.text.width,))
 
     def encode(self, cond: Condition) -> Encoded:
-        """Returns the Encoded condition [B, ...] (text through the encoder, labels as they are)."""
+        """Returns the Encoded condition [B, ...] (text through the encoder, labels as they are;
+        an image embedding also as extra context tokens, unCLIP sec. 2.1)."""
+        enc = self._encode(cond)
+        cfg = self.cfg
+        if cfg.embedding_dim is None:
+            return enc
+        e = cond.embedding
+        if e is None or e.shape[-1] != cfg.embedding_dim:
+            raise ValueError(f"this model is conditioned on an image embedding of "
+                             f"{cfg.embedding_dim} dims: the Condition needs embedding [B, "
+                             f"{cfg.embedding_dim}], got {None if e is None else e.shape}.")
+        extra = self.embedding_tokens(e)
+        extra = extra.reshape(e.shape[0], cfg.embedding_tokens, -1)          # [B, K, D]
+        ones = jnp.ones(extra.shape[:2], bool)
+        if enc.context is None:
+            context, mask = extra, ones
+        else:
+            context = jnp.concatenate([extra, enc.context.astype(extra.dtype)], axis=1)
+            mask = jnp.concatenate([ones, enc.context_mask], axis=1)
+        return enc.replace(context=context, context_mask=mask, embedding=e)
+
+    def _encode(self, cond: Condition) -> Encoded:
         cfg = self.cfg
         if cfg.text is None:
             if cfg.unet.num_classes is not None and cond.label is None:
@@ -96,7 +126,7 @@ class Denoiser(nn.Module):
     def denoise(self, x_t, t, enc: Encoded, deterministic: bool = True):
         """Returns eps_hat [B, H, W, C_out] (float32)."""
         return self.unet(x_t, t, enc.context, enc.context_mask, enc.pooled, enc.label, deterministic,
-                         low_res=enc.low_res, aug_level=enc.aug_level)
+                         low_res=enc.low_res, aug_level=enc.aug_level, embedding=enc.embedding)
 
     def __call__(self, x_t, t, cond: Condition, deterministic: bool = True):
         return self.denoise(x_t, t, self.encode(cond), deterministic)

@@ -75,10 +75,16 @@ class GroupNorm(nn.Module):
         return (x * a.reshape(shape).astype(self.dtype) + b.reshape(shape).astype(self.dtype)).astype(self.dtype)
 
 
+def _heads_mask(mask):
+    """[B, Lk] or [B, Lq, Lk] -> broadcastable to [B, H, Lq, Lk]."""
+    return mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
+
+
 def attention(q, k, v, mask: Optional[jax.Array], impl: str = "einsum"):
     """Returns softmax(q k^T / sqrt(d) + mask) v [B, Lq, H, D] for q [B, Lq, H, D], k, v [B, Lk, H, D].
 
-    mask: bool [B, Lk], True where a key may be attended (text padding is False).
+    mask: bool [B, Lk], True where a key may be attended (text padding is False), or
+      [B, Lq, Lk] per query (a causal mask).
     impl: "einsum": heads-major batched matmuls with the softmax normalisation deferred until
       after the product with v (it divides [Lq, D] numbers instead of [Lq, Lk]); logits and
       normaliser in float32. XLA fuses this well on every backend: 12x faster forward and 1.8x
@@ -88,13 +94,13 @@ def attention(q, k, v, mask: Optional[jax.Array], impl: str = "einsum"):
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {ATTENTION_IMPLS}.")
     if impl == "dot_product":
-        m = None if mask is None else mask[:, None, None, :]
+        m = None if mask is None else _heads_mask(mask)
         return jax.nn.dot_product_attention(q, k, v, mask=m)
     q, k, v = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q, k, v))  # [B, H, L, D]
     scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k).astype(jnp.float32)  # [B, H, Lq, Lk]
     if mask is not None:
-        logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
+        logits = jnp.where(_heads_mask(mask), logits, -jnp.inf)
     logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     weights = jnp.exp(logits)  # unnormalised; masked keys are exactly 0
     out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v).astype(jnp.float32)

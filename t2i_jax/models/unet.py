@@ -1,8 +1,9 @@
 """The conditional UNet of ADM / GLIDE / Imagen / Stable Diffusion, in flax.linen (NHWC).
 
 eps_hat = UNet(x_t, t, context=text tokens [B, L, Dc], context_mask [B, L], pooled [B, Dp],
-label [B], low_res [B, h, w, C], aug_level [B]). Time enters every ResBlock by scale-shift (FiLM); the pooled text embedding (GLIDE)
-and a class-label embedding (one extra row for the null label) add to the time embedding; text
+label [B], low_res [B, h, w, C], aug_level [B], embedding [B, E]). Time enters every ResBlock by scale-shift (FiLM); the pooled text embedding (GLIDE)
+a CLIP image embedding (unCLIP) and a class-label embedding (one extra row for the
+null label) add to the time embedding; text
 tokens enter by cross-attention in the SpatialTransformers. A super-resolution stage's
 low-resolution image is resized up to x_t's size and concatenated with it on the channel axis,
 and its noise-augmentation level is embedded like t and added to the time embedding (Imagen,
@@ -117,7 +118,7 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, t, context=None, context_mask=None, pooled=None, label=None,
-                 deterministic: bool = True, low_res=None, aug_level=None):
+                 deterministic: bool = True, low_res=None, aug_level=None, embedding=None):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         levels = len(cfg.channel_mult)
         if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
@@ -126,6 +127,8 @@ class UNet(nn.Module):
         emb = TimeEmbedding(cfg.channels, dtype, name="time_embed")(t)  # [B, 4 * channels]
         if pooled is not None:  # GLIDE: the pooled text feature joins the time embedding
             emb = emb + nn.Dense(emb.shape[-1], dtype=dtype, name="pooled_proj")(pooled.astype(dtype))
+        if embedding is not None:  # unCLIP: the CLIP image embedding joins the time embedding
+            emb = emb + nn.Dense(emb.shape[-1], dtype=dtype, name="embedding_proj")(embedding.astype(dtype))
         if cfg.num_classes is not None:
             if label is None:
                 raise ValueError("this UNet is class-conditional (num_classes is set): pass label [B].")
