@@ -26,15 +26,29 @@ its own options (defaults from its own config; one value for every stage, or one
 
 The final images go to OUTDIR/images; stage k's before them to OUTDIR/stages/k/images (same
 file names), with their own grid.png.
+
+unCLIP (DALL-E 2): a decoder in --workdir, its CLIP image embeddings from a prior, an image or a
+slerp (each record says which, under "embedding"):
+
+    python sample.py --workdir runs/digits_decoder --prior runs/digits_prior --prompt seven \
+        --prior_candidates 2 --outdir out/unclip          # text -> prior -> decoder, one job
+    python sample.py --workdir runs/digits_decoder --variations a.png b.png --outdir out/var
+    python sample.py --workdir runs/digits_decoder --interpolate a.png b.png --frames 8 \
+        --outdir out/interp                               # slerp, DDIM eta = 0, one noise a row
+
+The prior's embeddings go to OUTDIR/stages/0/embeddings/*.npy.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
 import warnings
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,6 +126,24 @@ def parse_args(argv):
                         "for all)")
     c.add_argument("--aug_level", type=float, metavar="S",
                    help="with --low_res: the SR --workdir's augmentation level")
+    u = p.add_argument_group("unCLIP (DALL-E 2): the --workdir model is a decoder")
+    u.add_argument("--prior", metavar="DIR",
+                   help="a prior workdir: text -> prior -> decoder as one resumable job (--guidance "
+                        "is the decoder's)")
+    u.add_argument("--prior_candidates", type=int, metavar="K",
+                   help="prior samples per image; the one with the largest dot product with the "
+                        "caption's CLIP text embedding is kept (default: the prior config's, 2)")
+    u.add_argument("--prior_guidance", type=float, metavar="W",
+                   help="the prior's classifier-free guidance weight (default: its config's)")
+    u.add_argument("--prior_steps", type=int, metavar="N", help="the prior's sampling steps")
+    u.add_argument("--variations", nargs="+", metavar="IMAGE",
+                   help="decode each image's CLIP embedding again: --num_per_prompt variations "
+                        "each, with stochastic sampling (DDIM eta = 1 unless --eta/--sampler)")
+    u.add_argument("--interpolate", nargs="+", action="append", metavar="IMAGE",
+                   help="two images A B (repeatable, one row per pair): slerp between their CLIP "
+                        "embeddings, DDIM eta = 0, one shared noise per row")
+    u.add_argument("--frames", type=int, default=8, metavar="K",
+                   help="frames of each --interpolate row, the two ends included (>= 2)")
     from t2i_jax import distributed  # imports no jax
     distributed.add_arguments(p)
     args = p.parse_args(argv)
@@ -159,7 +191,38 @@ def parse_args(argv):
                 "base takes --sr_aug_level.")
     if args.low_res and not os.path.exists(args.low_res):
         p.error(f"--low_res {args.low_res} does not exist.")
-    if args.prompts_file is None and not args.prompt:
+    given = [f for f, v in (("--prior", args.prior), ("--variations", args.variations),
+                            ("--interpolate", args.interpolate)) if v]
+    if len(given) > 1:
+        p.error(f"{' and '.join(given)} are different jobs: a decoder's embeddings come from a "
+                "prior, from images (variations) or from slerps (interpolations); pick one.")
+    for flag, value in (("--prior_candidates", args.prior_candidates),
+                        ("--prior_guidance", args.prior_guidance),
+                        ("--prior_steps", args.prior_steps)):
+        if value is not None and not args.prior:
+            p.error(f"{flag} needs --prior DIR (an unCLIP prior workdir).")
+    if args.prior_candidates is not None and args.prior_candidates < 1:
+        p.error(f"--prior_candidates must be >= 1 (1: no selection), got {args.prior_candidates}.")
+    if args.prior_steps is not None and args.prior_steps < 1:
+        p.error(f"--prior_steps must be >= 1, got {args.prior_steps}.")
+    if args.prior_guidance is not None and not math.isfinite(args.prior_guidance):
+        p.error(f"--prior_guidance takes a finite number, got {args.prior_guidance}.")
+    for pair in args.interpolate or []:
+        if len(pair) != 2:
+            p.error(f"--interpolate takes two images, A and B (one row from A to B), got "
+                    f"{len(pair)}: {pair}. Repeat the flag for more rows.")
+    if args.frames < 2:
+        p.error(f"--frames must be >= 2 (a row runs from A, frame 0, to B, frame K - 1), got "
+                f"{args.frames}.")
+    if args.interpolate and ((args.sampler not in (None, "ddim")) or (args.eta or 0.0) != 0.0):
+        p.error("--interpolate samples with DDIM eta = 0 (one deterministic map from noise and "
+                "embedding to image, so the frames differ only by the embedding); drop --sampler "
+                "and --eta.")
+    for path in (args.variations or []) + [x for pair in args.interpolate or [] for x in pair]:
+        if not os.path.isfile(path):
+            flag = "--variations" if args.variations else "--interpolate"
+            p.error(f"{flag}: {path} is not a file (pass image files, e.g. PNGs).")
+    if args.prompts_file is None and not args.prompt and not (args.variations or args.interpolate):
         p.error("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
     if min(args.num_per_prompt, args.batch_size, args.shard_size, args.grid_columns) < 1:
         p.error("--num_per_prompt, --batch_size, --shard_size and --grid_columns must be >= 1.")
@@ -236,10 +299,30 @@ def main(argv=None, boundary=None) -> int:
 
     trained = load_trained(args.workdir, step=args.step, params=args.params)
     cfg, family = trained.config, trained.family
+    if family.name == "prior":
+        raise UsageError(f"--workdir {trained.workdir} holds an unCLIP prior, which writes CLIP "
+                         "image embeddings, not images: pass the decoder as --workdir and this "
+                         "one as --prior DIR.")
     try:
         require_generator(trained)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    unclip_flag = ("--prior" if args.prior else "--variations" if args.variations else
+                   "--interpolate" if args.interpolate else None)
+    if family.name == "decoder" and unclip_flag is None:
+        raise UsageError(f"--workdir {trained.workdir} is an unCLIP decoder: each image needs a "
+                         "CLIP image embedding. Pass --prior PRIOR (text -> prior -> decoder), "
+                         "--variations IMAGE ... or --interpolate A B.")
+    if unclip_flag and family.name != "decoder":
+        raise UsageError(f"{unclip_flag} needs an unCLIP decoder in --workdir; {trained.workdir} "
+                         f"holds a {family.name} model (train one with configs/digits_decoder.py).")
+    if unclip_flag and (args.low_res or (unclip_flag == "--prior" and (
+            args.classifier or args.clip))):
+        raise UsageError(f"{unclip_flag} does not combine with "
+                         + ("--low_res" if args.low_res else "--classifier/--clip guides (stage 0 "
+                            "is the prior, which draws embeddings)") + ".")
+    if unclip_flag in ("--variations", "--interpolate") and not prompts:
+        prompts = [""]  # no caption: the embedding alone (the decoder's text is the null)
     try:
         options = stages_lib.stage_options(trained, sampler=args.sampler, steps=args.steps,
                                            eta=args.eta, thresholding=args.thresholding,
@@ -249,7 +332,7 @@ def main(argv=None, boundary=None) -> int:
     guidance = args.guidance if args.guidance is not None else [float(cfg.sample.guidance_weight)]
 
     for i, prompt in enumerate(prompts):
-        if not prompt and family.conditioning.guidable:
+        if not prompt and family.conditioning.guidable and not unclip_flag:
             print(f"[t2i_jax] prompt {i + 1} is empty: it means the null condition, so its images "
                   "are unconditional samples (guidance does not change them).", file=sys.stderr)
     family.conditioning.check_prompts(prompts)
@@ -265,35 +348,45 @@ def main(argv=None, boundary=None) -> int:
 
     try:
         stages, low_res, low_res_record, aug_level, prompts = load_stages(args, trained, prompts)
+        unclip_job = load_unclip(args, trained, prompts, options, guidance) if unclip_flag else None
     except ValueError as e:
         raise UsageError(str(e)) from None
+    embeddings, embedding_record, num_per_prompt = None, None, args.num_per_prompt
+    candidates, shared_noise, first = 1, False, trained
+    if unclip_job is not None:
+        (first, options, guidance, stages, prompts, embeddings, embedding_record, num_per_prompt,
+         candidates, shared_noise) = unclip_job.apply(stages)
     guides, clip = load_guides(args, trained)
-    spec = job_lib.JobSpec.create(trained, prompts, num_per_prompt=args.num_per_prompt,
+    spec = job_lib.JobSpec.create(first, prompts, num_per_prompt=num_per_prompt,
                                   guidance=guidance, seed=args.seed, options=options,
                                   shard_size=args.shard_size, guides=guides, rerank=args.rerank,
                                   reranker=clip if args.rerank > 1 else None, stages=stages,
-                                  aug_level=aug_level, low_res=low_res_record)
+                                  aug_level=aug_level, low_res=low_res_record,
+                                  embedding=embedding_record, candidates=candidates,
+                                  shared_noise=shared_noise)
     lead = distributed.is_lead()  # the others compute their rows and write nothing
     if lead:
-        print(f"[t2i_jax] checkpoint {trained.step} ({trained.kind} parameters) of "
-              f"{trained.workdir}; {spec.num_images} images: {len(prompts)} prompt(s) x "
-              f"{args.num_per_prompt} x {len(guidance)} guidance weight(s), {options.sampler} "
+        print(f"[t2i_jax] checkpoint {first.step} ({first.kind} parameters) of "
+              f"{first.workdir}; {spec.num_images} images: {len(prompts)} prompt(s) x "
+              f"{num_per_prompt} x {len(guidance)} guidance weight(s), {options.sampler} "
               f"{options.num_steps} steps" + (f", {distributed.process_count()} processes"
                                              if distributed.process_count() > 1 else "") + ".",
               file=sys.stderr)
         for k, st in enumerate(stages, start=1):
             o = st.options
             print(f"[t2i_jax] stage {k}: checkpoint {st.trained.step} of {st.trained.workdir}, "
-                  f"{o.sampler} {o.num_steps} steps, guidance {st.guidance:g}, augmentation "
-                  f"level {st.aug_level:g}, thresholding {o.thresholding or 'none'}.",
+                  f"{o.sampler} {o.num_steps} steps, guidance {st.guidance:g}, "
+                  + ("augmentation " if st.aug_level is not None else "")
+                  + (f"level {st.aug_level:g}, " if st.aug_level is not None else "")
+                  + f"thresholding {o.thresholding or 'none'}.",
                   file=sys.stderr)
     # The files read on each host (a prompts file, a guide image) must be the same everywhere.
     distributed.check_same("job", spec.to_json())
-    result = job_lib.run_job(trained, spec, args.outdir, batch_size=args.batch_size,
+    result = job_lib.run_job(first, spec, args.outdir, batch_size=args.batch_size,
                              progress=not args.no_progress, npz=args.npz,
                              grid_columns=args.grid_columns, guides=guides,
                              reranker=clip if args.rerank > 1 else None, stages=stages,
-                             low_res=low_res)
+                             low_res=low_res, embeddings=embeddings)
     if lead:
         job_lib.print_summary(result)
         print(os.path.join(os.path.abspath(args.outdir), job_lib.GRID_FILE))
@@ -338,6 +431,80 @@ def load_stages(args, trained, prompts):
         stages.append(stages_lib.Stage(st, options, float(w), float(level)))
         prev = st
     return stages, low_res, record, aug_level, prompts
+
+
+class UnclipJob:
+    """What --prior / --variations / --interpolate make of the job (sampling/unclip.py)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def apply(self, stages):
+        return (self.first, self.options, self.guidance, self.pre_stages + list(stages),
+                self.prompts, self.embeddings, self.record, self.num_per_prompt,
+                self.candidates, self.shared_noise)
+
+
+def load_unclip(args, decoder, prompts, options, guidance):
+    """The unCLIP job of the flags: with --prior, stage 0 is the prior and the decoder stage 1
+    (with --guidance, one value, as its weight); with --variations / --interpolate the decoder
+    is stage 0 with each image's (or each slerp frame's) CLIP embedding given."""
+    from t2i_jax.sampling import stages as stages_lib
+    from t2i_jax.sampling import unclip
+    from t2i_jax.sampling.load import load_trained
+    fam = decoder.family
+    common = dict(prompts=prompts, candidates=1, shared_noise=False, pre_stages=[],
+                  first=decoder, options=options, guidance=guidance,
+                  num_per_prompt=args.num_per_prompt)
+    if args.prior:
+        prior = load_trained(args.prior, params=args.params)
+        stages_lib.check_prior_decoder(prior, decoder)
+        if len(guidance) != 1:
+            raise ValueError(f"with --prior, --guidance is the decoder's weight: one value (got "
+                             f"{guidance}); sweep it with one job per value.")
+        p_options = stages_lib.stage_options(prior, steps=args.prior_steps, flag="--prior_steps")
+        w_prior = (args.prior_guidance if args.prior_guidance is not None
+                   else float(prior.config.sample.guidance_weight))
+        k = (args.prior_candidates if args.prior_candidates is not None
+             else prior.family.default_candidates())
+        prior.family.conditioning.check_prompts(prompts)
+        dec = stages_lib.Stage(decoder, options, float(guidance[0]), None)
+        print(f"[t2i_jax] prior: checkpoint {prior.step} of {prior.workdir}, {p_options.sampler} "
+              f"{p_options.num_steps} steps, guidance {w_prior:g}, {k} candidate(s) per image.",
+              file=sys.stderr)
+        return UnclipJob(**dict(common, first=prior, options=p_options, guidance=[w_prior],
+                                pre_stages=[dec], embeddings=None, candidates=int(k),
+                                record={"source": "prior"}))
+    shape = tuple(fam.output_shape)
+    if args.variations:
+        x, rows = unclip.load_images(args.variations, shape, "--variations")
+        if len(prompts) == 1:
+            prompts = prompts * len(x)
+        if len(prompts) != len(x):
+            raise ValueError(f"{len(x)} --variations images for {len(prompts)} prompts: give no "
+                             "prompt (the embedding alone), one for every image, or one per image.")
+        z = fam.embed_images(stages_lib.to_float(x))
+        if args.sampler is None and args.eta is None:
+            options = dataclasses.replace(options, eta=1.0)  # stochastic: variations
+        return UnclipJob(**dict(common, prompts=prompts, options=options, embeddings=z,
+                                record={"source": "image", "rows": rows}))
+    pairs = args.interpolate
+    flat, rows = unclip.load_images([p for pair in pairs for p in pair], shape, "--interpolate")
+    z = fam.embed_images(stages_lib.to_float(flat)).reshape(len(pairs), 2, -1)
+    t = np.linspace(0.0, 1.0, args.frames)
+    frames = np.stack([unclip.slerp(a, b, t) for a, b in z])                 # [P, K, E]
+    if len(prompts) == 1:
+        prompts = prompts * len(pairs)
+    if len(prompts) != len(pairs):
+        raise ValueError(f"{len(pairs)} --interpolate rows for {len(prompts)} prompts: give no "
+                         "prompt, one for every row, or one per row.")
+    options = dataclasses.replace(options, sampler="ddim", eta=0.0)
+    rec_rows = [{"a": rows[2 * i]["path"], "a_sha256": rows[2 * i]["sha256"],
+                 "b": rows[2 * i + 1]["path"], "b_sha256": rows[2 * i + 1]["sha256"]}
+                for i in range(len(pairs))]
+    return UnclipJob(**dict(common, prompts=prompts, options=options, embeddings=frames,
+                            num_per_prompt=args.frames, shared_noise=True,
+                            record={"source": "slerp", "rows": rec_rows}))
 
 
 def load_guides(args, trained):

@@ -88,7 +88,7 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
     guides: sampling/guides.py Guides; their parameters, per-image rows [B, ...] and scales [G]
     are arguments (traced: new scales or guide checkpoints of the same shapes reuse the program).
     """
-    if not family.generates:
+    if not (family.generates or getattr(family, "output_kind", "image") == "embedding"):
         raise ValueError(f"a {family.name} model does not generate images; pass the --workdir "
                          "of a diffusion model.")
     guided = guided and family.conditioning.guidable
@@ -101,9 +101,9 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
     def generate(params, inputs, cond: Condition, rng, guidance_weight, sample_ids,
                  guide_params=(), guide_rows=(), guide_scales=()):
         cond = family.sampling_condition(cond, rng, sample_ids)  # an SR stage augments its input
-        enc = family.encode(params, cond)
+        enc = family.encode(params, cond, inputs)
         # The null row drops the text (or label), never an SR stage's low-resolution image.
-        null_enc = None if null is None else keep_undropped(family.encode(params, null), enc)
+        null_enc = None if null is None else keep_undropped(family.encode(params, null, inputs), enc)
         shape = (cond.batch_size,) + tuple(family.image_shape)  # the chain's x_t
         x_T = noise.initial_noise(rng, shape, sample_ids)
         # The chain's denoiser: the network with CFG, then the gradient guides, then thresholding.

@@ -66,7 +66,8 @@ STATS_FILE = "stats.json"  # speed of the last run that generated images
 MAX_GRID_ROWS = 64
 SEED_STREAM = 11  # the job's key: fold_in(key(seed), 11); training's grids use other streams
 RERANK_STREAM = 17  # candidate c >= 1 of a reranked image: fold_in(fold_in(job key, 17), c)
-EXTRA_KEYS = ("rerank_score", "rerank_candidate")  # record fields computed, not derived
+PRIOR_STREAM = 19   # prior candidate c >= 1: fold_in(fold_in(stage key, 19), c)
+EXTRA_KEYS = ("rerank_score", "rerank_candidate", "prior_candidate", "prior_score")  # computed
 
 
 class JobMismatchError(ValueError):
@@ -103,6 +104,10 @@ class JobSpec:
     percentile: Optional[float] = None  # dynamic thresholding's p (set when it is dynamic)
     decoder: tuple = ()    # a latent model's autoencoder: (("workdir", ..), ("checkpoint_step", ..),
                            # ("sha256", ..), ("scale_factor", ..))
+    embedding: tuple = ()  # where an unCLIP decoder's embeddings come from: (("source", ..),
+                           # ("rows", (per-prompt items, ...))) (sampling/unclip.py)
+    candidates: int = 1    # a prior stage 0's samples per image, the closest to the text kept
+    shared_noise: bool = False  # every image of a prompt row starts from one noise (slerps)
 
     @classmethod
     def create(cls, trained: Trained, prompts: Sequence[str], *, num_per_prompt: int,
@@ -110,7 +115,8 @@ class JobSpec:
                shard_size: int = 256, guides: Sequence = (), rerank: int = 1,
                reranker: Optional[Trained] = None, stages: Sequence = (),
                aug_level: Optional[float] = None,
-               low_res: Optional[dict] = None) -> "JobSpec":
+               low_res: Optional[dict] = None, embedding: Optional[dict] = None,
+               candidates: int = 1, shared_noise: bool = False) -> "JobSpec":
         if not prompts:
             raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
         if num_per_prompt < 1:
@@ -124,6 +130,11 @@ class JobSpec:
                              f"reranking), got {rerank!r}.")
         if rerank > 1 and reranker is None:
             raise ValueError("--rerank needs --clip DIR: the CLIP that scores the candidates.")
+        if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) \
+                or candidates < 1:
+            raise ValueError(f"--prior_candidates must be an integer >= 1, got {candidates!r}.")
+        if embedding is not None and len(embedding.get("rows", ())) not in (0, len(prompts)):
+            raise ValueError(f"{len(embedding['rows'])} embedding rows for {len(prompts)} prompts.")
         if low_res is not None and low_res["num_images"] != len(prompts):
             raise ValueError(f"{low_res['num_images']} --low_res images for {len(prompts)} "
                              "prompts: give one prompt (for every image) or one per image.")
@@ -137,7 +148,8 @@ class JobSpec:
                    None if aug_level is None else float(aug_level),
                    tuple(low_res.items()) if low_res is not None else (),
                    float(options.percentile) if options.thresholding == "dynamic" else None,
-                   tuple(trained.family.decoder_record().items()))
+                   tuple(trained.family.decoder_record().items()),
+                   _freeze(embedding) if embedding else (), int(candidates), bool(shared_noise))
 
     @property
     def options(self) -> SampleOptions:
@@ -164,7 +176,7 @@ class JobSpec:
         k = index % n
         pi = (index // n) % p
         g = index // (n * p)
-        return g, pi, k, pi * n + k
+        return g, pi, k, pi * n + (0 if self.shared_noise else k)
 
     def record(self, index: int) -> dict:
         g, p, k, sid = (int(v) for v in self.decompose(index))
@@ -181,10 +193,31 @@ class JobSpec:
                 **({"low_res": dict(self.low_res)["path"], "low_res_index": p}
                    if self.low_res else {}),
                 **({"decoder": dict(self.decoder)} if self.decoder else {}),
+                **({"embedding": self.embedding_record(p, k, index)} if self.embedding else {}),
+                **({"prior_candidates": self.candidates} if self.candidates > 1 else {}),
+                **({"shared_noise": True} if self.shared_noise else {}),
                 **({"stages": [dict(st) for st in self.stages],
-                    "stage_files": [stage_dir(k, self.num_stages) + "/" + image_file(index)
-                                    for k in range(self.num_stages - 1)]}
+                    "stage_files": [stage_dir(k, self.num_stages) + "/" + (
+                        embedding_file(index) if k == 0 and self.prior_first else
+                        image_file(index)) for k in range(self.num_stages - 1)]}
                    if self.stages else {})}
+
+    @property
+    def prior_first(self) -> bool:
+        """Whether stage 0 is an unCLIP prior (its outputs are embeddings)."""
+        return bool(self.embedding) and dict(_thaw(self.embedding))["source"] == "prior"
+
+    def embedding_record(self, p: int, k: int, index: int) -> dict:
+        """Where image (prompt p, sample k)'s embedding came from (sampling/unclip.py); from a
+        prior: stage 0 (the job's workdir, checkpoint, guidance) and its file."""
+        from t2i_jax.sampling import unclip
+        out = unclip.embedding_record(_thaw(self.embedding), p, k, self.num_per_prompt)
+        if self.prior_first:
+            g = int(self.decompose(index)[0])
+            out.update(stage=0, workdir=self.workdir, checkpoint_step=self.checkpoint_step,
+                       guidance=self.guidance[g], candidates=self.candidates,
+                       file=stage_dir(0, self.num_stages) + "/" + embedding_file(index))
+        return out
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -200,7 +233,8 @@ class JobSpec:
             d["reranker"] = list(self.reranker)
         # Jobs without stages, levels or given inputs keep the identity they had before.
         for key, empty in (("stages", ()), ("aug_level", None), ("low_res", ()),
-                           ("percentile", None), ("decoder", ())):
+                           ("percentile", None), ("decoder", ()), ("embedding", ()),
+                           ("candidates", 1), ("shared_noise", False)):
             if getattr(self, key) == empty:
                 del d[key]
         if self.stages:
@@ -209,11 +243,39 @@ class JobSpec:
             d["low_res"] = dict(self.low_res)
         if self.decoder:  # as JSON reads it back, so a rerun recognises its own job
             d["decoder"] = dict(self.decoder)
+        if self.embedding:
+            d["embedding"] = _thaw(self.embedding)
         return d
+
+
+def _freeze(obj):
+    """dicts and lists -> nested tuples of items (a frozen, comparable JobSpec field)."""
+    if isinstance(obj, dict):
+        return ("__dict__",) + tuple((k, _freeze(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return ("__list__",) + tuple(_freeze(v) for v in obj)
+    return obj
+
+
+def _thaw(obj):
+    if isinstance(obj, tuple) and obj and obj[0] == "__dict__":
+        return {k: _thaw(v) for k, v in obj[1:]}
+    if isinstance(obj, tuple) and obj and obj[0] == "__list__":
+        return [_thaw(v) for v in obj[1:]]
+    return obj
 
 
 def image_file(index: int) -> str:
     return f"images/{index:06d}.png"
+
+
+def embedding_file(index: int) -> str:
+    """A prior stage's output: the embedding [E] of image `index`, float32 .npy."""
+    return f"embeddings/{index:06d}.npy"
+
+
+def output_kind(family) -> str:
+    return getattr(family, "output_kind", "image")
 
 
 def shard_file(shard: int) -> str:
@@ -285,10 +347,13 @@ def prompt_conditions(trained: Trained, prompts: Sequence[str]) -> Condition:
     return trained.family.conditioning.of_prompts(prompts)
 
 
-def _stage_record_fn(spec: JobSpec, k: int):
-    """Stage k's per-image records: the job's, marked with the stage for the earlier stages."""
+def _stage_record_fn(spec: JobSpec, k: int, kind: str = "image"):
+    """Stage k's per-image records: the job's, marked with the stage for the earlier stages (a
+    prior stage's files are its embeddings)."""
     if k == spec.num_stages - 1:
         return spec.record
+    if kind == "embedding":
+        return lambda i: dict(spec.record(i), stage=k, file=embedding_file(i))
     return lambda i: dict(spec.record(i), stage=k)
 
 
@@ -296,13 +361,19 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
             devices: Optional[list] = None, progress: bool = True, npz: bool = False,
             grid_columns: int = 16, guides: Sequence = (),
             reranker: Optional[Trained] = None, stages: Sequence = (),
-            low_res: Optional[np.ndarray] = None) -> JobResult:
+            low_res: Optional[np.ndarray] = None,
+            embeddings: Optional[np.ndarray] = None) -> JobResult:
     """Generates every image of `spec` not already in `outdir` and assembles the outputs.
 
     stages: the SR stages (sampling/stages.py Stage) after `trained` (stage 0), run one after
     the other over all the job's images, each from the previous stage's PNGs; the last stage's
     images are the job's (OUTDIR/images), stage k's before it go to OUTDIR/stages/k/.
-    low_res: stage 0's given inputs (uint8 [P, h, w, C], one per prompt) when it is SR."""
+    low_res: stage 0's given inputs (uint8 [P, h, w, C], one per prompt) when it is SR.
+    embeddings: stage 0's given CLIP image embeddings when it is an unCLIP decoder: float32
+    [P, E] (one per prompt row) or [P, N, E] (one per image: an interpolation's frames).
+    A prior as stage 0 writes embeddings (OUTDIR/stages/0/embeddings/*.npy), `spec.candidates`
+    per image with the one closest to its caption's text embedding kept; the next stage is a
+    decoder that reads them."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if grid_columns < 1:
@@ -326,6 +397,22 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
     if (spec.rerank > 1) != (reranker is not None):
         raise ValueError("pass reranker= (a CLIP) exactly when the job reranks (rerank > 1).")
     models = [trained] + [st.trained for st in stages]
+    kinds = [output_kind(m.family) for m in models]
+    if kinds[-1] != "image":
+        raise ValueError(f"{models[-1].workdir} holds a {models[-1].family.name}, which writes CLIP "
+                         "embeddings, not images: a decoder stage must follow it (sample.py "
+                         "--workdir DECODER --prior PRIOR).")
+    wants_embedding = getattr(family, "input_field", None) == "embedding"
+    if wants_embedding != (embeddings is not None):
+        raise ValueError("pass embeddings= (stage 0's CLIP image embeddings) exactly when stage 0 "
+                         "is a decoder." if wants_embedding else
+                         f"embeddings= given, but {trained.workdir} is not a decoder.")
+    if embeddings is not None and (embeddings.shape[0] != len(spec.prompts) or (
+            embeddings.ndim == 3 and embeddings.shape[1] != spec.num_per_prompt)):
+        raise ValueError(f"embeddings of shape {embeddings.shape} for {len(spec.prompts)} prompts "
+                         f"x {spec.num_per_prompt} images.")
+    if spec.candidates > 1 and kinds[0] != "embedding":
+        raise ValueError("prior candidates (spec.candidates > 1) need a prior as stage 0.")
     if stages_lib.is_sr(trained) and (low_res is None or spec.aug_level is None):
         raise ValueError(f"{trained.workdir} is a super-resolution model: it needs low-resolution "
                          "inputs (--low_res FILE_OR_DIR) and an augmentation level, or put a base "
@@ -350,10 +437,10 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
         def fn() -> list:
             if k == 0:
                 check_outdir(spec, outdir)
-            for sub in ("images", "shards"):
+            for sub in ("images" if kinds[k] == "image" else "embeddings", "shards"):
                 os.makedirs(os.path.join(dirs[k], sub), exist_ok=True)
             _remove_temporaries(dirs[k])
-            return sorted(finished_shards(spec, dirs[k], _stage_record_fn(spec, k)))
+            return sorted(finished_shards(spec, dirs[k], _stage_record_fn(spec, k, kinds[k])))
         return fn
 
     total = spec.num_images
@@ -380,7 +467,7 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
             left_in_shard = {s: bounds(s)[1] - bounds(s)[0] for s in todo}
             # Every call has this many rows (the last one padded): one compilation per stage.
             per_call = math.ceil(min(batch_size, max(len(todo_idx), 1)) / n_dev) * n_dev
-            record_fn = _stage_record_fn(spec, k)
+            record_fn = _stage_record_fn(spec, k, kinds[k])
             k_rng = stages_lib.stage_rng(rng, k)
             if k == 0:
                 gen, cond_rows, k_params = generate, conds, params[0]
@@ -404,7 +491,17 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
                         rows_of = lambda tree: jax.tree_util.tree_map(  # noqa: E731
                             lambda c: put(np.asarray(c)[p]), tree)
                         cond = rows_of(cond_rows)
-                        if k > 0 or low_res is not None:
+                        if getattr(k_family, "input_field", None) == "embedding":
+                            if k == 0:  # given: one per prompt row, or one per image
+                                z = (embeddings[p] if embeddings.ndim == 2 else
+                                     embeddings[p, spec.decompose(full)[2]])
+                            else:  # the prior stage's .npy files, read by process 0 alone
+                                z = distributed.broadcast_from_lead(
+                                    _read_embeddings(dirs[k - 1], full) if lead else
+                                    np.zeros((len(full),) + tuple(models[k - 1].family.output_shape),
+                                             np.float32))
+                            cond = cond.replace(embedding=put(np.asarray(z, np.float32)))
+                        elif k > 0 or low_res is not None:
                             if k == 0:
                                 inputs = low_res[p]
                             else:  # the previous stage's PNGs, read by process 0 alone
@@ -422,6 +519,13 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
                             w = np.full((len(full),), stages[k - 1].guidance, np.float32)
                             args = (put(w), put(sid.astype(np.int32)))
                         x = gen(k_params, cond, k_rng, *args)
+                        if k == 0 and spec.candidates > 1:
+                            x, won, best = _prior_candidates(gen, k_family, k_params, cond, k_rng,
+                                                             args, x, spec.candidates)
+                            won, best = distributed.to_host((won, best))
+                            for i, c, sc in zip(idx, won[:len(idx)], best[:len(idx)]):
+                                extras[int(i)] = dict(prior_candidate=int(c),
+                                                      prior_score=float(sc))
                         if k == 0 and reranker is not None:
                             x, won, best = _rerank(gen, score, k_params, cond, k_rng, args, x,
                                                    clip_params, rows_of(rerank_rows), spec.rerank)
@@ -433,12 +537,16 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
                         x = distributed.to_host(x)[:len(idx)]  # every process: same decisions
                         finite = np.isfinite(x).reshape(len(idx), -1).all(axis=1)
                         non_finite.extend(int(i) for i in idx[~finite])
-                        x = images.to_uint8(np.where(finite[:, None, None, None], x, 0.0))
+                        if kinds[k] == "image":
+                            x = images.to_uint8(np.where(
+                                finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0))
                         for i, im, ok in zip(idx, x, finite):
                             if not ok:
                                 continue  # nothing is written for it: its shard stays unfinished
-                            if lead:
+                            if lead and kinds[k] == "image":
                                 images.save_png(os.path.join(dirs[k], image_file(int(i))), im)
+                            elif lead:
+                                _save_embedding(os.path.join(dirs[k], embedding_file(int(i))), im)
                             s = int(i) // spec.shard_size
                             left_in_shard[s] -= 1
                             if left_in_shard[s] == 0 and lead:
@@ -465,7 +573,7 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
                     files.write_json(os.path.join(outdir, STATS_FILE),
                                      _job_stats(stage_stats, n_dev))
                 raise NonFiniteImagesError(_non_finite_message(spec, non_finite, dirs[k]))
-            if lead and k < num_stages - 1:
+            if lead and k < num_stages - 1 and kinds[k] == "image":
                 assemble(spec, dirs[k], grid_columns=grid_columns,
                          scale=max(1, 64 // k_family.output_shape[0]))
         stats = _job_stats(stage_stats, n_dev)
@@ -494,6 +602,42 @@ def _job_stats(stage_stats: list, n_dev: int) -> dict:
     if len(stage_stats) > 1:
         out["stages"] = stage_stats
     return out
+
+
+def _save_embedding(path: str, z: np.ndarray) -> None:
+    with files.atomic_open(path, "wb") as f:
+        np.save(f, np.asarray(z, np.float32))
+
+
+def _read_embeddings(directory: str, index: np.ndarray) -> np.ndarray:
+    """float32 [N, E]: a prior stage's embeddings of images `index`."""
+    return np.stack([np.load(os.path.join(directory, embedding_file(int(i)))) for i in index])
+
+
+def _prior_candidates(generate, family, params, cond, rng, args, z0, n: int):
+    """Of n prior samples per image (candidate 0 is the one drawn with the stage's key), the one
+    with the largest dot product with its caption's CLIP text embedding (unCLIP sec. 2.2):
+    (embeddings [B, E], winning candidate [B], its dot product [B])."""
+    from t2i_jax.families.prior import select_candidates
+    text = _text_embedding_fn(family)(cond)
+    zs = [z0]
+    for c in range(1, n):
+        key = jax.random.fold_in(jax.random.fold_in(rng, PRIOR_STREAM), c)
+        zs.append(generate(params, cond, mesh_lib.put(key, rng.sharding), *args))
+    return select_candidates(jnp.stack(zs), text)
+
+
+_TEXT_FNS: dict = {}
+
+
+def _text_embedding_fn(family):
+    """cond -> the prior's CLIP text embedding [B, E], jitted once per family."""
+    if id(family) not in _TEXT_FNS:
+        fn = jax.jit(family.text_embedding)
+        inputs = family.sampling_inputs()
+        _TEXT_FNS.clear()
+        _TEXT_FNS[id(family)] = (lambda cond: fn(inputs, cond), family)
+    return _TEXT_FNS[id(family)][0]
 
 
 def _read_stage_images(directory: str, index: np.ndarray) -> np.ndarray:
@@ -545,8 +689,10 @@ class _OutdirLock(files.ExclusiveLock):
 
 def _remove_temporaries(outdir: str) -> None:
     """Deletes the .tmp-* files that writes interrupted by a kill left (only under the lock)."""
-    for sub in ("images", "shards", "."):
+    for sub in ("images", "embeddings", "shards", "."):
         d = os.path.join(outdir, sub)
+        if not os.path.isdir(d):
+            continue
         for name in os.listdir(d):
             path = os.path.join(d, name)
             if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):

@@ -67,6 +67,10 @@ def image_shape(trained: Trained) -> tuple:
 
 def check_follows(prev: Trained, stage: Trained, flag: str = "--sr") -> None:
     """Refuses an SR stage that cannot take the previous stage's images (ValueError naming it)."""
+    if getattr(prev.family, "output_kind", "image") == "embedding":
+        raise ValueError(f"{flag} {stage.workdir} cannot follow {prev.workdir}: that is a "
+                         f"{prev.family.name}, which writes CLIP embeddings, not images; a decoder "
+                         "comes between them (sample.py --workdir DECODER --prior PRIOR --sr SR).")
     if not is_sr(stage):
         raise ValueError(
             f"{flag} {stage.workdir} holds a {stage.family.name} model, not a super_resolution "
@@ -89,6 +93,23 @@ def check_follows(prev: Trained, stage: Trained, flag: str = "--sr") -> None:
                          f"({prev.workdir}) on {a!r}: a cascade's stages share one data set.")
 
 
+def check_prior_decoder(prior: Trained, decoder: Trained, flag: str = "--prior") -> None:
+    """Refuses a prior and a decoder that do not share one CLIP embedding space."""
+    if prior.family.name != "prior":
+        raise ValueError(f"{flag} {prior.workdir} holds a {prior.family.name} model, not an unCLIP "
+                         "prior (train one with configs/digits_prior.py).")
+    if decoder.family.name != "decoder":
+        raise ValueError(f"{flag} needs an unCLIP decoder in --workdir; {decoder.workdir} holds a "
+                         f"{decoder.family.name} model (train one with configs/digits_decoder.py).")
+    a, b = prior.family.clip.identity(), decoder.family.clip.identity()
+    if (a["sha256"], a["step"]) != (b["sha256"], b["step"]):
+        raise ValueError(
+            f"the prior {prior.workdir} and the decoder {decoder.workdir} were built on different "
+            f"CLIPs ({a['workdir']} step {a['step']}, sha256 {a['sha256'][:12]} vs {b['workdir']} "
+            f"step {b['step']}, sha256 {b['sha256'][:12]}): the prior's embeddings would be read "
+            "in another embedding space. Train both on one CLIP (config.model.clip).")
+
+
 def stage_options(trained: Trained, *, sampler=None, steps=None, eta=None, thresholding=None,
                   ddpm_variance=None, flag: str = "--steps") -> SampleOptions:
     """A stage's options: the given ones, else its own config's (config.sample); ValueError
@@ -108,34 +129,35 @@ def stage_options(trained: Trained, *, sampler=None, steps=None, eta=None, thres
     return options
 
 
-def load_low_res(path: str, shape: tuple) -> tuple:
+def load_low_res(path: str, shape: tuple, flag: str = "--low_res") -> tuple:
     """(uint8 [N, h, w, C], its record) of `--low_res` PNGs (a file, or a directory's *.png in
     name order) or an npz (arr_0 [N, h, w, C] uint8, the layout sample.py --npz writes),
     refused unless every image is `shape` (h, w, C)."""
     from t2i_jax import images
     if not os.path.exists(path):
-        raise ValueError(f"--low_res {path} does not exist.")
+        raise ValueError(f"{flag} {path} does not exist.")
     if os.path.isdir(path):
         names = sorted(glob.glob(os.path.join(path, "*.png")))
         if not names:
-            raise ValueError(f"--low_res {path} holds no .png files.")
+            raise ValueError(f"{flag} {path} holds no .png files.")
         arrays = []
         for name in names:
             try:
                 arrays.append(images.load_png(name))
             except Exception as e:  # noqa: BLE001  (PIL raises many kinds)
-                raise ValueError(f"--low_res: cannot read {name} as an image ({e}).") from None
+                raise ValueError(f"{flag}: cannot read {name} as an image ({e}).") from None
     elif path.endswith(".npz"):
         with np.load(path) as z:
             if "arr_0" not in z:
-                raise ValueError(f"--low_res {path} has no arr_0 (uint8 [N, h, w, C]).")
+                raise ValueError(f"{flag} {path} has no arr_0 (uint8 [N, h, w, C]).")
             arrays = list(np.asarray(z["arr_0"]))
     else:
         try:
             arrays = [images.load_png(path)]
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"--low_res: cannot read {path} as an image ({e}); pass PNGs, a "
-                             "directory of them, or an npz.") from None
+            raise ValueError(f"{flag}: cannot read {path} as an image ({e}); pass "
+                             + ("PNGs, a directory of them, or an npz." if flag == "--low_res"
+                                else "image files (PNG).")) from None
     h, w, c = shape
     out = []
     for i, a in enumerate(arrays):
@@ -143,15 +165,16 @@ def load_low_res(path: str, shape: tuple) -> tuple:
         if a.ndim == 2:
             a = a[..., None]
         if a.dtype != np.uint8:
-            raise ValueError(f"--low_res image {i} of {path} is {a.dtype}, not uint8.")
+            raise ValueError(f"{flag} image {i} of {path} is {a.dtype}, not uint8.")
         if a.shape[-1] == 3 and c == 1 and np.array_equal(a[..., :1].repeat(3, -1), a):
             a = a[..., :1]  # grey saved as RGB (npz files of grey images are)
         if a.shape[-1] == 4:
             a = a[..., :3]
         if a.shape != (h, w, c):
-            raise ValueError(f"--low_res image {i} of {path} is {a.shape[0]}x{a.shape[1]}x"
-                             f"{a.shape[2]}, but the SR stage takes {h}x{w}x{c} inputs (its "
-                             "sr.low_res_size and data.channels).")
+            raise ValueError(f"{flag} image {i} of {path} is {a.shape[0]}x{a.shape[1]}x"
+                             f"{a.shape[2]}, but the model takes {h}x{w}x{c} images"
+                             + (" (its sr.low_res_size and data.channels)." if flag == "--low_res"
+                                else " (its data.image_size and data.channels)."))
         out.append(a)
     x = np.stack(out)
     digest = hashlib.sha256(x.tobytes()).hexdigest()
