@@ -185,12 +185,37 @@ def tiny_latent(data_dir, tmp_path_factory, tiny_autoencoder):
 
 
 @pytest.fixture(scope="session")
-def straight_runs(data_dir, tmp_path_factory, tiny_run, tiny_autoencoder):
+def tiny_clip(data_dir, tmp_path_factory):
+    """The tiny digits CLIP (tests/tiny_families.py "contrastive") trained 40 steps once for all
+    workers; read-only. $T2I_TEST_CLIP names it: the tiny prior's and decoder's configs read it."""
+    from runs import run, tiny
+
+    def make(wd):
+        run(tiny(data_dir, "contrastive", train__num_steps=40, train__checkpoint_every=40), wd)
+    wd = str(_made_once(tmp_path_factory, "tiny_clip", make))
+    os.environ["T2I_TEST_CLIP"] = wd
+    return wd
+
+
+@pytest.fixture(scope="session")
+def tiny_unclip(data_dir, tmp_path_factory, tiny_clip):
+    """(prior workdir, decoder workdir) on tiny_clip, each trained 40 steps once; read-only."""
+    from runs import run, tiny
+    out = []
+    for name in ("prior", "decoder"):
+        def make(wd, name=name):
+            run(tiny(data_dir, name, train__num_steps=40, train__checkpoint_every=40), wd)
+        out.append(str(_made_once(tmp_path_factory, f"tiny_{name}", make)))
+    return tuple(out)
+
+
+@pytest.fixture(scope="session")
+def straight_runs(data_dir, tmp_path_factory, tiny_run, tiny_autoencoder, tiny_clip):
     """{family: (state after 4 steps on 8 devices, workdir with checkpoints 2 and 4)}."""
     from runs import restore_step, run, tiny
     out = {"diffusion": tiny_run}
     for name in ("noisy_classifier", "contrastive", "super_resolution", "autoencoder",
-                 "latent_diffusion"):
+                 "latent_diffusion", "prior", "decoder"):
         wd = _made_once(tmp_path_factory, f"straight_{name}",
                         lambda p, name=name: run(tiny(data_dir, name), p))
         out[name] = (restore_step(tiny(data_dir, name), wd, 4), wd)

@@ -71,7 +71,7 @@ def test_the_sr_family_sees_the_box_downsampled_image_and_cfg_keeps_it(data_dir)
     box = x0.reshape(4, 8, 2, 8, 2, 1).mean(axis=(2, 4))
     np.testing.assert_allclose(augmentation.downsample(x0, 8), box, atol=1e-7)
     batch = dict(image=x0, tokens=jnp.ones((4, 32), jnp.int32), mask=jnp.ones((4, 32), bool))
-    cond = fam.training_condition(batch, jax.random.key(2))
+    cond = fam.training_condition(batch, jax.random.key(2), {})
     np.testing.assert_array_equal(cond.aug_level, np.zeros(4))
     np.testing.assert_array_equal(cond.low_res, augmentation.downsample(x0, 8))
     crops = fam._crop(x0, jax.random.key(3))                           # [4, 8, 8, 1]
@@ -224,7 +224,7 @@ def test_stages_that_do_not_fit_are_refused_before_anything_is_written(
         "base_as_sr": (["--workdir", base, "--sr", base], "not a super_resolution one"),
         "sr_as_workdir": (["--workdir", sr], "is a super-resolution model: it needs inputs"),
         "level": (["--workdir", base, "--sr", sr, "--sr_aug_level", "1"], r"in \[0, 1\)"),
-        "low_res_size": (["--workdir", sr, "--low_res", str(big)], "is 16x16x1, but the SR stage "
+        "low_res_size": (["--workdir", sr, "--low_res", str(big)], "is 16x16x1, but the model "
                          "takes 8x8x1"),
         "size_mismatch": (["--workdir", tiny_workdir, "--sr", sr], "takes 8x8 inputs, but the stage "
                           "before it"),

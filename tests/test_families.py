@@ -26,7 +26,7 @@ from runs import (ROOT, TESTS, assert_trees_close, assert_trees_equal,  # noqa: 
                   restore_step as _restore, run, tiny)
 
 FAMILIES = ("diffusion", "noisy_classifier", "contrastive", "super_resolution", "autoencoder",
-            "latent_diffusion")
+            "latent_diffusion", "prior", "decoder")
 
 
 def _from_step_2(wd4, tmp_path, name):
@@ -152,7 +152,8 @@ def test_info_nce_is_the_clip_loss_and_shares_the_target_over_equal_captions():
     np.testing.assert_allclose(info_nce(logits, same), 0.5 * (i2t + t2i), rtol=1e-6)
 
 
-def test_the_config_picks_the_family_and_unknown_ones_are_refused(data_dir):
+def test_the_config_picks_the_family_and_unknown_ones_are_refused(data_dir, tiny_autoencoder,
+                                                                 tiny_clip):
     for name in FAMILIES:
         assert families.build(tiny(data_dir, name)).name == name
     assert families.build(tiny(data_dir, "uncond")).conditioning.kind == "none"

@@ -282,7 +282,7 @@ def test_a_retrained_autoencoder_is_refused_by_its_latent_model(data_dir, tiny_a
     cfg.model.autoencoder = str(ae)
     run(cfg, tmp_path / "ldm")
     run(tiny(data_dir, "autoencoder", train__num_steps=42, train__checkpoint_every=40), ae)
-    with pytest.raises(ValueError, match=r"is not the one this latent model was trained with"):
+    with pytest.raises(ValueError, match=r"is not the one this model was trained with"):
         load_trained(str(tmp_path / "ldm"))
     # Resuming its training on the retrained autoencoder is refused too.
     cfg.train.num_steps = 4

@@ -2,7 +2,7 @@
 every family must pass (tests/test_families.py) and the guide tests (tests/test_guides.py).
 
     get_config("diffusion" | "uncond" | "noisy_classifier" | "contrastive" | "super_resolution"
-               | "base8" | "autoencoder" | "latent_diffusion")
+               | "base8" | "autoencoder" | "latent_diffusion" | "prior" | "decoder")
 
 "base8" is the tiny diffusion model on the 8x8 digits (the scans' own size), the base of the
 tiny cascade: "super_resolution" takes its 8x8 images to 16x16.
@@ -10,6 +10,9 @@ tiny cascade: "super_resolution" takes its 8x8 images to 16x16.
 "autoencoder" (16x16x1 -> 8x8x2, with the patch-GAN from step 2, so the shared tests cover it)
 and "latent_diffusion" on a trained tiny autoencoder, whose workdir is $T2I_TEST_AUTOENCODER
 (tests/conftest.py's tiny_autoencoder fixture sets it; subprocesses inherit it).
+
+"prior" and "decoder" (unCLIP) read the frozen tiny CLIP of $T2I_TEST_CLIP (the tiny_clip
+fixture: "contrastive" trained 40 steps).
 """
 
 import os
@@ -69,6 +72,22 @@ def get_config(name="diffusion"):
         config.latent = ml_collections.ConfigDict(dict(scale_by_std=True))
         config.sample.thresholding = "none"
         config.diffusion.prediction = "v"  # as configs/shapes64_ldm.py: x0_hat unclipped
+    elif name == "prior":
+        config.family = name
+        config.model = ml_collections.ConfigDict(dict(
+            clip=os.environ.get("T2I_TEST_CLIP", ""),
+            prior=dict(width=16, num_layers=2, num_heads=2, mlp_ratio=2, causal=True)))
+        config.diffusion.prediction = "x0"
+        config.sample.thresholding = "none"
+        config.sample.guidance_weight = 1.0
+        config.sample.prior_candidates = 2
+    elif name == "decoder":
+        config.family = name
+        config.model.clip = os.environ.get("T2I_TEST_CLIP", "")
+        config.model.embedding_tokens = 2
+        config.train.p_text = 0.5
+        config.train.p_image = 0.1
+        config.sample.guidance_weight = 1.0
     elif name != "diffusion":
         raise ValueError(name)
     return config
