@@ -30,6 +30,10 @@
   latent       Rombach et al. (2022): a latent model at 64x64 against the cascade, the
                autoencoder's f = 2 vs 4 (reconstructions and samples), with and without the
                scale factor; training and sampling images/s (reproduce_latent.py).
+  unclip       Ramesh et al. (2022): the prior's embeddings against the true ones, the decoder
+               on the prior's z_i vs the text embedding vs text alone, the prior's candidates
+               K = 1, 2, 4, guidance of prior and decoder, variations and interpolations
+               (reproduce_unclip.py; --workdir DECODER --prior PRIOR).
 
 FD is the Fréchet distance of the evaluator classifier's 128-d penultimate features
 (t2i_jax/evaluation/evaluator.py) between the generated images and the data set's held-out
@@ -301,6 +305,24 @@ def _finite_or_none(x):
     return x
 
 
+def run_reproduction(a, load, compute, markdown) -> int:
+    """A reproduction command: load(a) -> models, loaded and checked before OUT is locked or
+    written; then, under OUT's lock, compute(models, a) -> results and markdown(results), written
+    to OUT/results.json and OUT/table.md, and printed."""
+    from t2i_jax.xla_flags import apply_tuned_flags
+    apply_tuned_flags()
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
+    models = load(a)
+    with files.ExclusiveLock(a.out, "writing a reproduction", "wait for it, or pass another --out"):
+        res = compute(models, a)
+        md = markdown(res)
+        _write(a.out, res, md + "\n")
+    print(md)
+    print(f"[t2i_jax] wrote {a.out}/table.md and results.json", file=sys.stderr)
+    return 0
+
+
 def _write(out: str, results: dict, md: str) -> None:
     files.write_json(os.path.join(out, "results.json"), _finite_or_none(results))
     files.write_text(os.path.join(out, "table.md"), md)
@@ -369,7 +391,7 @@ def main(argv=None) -> int:
     p = ArgumentParser(prog="python -m t2i_jax.evaluation.reproduce",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", choices=("cfg", "ddim", "checkpoints", "classifier", "sdg",
-                                          "cascade", "latent"))
+                                          "cascade", "latent", "unclip"))
     p.add_argument("--workdir", required=True, help="training workdir of a digits/shapes model")
     p.add_argument("--out", help="default: WORKDIR/reproduce/EXPERIMENT")
     p.add_argument("--num_per_prompt", type=int, default=50, help="images per prompt per row")
@@ -384,6 +406,7 @@ def main(argv=None) -> int:
     p.add_argument("--sr", help="cascade: the super_resolution workdir after the --workdir base; "
                                 "latent: the cascade's SR stage, after --base")
     p.add_argument("--base", help="latent: the cascade's 16x16 base workdir")
+    p.add_argument("--prior", help="unclip: the prior workdir (--workdir: the decoder)")
     p.add_argument("--f4_short", help="latent: a latent model trained as --f2 and --noscale "
                                       "are (the f = 4 reference of equal training)")
     p.add_argument("--f2", help="latent: the latent model on an f = 2 autoencoder")
@@ -416,6 +439,10 @@ def main(argv=None) -> int:
             p.error(f"reproduce {exp} needs --{flag} DIR (the {what}'s training workdir).")
         if a.experiment != exp and getattr(a, flag):
             p.error(f"--{flag} is for reproduce {exp}, not {a.experiment}.")
+    if a.experiment == "unclip" and not a.prior:
+        p.error("reproduce unclip needs --prior DIR (the prior's workdir; --workdir is the decoder).")
+    if a.experiment != "unclip" and a.prior:
+        p.error(f"--prior is for reproduce unclip, not {a.experiment}.")
     for flag in ("sr_noaug", "sr_steps"):
         if a.experiment != "cascade" and getattr(a, flag) is not None:
             p.error(f"--{flag} is for reproduce cascade, not {a.experiment}.")
@@ -435,6 +462,9 @@ def main(argv=None) -> int:
     if a.experiment == "latent":
         from t2i_jax.evaluation import reproduce_latent
         return boundary.run(reproduce_latent.run, a)
+    if a.experiment == "unclip":
+        from t2i_jax.evaluation import reproduce_unclip
+        return boundary.run(reproduce_unclip.run, a)
     return boundary.run(_reproduce, a)
 
 

@@ -275,18 +275,7 @@ def markdown(res: dict) -> str:
 
 
 def run(a) -> int:
-    import sys
-    with files.ExclusiveLock(a.out, "writing a reproduction", "wait for it, or pass another --out"):
-        from t2i_jax.xla_flags import apply_tuned_flags
-        apply_tuned_flags()
-        models = load_models(a)
-        res = reproduce_latent(models, a.out, num_per_prompt=a.num_per_prompt, seed=a.seed,
-                               batch_size=a.batch_size, steps=a.steps,
-                               progress=not a.no_progress)
-        md = markdown(res)
-        from t2i_jax.evaluation import reproduce as rep
-        rep._write(a.out, res, md + "\n")
-        print(md)
-        print(f"[t2i_jax] wrote {a.out}/table.md and results.json", file=sys.stderr)
-    return 0
-
+    from t2i_jax.evaluation import reproduce as rep
+    return rep.run_reproduction(a, load_models, lambda models, a: reproduce_latent(
+        models, a.out, num_per_prompt=a.num_per_prompt, seed=a.seed, batch_size=a.batch_size,
+        steps=a.steps, progress=not a.no_progress), markdown)
