@@ -215,7 +215,7 @@ def test_text_prior_decoder_is_one_job_whose_images_do_not_depend_on_devices_or_
     z_k1 = job_lib._read_embeddings(str(tmp_path / "k1" / "stages" / "0"), np.arange(6))
     stage0 = [row for s in range(3) for row in job_lib.files.read_jsonl(
         str(tmp_path / "8dev_b7" / "stages" / "0" / job_lib.shard_file(s)))]
-    text = np.asarray(job_lib._text_embedding_fn(prior.family)(
+    text = np.asarray(job_lib.text_embedding_fn(prior.family)(
         prior.family.conditioning.of_prompts(PROMPTS)))
     for i, row in enumerate(stage0):
         t = text[i // 3]

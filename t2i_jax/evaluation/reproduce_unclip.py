@@ -135,7 +135,7 @@ def _prompts(rows) -> list:
 
 def _text_embeddings(prior, prompts):
     from t2i_jax.sampling import job as job_lib
-    return job_lib._text_embedding_fn(prior.family)(prior.family.conditioning.of_prompts(prompts))
+    return job_lib.text_embedding_fn(prior.family)(prior.family.conditioning.of_prompts(prompts))
 
 
 def prior_section(ctx: Context, z) -> list:

@@ -619,7 +619,7 @@ def _prior_candidates(generate, family, params, cond, rng, args, z0, n: int):
     with the largest dot product with its caption's CLIP text embedding (unCLIP sec. 2.2):
     (embeddings [B, E], winning candidate [B], its dot product [B])."""
     from t2i_jax.families.prior import select_candidates
-    text = _text_embedding_fn(family)(cond)
+    text = text_embedding_fn(family)(cond)
     zs = [z0]
     for c in range(1, n):
         key = jax.random.fold_in(jax.random.fold_in(rng, PRIOR_STREAM), c)
@@ -630,7 +630,7 @@ def _prior_candidates(generate, family, params, cond, rng, args, z0, n: int):
 _TEXT_FNS: dict = {}
 
 
-def _text_embedding_fn(family):
+def text_embedding_fn(family):
     """cond -> the prior's CLIP text embedding [B, E], jitted once per family."""
     if id(family) not in _TEXT_FNS:
         fn = jax.jit(family.text_embedding)
