@@ -19,7 +19,8 @@ from t2i_jax import conditioning
 from t2i_jax.conditioning import Condition, Conditioning
 from t2i_jax.diffusion import forward, losses, make_schedule
 from t2i_jax.diffusion.schedules import Schedule
-from t2i_jax.families.base import Family, image_shape, quarter_means
+from t2i_jax.families.base import (PIXEL_THRESHOLDS, Family, image_shape, quarter_means,
+                                   thresholding_refusal)
 from t2i_jax.models.denoiser import Denoiser, Encoded, ModelConfig
 
 # Streams of the per-step key: never reused for two purposes.
@@ -158,8 +159,18 @@ class Diffusion(Family):
         """What a sampling record says decoded the chain's output ({}: nothing did)."""
         return {}
 
+    # (what, why) for a model whose chain's x0 is not pixels (a latent, an embedding): pixel
+    # thresholding is refused for it, in its config and in any sampling options.
+    not_pixels = None
+
+    @classmethod
+    def refuse_pixel_thresholding(cls, thresholding, flag: str) -> None:
+        if cls.not_pixels is not None and thresholding in PIXEL_THRESHOLDS:
+            raise ValueError(thresholding_refusal(thresholding, flag, *cls.not_pixels))
+
     def check_options(self, options, flag: str = "--thresholding") -> None:
         """Refuses sampling options that make no sense for this model (ValueError)."""
+        self.refuse_pixel_thresholding(options.thresholding, flag)
 
     def sampling_condition(self, cond: Condition, rng: jax.Array, sample_ids) -> Condition:
         """The Condition the chain sees, from the one a sampling job built (a stage with a

@@ -19,8 +19,7 @@ import dataclasses
 
 import jax
 
-from t2i_jax.families import base
-from t2i_jax.families.base import PIXEL_THRESHOLDS, image_shape
+from t2i_jax.families.base import image_shape
 from t2i_jax.families.diffusion import Diffusion
 from t2i_jax.families.frozen import (Frozen, check_recorded, check_same_data, load_frozen,
                                      resolve)
@@ -44,12 +43,6 @@ class LatentConfig:
         return cls(**section)
 
 
-def thresholding_refusal(thresholding, flag: str) -> str:
-    return base.thresholding_refusal(
-        thresholding, flag, "a latent model", "here x0_hat is a scaled latent (std ~1, unbounded), "
-        "which clipping would distort before the decoder sees it")
-
-
 @dataclasses.dataclass
 class LatentDiffusion(Diffusion):
     autoencoder: Frozen = None
@@ -58,13 +51,14 @@ class LatentDiffusion(Diffusion):
 
     name = "latent_diffusion"
     latent = True
+    not_pixels = ("a latent model", "here x0_hat is a scaled latent (std ~1, unbounded), which "
+                  "clipping would distort before the decoder sees it")
 
     @classmethod
     def from_config(cls, config) -> "LatentDiffusion":
         latent_cfg = LatentConfig.from_config(config)
-        thr = config.sample.get("thresholding", None)
-        if thr in PIXEL_THRESHOLDS:
-            raise ValueError(thresholding_refusal(thr, "config.sample.thresholding"))
+        cls.refuse_pixel_thresholding(config.sample.get("thresholding", None),
+                                      "config.sample.thresholding")
         frozen = load_frozen(resolve(config, "autoencoder", FLAG), "autoencoder", flag=FLAG)
         check_autoencoder(config, frozen)
         # a stored model: its autoencoder must be the one it was trained with
@@ -116,10 +110,6 @@ class LatentDiffusion(Diffusion):
         ident = self.autoencoder.identity()
         return dict(workdir=ident["workdir"], checkpoint_step=ident["step"],
                     sha256=ident["sha256"], scale_factor=self.scale_factor)
-
-    def check_options(self, options, flag: str = "--thresholding") -> None:
-        if options.thresholding in PIXEL_THRESHOLDS:
-            raise ValueError(thresholding_refusal(options.thresholding, flag))
 
 
 def check_autoencoder(config, frozen: Frozen) -> None:

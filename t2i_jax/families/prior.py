@@ -27,14 +27,11 @@ import jax
 import jax.numpy as jnp
 
 from t2i_jax.conditioning import Condition, Conditioning
-from t2i_jax.families import base
 from t2i_jax.families import clip as clip_lib
-from t2i_jax.families.base import PIXEL_THRESHOLDS
 from t2i_jax.families.diffusion import Diffusion, LossConfig, schedule_of
 from t2i_jax.families.frozen import Frozen
 from t2i_jax.models.denoiser import Encoded
 from t2i_jax.models.prior import PriorConfig, PriorTransformer
-
 
 
 def to_prior_space(z: jax.Array) -> jax.Array:
@@ -58,12 +55,6 @@ def select_candidates(candidates: jax.Array, text_embed: jax.Array):
     return best, index, jnp.max(scores, axis=0)
 
 
-def thresholding_refusal(thresholding, flag: str) -> str:
-    return base.thresholding_refusal(
-        thresholding, flag, "a prior", "the prior's x0 is a CLIP embedding scaled to norm "
-        "sqrt(E), whose components are not bounded by 1")
-
-
 @dataclasses.dataclass
 class Prior(Diffusion):
     clip: Frozen = None
@@ -71,13 +62,14 @@ class Prior(Diffusion):
     name = "prior"
     generates = False       # it writes embeddings: the stage before a decoder
     output_kind = "embedding"
+    not_pixels = ("a prior", "the prior's x0 is a CLIP embedding scaled to norm sqrt(E), whose "
+                  "components are not bounded by 1")
     batch_keys = ("image", "tokens", "mask")
 
     @classmethod
     def from_config(cls, config) -> "Prior":
-        thr = config.sample.get("thresholding", None)
-        if thr in PIXEL_THRESHOLDS:
-            raise ValueError(thresholding_refusal(thr, "config.sample.thresholding"))
+        cls.refuse_pixel_thresholding(config.sample.get("thresholding", None),
+                                      "config.sample.thresholding")
         if config.diffusion.prediction != "x0":
             raise ValueError(f"diffusion.prediction={config.diffusion.prediction!r}: unCLIP's prior "
                              "predicts the embedding itself (x0; sec. 2.2). Set "
@@ -145,10 +137,6 @@ class Prior(Diffusion):
     def text_embedding(self, inputs, cond: Condition) -> jax.Array:
         """The CLIP text embedding [B, E] of a Condition's caption (the candidates' judge)."""
         return clip_lib.text_encoding(self.clip, inputs["clip"], cond.tokens, cond.mask)[2]
-
-    def check_options(self, options, flag: str = "--thresholding") -> None:
-        if options.thresholding in PIXEL_THRESHOLDS:
-            raise ValueError(thresholding_refusal(options.thresholding, flag))
 
     def default_candidates(self) -> int:
         return int(self.config.sample.get("prior_candidates", 2))

@@ -11,13 +11,9 @@ come from, and the record each image keeps of it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
-
-SOURCES = ("prior", "image", "slerp", "text_embedding", "none")
-
 
 def slerp(a: np.ndarray, b: np.ndarray, t) -> np.ndarray:
     """Spherical interpolation of unit vectors a, b [..., E] at t in [0, 1] (scalar or [T]):
@@ -64,7 +60,3 @@ def embedding_record(embedding: dict, p: int, k: int, n: int) -> dict:
         out["t"] = k / (n - 1) if n > 1 else 0.0
         out["frame"] = k
     return out
-
-
-def digest(x: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
