@@ -66,6 +66,8 @@ class Context:
         self.test = data_lib.load_split(cfg.data, split)
         self.test_z = decoder.family.embed_images(self.test["image"])            # [N, E]
         self.text_z = np.asarray(_text_embeddings(prior, self.prompts))         # [P, E]
+        self.matches = [_matching(self.kind, p, self.test["label"], self.test["caption"])
+                        for p in self.prompts]                                  # [P] x bool [N]
 
     def job(self, tag, *, k=None, w_prior=None, w_dec=None, source="prior"):
         """(uint8 images, records, the prior's embeddings or None) of one job over the prompts."""
@@ -120,8 +122,7 @@ class Context:
         of its caption's test images, and to its caption's text embedding."""
         z = z.reshape(len(self.prompts), self.n, -1)
         true, text = [], []
-        for p, prompt in enumerate(self.prompts):
-            m = _matching(self.kind, prompt, self.test["label"], self.test["caption"])
+        for p, m in enumerate(self.matches):
             if m.any():
                 true.append(float(np.mean(z[p] @ self.test_z[m].T)))
             text.append(float(np.mean(z[p] @ self.text_z[p])))
@@ -145,8 +146,7 @@ def prior_section(ctx: Context, z) -> list:
     rows = {"sampled z_i (its caption)": [], "text embedding z_t (its caption)": [],
             "sampled z_i of another caption": [], "true z_i of other test images, same caption": [],
             "sampled z_i of the same caption, to each other": []}
-    for p, prompt in enumerate(ctx.prompts):
-        m = _matching(ctx.kind, prompt, ctx.test["label"], ctx.test["caption"])
+    for p, m in enumerate(ctx.matches):
         if not m.any():
             continue
         true = ctx.test_z[m]

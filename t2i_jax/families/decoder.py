@@ -27,9 +27,6 @@ from t2i_jax.families.diffusion import Diffusion
 from t2i_jax.families.frozen import Frozen
 from t2i_jax.models.denoiser import Denoiser
 
-GRID_IMAGES = 8
-
-
 @dataclasses.dataclass
 class Decoder(Diffusion):
     clip: Frozen = None
@@ -87,25 +84,20 @@ class Decoder(Diffusion):
 
     # --- grids ---------------------------------------------------------------------------
     def embed_images(self, x) -> np.ndarray:
-        """Clean CLIP image embeddings [N, E] (host) of images [N, H, W, C] in [-1, 1]."""
-        fn = jax.jit(lambda p, x: clip_lib.image_embedding(self.clip, p, x))
-        return np.asarray(fn(self.clip.params, jnp.asarray(x, jnp.float32)))
+        """Clean CLIP image embeddings [N, E] (host) of images [N, H, W, C] in [-1, 1] (one
+        program per family, compiled once per batch shape)."""
+        if not hasattr(self, "_embed_fn"):
+            self._embed_fn = jax.jit(lambda p, x: clip_lib.image_embedding(self.clip, p, x))
+        return np.asarray(self._embed_fn(self.clip.params, jnp.asarray(x, jnp.float32)))
 
     def grid_prompts(self) -> list:
-        return list(self._grid_split()["caption"][:GRID_IMAGES])
+        return list(self.grid_examples()["caption"])
 
     def grid_condition(self, prompts, n: int) -> Condition:
         """Rows of variations: each of the first test images' caption and CLIP embedding."""
         cond = super().grid_condition(prompts, n)
-        z = self.embed_images(self._grid_split()["image"][:len(prompts)])
+        z = self.embed_images(self.grid_examples()["image"][:len(prompts)])
         return cond.replace(embedding=jnp.repeat(jnp.asarray(z), n, axis=0))
-
-    def _grid_split(self) -> dict:
-        if not hasattr(self, "_grid_cache"):
-            from t2i_jax import data as data_lib
-            split = data_lib.get_spec(self.config.data.name).splits[1]
-            self._grid_cache = data_lib.load_split(self.config.data, split, limit=GRID_IMAGES)
-        return self._grid_cache
 
     def next_command(self, workdir: str) -> str:
         import shlex

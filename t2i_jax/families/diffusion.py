@@ -23,6 +23,8 @@ from t2i_jax.families.base import (PIXEL_THRESHOLDS, Family, image_shape, quarte
                                    thresholding_refusal)
 from t2i_jax.models.denoiser import Denoiser, Encoded, ModelConfig
 
+GRID_IMAGES = 8  # test images a conditioned family's progress grid shows
+
 # Streams of the per-step key: never reused for two purposes.
 _T, _NOISE, _DROP, _DROPOUT = 0, 1, 2, 3
 
@@ -189,6 +191,15 @@ class Diffusion(Family):
     def denoise_fn(self, params):
         """(x_t, t, enc: Encoded) -> the model's output, the form samplers.sample calls."""
         return lambda x_t, t, enc: self.model.apply(params, x_t, t, enc, method=Denoiser.denoise)
+
+    def grid_examples(self) -> dict:
+        """The first GRID_IMAGES test examples (data.load_split), loaded once: the grids of
+        families conditioned on an image (an SR stage's low-res input, a decoder's embedding)."""
+        if not hasattr(self, "_grid_cache"):
+            from t2i_jax import data as data_lib
+            split = data_lib.get_spec(self.config.data.name).splits[1]
+            self._grid_cache = data_lib.load_split(self.config.data, split, limit=GRID_IMAGES)
+        return self._grid_cache
 
     def grid_prompts(self) -> list:
         """The data set's fixed prompts for progress grids: captions, class names, or one

@@ -141,23 +141,13 @@ class SuperResolution(Diffusion):
     def grid_condition(self, prompts, n: int) -> Condition:
         """The first test images' captions and box-downsampled images, n rows each."""
         cond = super().grid_condition(prompts, n)
-        low = jnp.repeat(augmentation.downsample(jnp.asarray(self._grid_images()),
+        low = jnp.repeat(augmentation.downsample(jnp.asarray(self.grid_examples()["image"]),
                                                  self.sr.low_res_size), n, axis=0)
         return cond.replace(low_res=low, aug_level=jnp.full((low.shape[0],),
                                                             self.default_aug_level(), jnp.float32))
 
     def grid_prompts(self) -> list:
-        return self._grid_split()["caption"][:GRID_IMAGES]
-
-    def _grid_images(self):
-        return self._grid_split()["image"][:GRID_IMAGES]
-
-    def _grid_split(self) -> dict:
-        if not hasattr(self, "_grid_cache"):
-            from t2i_jax import data as data_lib
-            split = data_lib.get_spec(self.config.data.name).splits[1]
-            self._grid_cache = data_lib.load_split(self.config.data, split)
-        return self._grid_cache
+        return list(self.grid_examples()["caption"])
 
     def next_command(self, workdir: str) -> str:
         import shlex
@@ -165,5 +155,3 @@ class SuperResolution(Diffusion):
                 + " --prompt '...' --outdir OUT   (or --workdir " + shlex.quote(workdir)
                 + " --low_res IMAGES --prompt '...' --outdir OUT)")
 
-
-GRID_IMAGES = 8
