@@ -348,22 +348,22 @@ def main(argv=None, boundary=None) -> int:
 
     try:
         stages, low_res, low_res_record, aug_level, prompts = load_stages(args, trained, prompts)
-        unclip_job = load_unclip(args, trained, prompts, options, guidance) if unclip_flag else None
+        plan = JobPlan(first=trained, options=options, guidance=guidance, prompts=prompts,
+                       num_per_prompt=args.num_per_prompt)
+        if unclip_flag:
+            plan = load_unclip(args, plan)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    embeddings, embedding_record, num_per_prompt = None, None, args.num_per_prompt
-    candidates, shared_noise, first = 1, False, trained
-    if unclip_job is not None:
-        (first, options, guidance, stages, prompts, embeddings, embedding_record, num_per_prompt,
-         candidates, shared_noise) = unclip_job.apply(stages)
+    first, options, guidance, prompts = plan.first, plan.options, plan.guidance, plan.prompts
+    num_per_prompt, stages = plan.num_per_prompt, plan.pre_stages + stages
     guides, clip = load_guides(args, trained)
     spec = job_lib.JobSpec.create(first, prompts, num_per_prompt=num_per_prompt,
                                   guidance=guidance, seed=args.seed, options=options,
                                   shard_size=args.shard_size, guides=guides, rerank=args.rerank,
                                   reranker=clip if args.rerank > 1 else None, stages=stages,
                                   aug_level=aug_level, low_res=low_res_record,
-                                  embedding=embedding_record, candidates=candidates,
-                                  shared_noise=shared_noise)
+                                  embedding=plan.embedding, candidates=plan.candidates,
+                                  shared_noise=plan.shared_noise)
     lead = distributed.is_lead()  # the others compute their rows and write nothing
     if lead:
         print(f"[t2i_jax] checkpoint {first.step} ({first.kind} parameters) of "
@@ -386,7 +386,7 @@ def main(argv=None, boundary=None) -> int:
                              progress=not args.no_progress, npz=args.npz,
                              grid_columns=args.grid_columns, guides=guides,
                              reranker=clip if args.rerank > 1 else None, stages=stages,
-                             low_res=low_res, embeddings=embeddings)
+                             low_res=low_res, embeddings=plan.embeddings)
     if lead:
         job_lib.print_summary(result)
         print(os.path.join(os.path.abspath(args.outdir), job_lib.GRID_FILE))
@@ -433,29 +433,31 @@ def load_stages(args, trained, prompts):
     return stages, low_res, record, aug_level, prompts
 
 
-class UnclipJob:
-    """What --prior / --variations / --interpolate make of the job (sampling/unclip.py)."""
+@dataclasses.dataclass
+class JobPlan:
+    """Stage 0 of the job and what it is given: the --workdir model and its options, or what
+    --prior / --variations / --interpolate make of them (load_unclip)."""
+    first: object                      # stage 0's Trained
+    options: object                    # its SampleOptions
+    guidance: list
+    prompts: list
+    num_per_prompt: int
+    pre_stages: list = dataclasses.field(default_factory=list)  # before the --sr stages
+    embeddings: object = None          # a decoder stage 0's given embeddings
+    embedding: object = None           # JobSpec.embedding: where they come from
+    candidates: int = 1
+    shared_noise: bool = False
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
 
-    def apply(self, stages):
-        return (self.first, self.options, self.guidance, self.pre_stages + list(stages),
-                self.prompts, self.embeddings, self.record, self.num_per_prompt,
-                self.candidates, self.shared_noise)
-
-
-def load_unclip(args, decoder, prompts, options, guidance):
+def load_unclip(args, plan: JobPlan) -> JobPlan:
     """The unCLIP job of the flags: with --prior, stage 0 is the prior and the decoder stage 1
     (with --guidance, one value, as its weight); with --variations / --interpolate the decoder
     is stage 0 with each image's (or each slerp frame's) CLIP embedding given."""
     from t2i_jax.sampling import stages as stages_lib
     from t2i_jax.sampling import unclip
     from t2i_jax.sampling.load import load_trained
+    decoder, prompts, options, guidance = plan.first, plan.prompts, plan.options, plan.guidance
     fam = decoder.family
-    common = dict(prompts=prompts, candidates=1, shared_noise=False, pre_stages=[],
-                  first=decoder, options=options, guidance=guidance,
-                  num_per_prompt=args.num_per_prompt)
     if args.prior:
         prior = load_trained(args.prior, params=args.params)
         stages_lib.check_prior_decoder(prior, decoder)
@@ -472,9 +474,9 @@ def load_unclip(args, decoder, prompts, options, guidance):
         print(f"[t2i_jax] prior: checkpoint {prior.step} of {prior.workdir}, {p_options.sampler} "
               f"{p_options.num_steps} steps, guidance {w_prior:g}, {k} candidate(s) per image.",
               file=sys.stderr)
-        return UnclipJob(**dict(common, first=prior, options=p_options, guidance=[w_prior],
-                                pre_stages=[dec], embeddings=None, candidates=int(k),
-                                record={"source": "prior"}))
+        return dataclasses.replace(plan, first=prior, options=p_options, guidance=[w_prior],
+                                   pre_stages=[dec], candidates=int(k),
+                                   embedding={"source": "prior"})
     shape = tuple(fam.output_shape)
     if args.variations:
         x, rows = unclip.load_images(args.variations, shape, "--variations")
@@ -486,8 +488,8 @@ def load_unclip(args, decoder, prompts, options, guidance):
         z = fam.embed_images(stages_lib.to_float(x))
         if args.sampler is None and args.eta is None:
             options = dataclasses.replace(options, eta=1.0)  # stochastic: variations
-        return UnclipJob(**dict(common, prompts=prompts, options=options, embeddings=z,
-                                record={"source": "image", "rows": rows}))
+        return dataclasses.replace(plan, prompts=prompts, options=options, embeddings=z,
+                                   embedding={"source": "image", "rows": rows})
     pairs = args.interpolate
     flat, rows = unclip.load_images([p for pair in pairs for p in pair], shape, "--interpolate")
     z = fam.embed_images(stages_lib.to_float(flat)).reshape(len(pairs), 2, -1)
@@ -502,9 +504,9 @@ def load_unclip(args, decoder, prompts, options, guidance):
     rec_rows = [{"a": rows[2 * i]["path"], "a_sha256": rows[2 * i]["sha256"],
                  "b": rows[2 * i + 1]["path"], "b_sha256": rows[2 * i + 1]["sha256"]}
                 for i in range(len(pairs))]
-    return UnclipJob(**dict(common, prompts=prompts, options=options, embeddings=frames,
-                            num_per_prompt=args.frames, shared_noise=True,
-                            record={"source": "slerp", "rows": rec_rows}))
+    return dataclasses.replace(plan, prompts=prompts, options=options, embeddings=frames,
+                               num_per_prompt=args.frames, shared_noise=True,
+                               embedding={"source": "slerp", "rows": rec_rows})
 
 
 def load_guides(args, trained):
