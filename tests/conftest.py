@@ -85,6 +85,16 @@ def _made_once(tmp_path_factory, name, make):
     return path
 
 
+def _trained_40(data_dir, tmp_path_factory, family, name) -> str:
+    """The tiny `family` (tests/tiny_families.py; None: tests/tiny_config.py) trained 40 steps
+    to its end into the shared directory `name`, once for all workers; read-only."""
+    from runs import run, tiny
+
+    def make(wd):
+        run(tiny(data_dir, family, train__num_steps=40, train__checkpoint_every=40), wd)
+    return str(_made_once(tmp_path_factory, name, make))
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """The embedded data sets (digits, shapes), prepared once for all tests.
@@ -103,11 +113,7 @@ def data_dir(tmp_path_factory):
 def tiny_workdir(data_dir, tmp_path_factory):
     """A tiny digits model (tests/tiny_config.py) trained 40 steps, to sample from: its outputs
     are no longer the zero-initialised ones. Trained once for all workers; read-only."""
-    from runs import run, tiny
-
-    def make(wd):
-        run(tiny(data_dir, train__num_steps=40, train__checkpoint_every=40), wd)
-    return str(_made_once(tmp_path_factory, "tiny_trained", make))
+    return _trained_40(data_dir, tmp_path_factory, None, "tiny_trained")
 
 
 @pytest.fixture(scope="session")
@@ -151,13 +157,8 @@ def digits_evaluator(data_dir, tmp_path_factory):
 def cascade(data_dir, tmp_path_factory):
     """(base workdir, SR workdir): the tiny 8x8 digits model and the tiny 8 -> 16 SR stage
     (tests/tiny_families.py), each trained 40 steps once for all workers; read-only."""
-    from runs import run, tiny
-    out = []
-    for name in ("base8", "super_resolution"):
-        def make(wd, name=name):
-            run(tiny(data_dir, name, train__num_steps=40, train__checkpoint_every=40), wd)
-        out.append(str(_made_once(tmp_path_factory, f"cascade_{name}", make)))
-    return tuple(out)
+    return tuple(_trained_40(data_dir, tmp_path_factory, name, f"cascade_{name}")
+                 for name in ("base8", "super_resolution"))
 
 
 @pytest.fixture(scope="session")
@@ -165,11 +166,7 @@ def tiny_autoencoder(data_dir, tmp_path_factory):
     """The tiny digits autoencoder (tests/tiny_families.py, with its patch-GAN) trained 40 steps
     to its end, so its checkpoint stores the scale factor, once for all workers; read-only.
     $T2I_TEST_AUTOENCODER names it: the tiny latent model's config reads it."""
-    from runs import run, tiny
-
-    def make(wd):
-        run(tiny(data_dir, "autoencoder", train__num_steps=40, train__checkpoint_every=40), wd)
-    wd = str(_made_once(tmp_path_factory, "tiny_autoencoder", make))
+    wd = _trained_40(data_dir, tmp_path_factory, "autoencoder", "tiny_autoencoder")
     os.environ["T2I_TEST_AUTOENCODER"] = wd
     return wd
 
@@ -177,22 +174,14 @@ def tiny_autoencoder(data_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_latent(data_dir, tmp_path_factory, tiny_autoencoder):
     """The tiny latent model on tiny_autoencoder, trained 40 steps once; read-only."""
-    from runs import run, tiny
-
-    def make(wd):
-        run(tiny(data_dir, "latent_diffusion", train__num_steps=40, train__checkpoint_every=40), wd)
-    return str(_made_once(tmp_path_factory, "tiny_latent", make))
+    return _trained_40(data_dir, tmp_path_factory, "latent_diffusion", "tiny_latent")
 
 
 @pytest.fixture(scope="session")
 def tiny_clip(data_dir, tmp_path_factory):
     """The tiny digits CLIP (tests/tiny_families.py "contrastive") trained 40 steps once for all
     workers; read-only. $T2I_TEST_CLIP names it: the tiny prior's and decoder's configs read it."""
-    from runs import run, tiny
-
-    def make(wd):
-        run(tiny(data_dir, "contrastive", train__num_steps=40, train__checkpoint_every=40), wd)
-    wd = str(_made_once(tmp_path_factory, "tiny_clip", make))
+    wd = _trained_40(data_dir, tmp_path_factory, "contrastive", "tiny_clip")
     os.environ["T2I_TEST_CLIP"] = wd
     return wd
 
@@ -200,13 +189,8 @@ def tiny_clip(data_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_unclip(data_dir, tmp_path_factory, tiny_clip):
     """(prior workdir, decoder workdir) on tiny_clip, each trained 40 steps once; read-only."""
-    from runs import run, tiny
-    out = []
-    for name in ("prior", "decoder"):
-        def make(wd, name=name):
-            run(tiny(data_dir, name, train__num_steps=40, train__checkpoint_every=40), wd)
-        out.append(str(_made_once(tmp_path_factory, f"tiny_{name}", make)))
-    return tuple(out)
+    return tuple(_trained_40(data_dir, tmp_path_factory, name, f"tiny_{name}")
+                 for name in ("prior", "decoder"))
 
 
 @pytest.fixture(scope="session")
