@@ -291,7 +291,6 @@ def main(argv=None, boundary=None) -> int:
 
     from t2i_jax.diffusion import samplers
     from t2i_jax.errors import UsageError
-    from t2i_jax.models import text
     from t2i_jax.sampling import job as job_lib
     from t2i_jax.sampling import stages as stages_lib
     from t2i_jax.sampling.load import load_trained, require_generator
@@ -338,13 +337,15 @@ def main(argv=None, boundary=None) -> int:
     family.conditioning.check_prompts(prompts)
     if family.conditioning.kind == "text":  # reported here per prompt, not by the tokenizer again
         warnings.filterwarnings("ignore", message=r".*prompt\(s\) longer than")
-        max_length = family.max_length
-        toks = text.tokenize(prompts, max_length, warn=False)
+        tokenizer = family.tokenizer
+        max_length = tokenizer.max_length
+        toks = tokenizer(prompts, warn=False)
+        unit = ("" if tokenizer.name != "byte" else f" ({max_length - 2} UTF-8 bytes)")
         for i in map(int, toks.truncated.nonzero()[0]):
-            kept = text.detokenize(toks.ids[i:i + 1])[0]
+            kept = tokenizer.decode(toks.ids[i:i + 1])[0]
             print(f"[t2i_jax] warning: prompt {i + 1} is longer than the model's {max_length} "
-                  f"tokens ({max_length - 2} UTF-8 bytes): it was truncated to {kept!r}.",
-                  file=sys.stderr)
+                  f"{tokenizer.name if tokenizer.name != 'byte' else ''} tokens{unit}: it was "
+                  f"truncated to {kept!r}.".replace("  ", " "), file=sys.stderr)
 
     try:
         stages, low_res, low_res_record, aug_level, prompts = load_stages(args, trained, prompts)

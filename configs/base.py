@@ -32,6 +32,11 @@ def get_config():
                   attention_impl="einsum", dtype="float32"),
         null="empty_prompt",      # or "learned": see t2i_jax/conditioning.py
         pooled_text=True,
+        # "trained": the byte encoder above, trained with the UNet (GLIDE); "t5" / "clip": a
+        # frozen pretrained encoder read from `path`, a local directory in the Hugging Face
+        # layout (replaces `text`; t2i_jax/families/frozen_text.py)
+        text_encoder=dict(kind="trained", path=config_dict.placeholder(str),
+                          max_length=config_dict.placeholder(int), dtype="float32"),
     ))
 
     config.diffusion = ml_collections.ConfigDict(dict(
@@ -51,7 +56,9 @@ def get_config():
         keep_checkpoints=3,       # the newest k checkpoints are kept; 0 keeps every one
         log_every=50,             # metrics.jsonl / TensorBoard / progress bar
         sample_every=1000,        # PNG grid from the EMA parameters, and at the end (0: none)
-        samples_per_prompt=8))
+        samples_per_prompt=8,
+        # a frozen text encoder's features of every training caption, computed once (Imagen)
+        text_cache=False, text_cache_dir=config_dict.placeholder(str)))
 
     config.sample = ml_collections.ConfigDict(dict(
         sampler="ddim", num_steps=50, guidance_weight=3.0, eta=0.0,

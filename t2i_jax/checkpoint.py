@@ -93,11 +93,22 @@ def _get(d: dict, dotted: str):
     return d
 
 
+def _model_section(config: dict) -> Optional[dict]:
+    """config["model"], without a text_encoder section that says what configs written before it
+    existed meant (kind "trained": the jointly trained encoder), so those still compare equal."""
+    model = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model, dict) and (model.get("text_encoder") or {}).get("kind") == "trained":
+        model = {k: v for k, v in model.items() if k != "text_encoder"}
+    return model
+
+
 def config_differences(stored: dict, current: dict) -> list[str]:
     """The MODEL_KEYS leaves whose values differ, as 'key: stored -> current' lines."""
     out = []
     for key in MODEL_KEYS:
         a, b = _get(stored, key), _get(current, key)
+        if key == "model":
+            a, b = _model_section(stored), _model_section(current)
         a, b = (DEFAULTS.get(key) if a is None else a), (DEFAULTS.get(key) if b is None else b)
         out += tree_differences(_normalise(a), _normalise(b), key)
     return out

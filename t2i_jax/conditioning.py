@@ -4,25 +4,29 @@ A `Condition` holds text tokens and their mask, or class labels, or nothing, plu
 a super-resolution stage's also holds its low-resolution image and augmentation level, which
 classifier-free guidance never drops (Imagen: CFG drops the text, not the image).
 `Conditioning` is the ONE place that decides, from a model's config, what the model is
-conditioned on: how a training batch and a list of prompts become a Condition, and what the
+conditioned on: how a training batch and a list of prompts become a Condition (through the
+model's tokenizer: bytes, T5's SentencePiece or CLIP's BPE, models/tokenizers.py), and what the
 null is. Training dropout, the progress grids, sampling jobs and guides all go through it.
 The null condition is ONE thing chosen in the config and used both by training dropout and by
 sampling:
   "empty_prompt": the tokens of "" ([BOS, EOS]); the model encodes them like any prompt;
   "learned":      the model replaces the text features of null rows by learned ones.
 For class labels the null is the extra label `num_classes` (its own embedding row).
+A model on a frozen pretrained text encoder (T5, CLIP) reads `features` / `pooled`, the
+encoder's output for the tokens (computed in the step or read from a cache of the data set's
+captions); its null is the encoding of the empty prompt (families/frozen_text.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from t2i_jax.models import text
+from t2i_jax.models.tokenizers import ByteTokenizer
 
 NULL_MODES = ("empty_prompt", "learned")
 KINDS = ("text", "label", "none")  # what a model is conditioned on
@@ -38,15 +42,19 @@ class Condition:
     aug_level: Optional[jax.Array] = None  # float32 [B]: its noise-augmentation level in [0, 1)
     embedding: Optional[jax.Array] = None  # float32 [B, E]: a CLIP image embedding (unCLIP's
                                            # decoder); the null is the zero vector
+    features: Optional[jax.Array] = None   # float32 [B, L, D]: a frozen text encoder's tokens
+    pooled: Optional[jax.Array] = None     # float32 [B, P]: and its pooled vector
 
     @property
     def batch_size(self) -> int:
         return jax.tree_util.tree_leaves(self)[0].shape[0]
 
 
-def text_condition(prompts: Sequence[str], max_length: int) -> Condition:
-    """Returns the Condition of prompts (tokenized; truncation is reported by the tokenizer)."""
-    tokens = text.tokenize(list(prompts), max_length)
+def text_condition(prompts: Sequence[str], max_length=None, *, tokenizer=None) -> Condition:
+    """Returns the Condition of prompts, tokenized by `tokenizer` (default: bytes to max_length;
+    truncation is reported by the tokenizer)."""
+    tokenizer = ByteTokenizer(max_length) if tokenizer is None else tokenizer
+    tokens = tokenizer(list(prompts))
     return Condition(tokens=jnp.asarray(tokens.ids), mask=jnp.asarray(tokens.mask),
                      is_null=jnp.zeros((len(prompts),), bool))
 
@@ -57,18 +65,20 @@ def class_condition(labels) -> Condition:
 
 
 def null_condition(batch: int, *, max_length: Optional[int] = None,
-                   num_classes: Optional[int] = None) -> Condition:
+                   num_classes: Optional[int] = None, tokenizer=None) -> Condition:
     """Returns the null Condition for `batch` rows: the empty prompt (text) or label num_classes.
 
     The empty prompt's tokens are also what a "learned" null replaces inside the model, so the
     same value serves both null modes.
     """
+    if tokenizer is not None:
+        max_length = tokenizer.max_length
     if (max_length is None) == (num_classes is None):
         raise ValueError("pass max_length (text conditioning) or num_classes (class labels), not both.")
     is_null = jnp.ones((batch,), bool)
     if num_classes is not None:
         return Condition(label=jnp.full((batch,), num_classes, jnp.int32), is_null=is_null)
-    empty = text.tokenize([""] * batch, max_length)
+    empty = (ByteTokenizer(max_length) if tokenizer is None else tokenizer)([""] * batch)
     return Condition(tokens=jnp.asarray(empty.ids), mask=jnp.asarray(empty.mask), is_null=is_null)
 
 
@@ -101,7 +111,8 @@ def replace_rows(cond: Condition, null: Condition, mask) -> Condition:
 
 # The parts of a condition that are dropped independently (unCLIP's decoder drops its image
 # embedding 10% and its text 50% of the time): part -> the Condition fields it replaces.
-PARTS = {"text": ("tokens", "mask", "label", "is_null"), "embedding": ("embedding",)}
+PARTS = {"text": ("tokens", "mask", "label", "is_null", "features", "pooled"),
+         "embedding": ("embedding",)}
 
 
 def drop_parts(cond: Condition, null: Condition, key: jax.Array, rates: dict) -> Condition:
@@ -140,7 +151,8 @@ def check_null_mode(mode: str) -> None:
 class Conditioning:
     """What one model is conditioned on ("text", "label" or "none") and what follows from it.
 
-    text:  prompts are tokenized to max_length; the null is the empty prompt.
+    text:  prompts are tokenized by `tokenizer` (default: bytes to max_length); the null is the
+           empty prompt.
     label: prompts are class names of the data set (class_names[i] is label i); the null is
            the extra label len(class_names).
     none:  an unconditional model; every row is null (there is nothing to drop or guide with
@@ -151,8 +163,13 @@ class Conditioning:
     class_names: tuple = ()
     dataset: str = ""
     embedding_dim: Optional[int] = None  # also conditioned on a CLIP image embedding [E]
+    tokenizer: Any = dataclasses.field(default=None, compare=False)  # None: ByteTokenizer
 
     def __post_init__(self):
+        if self.kind == "text":
+            if self.tokenizer is None:
+                object.__setattr__(self, "tokenizer", ByteTokenizer(self.max_length))
+            object.__setattr__(self, "max_length", self.tokenizer.max_length)
         if self.kind not in KINDS:
             raise ValueError(f"unknown condition kind {self.kind!r}; choose one of {KINDS}.")
         if self.kind == "label" and not self.class_names:
@@ -172,7 +189,7 @@ class Conditioning:
         """The null Condition for `batch` rows: what dropout inserts and sampling guides with
         (with an image embedding: the null text and the null embedding, both dropped)."""
         if self.kind == "text":
-            null = null_condition(batch, max_length=self.max_length)
+            null = null_condition(batch, tokenizer=self.tokenizer)
         elif self.kind == "label":
             null = null_condition(batch, num_classes=self.num_classes)
         else:
@@ -185,11 +202,13 @@ class Conditioning:
         return cond.replace(embedding=null_embedding(cond.batch_size, self.embedding_dim))
 
     def of_batch(self, batch: dict) -> Condition:
-        """The Condition a training batch carries (tokens/mask or label [B])."""
+        """The Condition a training batch carries (tokens/mask or label [B]; with a cache of a
+        frozen encoder's features, text_features [B, L, D] and text_pooled [B, P] too)."""
         n = batch["image"].shape[0]
         if self.kind == "text":
             cond = Condition(tokens=batch["tokens"], mask=batch["mask"],
-                             is_null=jnp.zeros((n,), bool))
+                             is_null=jnp.zeros((n,), bool),
+                             features=batch.get("text_features"), pooled=batch.get("text_pooled"))
         elif self.kind == "label":
             cond = class_condition(batch["label"])
         else:
@@ -212,7 +231,7 @@ class Conditioning:
         if self.kind == "none":
             return self.null(len(prompts))
         if self.kind == "text":
-            cond = text_condition(prompts, self.max_length)
+            cond = text_condition(prompts, tokenizer=self.tokenizer)
         else:
             cond = class_condition([self.class_names.index(p) if p else 0 for p in prompts])
         empty = jnp.asarray([not p for p in prompts])

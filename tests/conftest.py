@@ -21,6 +21,9 @@ if os.environ.get("T2I_TEST_XLA_OPT") != "1" and "xla_backend_optimization_level
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
+# Caches of frozen text encoders' features and of weight-file hashes: never the user's ~/.cache.
+os.environ.setdefault("T2I_JAX_CACHE", os.path.join(tempfile.gettempdir(), "t2i_jax_test_cache"))
+
 import jax  # noqa: E402  (after the flag)
 
 # Many tests build the same small programs (a train step, a sampler) in separate calls; a
@@ -194,12 +197,23 @@ def tiny_unclip(data_dir, tmp_path_factory, tiny_clip):
 
 
 @pytest.fixture(scope="session")
-def straight_runs(data_dir, tmp_path_factory, tiny_run, tiny_autoencoder, tiny_clip):
-    """{family: (state after 4 steps on 8 devices, workdir with checkpoints 2 and 4)}."""
+def tiny_t5(tmp_path_factory):
+    """A tiny random T5 v1.1 encoder written in the publisher's layout (config.json,
+    model.safetensors, spiece.model: models/t5.write_tiny) once for all workers; read-only.
+    $T2I_TEST_T5 names it: the tiny "frozen_t5" config reads it."""
+    from t2i_jax.models import t5
+    d = str(_made_once(tmp_path_factory, "tiny_t5", lambda p: t5.write_tiny(str(p))))
+    os.environ["T2I_TEST_T5"] = d
+    return d
+
+
+@pytest.fixture(scope="session")
+def straight_runs(data_dir, tmp_path_factory, tiny_run, tiny_autoencoder, tiny_clip, tiny_t5):
+    """{family or option: (state after 4 steps on 8 devices, workdir with checkpoints 2 and 4)}."""
     from runs import restore_step, run, tiny
     out = {"diffusion": tiny_run}
     for name in ("noisy_classifier", "contrastive", "super_resolution", "autoencoder",
-                 "latent_diffusion", "prior", "decoder"):
+                 "latent_diffusion", "prior", "decoder", "frozen_t5"):
         wd = _made_once(tmp_path_factory, f"straight_{name}",
                         lambda p, name=name: run(tiny(data_dir, name), p))
         out[name] = (restore_step(tiny(data_dir, name), wd, 4), wd)

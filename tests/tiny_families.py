@@ -13,6 +13,9 @@ and "latent_diffusion" on a trained tiny autoencoder, whose workdir is $T2I_TEST
 
 "prior" and "decoder" (unCLIP) read the frozen tiny CLIP of $T2I_TEST_CLIP (the tiny_clip
 fixture: "contrastive" trained 40 steps).
+
+"frozen_t5" is the tiny diffusion model conditioned on the frozen tiny random T5 of
+$T2I_TEST_T5 (the tiny_t5 fixture, written in the publisher's layout), encoded in the step.
 """
 
 import os
@@ -72,6 +75,10 @@ def get_config(name="diffusion"):
         config.latent = ml_collections.ConfigDict(dict(scale_by_std=True))
         config.sample.thresholding = "none"
         config.diffusion.prediction = "v"  # as configs/shapes64_ldm.py: x0_hat unclipped
+    elif name == "frozen_t5":
+        config.model.text = None
+        config.model.text_encoder = ml_collections.ConfigDict(dict(
+            kind="t5", path=os.environ.get("T2I_TEST_T5", ""), max_length=32, dtype="float32"))
     elif name == "prior":
         config.family = name
         config.model = ml_collections.ConfigDict(dict(

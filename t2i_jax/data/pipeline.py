@@ -31,7 +31,6 @@ import grain
 import numpy as np
 
 from t2i_jax.data import catalog
-from t2i_jax.models import text as text_lib
 
 CAPTION_SALT = 0x7D1  # folded into the per-example seed: the caption choice and the flip
 STATE_VERSION = 1
@@ -147,11 +146,12 @@ def choose_caption(captions, style: str, caption_styles, rng: Optional[np.random
 class _Process:
     """The grain map: (epoch, record index) -> one example's arrays."""
 
-    def __init__(self, s: DataSettings, source, seed: int, max_length: Optional[int]):
-        # max_length None: the model reads no text; tokens of a default length, no warning.
-        self._warn = max_length is not None
-        max_length = 16 if max_length is None else max_length
-        self._s, self._source, self._seed, self._max_length = s, source, seed, max_length
+    def __init__(self, s: DataSettings, source, seed: int, tokenizer, text_cache=None):
+        # tokenizer None: the model reads no text; byte tokens of a default length, no warning.
+        self._warn = tokenizer is not None
+        self._tokenizer = _byte_tokenizer(16) if tokenizer is None else tokenizer
+        self._s, self._source, self._seed = s, source, seed
+        self._cache = text_cache
         self._convert = s.spec.converter(s.data_dir)
         self._styles = s.spec.caption_styles
         self._warned = False
@@ -164,18 +164,28 @@ class _Process:
         rng = example_rng(self._seed, epoch, index)
         caption = choose_caption(captions, self._s.caption, self._styles, rng)
         flip = bool(rng.random() < 0.5) if self._s.random_flip else False
-        tokens = text_lib.tokenize([caption], self._max_length, warn=False)
+        tokens = self._tokenizer([caption], warn=False)
         if self._warn and tokens.truncated[0] and not self._warned:
             with self._lock:
                 if not self._warned:
                     self._warned = True
+                    t = self._tokenizer
                     warnings.warn(
-                        f"caption {caption!r} of {self._s.name!r} is longer than max_length - 2 = "
-                        f"{self._max_length - 2} UTF-8 bytes and was truncated (reported once); raise "
-                        "the text length (config.model.text.max_length) to keep captions whole.")
-        return {"image": process_image(image, self._s.image_size, self._s.channels, self._s.resize, flip),
-                "tokens": tokens.ids[0], "mask": tokens.mask[0],
-                "label": np.int32(label), "index": np.int64(index)}
+                        f"caption {caption!r} of {self._s.name!r} is longer than the {t.max_length} "
+                        f"{t.name} tokens of the model's tokenizer and was truncated (reported "
+                        "once); raise the text length (config.model.text.max_length, or "
+                        "config.model.text_encoder.max_length) to keep captions whole.")
+        out = {"image": process_image(image, self._s.image_size, self._s.channels, self._s.resize, flip),
+               "tokens": tokens.ids[0], "mask": tokens.mask[0],
+               "label": np.int32(label), "index": np.int64(index)}
+        if self._cache is not None:  # a frozen encoder's features of this caption, precomputed
+            out.update(self._cache.lookup(caption))
+        return out
+
+
+def _byte_tokenizer(max_length: int):
+    from t2i_jax.models.tokenizers import ByteTokenizer
+    return ByteTokenizer(max_length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,15 +268,18 @@ class TrainIterator(grain.DatasetIterator):
 
 
 def make_train_iterator(data_config, *, seed: int, global_batch_size: int,
-                        max_length: Optional[int],
+                        max_length: Optional[int] = None, tokenizer=None, text_cache=None,
                         process_index: Optional[int] = None,
                         process_count: Optional[int] = None) -> TrainIterator:
     """The training batches of this process: dicts of numpy arrays
       image  float32 [b, H, W, C] in [-1, 1]     tokens int32 [b, L]     mask bool [b, L]
       label  int32 [b] (-1: no classes)          index  int64 [b] (record index in the train split)
     with b = global_batch_size // process_count; the global batch of every step is the same
-    whatever process_count is. max_length None: for a model that reads no text (tokens of
-    length 16, no truncation warning). Prepares an embedded data set on first use."""
+    whatever process_count is. Captions are tokenized by `tokenizer` (models/tokenizers.py; or
+    bytes to max_length); neither: a model that reads no text (byte tokens of length 16, no
+    truncation warning). text_cache (families/frozen_text.TextCache): each example also gets
+    its caption's precomputed text_features [L, D] and text_pooled [P]. Prepares an embedded
+    data set on first use."""
     s = settings(data_config)
     if process_index is None or process_count is None:
         import jax
@@ -281,6 +294,8 @@ def make_train_iterator(data_config, *, seed: int, global_batch_size: int,
         raise ValueError(f"the data seed must be in [0, 2**32), got {seed}.")
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be >= 2 (BOS and EOS), got {max_length}.")
+    if tokenizer is None and max_length is not None:
+        tokenizer = _byte_tokenizer(max_length)
     b = global_batch_size // process_count
     train_split = s.spec.splits[0]
     source = catalog.open_split(s.spec, train_split, s.data_dir, s.image_size)
@@ -288,7 +303,7 @@ def make_train_iterator(data_config, *, seed: int, global_batch_size: int,
     if n == 0:
         raise ValueError(f"the {train_split!r} split of {s.name!r} is empty.")
     share = _ProcessShare(global_order(n, int(seed)), n, global_batch_size, b, process_index)
-    ds = share.map(_Process(s, source, int(seed), max_length)).batch(b, drop_remainder=True)
+    ds = share.map(_Process(s, source, int(seed), tokenizer, text_cache)).batch(b, drop_remainder=True)
     options = grain.ReadOptions(num_threads=max(0, s.num_threads), prefetch_buffer_size=max(0, s.prefetch))
     inner = iter(ds.to_iter_dataset(options))
     meta = {"dataset": s.name, "split": train_split, "num_examples": n, "seed": int(seed),
@@ -306,6 +321,20 @@ def sample_prompts(data_config) -> list:
     a handful including held-out colour+shape pairs)."""
     s = settings(data_config)
     return list(s.spec.prompts(None if s.caption in ("random", "first") else s.caption))
+
+
+def all_captions(data_config, split: Optional[str] = None) -> list:
+    """Every caption (every phrasing) of a split (default the training split), in record order
+    with repeats removed: what a cache of a frozen text encoder's features must hold."""
+    s = settings(data_config)
+    split = split or s.spec.splits[0]
+    source = catalog.open_split(s.spec, split, s.data_dir, s.image_size)
+    convert = s.spec.converter(s.data_dir)
+    seen = {}
+    for i in range(len(source)):
+        for c in convert(source[i])[1] or [""]:
+            seen.setdefault(c, None)
+    return list(seen)
 
 
 def class_names(data_config) -> Optional[list]:

@@ -30,8 +30,9 @@ class Family:
     image_shape: tuple
 
     name = "?"
-    # The batch entries the loss reads (the data pipeline may give more).
-    batch_keys: tuple = ("image", "tokens", "mask", "label")
+    # The batch entries the loss reads (the data pipeline may give more; a cache of a frozen
+    # text encoder's features adds text_features and text_pooled, which the loss reads too).
+    batch_keys: tuple = ("image", "tokens", "mask", "label", "text_features", "text_pooled")
 
     @property
     def max_length(self) -> int:
@@ -41,6 +42,17 @@ class Family:
     def text_length(self):
         """Tokens per caption the data pipeline makes, or None for a model that reads no text."""
         return self.conditioning.max_length if self.conditioning.kind == "text" else None
+
+    @property
+    def tokenizer(self):
+        """The tokenizer of the captions the loss reads (models/tokenizers.py), or None for a
+        model that reads no text."""
+        return self.conditioning.tokenizer if self.conditioning.kind == "text" else None
+
+    def text_cache(self):
+        """Precomputed per-caption batch fields the data pipeline adds (a frozen text
+        encoder's features), or None."""
+        return None
 
     # --- what a family must supply -------------------------------------------------------
     def init_params(self, key: jax.Array):

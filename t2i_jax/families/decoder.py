@@ -64,11 +64,11 @@ class Decoder(Diffusion):
                     p_image=jnp.asarray(self.p_image, jnp.float32))
 
     def frozen_identity(self) -> dict:
-        return {"clip": self.clip.identity()}
+        return dict(super().frozen_identity(), clip=self.clip.identity())
 
     def training_condition(self, batch: dict, key: jax.Array, hp: dict) -> Condition:
         z = clip_lib.image_embedding(self.clip, hp["clip"], batch["image"])
-        return self.conditioning.of_batch(batch).replace(embedding=z)
+        return super().training_condition(batch, key, hp).replace(embedding=z)
 
     def drop(self, cond: Condition, key: jax.Array, hp: dict) -> Condition:
         rates = {"embedding": hp["p_image"]}

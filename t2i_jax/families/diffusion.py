@@ -2,7 +2,9 @@
 draws, with classifier-free guidance's condition dropout (Ho et al. 2020; Ho & Salimans 2022).
 
 Its condition is text, a class label or nothing (`config.model`: text=None and
-unet.num_classes=None make an unconditional model, as ADM and SDG guide).
+unet.num_classes=None make an unconditional model, as ADM and SDG guide). Text goes through the
+byte-level encoder trained with the UNet (GLIDE), or a frozen pretrained T5 or CLIP
+(`config.model.text_encoder`, families/frozen_text.py: Imagen, Stable Diffusion).
 
 Per step (key = fold_in(root, step), each purpose its own stream):
   t ~ U{0..T-1}, noise ~ N(0, I), x_t = q_sample(x0, t, noise), cond -> null with probability
@@ -21,6 +23,7 @@ from t2i_jax.diffusion import forward, losses, make_schedule
 from t2i_jax.diffusion.schedules import Schedule
 from t2i_jax.families.base import (PIXEL_THRESHOLDS, Family, image_shape, quarter_means,
                                    thresholding_refusal)
+from t2i_jax.families.frozen_text import FrozenText, TextEncoderConfig
 from t2i_jax.models.denoiser import Denoiser, Encoded, ModelConfig
 
 GRID_IMAGES = 8  # test images a conditioned family's progress grid shows
@@ -43,10 +46,13 @@ def schedule_of(config) -> Schedule:
     return make_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr)
 
 
-def conditioning_of(model_cfg: ModelConfig, data_cfg) -> Conditioning:
-    """What a Denoiser of `model_cfg` is conditioned on: the one place that decides it."""
+def conditioning_of(model_cfg: ModelConfig, data_cfg, tokenizer=None) -> Conditioning:
+    """What a Denoiser of `model_cfg` is conditioned on: the one place that decides it
+    (tokenizer: a frozen text encoder's; None: the trained encoder's bytes)."""
     from t2i_jax import data as data_lib
-    if model_cfg.text is not None:
+    if model_cfg.text_conditioned:
+        if tokenizer is not None:
+            return Conditioning("text", tokenizer=tokenizer, dataset=data_cfg.name)
         return Conditioning("text", max_length=model_cfg.text.max_length, dataset=data_cfg.name)
     if model_cfg.unet.num_classes is not None:
         names = tuple(data_lib.class_names(data_cfg) or ())
@@ -62,6 +68,7 @@ class Diffusion(Family):
     model: Denoiser = None
     schedule: Schedule = None
     loss_cfg: LossConfig = None
+    frozen_text: FrozenText = None  # a frozen pretrained text encoder (None: trained or none)
 
     name = "diffusion"
     generates = True
@@ -70,7 +77,12 @@ class Diffusion(Family):
     def from_config(cls, config, shape=None) -> "Diffusion":
         """shape: the (H, W, C) the chain runs on (default the data's; a latent model's latent)."""
         shape = tuple(shape or image_shape(config))
-        model = Denoiser(ModelConfig.from_config(config.model))
+        model_cfg = ModelConfig.from_config(config.model)
+        frozen_text = load_frozen_text(config)
+        if frozen_text is not None:
+            model_cfg = dataclasses.replace(model_cfg, text=None,
+                                            frozen_text_width=frozen_text.width)
+        model = Denoiser(model_cfg)
         d, t = config.diffusion, config.train
         if not 0.0 <= t.p_uncond <= 1.0:
             raise ValueError(f"train.p_uncond must be in [0, 1], got {t.p_uncond}.")
@@ -81,16 +93,47 @@ class Diffusion(Family):
                     "the autoencoder's latent channels")
             raise ValueError(f"model.unet.out_channels={model.cfg.unet.out_channels} must equal "
                              f"{what}={shape[-1]}.")
-        return cls(config=config, conditioning=conditioning_of(model.cfg, config.data),
+        tokenizer = None if frozen_text is None else frozen_text.tokenizer
+        return cls(config=config, conditioning=conditioning_of(model.cfg, config.data, tokenizer),
                    image_shape=shape, model=model, schedule=schedule_of(config),
-                   loss_cfg=loss_cfg)
+                   loss_cfg=loss_cfg, frozen_text=frozen_text)
 
     @property
     def prediction(self) -> str:
         return self.loss_cfg.prediction
 
     def null(self) -> Condition:
-        return self.conditioning.null(1)
+        """The null Condition (one row); with a frozen text encoder, with the empty prompt's
+        features, computed once: training dropout and sampling use these same arrays."""
+        null = self.conditioning.null(1)
+        if self.frozen_text is None:
+            return null
+        return null.replace(features=jnp.asarray(self.frozen_text.null_tokens),
+                            pooled=jnp.asarray(self.frozen_text.null_pooled))
+
+    def with_text_features(self, params, cond: Condition) -> Condition:
+        """cond with a frozen text encoder's features (computed from its tokens, unless a cache
+        gave them already); unchanged for a model without one. params: the encoder's."""
+        if self.frozen_text is None or cond.features is not None or cond.tokens is None:
+            return cond
+        tokens, pooled = self.frozen_text.features(params, cond.tokens, cond.mask)
+        return cond.replace(features=tokens, pooled=pooled)
+
+    @property
+    def text_in_step(self) -> bool:
+        """Whether the train step runs the frozen text encoder (no cache of its features)."""
+        return self.frozen_text is not None and not self.config.train.get("text_cache", False)
+
+    def frozen_identity(self) -> dict:
+        return {} if self.frozen_text is None else {"text_encoder": self.frozen_text.identity()}
+
+    def text_cache(self):
+        """The cache of the training captions' frozen-encoder features (train.text_cache), built
+        on first use; None when the step encodes them itself."""
+        if self.frozen_text is None or not self.config.train.get("text_cache", False):
+            return None
+        return self.frozen_text.open_cache(self.config.data,
+                                           self.config.train.get("text_cache_dir", None))
 
     def init_params(self, key: jax.Array):
         x = jnp.zeros((1,) + self.image_shape, jnp.float32)
@@ -98,7 +141,10 @@ class Diffusion(Family):
         return self.model.init({"params": key, "dropout": key}, x, t, self.null())
 
     def hparams(self) -> dict:
-        return dict(p_uncond=jnp.asarray(self.loss_cfg.p_uncond, jnp.float32))
+        hp = dict(p_uncond=jnp.asarray(self.loss_cfg.p_uncond, jnp.float32))
+        if self.text_in_step:
+            hp["text_encoder"] = self.frozen_text.params
+        return hp
 
     def loss(self, params, batch: dict, key: jax.Array, hp: dict):
         x0 = self.diffusion_data(batch, key, hp)                   # [B, H, W, C]
@@ -126,8 +172,9 @@ class Diffusion(Family):
         return batch["image"]
 
     def training_condition(self, batch: dict, key: jax.Array, hp: dict) -> Condition:
-        """The Condition of a training batch, before dropout (key: the step's key)."""
-        return self.conditioning.of_batch(batch)
+        """The Condition of a training batch, before dropout (key: the step's key); a frozen
+        text encoder's features come from the cache (in the batch) or are computed here."""
+        return self.with_text_features(hp.get("text_encoder"), self.conditioning.of_batch(batch))
 
     def drop(self, cond: Condition, key: jax.Array, hp: dict) -> Condition:
         """Classifier-free guidance's dropout: each row to the null with probability p_uncond
@@ -150,8 +197,9 @@ class Diffusion(Family):
 
     def sampling_inputs(self):
         """Frozen parameters the sampling function reads besides the model's (a latent
-        model's autoencoder), passed to it as arguments, never baked in as constants."""
-        return {}
+        model's autoencoder, a frozen text encoder), passed to it as arguments, never baked in
+        as constants."""
+        return {} if self.frozen_text is None else {"text_encoder": self.frozen_text.params}
 
     def to_output(self, inputs, x0: jax.Array) -> jax.Array:
         """The chain's x0 -> the output images (the identity; a latent model decodes)."""
@@ -186,6 +234,8 @@ class Diffusion(Family):
     def encode(self, params, cond: Condition, inputs=None) -> Encoded:
         """The condition through the text encoder: once per sampling run, not per step
         (inputs: the sampling_inputs, for a family whose encoder is frozen)."""
+        if self.frozen_text is not None:
+            cond = self.with_text_features(inputs["text_encoder"], cond)
         return self.model.apply(params, cond, method=Denoiser.encode)
 
     def denoise_fn(self, params):
@@ -219,3 +269,16 @@ class Diffusion(Family):
         return (f"python sample.py --workdir {shlex.quote(workdir)} --prompt {shlex.quote(prompt)}"
                 f" --outdir {shlex.quote(os.path.join(workdir, 'samples_out'))}")
 
+
+
+def load_frozen_text(config):
+    """The frozen text encoder of config.model.text_encoder (None for "trained"); a stored
+    model refuses another encoder than the one it was trained with."""
+    from t2i_jax.families.frozen import check_recorded
+    cfg = TextEncoderConfig.from_config(config.model)
+    if not cfg.frozen:
+        return None
+    frozen = FrozenText.load(cfg)
+    check_recorded(config, "text_encoder", frozen, "its conditioning would read other text "
+                   "features than it learned")
+    return frozen

@@ -85,7 +85,7 @@ class LatentDiffusion(Diffusion):
         return self.autoencoder.family
 
     def frozen_identity(self) -> dict:
-        return {"autoencoder": self.autoencoder.identity()}
+        return dict(super().frozen_identity(), autoencoder=self.autoencoder.identity())
 
     def hparams(self) -> dict:
         return dict(super().hparams(), autoencoder=self.autoencoder.params)
@@ -101,7 +101,7 @@ class LatentDiffusion(Diffusion):
         return image_shape(self.config)
 
     def sampling_inputs(self):
-        return {"autoencoder": self.autoencoder.params}
+        return dict(super().sampling_inputs(), autoencoder=self.autoencoder.params)
 
     def to_output(self, inputs, x0: jax.Array) -> jax.Array:
         return self.ae.decode(inputs["autoencoder"], x0 / self.scale_factor)

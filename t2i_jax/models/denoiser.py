@@ -35,6 +35,11 @@ class ModelConfig:
     # `embedding_tokens` extra context tokens beside the text's (None: no image embedding)
     embedding_dim: Optional[int] = None
     embedding_tokens: int = 4
+    # A frozen pretrained text encoder (T5, CLIP; families/frozen_text.py) of this token width:
+    # the Condition then carries its features, and the model only layer-normalises them
+    # (Imagen, appendix: layer norm on the frozen text embeddings). None: text (if any) goes
+    # through the jointly trained encoder `text`.
+    frozen_text_width: Optional[int] = None
 
     @classmethod
     def from_config(cls, config) -> "ModelConfig":
@@ -42,15 +47,32 @@ class ModelConfig:
         d = dict(config)
         d.pop("autoencoder", None)  # a latent model's frozen autoencoder (families/latent.py)
         d.pop("clip", None)         # an unCLIP decoder's frozen CLIP (families/decoder.py)
+        d.pop("text_encoder", None)  # which text encoder: the family reads it (frozen_text.py)
         text_cfg = d.pop("text", None)
         return cls(unet=UNetConfig(**dict(d.pop("unet"))),
                    text=None if text_cfg is None else TextConfig(**dict(text_cfg)), **d)
 
     def __post_init__(self):
         check_null_mode(self.null)
-        if self.text is not None and self.unet.num_classes is not None:
+        if self.text_conditioned and self.unet.num_classes is not None:
             raise ValueError("condition on text or on class labels, not both: set text=None or "
                              "unet.num_classes=None.")
+        if self.frozen_text_width is not None:
+            if self.text is not None:
+                raise ValueError("a frozen text encoder replaces the trained one: text=None.")
+            if self.null != "empty_prompt":
+                raise ValueError(f"null={self.null!r}: with a frozen text encoder the null "
+                                 "condition is the encoding of the empty prompt (SD, Imagen); set "
+                                 "--config.model.null=empty_prompt.")
+
+    @property
+    def text_conditioned(self) -> bool:
+        return self.text is not None or self.frozen_text_width is not None
+
+    @property
+    def context_width(self) -> Optional[int]:
+        """The width of the text tokens cross-attention reads."""
+        return self.text.width if self.text is not None else self.frozen_text_width
 
 
 @struct.dataclass
@@ -72,8 +94,11 @@ class Denoiser(nn.Module):
         cfg = self.cfg
         self.unet = UNet(cfg.unet)
         if cfg.embedding_dim is not None:
-            width = cfg.text.width if cfg.text is not None else 4 * cfg.unet.channels
+            width = cfg.context_width or 4 * cfg.unet.channels
             self.embedding_tokens = nn.Dense(cfg.embedding_tokens * width)
+        if cfg.frozen_text_width is not None:
+            self.text_norm = nn.LayerNorm(name="text_norm")
+            self.pooled_norm = nn.LayerNorm(name="pooled_norm")
         if cfg.text is not None:
             self.text_encoder = TextEncoder(cfg.text)
             if cfg.null == "learned":
@@ -105,6 +130,17 @@ class Denoiser(nn.Module):
 
     def _encode(self, cond: Condition) -> Encoded:
         cfg = self.cfg
+        if cfg.frozen_text_width is not None:
+            if cond.features is None or cond.features.shape[-1] != cfg.frozen_text_width:
+                raise ValueError(
+                    f"this model reads a frozen text encoder's features [B, L, "
+                    f"{cfg.frozen_text_width}]: the Condition needs features and pooled (the "
+                    "family's encode fills them in), got "
+                    f"{None if cond.features is None else cond.features.shape}.")
+            context = self.text_norm(cond.features)                       # [B, L, D]
+            pooled = self.pooled_norm(cond.pooled) if cfg.pooled_text else None  # [B, P]
+            return Encoded(context=context, context_mask=cond.mask, pooled=pooled,
+                           low_res=cond.low_res, aug_level=cond.aug_level)
         if cfg.text is None:
             if cfg.unet.num_classes is not None and cond.label is None:
                 raise ValueError("this model is class-conditional: the Condition needs label [B].")

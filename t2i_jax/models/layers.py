@@ -45,6 +45,17 @@ class Embed(nn.Module):
                           precision=jax.lax.Precision.HIGHEST)
 
 
+class GatherEmbed(Embed):
+    """Returns table[ids] by a gather: for the large vocabularies of pretrained encoders (T5's
+    32128, CLIP's 49408), where one_hot(ids) @ table would build a [B, L, V] array (0.5 GB at
+    B = 32, L = 128) and spend more FLOPs than the encoder's first layers. Same parameter."""
+
+    @nn.compact
+    def __call__(self, ids):
+        table = self.param("embedding", nn.initializers.normal(1.0), (self.num_embeddings, self.features))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+
 class GroupNorm(nn.Module):
     """GroupNorm over NHWC from per-(batch, channel) spatial sums, grouped afterwards.
 

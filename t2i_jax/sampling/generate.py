@@ -136,9 +136,10 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
 
 def _with_inputs(jitted: Callable, inputs) -> Callable:
     """generate(params, cond, ...) -> jitted(params, inputs, cond, ...): the family's frozen
-    inputs (a latent model's autoencoder) are an argument of the program, not constants in it,
-    placed once per mesh, replicated over the devices the parameters are on."""
-    from jax.sharding import NamedSharding, PartitionSpec
+    inputs (a latent model's autoencoder, a frozen text encoder) are an argument of the program,
+    not constants in it, placed once per mesh, laid out like parameters (replicated, or split
+    over "fsdp" with fsdp > 1) on the devices the parameters are on."""
+    from jax.sharding import NamedSharding
 
     from t2i_jax import sharding as mesh_lib
     placed = {}
@@ -151,7 +152,8 @@ def _with_inputs(jitted: Callable, inputs) -> Callable:
         if key not in placed:
             placed.clear()  # one placement at a time: a new mesh replaces the old one
             if isinstance(sharding, NamedSharding):
-                placed[key] = mesh_lib.put(inputs, NamedSharding(sharding.mesh, PartitionSpec()))
+                placed[key] = jax.tree_util.tree_map(
+                    mesh_lib.put, inputs, mesh_lib.state_shardings(inputs, sharding.mesh))
             else:
                 placed[key] = jax.device_put(inputs, sharding)
         return jitted(params, placed[key], *args, **kwargs)

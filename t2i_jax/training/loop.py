@@ -131,7 +131,8 @@ def train(config, workdir: str, *, devices: Optional[list] = None, progress: boo
     workdir = files.check_writable_dir(workdir, "--workdir")
     iterator = data_lib.make_train_iterator(
         config.data, seed=config.seed, global_batch_size=tcfg.batch_size,
-        max_length=run.family.text_length, process_index=jax.process_index(),
+        tokenizer=run.family.tokenizer, text_cache=run.family.text_cache(),
+        process_index=jax.process_index(),
         process_count=jax.process_count())
     with distributed.lead_holds(files.ExclusiveLock(workdir, "training", enabled=lead, hint=(
             "wait for it to finish, stop it (kill -TERM saves a checkpoint first), or pass "
@@ -189,8 +190,12 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
               "nothing to train (raise --config.train.num_steps to go on).", file=sys.stderr)
 
     batch_sharding = mesh_lib.batch_sharding(mesh)
+    # Frozen models' parameters (an autoencoder, a CLIP, a T5) are laid out like the trained
+    # ones: replicated, or with fsdp > 1 split over "fsdp"; scalar hyperparameters replicated.
+    hp_host = family.hparams()
+    hp_shardings = mesh_lib.state_shardings(hp_host, mesh)
     step_fn = jax.jit(make_train_step(family, run.optim, run.tx),
-                      in_shardings=(shardings, batch_sharding, mesh_lib.replicated(mesh)),
+                      in_shardings=(shardings, batch_sharding, hp_shardings),
                       out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
     writer = MetricWriter(workdir, resume_step=start, enabled=lead)
     # Every process samples the grid (its program spans all devices); process 0 writes it.
@@ -198,7 +203,7 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
             _Preview(family, workdir, writer, lead) if hasattr(family, "preview") else None)
 
     data_state = iterator.get_state()
-    hp = mesh_lib.put(family.hparams(), mesh_lib.replicated(mesh))  # on the devices once
+    hp = jax.tree_util.tree_map(mesh_lib.put, hp_host, hp_shardings)  # on the devices once
     watch = _fresh_watch()
 
     def guard():
