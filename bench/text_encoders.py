@@ -2,12 +2,17 @@
 the memory a cache of their features takes per example.
 
     python bench/text_encoders.py [--batch 32] [--repeats 3] [--models t5-base,clip-b32]
+    python bench/text_encoders.py --train_config configs/shapes_t5_tiny.py [--encoder DIR] \
+        [--steps 5]      # the train step with the encoder in the step vs from the cache
 
 Weights are random (speed does not depend on them; nothing is downloaded): the Flax modules
 are built from the publishers' config.json values of google/t5-v1_1-base (L = 128 tokens, as
 Imagen) and openai/clip-vit-base-patch32's text tower (L = 77), jitted once, then timed
 (compilation excluded). The cache stores float32 token features [L, D], the pooled vector [P]
 and the mask [L] per caption (families/frozen_text.py); the table also gives T5-XXL's.
+With --train_config: seconds per train step of that config (its encoder, or --encoder DIR,
+e.g. `python -m t2i_jax.models.pretrained make-tiny runs/t5_base --size base`) with the text
+features computed in the step and read from the cache, and the seconds the cache took to build.
 Prints a markdown table; the last line is the table as JSON.
 """
 
@@ -51,12 +56,74 @@ def build(name: str):
     return hf_clip.CLIPTextTransformer(cfg), 77, cfg
 
 
+def train_steps(config_path: str, encoder, steps: int, cache_dir) -> list:
+    """[{mode, s_per_step, ...}] for the train step with the text encoder in the step and with
+    its features read from the cache (the same batches, the same parameters)."""
+    from t2i_jax import data as data_lib, sharding as mesh_lib
+    from t2i_jax.config_utils import load_config
+    from t2i_jax.training import loop
+    from t2i_jax.training.step import make_train_step
+    rows = []
+    for cached in (False, True):
+        config = load_config(config_path)
+        if encoder:
+            config.model.text_encoder.path = encoder
+        config.train.text_cache = cached
+        config.train.text_cache_dir = cache_dir
+        run = loop.Run.from_config(config)
+        fam = run.family
+        t0 = time.perf_counter()
+        cache = fam.text_cache()
+        built = time.perf_counter() - t0
+        it = data_lib.make_train_iterator(config.data, seed=0,
+                                          global_batch_size=config.train.batch_size,
+                                          tokenizer=fam.tokenizer, text_cache=cache)
+        mesh = mesh_lib.make_mesh(1)
+        state = jax.jit(run.create_state)(jax.random.key(0))
+        hp = mesh_lib.put(fam.hparams(), mesh_lib.replicated(mesh))
+        step = jax.jit(make_train_step(fam, run.optim, run.tx), donate_argnums=0)
+        batches = [{k: v for k, v in next(it).items() if k in fam.batch_keys}
+                   for _ in range(steps + 1)]
+        state, m = step(state, batches[0], hp)  # compile
+        jax.block_until_ready(m)
+        t0 = time.perf_counter()
+        for b in batches[1:]:
+            state, m = step(state, b, hp)
+        jax.block_until_ready(m)
+        dt = (time.perf_counter() - t0) / steps
+        rows.append(dict(mode="cache" if cached else "in the step", encoder=fam.frozen_text.workdir,
+                         batch=config.train.batch_size, L=fam.tokenizer.max_length,
+                         s_per_step=round(dt, 3),
+                         images_per_s=round(config.train.batch_size / dt, 1),
+                         cache_build_s=round(built, 1) if cached else None,
+                         cache_captions=len(cache) if cached else None))
+    return rows
+
+
+def print_table(rows) -> None:
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join("" if r[k] is None else str(r[k]) for k in keys) + " |")
+    print(json.dumps(rows))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--models", default="t5-base,clip-b32")
+    p.add_argument("--train_config", help="time this config's train step, in-step vs cache")
+    p.add_argument("--encoder", help="with --train_config: the encoder directory to use")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--cache_dir", default=None, help="with --train_config: where the cache goes")
     a = p.parse_args()
+    if a.train_config:
+        print_table(train_steps(a.train_config, a.encoder, a.steps, a.cache_dir))
+        return
     rows = []
     for name in a.models.split(","):
         module, L, cfg = build(name)
@@ -82,14 +149,7 @@ def main():
     rows.append(dict(model="t5-xxl (cache only)", params_M=4762.3, L=128, D=4096, batch=None,
                      s_per_batch=None, prompts_per_s=None,
                      cache_KiB_per_example=round((128 * 4096 * 4 + 4096 * 4 + 128) / 1024, 1)))
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}")
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join("" if r[k] is None else str(r[k]) for k in keys) + " |")
-    print(json.dumps(rows))
+    print_table(rows)
 
 
 if __name__ == "__main__":

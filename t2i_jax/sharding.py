@@ -86,7 +86,13 @@ def put(tree: Any, sharding: NamedSharding) -> Any:
     def leaf(x):
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        is_key = isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        if isinstance(x, jax.Array) and not is_key and (
+                not x.is_fully_addressable or sharding.is_fully_addressable):
+            # a global array (a frozen encoder read onto another mesh), or any array within one
+            # process: resharded device to device, never gathered on a host
+            return jax.device_put(x, sharding)
+        if is_key:
             data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
         return jax.device_put(np.asarray(x), sharding)

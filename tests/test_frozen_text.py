@@ -109,13 +109,12 @@ def test_bad_directories_are_refused_naming_the_problem(tiny_t5, tmp_path):
         pretrained.load(d)
 
 
-def test_encode_command_writes_the_ports_features_and_make_tiny_keeps_a_model(tiny_t5, tmp_path):
+def test_encode_command_writes_the_ports_features_and_make_tiny_keeps_a_model(tiny_t5, tmp_path,
+                                                                             capsys):
     out = tmp_path / "f.npz"
     texts = ["a small red circle", "数字 ✨", ""]
-    cmd = [sys.executable, "-m", "t2i_jax.models.pretrained", "encode", tiny_t5, "--out", str(out),
-           "--max_length", "12"] + [a for t in texts for a in ("--text", t)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    pretrained.main(["encode", tiny_t5, "--out", str(out), "--max_length", "12"]
+                    + [a for t in texts for a in ("--text", t)])
     got = np.load(out)
     enc = pretrained.load(tiny_t5, max_length=12)
     toks = enc.tokenizer(texts)
@@ -128,9 +127,17 @@ def test_encode_command_writes_the_ports_features_and_make_tiny_keeps_a_model(ti
     m = toks.mask[..., None]
     np.testing.assert_allclose(got["pooled"], (got["tokens"] * m).sum(1) / m.sum(1), rtol=1e-5,
                                atol=1e-6)
-    again = subprocess.run([sys.executable, "-m", "t2i_jax.models.pretrained", "make-tiny",
-                            tiny_t5], cwd=ROOT, capture_output=True, text=True)
-    assert again.returncode != 0 and "already holds a model" in again.stderr
+    with pytest.raises(SystemExit, match="already holds a model"):
+        pretrained.main(["make-tiny", tiny_t5])
+    with pytest.raises(SystemExit, match="--size base is available for --kind t5 only"):
+        pretrained.main(["make-tiny", str(tmp_path / "c"), "--kind", "clip", "--size", "base"])
+    assert not (tmp_path / "c").exists()
+    # The command line itself, once: prog, subcommand and exit code as a user sees them.
+    done = subprocess.run([sys.executable, "-m", "t2i_jax.models.pretrained", "encode",
+                           str(tmp_path / "nowhere"), "--text", "a", "--out", str(tmp_path / "x.npz")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "is not a directory" in done.stderr
+    assert not (tmp_path / "x.npz").exists()
 
 
 # --- training ------------------------------------------------------------------------------
@@ -237,7 +244,7 @@ def test_the_null_is_the_empty_prompts_encoding_and_padding_never_reaches_the_mo
         features=jnp.where(pad[..., None], cond.features, cond.features + shift))), atol=1e-4)
 
 
-def test_a_checkpoint_refuses_another_encoder(data_dir, tiny_t5, tmp_path):
+def test_a_checkpoint_refuses_another_encoder(data_dir, tiny_t5, tmp_path, capsys):
     t5_dir = _copy(tiny_t5, tmp_path / "t5")
     cfg = tiny(data_dir, "frozen_t5", train__num_steps=2)
     cfg.model.text_encoder.path = t5_dir
@@ -256,11 +263,10 @@ def test_a_checkpoint_refuses_another_encoder(data_dir, tiny_t5, tmp_path):
     with pytest.raises(ValueError, match="different model.*frozen.text_encoder.sha256"):
         run(cfg, wd)
     assert sorted(os.listdir(wd / "checkpoints")) == before  # nothing written
+    import sample as sample_cli
     out = tmp_path / "samples"
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--workdir", str(wd),
-                           "--prompt", "seven", "--outdir", str(out)], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert done.returncode != 0 and "not the one this model was trained with" in done.stderr
+    assert sample_cli.run(["--workdir", str(wd), "--prompt", "a red circle", "--outdir", str(out)]) != 0
+    assert "not the one this model was trained with" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == ["t2i_errors.log"]  # the details, and no image or record
 
 
@@ -274,7 +280,7 @@ def test_sampling_with_a_frozen_t5_is_the_same_on_1_and_8_devices_and_any_batch(
     _, wd4 = straight_runs["frozen_t5"]
     trained = load_trained(str(wd4))
     assert trained.family.frozen_text is not None
-    spec = job_lib.JobSpec.create(trained, ["seven", "数字三", ""], num_per_prompt=2,
+    spec = job_lib.JobSpec.create(trained, ["a large red circle", "一个小的绿色三角形", ""], num_per_prompt=2,
                                   guidance=(2.0,), seed=5, options=SampleOptions("ddim", 3))
     got = {}
     for name, devices, batch in (("8dev_b1", None, 1), ("1dev_b7", jax.devices()[:1], 7)):
@@ -317,18 +323,14 @@ def test_a_frozen_clip_conditions_a_model_and_its_image_tower_encodes_from_the_c
         paths.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(paths[-1])
     out = tmp_path / "img.npz"
-    done = subprocess.run([sys.executable, "-m", "t2i_jax.models.pretrained", "encode", d,
-                           "--image", paths[0], "--image", paths[1], "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    pretrained.main(["encode", d, "--image", paths[0], "--image", paths[1], "--out", str(out)])
     images = np.stack([np.asarray(Image.open(p), np.float32) / 127.5 - 1 for p in paths])
     want = pretrained.load_image_encoder(d).encode(images)
     got = np.load(out)
     assert got["image_embeds"].shape == (2, 16)
     np.testing.assert_allclose(got["image_embeds"], want.image_embeds, rtol=1e-6, atol=1e-6)
     assert not np.allclose(got["image_embeds"][0], got["image_embeds"][1])
-    bad = subprocess.run([sys.executable, "-m", "t2i_jax.models.pretrained", "encode", d,
-                          "--image", str(tmp_path / "run" / "metrics.jsonl"), "--out",
-                          str(tmp_path / "x.npz")], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode != 0 and "is not a readable image" in bad.stderr
+    with pytest.raises(SystemExit, match="is not a readable image"):
+        pretrained.main(["encode", d, "--image", str(wd / "metrics.jsonl"), "--out",
+                         str(tmp_path / "x.npz")])
     assert not (tmp_path / "x.npz").exists()

@@ -14,8 +14,9 @@ and "latent_diffusion" on a trained tiny autoencoder, whose workdir is $T2I_TEST
 "prior" and "decoder" (unCLIP) read the frozen tiny CLIP of $T2I_TEST_CLIP (the tiny_clip
 fixture: "contrastive" trained 40 steps).
 
-"frozen_t5" is the tiny diffusion model conditioned on the frozen tiny random T5 of
-$T2I_TEST_T5 (the tiny_t5 fixture, written in the publisher's layout), encoded in the step.
+"frozen_t5" is the tiny diffusion model on shapes (32x32 RGB) conditioned on the frozen tiny
+random T5 of $T2I_TEST_T5 (the tiny_t5 fixture, written in the publisher's layout), encoded in
+the step.
 """
 
 import os
@@ -76,6 +77,10 @@ def get_config(name="diffusion"):
         config.sample.thresholding = "none"
         config.diffusion.prediction = "v"  # as configs/shapes64_ldm.py: x0_hat unclipped
     elif name == "frozen_t5":
+        config.data.name = "shapes"        # the captions the tiny T5's SentencePiece model knows
+        config.data.image_size = 32
+        config.data.channels = 3
+        config.model.unet.out_channels = 3
         config.model.text = None
         config.model.text_encoder = ml_collections.ConfigDict(dict(
             kind="t5", path=os.environ.get("T2I_TEST_T5", ""), max_length=32, dtype="float32"))

@@ -323,6 +323,12 @@ def sample_prompts(data_config) -> list:
     return list(s.spec.prompts(None if s.caption in ("random", "first") else s.caption))
 
 
+def split_size(data_config, split: Optional[str] = None) -> int:
+    """The number of records of a split (default the training split)."""
+    s = settings(data_config)
+    return len(catalog.open_split(s.spec, split or s.spec.splits[0], s.data_dir, s.image_size))
+
+
 def all_captions(data_config, split: Optional[str] = None) -> list:
     """Every caption (every phrasing) of a split (default the training split), in record order
     with repeats removed: what a cache of a frozen text encoder's features must hold."""

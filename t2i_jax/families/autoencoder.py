@@ -115,10 +115,6 @@ class AutoencoderFamily(Family):
         return self.model.cfg
 
     @property
-    def text_length(self):
-        return None
-
-    @property
     def latent_shape(self) -> tuple:
         return latent_shape(self.ae_config, self.image_shape[0])
 

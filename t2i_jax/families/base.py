@@ -39,11 +39,6 @@ class Family:
         return self.conditioning.max_length
 
     @property
-    def text_length(self):
-        """Tokens per caption the data pipeline makes, or None for a model that reads no text."""
-        return self.conditioning.max_length if self.conditioning.kind == "text" else None
-
-    @property
     def tokenizer(self):
         """The tokenizer of the captions the loss reads (models/tokenizers.py), or None for a
         model that reads no text."""

@@ -14,6 +14,8 @@ Per step (key = fold_in(root, step), each purpose its own stream):
 from __future__ import annotations
 
 import dataclasses
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -117,7 +119,11 @@ class Diffusion(Family):
         if self.frozen_text is None or cond.features is not None or cond.tokens is None:
             return cond
         tokens, pooled = self.frozen_text.features(params, cond.tokens, cond.mask)
-        return cond.replace(features=tokens, pooled=pooled)
+        # null rows (an empty prompt at sampling) get the null's own arrays: one null everywhere
+        null = self.null()
+        is_null = cond.is_null.reshape(-1, 1, 1)
+        return cond.replace(features=jnp.where(is_null, null.features, tokens),
+                            pooled=jnp.where(is_null[:, 0], null.pooled, pooled))
 
     @property
     def text_in_step(self) -> bool:
@@ -278,7 +284,12 @@ def load_frozen_text(config):
     cfg = TextEncoderConfig.from_config(config.model)
     if not cfg.frozen:
         return None
-    frozen = FrozenText.load(cfg)
+    # A stored model's encoder: the absolute directory it recorded, where it still exists (a
+    # sampler run from another directory than training, with a relative path in the config).
+    recorded = ((config.get("frozen", None) or {}).get("text_encoder", None) or {})
+    if recorded.get("workdir") and os.path.isdir(recorded["workdir"]):
+        cfg = dataclasses.replace(cfg, path=recorded["workdir"])
+    frozen = FrozenText.load(cfg, fsdp=int(config.train.get("fsdp", 1) or 1))
     check_recorded(config, "text_encoder", frozen, "its conditioning would read other text "
                    "features than it learned")
     return frozen

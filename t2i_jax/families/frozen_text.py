@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from typing import Optional
 
 import jax
@@ -67,25 +68,27 @@ class TextEncoderConfig:
         return self.kind != "trained"
 
 
-def cache_root(cache_dir: Optional[str] = None) -> str:
-    """Where text feature caches live: train.text_cache_dir, else $T2I_JAX_CACHE, else
-    ~/.cache/t2i_jax."""
-    return cache_dir or os.environ.get("T2I_JAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "t2i_jax")
-
-
 @dataclasses.dataclass
 class FrozenText:
     """A loaded frozen text encoder with its null features (the empty prompt's)."""
     cfg: TextEncoderConfig
-    encoder: object      # models.pretrained.TextEncoder (host parameters)
+    encoder: object      # models.pretrained.TextEncoder (parameters on all devices)
     null_tokens: np.ndarray    # [1, L, D]
     null_pooled: np.ndarray    # [1, P]
 
     @classmethod
-    def load(cls, cfg: TextEncoderConfig) -> "FrozenText":
+    def load(cls, cfg: TextEncoderConfig, fsdp: int = 1) -> "FrozenText":
+        """The encoder's parameters are read straight onto all devices laid out as training lays
+        out parameters (split over "fsdp" with fsdp > 1: each device reads its slice of the
+        files), so a large encoder is never whole on one device, also not for the null's and the
+        cache's encodings. fsdp falls back to 1 where it does not divide the device count (a
+        model trained on 8 devices sampled on 1)."""
+        from t2i_jax import sharding as mesh_lib
         from t2i_jax.models import pretrained
-        enc = pretrained.load(cfg.path, kind=cfg.kind, max_length=cfg.max_length, dtype=cfg.dtype)
+        n = jax.device_count()
+        mesh = mesh_lib.make_mesh(fsdp if fsdp >= 1 and n % fsdp == 0 else 1)
+        enc = pretrained.load(cfg.path, kind=cfg.kind, max_length=cfg.max_length, dtype=cfg.dtype,
+                              mesh=mesh)
         feats, _ = enc.encode([""])
         return cls(cfg, enc, feats.tokens, feats.pooled)
 
@@ -117,10 +120,15 @@ class FrozenText:
 
     def cache_path(self, data_config, cache_dir: Optional[str] = None) -> str:
         """The cache directory of this encoder (content hash), tokenizer length and data set."""
+        from t2i_jax import data as data_lib
         ident = self.identity()
+        s = data_lib.settings(data_config)
         key = hashlib.sha256(json.dumps(dict(
             v=CACHE_VERSION, sha256=ident["sha256"], L=self.tokenizer.max_length,
-            dtype=self.cfg.dtype, data=data_config.name), sort_keys=True).encode()).hexdigest()
+            dtype=self.cfg.dtype, data=data_config.name,
+            data_dir=data_lib.default_data_dir(s.data_dir),
+            examples=data_lib.split_size(data_config)), sort_keys=True).encode()).hexdigest()
+        from t2i_jax.models.pretrained import cache_root
         return os.path.join(cache_root(cache_dir), "text_features", f"{data_config.name}-{key[:16]}")
 
     def open_cache(self, data_config, cache_dir: Optional[str] = None, *, build: bool = True,
@@ -138,6 +146,11 @@ class FrozenText:
         captions = sorted(set(data_lib.all_captions(data_config)) | {""})
         L, D = self.null_tokens.shape[1:]
         P = self.null_pooled.shape[-1]
+        size = len(captions) * (L * D * 4 + P * 4 + L * 5)
+        print(f"[t2i_jax] encoding the {len(captions)} captions of {data_config.name}'s training "
+              f"split with the frozen {self.cfg.kind} into {path} ({size / 2 ** 30:.2f} GiB), once.",
+              file=sys.stderr)
+        _remove_abandoned(path)
         tmp = f"{path}.{os.getpid()}.tmp"
         os.makedirs(tmp, exist_ok=True)
         tokens = np.lib.format.open_memmap(os.path.join(tmp, "tokens.npy"), "w+", np.float32,
@@ -167,6 +180,19 @@ class FrozenText:
         except OSError:  # another process finished the same cache first
             import shutil
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_abandoned(path: str) -> None:
+    """Removes the partial caches that killed builds left (PATH.PID.tmp of a dead process)."""
+    import glob
+    import shutil
+    for tmp in glob.glob(f"{path}.*.tmp"):
+        try:
+            os.kill(int(tmp.rsplit(".", 2)[-2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
 
 
 class TextCache:

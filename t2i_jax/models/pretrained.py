@@ -311,11 +311,16 @@ def content_sha256(directory: str) -> str:
     return h.hexdigest()
 
 
+def cache_root(directory: Optional[str] = None) -> str:
+    """Where t2i_jax keeps what it derives from pretrained weights (file hashes, text feature
+    caches): `directory`, else $T2I_JAX_CACHE, else ~/.cache/t2i_jax."""
+    return directory or os.environ.get("T2I_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "t2i_jax")
+
+
 class _HashMemo:
     def __init__(self):
-        root = os.environ.get("T2I_JAX_CACHE") or os.path.join(
-            os.path.expanduser("~"), ".cache", "t2i_jax")
-        self.path = os.path.join(root, "sha256.json")
+        self.path = os.path.join(cache_root(), "sha256.json")
         self.changed = False
         try:
             with open(self.path, encoding="utf-8") as f:
@@ -389,7 +394,13 @@ class TextEncoder:
         """TextFeatures of texts as numpy arrays (float32)."""
         import jax
         if not hasattr(self, "_jitted"):
-            self._jitted = jax.jit(self.apply)
+            sharding = getattr(jax.tree_util.tree_leaves(self.params)[0], "sharding", None)
+            if isinstance(sharding, jax.sharding.NamedSharding):  # parameters on a mesh: the
+                # features come back replicated, readable on every process
+                rep = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+                self._jitted = jax.jit(self.apply, out_shardings=rep)
+            else:
+                self._jitted = jax.jit(self.apply)
         toks = self.tokenizer(texts, warn=warn)
         feats = self._jitted(self.params, np.asarray(toks.ids), np.asarray(toks.mask))
         return type(feats)(*(np.asarray(a) for a in feats)), toks
@@ -424,7 +435,7 @@ def load(directory: str, *, kind: Optional[str] = None, max_length: Optional[int
     if kind is not None and kind != found:
         raise ValueError(f"{directory} holds a {found} model (config.json model_type="
                          f"{hf.get('model_type')!r}), not a {kind} one: point the {kind} "
-                         "setting at a {kind} directory, or set the kind to {found}.")
+                         f"setting at a {kind} directory, or set the kind to {found}.")
     from_hf, module_cls, pmap_fn, tokenizer_cls = _port(found)
     try:
         cfg = from_hf(hf)
@@ -534,6 +545,11 @@ def _encode_main(args) -> None:
     print(f"[t2i_jax] {args.directory}: " + "; ".join(said) + f": {args.out}")
 
 
+# t5-v1_1-base's shapes (with the tiny vocabulary): for timing an encoder of the real size
+T5_BASE_SHAPES = dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
+                      relative_attention_num_buckets=32, relative_attention_max_distance=128)
+
+
 def _make_tiny_main(args) -> None:
     if args.kind == "t5":
         from t2i_jax.models import t5 as port
@@ -542,8 +558,13 @@ def _make_tiny_main(args) -> None:
     if os.path.exists(os.path.join(args.directory, "config.json")) and not args.overwrite:
         raise SystemExit(f"error: {args.directory} already holds a model (config.json); pass "
                          "--overwrite to replace it, or choose another directory.")
-    port.write_tiny(args.directory, seed=args.seed, shards=args.shards)
-    print(f"[t2i_jax] wrote a tiny random {args.kind} in the publisher's layout to "
+    overrides = {}
+    if args.size == "base":
+        if args.kind != "t5":
+            raise ValueError("--size base is available for --kind t5 only.")
+        overrides = T5_BASE_SHAPES
+    port.write_tiny(args.directory, seed=args.seed, shards=args.shards, **overrides)
+    print(f"[t2i_jax] wrote a {args.size} random {args.kind} in the publisher's layout to "
           f"{args.directory}: {sorted(os.listdir(args.directory))}")
 
 
@@ -565,6 +586,8 @@ def main(argv=None) -> None:
     p.add_argument("--kind", choices=KINDS, default="t5")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", type=int, default=1, help="weight files (>1: with an index)")
+    p.add_argument("--size", choices=("tiny", "base"), default="tiny",
+                   help="base: t5-v1_1-base's layer sizes (random, tiny vocabulary), for timing")
     p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:

@@ -193,7 +193,8 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
     # Frozen models' parameters (an autoencoder, a CLIP, a T5) are laid out like the trained
     # ones: replicated, or with fsdp > 1 split over "fsdp"; scalar hyperparameters replicated.
     hp_host = family.hparams()
-    hp_shardings = mesh_lib.state_shardings(hp_host, mesh)
+    hp_shardings = jax.tree_util.tree_map(lambda x: mesh_lib.leaf_sharding(np.shape(x), mesh),
+                                          hp_host)
     step_fn = jax.jit(make_train_step(family, run.optim, run.tx),
                       in_shardings=(shardings, batch_sharding, hp_shardings),
                       out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
