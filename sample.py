@@ -37,6 +37,16 @@ slerp (each record says which, under "embedding"):
         --outdir out/interp                               # slerp, DDIM eta = 0, one noise a row
 
 The prior's embeddings go to OUTDIR/stages/0/embeddings/*.npy.
+
+Inpainting: regenerate part of an image, keep the rest (every record says which method ran):
+
+    python sample.py --workdir runs/shapes_inpaint --inpaint in.png --mask mask.png \
+        --prompt "a large red circle" --outdir out/glide     # GLIDE's mask-conditioned model
+    python sample.py --workdir runs/shapes16 --inpaint in.png --mask_box 8,0,16,16 \
+        --repaint_jumps 4 --repaint_jump_length 5 --prompt "..." --outdir out/repaint  # any model
+
+Improved DDPM's learned variance: --sampler ddpm --ddpm_variance learned (the default of a model
+trained with diffusion.learn_sigma).
 """
 
 from __future__ import annotations
@@ -73,8 +83,10 @@ def parse_args(argv):
     p.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the config's")
     p.add_argument("--steps", type=int, help="sampling steps (1..T); default: the config's")
     p.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (0 deterministic, 1 DDPM-like)")
-    p.add_argument("--ddpm_variance", choices=("posterior", "beta"),
-                   help="ddpm sampler's variance: posterior beta~ or beta (DDIM paper's sigma-hat)")
+    p.add_argument("--ddpm_variance", choices=("posterior", "beta", "learned"),
+                   help="ddpm sampler's variance: posterior beta~, beta (DDIM paper's sigma-hat), or "
+                        "learned (a model trained with diffusion.learn_sigma, IDDPM; also DDIM's "
+                        "sigma at eta > 0); default: the config's")
     p.add_argument("--thresholding", choices=THRESHOLDINGS, help="x0 clipping; default: the config's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=64,
@@ -144,6 +156,19 @@ def parse_args(argv):
                         "embeddings, DDIM eta = 0, one shared noise per row")
     u.add_argument("--frames", type=int, default=8, metavar="K",
                    help="frames of each --interpolate row, the two ends included (>= 2)")
+    i = p.add_argument_group("inpainting: regenerate the unknown region, keep the rest")
+    i.add_argument("--inpaint", metavar="IMAGE",
+                   help="the image to complete (the model's size); a mask-conditioned model "
+                        "(model.inpaint) overwrites x0_hat's known pixels each step (GLIDE), any "
+                        "other model replaces x_t's known region by q_sample(image, t) (RePaint)")
+    i.add_argument("--mask", metavar="MASK.png",
+                   help="the image's size: white = keep, black = regenerate")
+    i.add_argument("--mask_box", metavar="x0,y0,x1,y1",
+                   help="the pixel box to regenerate (x1 and y1 exclusive); everything else is kept")
+    i.add_argument("--repaint_jumps", type=int, default=0, metavar="J",
+                   help="RePaint's resampling: every --repaint_jump_length steps, go back up that "
+                        "many steps and down again, J times (0: plain replacement)")
+    i.add_argument("--repaint_jump_length", type=int, default=10, metavar="L")
     from t2i_jax import distributed  # imports no jax
     distributed.add_arguments(p)
     args = p.parse_args(argv)
@@ -222,6 +247,30 @@ def parse_args(argv):
         if not os.path.isfile(path):
             flag = "--variations" if args.variations else "--interpolate"
             p.error(f"{flag}: {path} is not a file (pass image files, e.g. PNGs).")
+    for flag, given in (("--mask", args.mask), ("--mask_box", args.mask_box),
+                        ("--repaint_jumps", args.repaint_jumps),
+                        ("--repaint_jump_length", args.repaint_jump_length != 10)):
+        if given and not args.inpaint:
+            p.error(f"{flag} needs --inpaint IMAGE (the image to complete).")
+    if args.inpaint:
+        if bool(args.mask) == bool(args.mask_box):
+            p.error("--inpaint needs the region to regenerate: --mask MASK.png (white = keep, "
+                    "black = regenerate) or --mask_box x0,y0,x1,y1, one of them.")
+        if args.repaint_jumps < 0 or args.repaint_jump_length < 1:
+            p.error(f"--repaint_jumps must be >= 0 and --repaint_jump_length >= 1, got "
+                    f"{args.repaint_jumps} and {args.repaint_jump_length}.")
+        for flag, value in (("--inpaint", args.inpaint), ("--mask", args.mask)):
+            if value and not os.path.isfile(value):
+                p.error(f"{flag} {value} is not a file (pass a PNG image).")
+        if args.mask_box:
+            from t2i_jax.sampling.inpaint import parse_box
+            try:
+                args.mask_box = parse_box(args.mask_box)
+            except ValueError as e:
+                p.error(str(e))
+        if args.prior or args.variations or args.interpolate or args.low_res or args.sr:
+            p.error("--inpaint completes an image with one base model (--workdir); it does not "
+                    "combine with --prior, --variations, --interpolate, --low_res or --sr.")
     if args.prompts_file is None and not args.prompt and not (args.variations or args.interpolate):
         p.error("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
     if min(args.num_per_prompt, args.batch_size, args.shard_size, args.grid_columns) < 1:
@@ -322,10 +371,25 @@ def main(argv=None, boundary=None) -> int:
                             "is the prior, which draws embeddings)") + ".")
     if unclip_flag in ("--variations", "--interpolate") and not prompts:
         prompts = [""]  # no caption: the embedding alone (the decoder's text is the null)
+    method = (("glide" if getattr(family, "inpaint", False) else "repaint")
+              if args.inpaint else None)
+    if method == "glide" and (args.repaint_jumps or args.repaint_jump_length != 10):
+        raise UsageError("--repaint_jumps / --repaint_jump_length are RePaint's, for a model that "
+                         f"is not mask-conditioned; {trained.workdir} is GLIDE's inpainting "
+                         "model, which overwrites x0_hat's known pixels instead: leave them out.")
     try:
         options = stages_lib.stage_options(trained, sampler=args.sampler, steps=args.steps,
                                            eta=args.eta, thresholding=args.thresholding,
-                                           ddpm_variance=args.ddpm_variance)
+                                           ddpm_variance=args.ddpm_variance, inpaint=method,
+                                           repaint_jumps=args.repaint_jumps if args.inpaint else 0,
+                                           repaint_jump_length=args.repaint_jump_length)
+        known = inpaint_record = None
+        if args.inpaint:
+            from t2i_jax.sampling.inpaint import load_inpaint
+            x, m, inpaint_record = load_inpaint(
+                args.inpaint, family.image_shape, mask=args.mask, box=args.mask_box,
+                method=method, jumps=args.repaint_jumps, jump_length=args.repaint_jump_length)
+            known = (x, m)
     except ValueError as e:
         raise UsageError(str(e)) from None
     guidance = args.guidance if args.guidance is not None else [float(cfg.sample.guidance_weight)]
@@ -364,7 +428,7 @@ def main(argv=None, boundary=None) -> int:
                                   reranker=clip if args.rerank > 1 else None, stages=stages,
                                   aug_level=aug_level, low_res=low_res_record,
                                   embedding=plan.embedding, candidates=plan.candidates,
-                                  shared_noise=plan.shared_noise)
+                                  shared_noise=plan.shared_noise, inpaint=inpaint_record)
     lead = distributed.is_lead()  # the others compute their rows and write nothing
     if lead:
         print(f"[t2i_jax] checkpoint {first.step} ({first.kind} parameters) of "
@@ -387,7 +451,7 @@ def main(argv=None, boundary=None) -> int:
                              progress=not args.no_progress, npz=args.npz,
                              grid_columns=args.grid_columns, guides=guides,
                              reranker=clip if args.rerank > 1 else None, stages=stages,
-                             low_res=low_res, embeddings=plan.embeddings)
+                             low_res=low_res, embeddings=plan.embeddings, known=known)
     if lead:
         job_lib.print_summary(result)
         print(os.path.join(os.path.abspath(args.outdir), job_lib.GRID_FILE))

@@ -37,10 +37,16 @@ def get_config():
         # layout (replaces `text`; t2i_jax/families/frozen_text.py)
         text_encoder=dict(kind="trained", path=config_dict.placeholder(str),
                           max_length=config_dict.placeholder(int), dtype="float32"),
+        # GLIDE's inpainting model: input [x_t, image * mask, mask], trained on random boxes
+        # and free-form masks; sampled with sample.py --inpaint (t2i_jax/diffusion/inpainting.py)
+        inpaint=False,
     ))
 
     config.diffusion = ml_collections.ConfigDict(dict(
-        schedule="linear", num_timesteps=1000, zero_terminal_snr=False, prediction="eps"))
+        schedule="linear", num_timesteps=1000, zero_terminal_snr=False, prediction="eps",
+        # Improved DDPM's learned variance (2C output channels: set model.unet.out_channels), trained
+        # with L_hybrid = L_simple + lambda_vlb L_vlb (t2i_jax/diffusion/vlb.py)
+        learn_sigma=False, lambda_vlb=0.001))
 
     config.train = ml_collections.ConfigDict(dict(
         batch_size=16,            # global: divided over all devices (and hosts)

@@ -93,22 +93,28 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def _model_section(config: dict) -> Optional[dict]:
-    """config["model"], without a text_encoder section that says what configs written before it
-    existed meant (kind "trained": the jointly trained encoder), so those still compare equal."""
-    model = config.get("model") if isinstance(config, dict) else None
-    if isinstance(model, dict) and (model.get("text_encoder") or {}).get("kind") == "trained":
-        model = {k: v for k, v in model.items() if k != "text_encoder"}
-    return model
+# Model options added after checkpoints existed, at the value those checkpoints meant: a
+# section holding one at this value compares equal to one written before the option existed.
+LATER_OPTIONS = {"model": {"inpaint": False}, "diffusion": {"learn_sigma": False, "lambda_vlb": 0.001}}
+
+
+def _section(config: dict, key: str):
+    """config[key], without the options of LATER_OPTIONS at their old meaning, and (model) without
+    a text_encoder section of kind "trained" (the jointly trained encoder, as before it existed)."""
+    section = _get(config, key) if isinstance(config, dict) else None
+    if not isinstance(section, dict):
+        return section
+    defaults = dict(LATER_OPTIONS.get(key, {}))
+    if key == "model" and (section.get("text_encoder") or {}).get("kind") == "trained":
+        defaults["text_encoder"] = section["text_encoder"]
+    return {k: v for k, v in section.items() if not (k in defaults and v == defaults[k])}
 
 
 def config_differences(stored: dict, current: dict) -> list[str]:
     """The MODEL_KEYS leaves whose values differ, as 'key: stored -> current' lines."""
     out = []
     for key in MODEL_KEYS:
-        a, b = _get(stored, key), _get(current, key)
-        if key == "model":
-            a, b = _model_section(stored), _model_section(current)
+        a, b = _section(stored, key), _section(current, key)
         a, b = (DEFAULTS.get(key) if a is None else a), (DEFAULTS.get(key) if b is None else b)
         out += tree_differences(_normalise(a), _normalise(b), key)
     return out

@@ -44,6 +44,8 @@ class Condition:
                                            # decoder); the null is the zero vector
     features: Optional[jax.Array] = None   # float32 [B, L, D]: a frozen text encoder's tokens
     pooled: Optional[jax.Array] = None     # float32 [B, P]: and its pooled vector
+    known: Optional[jax.Array] = None      # float32 [B, H, W, C] in [-1, 1]: the image to inpaint
+    known_mask: Optional[jax.Array] = None  # float32 [B, H, W, 1]: 1 where known, 0 to regenerate
 
     @property
     def batch_size(self) -> int:
@@ -82,7 +84,9 @@ def null_condition(batch: int, *, max_length: Optional[int] = None,
     return Condition(tokens=jnp.asarray(empty.ids), mask=jnp.asarray(empty.mask), is_null=is_null)
 
 
-UNDROPPED = ("low_res", "aug_level")  # parts of a condition the null keeps (never dropped)
+# parts of a condition the null keeps (never dropped): an SR stage's input, an inpainting's
+# known image and mask (GLIDE: guidance drops the text, not the image)
+UNDROPPED = ("low_res", "aug_level", "known", "known_mask")
 
 
 def keep_undropped(null, cond):

@@ -157,6 +157,14 @@ def digits_evaluator(data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_inpaint(data_dir, tmp_path_factory):
+    """The tiny digits model with a learned variance and GLIDE's mask-conditioned input
+    (tests/tiny_families.py "learned_sigma_inpaint") trained 40 steps, once for all workers;
+    read-only."""
+    return _trained_40(data_dir, tmp_path_factory, "learned_sigma_inpaint", "tiny_inpaint")
+
+
+@pytest.fixture(scope="session")
 def cascade(data_dir, tmp_path_factory):
     """(base workdir, SR workdir): the tiny 8x8 digits model and the tiny 8 -> 16 SR stage
     (tests/tiny_families.py), each trained 40 steps once for all workers; read-only."""
@@ -213,7 +221,7 @@ def straight_runs(data_dir, tmp_path_factory, tiny_run, tiny_autoencoder, tiny_c
     from runs import restore_step, run, tiny
     out = {"diffusion": tiny_run}
     for name in ("noisy_classifier", "contrastive", "super_resolution", "autoencoder",
-                 "latent_diffusion", "prior", "decoder", "frozen_t5"):
+                 "latent_diffusion", "prior", "decoder", "frozen_t5", "learned_sigma_inpaint"):
         wd = _made_once(tmp_path_factory, f"straight_{name}",
                         lambda p, name=name: run(tiny(data_dir, name), p))
         out[name] = (restore_step(tiny(data_dir, name), wd, 4), wd)

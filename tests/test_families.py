@@ -28,8 +28,9 @@ from runs import (ROOT, TESTS, assert_trees_close, assert_trees_equal,  # noqa: 
 FAMILIES = ("diffusion", "noisy_classifier", "contrastive", "super_resolution", "autoencoder",
             "latent_diffusion", "prior", "decoder")
 # Options of a family that change what its loop carries (a frozen text encoder in the step's
-# inputs): the shared tests hold for them too.
-SHARED = FAMILIES + ("frozen_t5",)
+# inputs; a learned variance's L_hybrid with GLIDE's random masks): the shared tests hold for
+# them too.
+SHARED = FAMILIES + ("frozen_t5", "learned_sigma_inpaint")
 
 
 def _from_step_2(wd4, tmp_path, name):

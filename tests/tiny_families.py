@@ -2,7 +2,8 @@
 every family must pass (tests/test_families.py) and the guide tests (tests/test_guides.py).
 
     get_config("diffusion" | "uncond" | "noisy_classifier" | "contrastive" | "super_resolution"
-               | "base8" | "autoencoder" | "latent_diffusion" | "prior" | "decoder")
+               | "base8" | "autoencoder" | "latent_diffusion" | "prior" | "decoder"
+               | "frozen_t5" | "learned_sigma_inpaint")
 
 "base8" is the tiny diffusion model on the 8x8 digits (the scans' own size), the base of the
 tiny cascade: "super_resolution" takes its 8x8 images to 16x16.
@@ -17,6 +18,9 @@ fixture: "contrastive" trained 40 steps).
 "frozen_t5" is the tiny diffusion model on shapes (32x32 RGB) conditioned on the frozen tiny
 random T5 of $T2I_TEST_T5 (the tiny_t5 fixture, written in the publisher's layout), encoded in
 the step.
+
+"learned_sigma_inpaint" is the tiny diffusion model with IDDPM's learned variance (L_hybrid, 2C
+output channels) and GLIDE's mask-conditioned input (random boxes and strokes), both at once.
 """
 
 import os
@@ -100,6 +104,13 @@ def get_config(name="diffusion"):
         config.train.p_text = 0.5
         config.train.p_image = 0.1
         config.sample.guidance_weight = 1.0
+    elif name == "learned_sigma_inpaint":
+        # IDDPM's learned variance (L_hybrid) and GLIDE's mask-conditioned input, together
+        config.diffusion.learn_sigma = True
+        config.model.unet.out_channels = 2 * config.data.channels
+        config.model.inpaint = True
+        config.sample.sampler = "ddpm"
+        config.sample.ddpm_variance = "learned"
     elif name != "diffusion":
         raise ValueError(name)
     return config

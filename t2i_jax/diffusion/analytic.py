@@ -74,6 +74,23 @@ class GaussianMixture:
         x0_mean = jnp.sum(resp * (self.means[None] + gain * diff), axis=1)
         return score, x0_mean
 
+    def posterior_variance(self, x_t, alpha_bar, one_minus_alpha_bar, label=None):
+        """Returns Var[x_0 | x_t, y] per dimension [B, D] (y as in `denoise`): with the
+        responsibilities r_k, sum_k r_k (v_k + m_k^2) - (sum_k r_k m_k)^2, where m_k and
+        v_k = var_k (1 - abar) / (abar var_k + 1 - abar) are component k's posterior mean and
+        variance (the law of total variance)."""
+        log_joint, diff, var = self.component_log_joint(x_t, alpha_bar, one_minus_alpha_bar)
+        if label is not None:
+            keep = (label[:, None] == NULL_LABEL) | (self.labels[None] == label[:, None])  # [B, K]
+            log_joint = jnp.where(keep, log_joint, -jnp.inf)
+        resp = jax.nn.softmax(log_joint, axis=-1)[..., None]  # [B, K, 1]
+        gain = jnp.sqrt(alpha_bar)[:, None, None] * self.variances[None] / var
+        m = self.means[None] + gain * diff  # [B, K, D]
+        v_k = self.variances[None] * one_minus_alpha_bar[:, None, None] / var
+        mean = jnp.sum(resp * m, axis=1, keepdims=True)
+        # the spread of the component means about their average: no cancellation of large squares
+        return jnp.sum(resp * (v_k + jnp.square(m - mean)), axis=1)
+
     def class_log_prob(self, x_t, alpha_bar, one_minus_alpha_bar, label):
         """Returns the exact noisy classifier log p(y = label | x_t) [B]."""
         log_joint, _, _ = self.component_log_joint(x_t, alpha_bar, one_minus_alpha_bar)

@@ -3,7 +3,9 @@ and thresholding of the predicted x0 (Imagen), as GUIDES: each takes the chain's
 returns a changed one, so they compose in any order a caller picks, and the sampling chain
 (samplers.chain) knows none of them.
 
-A denoiser is what the chain calls each step: (x_t [B, ...], t int32 [B]) -> (eps_hat, x0_hat).
+A denoiser is what the chain calls each step: (x_t [B, ...], t int32 [B]) -> (eps_hat, x0_hat),
+or (eps_hat, x0_hat, v) for a learned-variance model (v: its variance output, IDDPM eq. 15),
+which every guide passes on unchanged.
 `model_denoiser` makes one from a network (with CFG's paired call when a null condition is
 given); `gradient_guided` and `thresholded` change one. Scales are traced values: a sweep over
 them reuses one compiled program.
@@ -24,7 +26,7 @@ from t2i_jax.diffusion import forward
 from t2i_jax.diffusion.schedules import Schedule
 
 ThresholdFn = Callable[[jax.Array], jax.Array]
-Denoiser = Callable[[jax.Array, jax.Array], tuple]  # (x_t, t [B]) -> (eps_hat, x0_hat)
+Denoiser = Callable[[jax.Array, jax.Array], tuple]  # (x_t, t [B]) -> (eps_hat, x0_hat[, v])
 
 
 def per_example(value, x: jax.Array) -> jax.Array:
@@ -115,24 +117,35 @@ def interleave(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def model_denoiser(denoise_fn: Callable, schedule: Schedule, prediction: str, cond: Any = None,
-                   null_cond: Any = None, guidance_weight=0.0) -> Denoiser:
+                   null_cond: Any = None, guidance_weight=0.0, learn_sigma: bool = False) -> Denoiser:
     """The denoiser of a network denoise_fn(x_t [N, ...], t [N], cond) -> output predicting
     `prediction` (eps, x0 or v). With null_cond (leaves with a leading axis B or 1), classifier-
     free guidance: ONE call on 2B rows (each sample's conditional and null rows side by side),
-    combined as (1 + w) out(cond) - w out(null), w = guidance_weight ([] or [B])."""
+    combined as (1 + w) out(cond) - w out(null), w = guidance_weight ([] or [B]).
+    learn_sigma: the output's last axis holds 2C channels, the prediction then the variance
+    output v; CFG combines the predictions, and v is the conditional row's (GLIDE)."""
     forward.check_prediction(prediction)
     if null_cond is not None:  # loop-invariant: paired once, reused at every step
         paired = jax.tree_util.tree_map(lambda c, n: interleave(c, like(n, c)), cond, null_cond)
 
     def denoiser(x, t):
+        c = x.shape[-1]  # the prediction's channels; a learned variance's v follows them
         if null_cond is None:
             out = denoise_fn(x, t, cond)
         else:
             out = denoise_fn(interleave(x, x), jnp.repeat(t, 2), paired)
             out = out.reshape((x.shape[0], 2) + out.shape[1:])
-            out = cfg_combine(out[:, 0], out[:, 1], guidance_weight)
-        return forward.eps_and_x0(out.astype(x.dtype), x, _at(schedule.alphas_cumprod, t, x),
-                                  prediction)
+            out = jnp.concatenate([cfg_combine(out[:, 0, ..., :c], out[:, 1, ..., :c],
+                                               guidance_weight), out[:, 0, ..., c:]], axis=-1)
+        if out.shape[-1] != c * (2 if learn_sigma else 1):
+            raise ValueError(f"the model outputs {out.shape[-1]} channels for {c}-channel x_t; "
+                             + (f"a learned variance needs 2 x {c} (the prediction, then v): was "
+                                "it trained with diffusion.learn_sigma?" if learn_sigma else
+                                f"expected {c}; a 2 x {c} output holds a learned variance: pass "
+                                "learn_sigma=True."))
+        eps_x0 = forward.eps_and_x0(out[..., :c].astype(x.dtype), x,
+                                    _at(schedule.alphas_cumprod, t, x), prediction)
+        return eps_x0 + ((out[..., c:],) if learn_sigma else ())
     return denoiser
 
 
@@ -146,12 +159,12 @@ def gradient_guided(denoiser: Denoiser, schedule: Schedule, guidance_fn: Callabl
     as recomputing it from eps~), so a zero scale returns (eps, x0) bit for bit whatever the
     compiler does."""
     def guided(x, t):
-        eps, x0 = denoiser(x, t)
+        eps, x0, *rest = denoiser(x, t)
         s1m = _at(schedule.sqrt_one_minus_alphas_cumprod, t, x)
         guided_eps = classifier_guidance(eps, x, t, cond, guidance_fn, scale, s1m)
         abar = _at(schedule.alphas_cumprod, t, x)
         slope = jnp.where(abar > 0, s1m / jnp.sqrt(jnp.where(abar > 0, abar, 1.0)), 0.0)
-        return guided_eps, jnp.where(abar > 0, x0 - slope * (guided_eps - eps), x0)
+        return (guided_eps, jnp.where(abar > 0, x0 - slope * (guided_eps - eps), x0), *rest)
     return guided
 
 
@@ -163,7 +176,7 @@ def thresholded(denoiser: Denoiser, schedule: Schedule, thresholding) -> Denoise
         return denoiser
 
     def clipped(x, t):
-        _, x0 = denoiser(x, t)
+        _, x0, *rest = denoiser(x, t)
         x0 = threshold_fn(x0)
-        return forward.eps_from_x0(x, x0, _at(schedule.alphas_cumprod, t, x)), x0
+        return (forward.eps_from_x0(x, x0, _at(schedule.alphas_cumprod, t, x)), x0, *rest)
     return clipped

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import threefry_2x32
 
-INITIAL_NOISE, STEP_NOISE = 0, 1  # purposes: x_T and the samplers' per-step noise never collide
+# purposes: x_T, the samplers' per-step noise and RePaint's noise of the known image never collide
+INITIAL_NOISE, STEP_NOISE, KNOWN_NOISE = 0, 1, 2
 
 _SQRT2 = np.float32(np.sqrt(2.0))
 _HALF_BIN = np.float32(1.0 - 2.0 ** -23)  # u = 2 m - (1 - 2^-23): odd multiples of 2^-23 in (-1, 1)

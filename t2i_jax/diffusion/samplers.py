@@ -1,7 +1,9 @@
 """Samplers: one step function per method, all with one signature, driven by one lax.scan.
 
   ddpm      ancestral sampling of q(x_s | x_t, x0_hat) on any subset of timesteps, with the
-            respaced beta_ts = 1 - abar_t / abar_s (DDPM Alg. 2; Improved DDPM sec. 4)
+            respaced beta_ts = 1 - abar_t / abar_s (DDPM Alg. 2; Improved DDPM sec. 4); the
+            variance is beta~_ts, beta_ts, or a learned-variance model's
+            exp(frac log beta_ts + (1 - frac) log beta~_ts) of the RESPACED betas (IDDPM eq. 15)
   ddim      x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z,
             sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(beta_ts) (Song et al. 2021, eq. 12, 16)
   dpmpp_2m  DPM-Solver++(2M), multistep second order in data prediction (Lu et al. 2022, Alg. 2)
@@ -28,7 +30,7 @@ from t2i_jax.diffusion import guidance, noise
 from t2i_jax.diffusion.schedules import Schedule
 
 SPACINGS = ("trailing", "leading", "linspace")
-DDPM_VARIANCES = ("posterior", "beta")
+DDPM_VARIANCES = ("posterior", "beta", "learned")
 
 initial_noise = noise.initial_noise  # re-exported: x_T for sample(), drawn per sample index
 
@@ -110,19 +112,34 @@ def step_coefficients(schedule: Schedule, ts: jax.Array) -> StepCoefficients:
 
 class Options(NamedTuple):
     eta: jax.Array          # DDIM's eta (traced)
-    ddpm_variance: str      # "posterior" (beta~_ts) or "beta" (beta_ts)
+    ddpm_variance: str      # "posterior" (beta~_ts), "beta" (beta_ts) or "learned" (the model's)
 
 
-# Every step: (x_t, eps_hat, x0_hat, c: StepCoefficients, z, state, opts) -> (x_s, state), where
-# z ~ N(0, I) [B, ...] is the step's noise (None for a sampler that draws none).
+def learned_variance(c: StepCoefficients, v: jax.Array) -> jax.Array:
+    """Returns exp(frac log beta_ts + (1 - frac) log beta~_ts) [B, ...], frac = (v + 1) / 2, with
+    the RESPACED step's beta_ts and beta~_ts = beta_ts (1 - abar_s) / (1 - abar_t) (IDDPM sec. 4:
+    a model trained on T steps sampled on a subset); 0 on the last step (to the data)."""
+    from t2i_jax.diffusion import vlb
+    beta_tilde = c.beta_ts * c.one_minus_alpha_bar_s / c.one_minus_alpha_bar_t
+    log_beta = jnp.log(c.beta_ts)
+    log_beta_tilde = jnp.log(jnp.where(c.is_last, c.beta_ts, beta_tilde))  # finite; unused there
+    log_var = vlb.learned_log_variance(v.astype(jnp.float32), log_beta, log_beta_tilde)
+    return jnp.where(c.is_last, 0.0, jnp.exp(log_var))
 
-def ddpm_step(x_t, eps_hat, x0_hat, c, z, state, opts):
+
+# Every step: (x_t, eps_hat, x0_hat, c: StepCoefficients, z, state, opts, v) -> (x_s, state),
+# where z ~ N(0, I) [B, ...] is the step's noise (None for a sampler that draws none) and v the
+# model's variance output [B, ...] (None for a fixed-variance model).
+
+def ddpm_step(x_t, eps_hat, x0_hat, c, z, state, opts, v=None):
     """Returns a draw of q(x_s | x_t, x0_hat) with the respaced beta_ts (DDPM eqs. 6-7, Alg. 2)."""
     del eps_hat
     alpha_ts = 1.0 - c.beta_ts
     coef_x0 = c.beta_ts * jnp.sqrt(c.alpha_bar_s) / c.one_minus_alpha_bar_t
     coef_xt = c.one_minus_alpha_bar_s * jnp.sqrt(alpha_ts) / c.one_minus_alpha_bar_t
-    if opts.ddpm_variance == "posterior":
+    if opts.ddpm_variance == "learned":
+        var = learned_variance(c, v)
+    elif opts.ddpm_variance == "posterior":
         var = c.beta_ts * c.one_minus_alpha_bar_s / c.one_minus_alpha_bar_t
     else:
         var = c.beta_ts
@@ -130,9 +147,14 @@ def ddpm_step(x_t, eps_hat, x0_hat, c, z, state, opts):
     return coef_x0 * x0_hat + coef_xt * x_t + jnp.sqrt(var) * z, state
 
 
-def ddim_step(x_t, eps_hat, x0_hat, c, z, state, opts):
-    """Returns x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z (DDIM eq. 12)."""
-    var = jnp.square(opts.eta) * c.one_minus_alpha_bar_s / c.one_minus_alpha_bar_t * c.beta_ts
+def ddim_step(x_t, eps_hat, x0_hat, c, z, state, opts, v=None):
+    """Returns x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z (DDIM eq. 12);
+    sigma^2 = eta^2 beta~_ts, or eta^2 times the learned variance (ddpm_variance="learned": at
+    eta = 1 the learned variance in place of beta~, as DDIM's sigma is beta~ there)."""
+    if opts.ddpm_variance == "learned":
+        var = jnp.square(opts.eta) * learned_variance(c, v)
+    else:
+        var = jnp.square(opts.eta) * c.one_minus_alpha_bar_s / c.one_minus_alpha_bar_t * c.beta_ts
     dir_coef = jnp.sqrt(jnp.maximum(c.one_minus_alpha_bar_s - var, 0.0))
     x_s = jnp.sqrt(c.alpha_bar_s) * x0_hat + dir_coef * eps_hat
     if z is not None:
@@ -140,10 +162,10 @@ def ddim_step(x_t, eps_hat, x0_hat, c, z, state, opts):
     return x_s, state
 
 
-def dpmpp_2m_step(x_t, eps_hat, x0_hat, c, z, state, opts):
+def dpmpp_2m_step(x_t, eps_hat, x0_hat, c, z, state, opts, v=None):
     """Returns the DPM-Solver++(2M) update (Lu et al. 2022, Alg. 2); first order on the first
     and last steps (the last goes to abar_s = 1, where it returns x0_hat)."""
-    del eps_hat, z, opts
+    del eps_hat, z, opts, v
     x0_prev, h_prev = state
     h = c.half_log_snr_s - c.half_log_snr_t  # > 0; +inf on the last step
     second = jnp.logical_not(c.is_first | c.is_last)
@@ -191,13 +213,14 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
            eta=0.0, rng: Optional[jax.Array] = None, thresholding=None,
            guidance_fn: Optional[Callable] = None, classifier_scale=1.0,
            prediction: str = "eps", spacing: str = "trailing", ddpm_variance: str = "posterior",
-           sample_ids: Optional[jax.Array] = None) -> jax.Array:
+           sample_ids: Optional[jax.Array] = None, learn_sigma: bool = False) -> jax.Array:
     """Returns the final x0 estimate [B, ...] of a reverse diffusion from x_T [B, ...]: the
     common guides composed (guidance.py: the network with CFG, then gradient guidance, then
     thresholding) and checked, then `chain`. Other compositions call `chain` themselves.
 
     denoise_fn(x_t [N, ...], t int32 [N], cond) -> output [N, ...]: any function (a network or an
-      exact formula); its output predicts `prediction` ("eps", "x0" or "v").
+      exact formula); its output predicts `prediction` ("eps", "x0" or "v"); with learn_sigma,
+      it has 2C channels: the prediction, then the variance output v (IDDPM eq. 15).
     cond, null_cond: pytrees whose leaves have a leading batch axis B (null_cond: B or 1). With
       null_cond given, each step makes ONE denoise_fn call on 2B rows (each sample's conditional
       and null rows side by side) and combines (1 + w) out(cond) - w out(null), w =
@@ -224,7 +247,7 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
             raise ValueError("guidance_weight needs null_cond: pass the null condition (the empty "
                              "prompt or the learned null embedding) to use classifier-free guidance.")
     denoiser = guidance.model_denoiser(denoise_fn, schedule, prediction, cond, null_cond,
-                                       guidance_weight)
+                                       guidance_weight, learn_sigma=learn_sigma)
     if guidance_fn is not None:
         denoiser = guidance.gradient_guided(denoiser, schedule, guidance_fn, classifier_scale, cond)
     denoiser = guidance.thresholded(denoiser, schedule, thresholding)
@@ -233,13 +256,21 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
                  sample_ids=sample_ids)
 
 
+def check_variance_output(ddpm_variance: str, rest) -> None:
+    if ddpm_variance == "learned" and not rest:
+        raise ValueError("ddpm_variance='learned' needs a model with a learned variance "
+                         "(diffusion.learn_sigma=True, IDDPM); this one has a fixed variance: use "
+                         "'posterior' (beta~) or 'beta'.")
+
+
 def chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Array, *,
           sampler: str = "ddim", num_steps: int = 50, eta=0.0, rng: Optional[jax.Array] = None,
           prediction: str = "eps", spacing: str = "trailing", ddpm_variance: str = "posterior",
           sample_ids: Optional[jax.Array] = None) -> jax.Array:
     """The sampling chain: one lax.scan over the visited timesteps, each step one call of
-    denoiser(x_t [B, ...], t int32 [B]) -> (eps_hat, x0_hat) (guidance.py's model_denoiser with
-    any guides applied), then the sampler's update. Returns the final x0 estimate [B, ...].
+    denoiser(x_t [B, ...], t int32 [B]) -> (eps_hat, x0_hat[, v]) (guidance.py's model_denoiser
+    with any guides applied; v: a learned-variance model's output, read by ddpm_variance
+    "learned"), then the sampler's update. Returns the final x0 estimate [B, ...].
 
     prediction: the model's, only to refuse a chain that cannot run (check_chain).
     rng: key for the noise of ddpm and of ddim with eta != 0; sample i's noise at step k comes
@@ -275,9 +306,10 @@ def chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Array, *,
     def body(carry, inputs):
         x, state = carry
         i, t, c = inputs
-        eps_hat, x0_hat = denoiser(x, jnp.full((batch,), t, jnp.int32))
+        eps_hat, x0_hat, *rest = denoiser(x, jnp.full((batch,), t, jnp.int32))
+        check_variance_output(ddpm_variance, rest)
         z = noise.batch_normal(keys, x.shape[1:], x.dtype, step=i) if noisy else None  # [B, ...]
-        x_s, new_state = spec.step(x, eps_hat, x0_hat, c, z, state, opts)
+        x_s, new_state = spec.step(x, eps_hat, x0_hat, c, z, state, opts, *rest[:1])
         # Coefficients are float32; a bfloat16 / float16 chain keeps its own dtype.
         new_state = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), new_state, state)
         return (x_s.astype(x.dtype), new_state), None

@@ -9,6 +9,12 @@ byte-level encoder trained with the UNet (GLIDE), or a frozen pretrained T5 or C
 Per step (key = fold_in(root, step), each purpose its own stream):
   t ~ U{0..T-1}, noise ~ N(0, I), x_t = q_sample(x0, t, noise), cond -> null with probability
   p_uncond, loss = weighted MSE of the model's output against the target.
+Options:
+  diffusion.learn_sigma: the model also outputs v (2C channels) and the variance
+    exp(frac log beta_t + (1 - frac) log beta~_t), frac = (v + 1) / 2, trained by Improved DDPM's
+    L_hybrid = L_simple + lambda L_vlb (diffusion.lambda_vlb = 0.001; diffusion/vlb.py).
+  model.inpaint: GLIDE's inpainting model, input [x_t, x0 * mask, mask] with a random box or
+    free-form mask per example (diffusion/inpainting.py); CFG drops the text, never the mask.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import jax.numpy as jnp
 
 from t2i_jax import conditioning
 from t2i_jax.conditioning import Condition, Conditioning
-from t2i_jax.diffusion import forward, losses, make_schedule
+from t2i_jax.diffusion import forward, inpainting, losses, make_schedule, vlb
 from t2i_jax.diffusion.schedules import Schedule
 from t2i_jax.families.base import (PIXEL_THRESHOLDS, Family, image_shape, quarter_means,
                                    thresholding_refusal)
@@ -31,7 +37,7 @@ from t2i_jax.models.denoiser import Denoiser, Encoded, ModelConfig
 GRID_IMAGES = 8  # test images a conditioned family's progress grid shows
 
 # Streams of the per-step key: never reused for two purposes.
-_T, _NOISE, _DROP, _DROPOUT = 0, 1, 2, 3
+_T, _NOISE, _DROP, _DROPOUT, _MASK = 0, 1, 2, 3, 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +46,8 @@ class LossConfig:
     weighting: str = "uniform"
     min_snr_gamma: float = 5.0
     p_uncond: float = 0.1
+    learn_sigma: bool = False   # IDDPM's learned variance, trained with L_hybrid
+    lambda_vlb: float = vlb.LAMBDA_VLB
 
 
 def schedule_of(config) -> Schedule:
@@ -88,13 +96,31 @@ class Diffusion(Family):
         d, t = config.diffusion, config.train
         if not 0.0 <= t.p_uncond <= 1.0:
             raise ValueError(f"train.p_uncond must be in [0, 1], got {t.p_uncond}.")
+        learn_sigma = bool(d.get("learn_sigma", False))
+        lambda_vlb = float(d.get("lambda_vlb", vlb.LAMBDA_VLB))
+        if learn_sigma and not lambda_vlb > 0:
+            raise ValueError(f"diffusion.lambda_vlb must be > 0 with learn_sigma (IDDPM: 0.001), "
+                             f"got {lambda_vlb}: without L_vlb nothing trains the variance.")
+        if learn_sigma and d.prediction == "eps" and d.get("zero_terminal_snr", False):
+            raise ValueError("diffusion.learn_sigma's L_vlb needs x0_hat at every t, and with "
+                             "diffusion.zero_terminal_snr an eps model's x0_hat at t = T-1 is "
+                             "eps / sqrt(alpha_bar) = inf: use diffusion.prediction='v' (or 'x0'), "
+                             "or drop zero_terminal_snr.")
         loss_cfg = LossConfig(prediction=d.prediction, weighting=t.loss_weighting,
-                              min_snr_gamma=t.min_snr_gamma, p_uncond=t.p_uncond)
-        if model.cfg.unet.out_channels != shape[-1]:
+                              min_snr_gamma=t.min_snr_gamma, p_uncond=t.p_uncond,
+                              learn_sigma=learn_sigma, lambda_vlb=lambda_vlb)
+        want = shape[-1] * (2 if learn_sigma else 1)
+        if model.cfg.unet.out_channels != want:
             what = ("data.channels" if shape == image_shape(config) else
                     "the autoencoder's latent channels")
             raise ValueError(f"model.unet.out_channels={model.cfg.unet.out_channels} must equal "
-                             f"{what}={shape[-1]}.")
+                             + (f"2 x {what} = {want} with diffusion.learn_sigma (the "
+                                "prediction, then the variance output v)" if learn_sigma else
+                                f"{what}={shape[-1]}") + ".")
+        if (learn_sigma or getattr(model.cfg, "inpaint", False)) and cls.not_pixels is not None:
+            what = "diffusion.learn_sigma" if learn_sigma else "model.inpaint"
+            raise ValueError(f"{what} is for pixel models, and this is {cls.not_pixels[0]}: "
+                             "its x0 has no 8-bit decoder likelihood and no pixels to mask.")
         tokenizer = None if frozen_text is None else frozen_text.tokenizer
         return cls(config=config, conditioning=conditioning_of(model.cfg, config.data, tokenizer),
                    image_shape=shape, model=model, schedule=schedule_of(config),
@@ -104,10 +130,23 @@ class Diffusion(Family):
     def prediction(self) -> str:
         return self.loss_cfg.prediction
 
+    @property
+    def learn_sigma(self) -> bool:
+        return self.loss_cfg.learn_sigma
+
+    @property
+    def inpaint(self) -> bool:
+        """Whether the model is GLIDE's mask-conditioned inpainting model."""
+        return bool(getattr(self.model.cfg, "inpaint", False))
+
     def null(self) -> Condition:
         """The null Condition (one row); with a frozen text encoder, with the empty prompt's
         features, computed once: training dropout and sampling use these same arrays."""
         null = self.conditioning.null(1)
+        if self.inpaint:  # its known image and mask are never dropped: zeros stand in for them
+            h, w, c = self.image_shape
+            null = null.replace(known=jnp.zeros((1, h, w, c), jnp.float32),
+                                known_mask=jnp.zeros((1, h, w, 1), jnp.float32))
         if self.frozen_text is None:
             return null
         return null.replace(features=jnp.asarray(self.frozen_text.null_tokens),
@@ -162,10 +201,18 @@ class Diffusion(Family):
         cond = self.drop(cond, jax.random.fold_in(key, _DROP), hp)
         out = self.apply_model(params, x_t, t, cond, jax.random.fold_in(key, _DROPOUT), hp)
         c = self.loss_cfg
-        per_example = losses.per_example_loss(self.schedule, out, x0, t, noise,
+        mean_out, v = vlb.split_output(out, c.learn_sigma)  # v: the learned variance's output
+        per_example = losses.per_example_loss(self.schedule, mean_out, x0, t, noise,
                                               prediction=c.prediction, weighting=c.weighting,
                                               min_snr_gamma=c.min_snr_gamma)  # [B]
+        extra = {}
+        if c.learn_sigma:  # L_hybrid = L_simple + lambda T L_t (the mean behind a stop-gradient)
+            vb = vlb.hybrid_vlb_term(self.schedule, x0, x_t, t, mean_out, v, c.prediction,
+                                     c.lambda_vlb)  # [B]
+            extra = dict(mse=jnp.mean(per_example), vb=jnp.mean(vb))
+            per_example = per_example + vb
         metrics = quarter_means(per_example, t, T, "loss")
+        metrics.update(extra)
         if self.conditioning.guidable:
             metrics["null_fraction"] = jnp.mean(cond.is_null.astype(jnp.float32))
         if cond.embedding is not None:  # an unCLIP decoder's embedding, dropped on its own
@@ -180,7 +227,13 @@ class Diffusion(Family):
     def training_condition(self, batch: dict, key: jax.Array, hp: dict) -> Condition:
         """The Condition of a training batch, before dropout (key: the step's key); a frozen
         text encoder's features come from the cache (in the batch) or are computed here."""
-        return self.with_text_features(hp.get("text_encoder"), self.conditioning.of_batch(batch))
+        cond = self.with_text_features(hp.get("text_encoder"), self.conditioning.of_batch(batch))
+        if self.inpaint:  # GLIDE: random regions erased, the rest given with the mask
+            x0 = batch["image"]
+            n, h, w = x0.shape[:3]
+            mask = inpainting.random_masks(jax.random.fold_in(key, _MASK), n, h, w)
+            cond = cond.replace(known=x0, known_mask=mask)
+        return cond
 
     def drop(self, cond: Condition, key: jax.Array, hp: dict) -> Condition:
         """Classifier-free guidance's dropout: each row to the null with probability p_uncond
@@ -227,6 +280,18 @@ class Diffusion(Family):
     def check_options(self, options, flag: str = "--thresholding") -> None:
         """Refuses sampling options that make no sense for this model (ValueError)."""
         self.refuse_pixel_thresholding(options.thresholding, flag)
+        if options.ddpm_variance == "learned" and not self.learn_sigma:
+            raise ValueError("--ddpm_variance learned needs a model trained with a learned variance "
+                             "(diffusion.learn_sigma=True, IDDPM's L_hybrid); this model's variance "
+                             "is fixed: use --ddpm_variance posterior (beta~) or beta.")
+        method = getattr(options, "inpaint", None)
+        if self.inpaint and method != "glide":
+            raise ValueError("this is GLIDE's mask-conditioned inpainting model (model.inpaint): "
+                             "it needs an image and a mask, --inpaint IMAGE with --mask MASK.png or "
+                             "--mask_box x0,y0,x1,y1.")
+        if method == "glide" and not self.inpaint:
+            raise ValueError("inpaint method 'glide' needs a mask-conditioned model "
+                             "(model.inpaint=True); any other model inpaints with 'repaint'.")
 
     def sampling_condition(self, cond: Condition, rng: jax.Array, sample_ids) -> Condition:
         """The Condition the chain sees, from the one a sampling job built (a stage with a
@@ -234,8 +299,16 @@ class Diffusion(Family):
         return cond
 
     def grid_condition(self, prompts, n: int) -> Condition:
-        """The progress grid's Condition: n rows per prompt."""
-        return self.conditioning.of_prompts([p for p in prompts for _ in range(n)])
+        """The progress grid's Condition: n rows per prompt (an inpainting model: the first test
+        images, their right half to regenerate)."""
+        cond = self.conditioning.of_prompts([p for p in prompts for _ in range(n)])
+        if self.inpaint:
+            h, w, _ = self.image_shape
+            known = jnp.repeat(jnp.asarray(self.grid_examples()["image"][:len(prompts)]), n, axis=0)
+            mask = inpainting.box_mask(h, w, (w // 2, 0, w, h))
+            cond = cond.replace(known=known, known_mask=jnp.broadcast_to(
+                jnp.asarray(mask), known.shape[:3] + (1,)))
+        return cond
 
     def encode(self, params, cond: Condition, inputs=None) -> Encoded:
         """The condition through the text encoder: once per sampling run, not per step
@@ -262,6 +335,8 @@ class Diffusion(Family):
         empty prompt for an unconditional model."""
         from t2i_jax import data as data_lib
         kind = self.conditioning.kind
+        if self.inpaint:
+            return list(self.grid_examples()["caption"])
         if kind == "text":
             return list(data_lib.sample_prompts(self.config.data))
         if kind == "label":

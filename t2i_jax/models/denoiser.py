@@ -40,6 +40,9 @@ class ModelConfig:
     # (Imagen, appendix: layer norm on the frozen text embeddings). None: text (if any) goes
     # through the jointly trained encoder `text`.
     frozen_text_width: Optional[int] = None
+    # GLIDE's inpainting model: the UNet's input is [x_t, known image * mask, mask] (2C + 1
+    # channels; mask = 1 where known), from the Condition's known / known_mask
+    inpaint: bool = False
 
     @classmethod
     def from_config(cls, config) -> "ModelConfig":
@@ -85,6 +88,8 @@ class Encoded:
     low_res: Optional[jax.Array] = None       # [B, h, w, C]: an SR stage's (augmented) input
     aug_level: Optional[jax.Array] = None     # [B]: its augmentation level
     embedding: Optional[jax.Array] = None     # [B, E]: a CLIP image embedding (unCLIP)
+    known: Optional[jax.Array] = None         # [B, H, W, C]: an inpainting model's known image
+    known_mask: Optional[jax.Array] = None    # [B, H, W, 1]: 1 where known, 0 to regenerate
 
 
 class Denoiser(nn.Module):
@@ -111,6 +116,12 @@ class Denoiser(nn.Module):
         an image embedding also as extra context tokens, unCLIP sec. 2.1)."""
         enc = self._encode(cond)
         cfg = self.cfg
+        if cfg.inpaint:
+            if cond.known is None or cond.known_mask is None:
+                raise ValueError("this is an inpainting model (model.inpaint): the Condition needs "
+                                 "known [B, H, W, C] and known_mask [B, H, W, 1] (sample.py "
+                                 "--inpaint IMAGE with --mask or --mask_box).")
+            enc = enc.replace(known=cond.known, known_mask=cond.known_mask)
         if cfg.embedding_dim is None:
             return enc
         e = cond.embedding
@@ -162,7 +173,8 @@ class Denoiser(nn.Module):
     def denoise(self, x_t, t, enc: Encoded, deterministic: bool = True):
         """Returns eps_hat [B, H, W, C_out] (float32)."""
         return self.unet(x_t, t, enc.context, enc.context_mask, enc.pooled, enc.label, deterministic,
-                         low_res=enc.low_res, aug_level=enc.aug_level, embedding=enc.embedding)
+                         low_res=enc.low_res, aug_level=enc.aug_level, embedding=enc.embedding,
+                         known=enc.known, known_mask=enc.known_mask)
 
     def __call__(self, x_t, t, cond: Condition, deterministic: bool = True):
         return self.denoise(x_t, t, self.encode(cond), deterministic)

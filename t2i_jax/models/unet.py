@@ -118,7 +118,8 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, t, context=None, context_mask=None, pooled=None, label=None,
-                 deterministic: bool = True, low_res=None, aug_level=None, embedding=None):
+                 deterministic: bool = True, low_res=None, aug_level=None, embedding=None,
+                 known=None, known_mask=None):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         levels = len(cfg.channel_mult)
         if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
@@ -137,6 +138,9 @@ class UNet(nn.Module):
             emb = emb + TimeEmbedding(cfg.channels, dtype, name="aug_embed")(aug_level * 1000.0)
         if low_res is not None:
             x = jnp.concatenate([x, augmentation.upsample(low_res, x.shape[1]).astype(x.dtype)], -1)
+        if known is not None:  # GLIDE's inpainting input: [x_t, known * mask, mask]
+            m = known_mask.astype(x.dtype)
+            x = jnp.concatenate([x, known.astype(x.dtype) * m, m], -1)
         h, skips = Encoder(cfg, name="encoder")(x, emb, context, context_mask, deterministic)
         Res, Attn = _blocks(cfg)
         for level in reversed(range(levels)):

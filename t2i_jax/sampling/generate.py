@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2i_jax.conditioning import Condition, keep_undropped
-from t2i_jax.diffusion import guidance, noise, samplers
+from t2i_jax.diffusion import guidance, inpainting, noise, samplers
 from t2i_jax.sampling import guides as guides_lib
 
 
@@ -31,8 +31,12 @@ class SampleOptions:
     eta: float = 0.0
     thresholding: Optional[str] = "static"   # "static" (clip x0_hat), "dynamic" (Imagen), None / "none"
     spacing: str = "trailing"
-    ddpm_variance: str = "posterior"  # ddpm only: "posterior" (beta~) or "beta" (DDIM paper's sigma-hat)
+    ddpm_variance: str = "posterior"  # "posterior" (beta~), "beta" (DDIM paper's sigma-hat) or
+                                      # "learned" (IDDPM; also DDIM's sigma at eta > 0)
     percentile: float = 0.995         # dynamic thresholding's p (Imagen sec. 2.3)
+    inpaint: Optional[str] = None     # "repaint" (any model) or "glide" (a mask model); None: no
+    repaint_jumps: int = 0            # RePaint's resampling: extra passes over each segment
+    repaint_jump_length: int = 10     # and the segment's length in steps
 
     @classmethod
     def from_config(cls, sample) -> "SampleOptions":
@@ -68,6 +72,23 @@ class SampleOptions:
         if not 0.0 <= eta <= 1.0:  # NaN fails too
             raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: as much "
                              f"noise as DDPM), got {self.eta}.")
+        if self.inpaint not in (None,) + inpainting.METHODS:
+            raise ValueError(f"unknown inpainting method {self.inpaint!r}; choose one of "
+                             f"{inpainting.METHODS}.")
+        for name in ("repaint_jumps", "repaint_jump_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (
+                    1 if name == "repaint_jump_length" else 0):
+                raise ValueError(f"--{name} must be an integer >= "
+                                 f"{1 if name == 'repaint_jump_length' else 0}, got {v!r}.")
+        if self.repaint_jumps and self.inpaint != "repaint":
+            raise ValueError("--repaint_jumps is RePaint's: it needs --inpaint with a model that "
+                             "is not mask-conditioned.")
+        if self.repaint_jumps and self.sampler in samplers.SAMPLERS \
+                and not samplers.SAMPLERS[self.sampler].stochastic:
+            raise ValueError(f"RePaint's jumps re-noise the chain, which the multistep sampler "
+                             f"{self.sampler!r} cannot resume from; use --sampler ddpm or ddim, "
+                             "or --repaint_jumps 0.")
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, (int, np.integer)) \
                 or self.num_steps < 1:
             raise ValueError(f"the number of sampling steps must be an integer >= 1, got "
@@ -109,7 +130,7 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
         # The chain's denoiser: the network with CFG, then the gradient guides, then thresholding.
         denoiser = guidance.model_denoiser(
             family.denoise_fn(params), family.schedule, family.prediction, enc, null_enc,
-            0.0 if null is None else guidance_weight)
+            0.0 if null is None else guidance_weight, learn_sigma=family.learn_sigma)
         if total is not None:
             # clip_image's x'_t: the reference's own fixed noise, per image (any batch, any device)
             noise_ref = noise.initial_noise(
@@ -122,10 +143,18 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
         if threshold == "dynamic" and options.percentile != 0.995:
             threshold = functools.partial(guidance.dynamic_threshold, percentile=options.percentile)
         denoiser = guidance.thresholded(denoiser, family.schedule, threshold)
-        x0 = samplers.chain(denoiser, family.schedule, x_T, sampler=options.sampler,
-                            num_steps=options.num_steps, eta=options.eta, rng=rng,
-                            prediction=family.prediction, spacing=options.spacing,
-                            ddpm_variance=options.ddpm_variance, sample_ids=sample_ids)
+        chain_args = dict(sampler=options.sampler, num_steps=options.num_steps, eta=options.eta,
+                          rng=rng, prediction=family.prediction, spacing=options.spacing,
+                          ddpm_variance=options.ddpm_variance, sample_ids=sample_ids)
+        if options.inpaint == "glide":  # the known pixels overwrite x0_hat at every step
+            denoiser = inpainting.known_region(denoiser, family.schedule, cond.known,
+                                               cond.known_mask)
+        if options.inpaint == "repaint":
+            x0 = inpainting.repaint_chain(denoiser, family.schedule, x_T, cond.known,
+                                          cond.known_mask, jumps=options.repaint_jumps,
+                                          jump_length=options.repaint_jump_length, **chain_args)
+        else:
+            x0 = samplers.chain(denoiser, family.schedule, x_T, **chain_args)
         x0 = family.to_output(inputs, x0)  # a latent model decodes to pixels
         # Clipping would turn +-inf into a valid-looking white or black pixel: NaN marks every
         # non-finite value, so callers can refuse the image (clip keeps NaN).

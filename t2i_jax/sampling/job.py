@@ -108,6 +108,7 @@ class JobSpec:
                            # ("rows", (per-prompt items, ...))) (sampling/unclip.py)
     candidates: int = 1    # a prior stage 0's samples per image, the closest to the text kept
     shared_noise: bool = False  # every image of a prompt row starts from one noise (slerps)
+    inpaint: tuple = ()    # stage 0's inpainting: the items of sampling/inpaint.py's record
 
     @classmethod
     def create(cls, trained: Trained, prompts: Sequence[str], *, num_per_prompt: int,
@@ -116,7 +117,8 @@ class JobSpec:
                reranker: Optional[Trained] = None, stages: Sequence = (),
                aug_level: Optional[float] = None,
                low_res: Optional[dict] = None, embedding: Optional[dict] = None,
-               candidates: int = 1, shared_noise: bool = False) -> "JobSpec":
+               candidates: int = 1, shared_noise: bool = False,
+               inpaint: Optional[dict] = None) -> "JobSpec":
         if not prompts:
             raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
         if num_per_prompt < 1:
@@ -135,6 +137,10 @@ class JobSpec:
             raise ValueError(f"--prior_candidates must be an integer >= 1, got {candidates!r}.")
         if embedding is not None and len(embedding.get("rows", ())) not in (0, len(prompts)):
             raise ValueError(f"{len(embedding['rows'])} embedding rows for {len(prompts)} prompts.")
+        if (inpaint is not None) != (options.inpaint is not None) or (
+                inpaint is not None and inpaint["method"] != options.inpaint):
+            raise ValueError("the inpainting record and the options' method disagree "
+                             "(sampling/inpaint.py's record with SampleOptions.inpaint).")
         if low_res is not None and low_res["num_images"] != len(prompts):
             raise ValueError(f"{low_res['num_images']} --low_res images for {len(prompts)} "
                              "prompts: give one prompt (for every image) or one per image.")
@@ -149,13 +155,17 @@ class JobSpec:
                    tuple(low_res.items()) if low_res is not None else (),
                    float(options.percentile) if options.thresholding == "dynamic" else None,
                    tuple(trained.family.decoder_record().items()),
-                   _freeze(embedding) if embedding else (), int(candidates), bool(shared_noise))
+                   _freeze(embedding) if embedding else (), int(candidates), bool(shared_noise),
+                   _freeze(inpaint) if inpaint else ())
 
     @property
     def options(self) -> SampleOptions:
+        paint = dict(_thaw(self.inpaint)) if self.inpaint else {}
         return SampleOptions(self.sampler, self.num_steps, self.eta, self.thresholding,
                              self.spacing, self.ddpm_variance,
-                             0.995 if self.percentile is None else self.percentile)
+                             0.995 if self.percentile is None else self.percentile,
+                             inpaint=paint.get("method"), repaint_jumps=paint.get("jumps", 0),
+                             repaint_jump_length=paint.get("jump_length", 10))
 
     @property
     def num_stages(self) -> int:
@@ -196,6 +206,7 @@ class JobSpec:
                 **({"embedding": self.embedding_record(p, k, index)} if self.embedding else {}),
                 **({"prior_candidates": self.candidates} if self.candidates > 1 else {}),
                 **({"shared_noise": True} if self.shared_noise else {}),
+                **({"inpaint": dict(_thaw(self.inpaint))} if self.inpaint else {}),
                 **({"stages": [dict(st) for st in self.stages],
                     "stage_files": [stage_dir(k, self.num_stages) + "/" + (
                         embedding_file(index) if k == 0 and self.prior_first else
@@ -234,7 +245,7 @@ class JobSpec:
         # Jobs without stages, levels or given inputs keep the identity they had before.
         for key, empty in (("stages", ()), ("aug_level", None), ("low_res", ()),
                            ("percentile", None), ("decoder", ()), ("embedding", ()),
-                           ("candidates", 1), ("shared_noise", False)):
+                           ("candidates", 1), ("shared_noise", False), ("inpaint", ())):
             if getattr(self, key) == empty:
                 del d[key]
         if self.stages:
@@ -245,6 +256,8 @@ class JobSpec:
             d["decoder"] = dict(self.decoder)
         if self.embedding:
             d["embedding"] = _thaw(self.embedding)
+        if self.inpaint:
+            d["inpaint"] = _thaw(self.inpaint)
         return d
 
 
@@ -362,7 +375,8 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
             grid_columns: int = 16, guides: Sequence = (),
             reranker: Optional[Trained] = None, stages: Sequence = (),
             low_res: Optional[np.ndarray] = None,
-            embeddings: Optional[np.ndarray] = None) -> JobResult:
+            embeddings: Optional[np.ndarray] = None,
+            known: Optional[tuple] = None) -> JobResult:
     """Generates every image of `spec` not already in `outdir` and assembles the outputs.
 
     stages: the SR stages (sampling/stages.py Stage) after `trained` (stage 0), run one after
@@ -373,7 +387,10 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
     [P, E] (one per prompt row) or [P, N, E] (one per image: an interpolation's frames).
     A prior as stage 0 writes embeddings (OUTDIR/stages/0/embeddings/*.npy), `spec.candidates`
     per image with the one closest to its caption's text embedding kept; the next stage is a
-    decoder that reads them."""
+    decoder that reads them.
+    known: stage 0's inpainting input (image float32 [H, W, C] in [-1, 1], mask [H, W, 1] with
+    1 = known), exactly when spec.inpaint (sampling/inpaint.py); every row inpaints it. Or one
+    per prompt row ([P, H, W, C] and [P, H, W, 1]), which spec.inpaint's record must identify."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if grid_columns < 1:
@@ -392,6 +409,22 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
         raise ValueError("the guides passed to run_job are not the job's (JobSpec.create(guides=...)).")
     if [st.record(k + 1) for k, st in enumerate(stages)] != [dict(r) for r in spec.stages]:
         raise ValueError("the stages passed to run_job are not the job's (JobSpec.create(stages=...)).")
+    if (known is not None) != bool(spec.inpaint):
+        raise ValueError("pass known= (the image and mask to inpaint) exactly when the job "
+                         "inpaints (JobSpec.create(inpaint=...)).")
+    if known is not None:
+        image_shape, mask_shape = tuple(family.image_shape), tuple(family.image_shape[:2]) + (1,)
+        per_prompt = np.ndim(known[0]) == len(image_shape) + 1
+        lead_dims = (len(spec.prompts),) if per_prompt else ()
+        if (tuple(np.shape(known[0])) != lead_dims + image_shape
+                or tuple(np.shape(known[1])) != lead_dims + mask_shape):
+            raise ValueError(f"the image to inpaint {np.shape(known[0])} and its mask "
+                             f"{np.shape(known[1])} must be the model's {image_shape} and "
+                             f"{mask_shape}, or one per prompt ([P, ...], P = "
+                             f"{len(spec.prompts)}).")
+        known = tuple(np.broadcast_to(np.asarray(a, np.float32),
+                                      (len(spec.prompts),) + s_)
+                      for a, s_ in zip(known, (image_shape, mask_shape)))
     if (low_res is not None) != bool(spec.low_res):
         raise ValueError("pass low_res= (stage 0's inputs) exactly when the job has them.")
     if (spec.rerank > 1) != (reranker is not None):
@@ -512,6 +545,9 @@ def run_job(trained: Trained, spec: JobSpec, outdir: str, *, batch_size: int = 6
                             cond = cond.replace(
                                 low_res=put(stages_lib.to_float(inputs)),
                                 aug_level=put(np.full((len(full),), level, np.float32)))
+                        if k == 0 and known is not None:  # its prompt row's image and mask
+                            cond = cond.replace(known=put(np.ascontiguousarray(known[0][p])),
+                                                known_mask=put(np.ascontiguousarray(known[1][p])))
                         if k == 0:
                             args = (put(guidance[g]), put(sid.astype(np.int32)), guide_params,
                                     tuple(rows_of(r) for r in guide_rows), guide_scales)

@@ -111,7 +111,8 @@ def check_prior_decoder(prior: Trained, decoder: Trained, flag: str = "--prior")
 
 
 def stage_options(trained: Trained, *, sampler=None, steps=None, eta=None, thresholding=None,
-                  ddpm_variance=None, flag: str = "--steps") -> SampleOptions:
+                  ddpm_variance=None, flag: str = "--steps", inpaint=None, repaint_jumps: int = 0,
+                  repaint_jump_length: int = 10) -> SampleOptions:
     """A stage's options: the given ones, else its own config's (config.sample); ValueError
     naming `flag` for a step count outside 1..T."""
     cfg = trained.config
@@ -124,7 +125,8 @@ def stage_options(trained: Trained, *, sampler=None, steps=None, eta=None, thres
     options = SampleOptions(
         sampler=sampler or base.sampler, num_steps=n, eta=base.eta if eta is None else eta,
         thresholding=thresholding or base.thresholding or "none", spacing=base.spacing,
-        ddpm_variance=ddpm_variance or base.ddpm_variance, percentile=base.percentile)
+        ddpm_variance=ddpm_variance or base.ddpm_variance, percentile=base.percentile,
+        inpaint=inpaint, repaint_jumps=repaint_jumps, repaint_jump_length=repaint_jump_length)
     trained.family.check_options(options, flag.replace("steps", "thresholding"))
     return options
 

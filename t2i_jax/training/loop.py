@@ -348,7 +348,10 @@ class _GridSampler:
         self.cond = mesh_lib.put(self.cond, rep)
         self.ids = mesh_lib.put(np.arange(len(self.prompts) * self.n, dtype=np.int32), rep)
         self.rng = mesh_lib.put(jax.random.fold_in(jax.random.key(cfg.seed), GRID_SEED_STREAM), rep)
-        self.generate = make_generate_fn(family, SampleOptions.from_config(cfg.sample), guided)
+        options = SampleOptions.from_config(cfg.sample)
+        if getattr(family, "inpaint", False):  # GLIDE's model fills the grid images' right half
+            options = dataclasses.replace(options, inpaint="glide")
+        self.generate = make_generate_fn(family, options, guided)
 
     def __call__(self, state: TrainState, step: int) -> str:
         x = self.generate(state.ema_params, self.cond, self.rng, self.w, self.ids)
