@@ -258,13 +258,65 @@ def test_repaint_transitions_visit_the_chain_as_resampling_requires(n, jumps, le
         done += 1
         i += 1
     assert done == n and (kind[-1], step[-1]) == (0, n - 1)
-    # jump points: every L completed steps, `jumps` times each, never after the last step
-    expect = [d for d in range(length, n, length) for _ in range(jumps)]
+    # jump points: as andreas128/RePaint's get_schedule_jump, with r = n - done steps left:
+    # wherever (r - 1) % L == 0, from done >= L on; the last one leaves one step (x_1 -> x_0)
+    expect = [d for d in range(length, n) if (n - d - 1) % length == 0 for _ in range(jumps)]
     assert jump_at == expect
+    assert len(set(jump_at)) == points and (not jump_at or jump_at[-1] == n - 1)
     with pytest.raises(ValueError, match="--repaint_jumps must be >= 0"):
         inpainting.repaint_transitions(n, -1, length)
     with pytest.raises(ValueError, match="--repaint_jump_length >= 1"):
         inpainting.repaint_transitions(n, jumps, 0)
+
+
+def _reference_schedule(t_T, jump_length, jump_n_sample):
+    """andreas128/RePaint's guided_diffusion/scheduler.py get_schedule_jump (n_sample = 1, no
+    start resampling), as published: the states visited, t_T - 1 down to -1 (the data)."""
+    jumps = {j: jump_n_sample - 1 for j in range(0, t_T - jump_length, jump_length)}
+    t, ts = t_T, []
+    while t >= 1:
+        t = t - 1
+        ts.append(t)
+        if jumps.get(t, 0) > 0:
+            jumps[t] = jumps[t] - 1
+            for _ in range(jump_length):
+                t = t + 1
+                ts.append(t)
+    ts.append(-1)
+    return ts
+
+
+@pytest.mark.parametrize("n,jumps,length", [(250, 9, 10), (50, 4, 5), (12, 2, 5), (7, 1, 1),
+                                            (10, 3, 3), (6, 2, 3)])
+def test_repaint_transitions_equal_the_reference_schedule(n, jumps, length):
+    """The transitions are the reference code's: state t there is our visited index n - 1 - t."""
+    ref = _reference_schedule(n, length, jumps + 1)
+    kind, step = inpainting.repaint_transitions(n, jumps, length)
+    want_kind, want_step = [], []
+    for last, cur in zip(ref[:-1], ref[1:]):
+        if cur < last:   # reverse: our step k = n - 1 - last (ts[k] -> ts[k + 1])
+            want_kind.append(0)
+            want_step.append(n - 1 - last)
+        else:            # forward: ts[k + 1] -> ts[k], ts[k + 1] being state `last`
+            want_kind.append(1)
+            want_step.append(n - 2 - last)
+    np.testing.assert_array_equal(kind, want_kind)
+    np.testing.assert_array_equal(step, want_step)
+
+
+def test_repaint_runs_a_bfloat16_chain_with_jumps():
+    """A bf16 chain stays bf16 through the replacement (q_sample's float32 coefficients) and the
+    jumps (both branches of lax.cond agree), and is close to the float32 chain."""
+    known = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1), minval=-1.0, maxval=1.0)
+    mask = jnp.asarray(inpainting.box_mask(8, 8, (4, 0, 8, 8)))
+    x_T = noise.initial_noise(jax.random.key(0), known.shape)
+    run = lambda x: inpainting.repaint_chain(  # noqa: E731
+        _zero_eps(LINEAR), LINEAR, x, known, mask, rng=jax.random.key(2), sampler="ddim",
+        eta=1.0, num_steps=6, jumps=2, jump_length=2)
+    low, full = jax.jit(run)(x_T.astype(jnp.bfloat16)), jax.jit(run)(x_T)
+    assert low.dtype == jnp.bfloat16 and full.dtype == jnp.float32
+    assert np.isfinite(np.asarray(low, np.float32)).all()
+    np.testing.assert_allclose(np.asarray(low, np.float32), np.asarray(full), rtol=0.1, atol=0.1)
 
 
 # --- 4. RePaint with nothing known is the plain chain --------------------------------------
@@ -407,6 +459,11 @@ CASES = {
                          r"--repaint_jumps / --repaint_jump_length are RePaint's"),
     "jump_length_with_glide": ("glide", ["--mask_box", "8,0,16,16", "--repaint_jump_length", "5"],
                                r"--repaint_jumps / --repaint_jump_length are RePaint's"),
+    "jumps_without_room": ("base", ["--mask_box", "8,0,16,16", "--sampler", "ddpm",
+                                    "--repaint_jumps", "2", "--repaint_jump_length", "2"],
+                           r"a chain of 2 steps has no such point"),
+    "latent_model": ("latent", ["--mask_box", "8,0,16,16"],
+                     r"inpainting keeps and regenerates pixels, and this is a latent model"),
     "no_region": ("base", [], r"--inpaint needs the region to regenerate"),
     "jumps_with_multistep": ("base", ["--mask_box", "8,0,16,16", "--sampler", "dpmpp_2m",
                                       "--repaint_jumps", "2"],
@@ -416,7 +473,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_inpainting_input_is_refused_before_anything_is_written(
-        case, tiny_workdir, tiny_inpaint, digit, tmp_path, capfd):
+        case, tiny_workdir, tiny_inpaint, digit, tmp_path, capfd, request):
     """Each bad inpainting input is refused with its reason before OUTDIR is created."""
     model, extra, want = CASES[case]
     paths = {"mask8": tmp_path / "mask8.png", "black": tmp_path / "black.png",
@@ -429,7 +486,9 @@ def test_bad_inpainting_input_is_refused_before_anything_is_written(
     colour = np.zeros((H, W, 3), np.uint8)
     colour[..., 0] = 200  # red: not a grey image
     images.save_png(str(paths["colour"]), colour)
-    args = ["--workdir", tiny_inpaint if model == "glide" else tiny_workdir, "--prompt", "seven",
+    workdir = {"glide": tiny_inpaint, "base": tiny_workdir}.get(model) or request.getfixturevalue(
+        "tiny_latent")
+    args = ["--workdir", workdir, "--prompt", "seven",
             "--steps", "2", "--num_per_prompt", "1"]
     if extra is not None:
         extra = [a.format(**{k: str(v) for k, v in paths.items()}) for a in extra]

@@ -2,6 +2,8 @@
 variance (the VLB term through a stop-gradient on the mean), GLIDE's mask-conditioned input, the
 config checks, and the bits/dim evaluation against its definition."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,13 +121,14 @@ def test_bits_per_dim_sum_every_term_of_the_bound(data_dir, tiny_inpaint):
     enc = fam.encode(trained.params, fam.conditioning.of_prompts(d["caption"]))
     keys = noise_lib.per_sample_keys(jax.random.fold_in(jax.random.key(0), 23), jnp.arange(3), 0)
 
-    @jax.jit
-    def term(t):
+    @functools.partial(jax.jit, static_argnums=1)
+    def term(t, clip=True):
         tb = jnp.full((3,), t, jnp.int32)
         eps = noise_lib.batch_normal(keys, x0.shape[1:], step=t)
         x_t = forward.q_sample(sch, x0, tb, eps)
         out = fam.model.apply(trained.params, x_t, tb, enc, method=type(fam.model).denoise)
         x0_hat = forward.x0_from_eps(x_t, out, sch.at("alphas_cumprod", tb, 4))
+        x0_hat = jnp.clip(x0_hat, -1.0, 1.0) if clip else x0_hat  # image_nll.py's default
         return vlb.vb_terms_bpd(sch, x0, x_t, tb, x0_hat,
                                 sch.at("posterior_log_variance_clipped", tb, 4))
 
@@ -133,9 +136,42 @@ def test_bits_per_dim_sum_every_term_of_the_bound(data_dir, tiny_inpaint):
     prior = np.asarray(vlb.prior_bpd(sch, x0))
     np.testing.assert_allclose(res["bits_per_dim"], np.mean(total + prior), rtol=1e-4)
     np.testing.assert_allclose(res["decoder_bpd"], np.mean(np.asarray(term(0))), rtol=1e-5)
+    raw = nll.evaluate(trained, limit=3, batch_size=3, clip_denoised=False)
+    total = sum(np.asarray(term(t, False)) for t in range(sch.num_timesteps))
+    np.testing.assert_allclose(raw["bits_per_dim"], np.mean(total + prior), rtol=1e-4)
     beta = nll.evaluate(trained, limit=3, variance="beta")["bits_per_dim"]
     assert abs(beta - res["bits_per_dim"]) > 1e-3
     with pytest.raises(ValueError, match="learned variance"):
         nll.evaluate(trained, limit=3, variance="learned")
     with pytest.raises(ValueError, match="inpainting"):
         nll.evaluate(load_trained(tiny_inpaint), limit=2)
+
+
+def test_ddim_with_the_learned_variance_at_eta_1_and_its_cap():
+    """DDIM's eta > 0 path with a learned variance: v = -1 (sigma^2 = beta~_ts of the respaced
+    chain) at eta = 1 is the DDPM step with beta~ exactly (same z); v = +1 (beta_ts) is capped at
+    1 - abar_s where a 10-step chain's beta_ts exceeds it, so x_s's noise never exceeds it."""
+    from t2i_jax.diffusion import make_schedule, samplers
+    sch = make_schedule("linear", 1000)
+    ts = jnp.asarray(samplers.timesteps(sch, 10))
+    coeffs = samplers.step_coefficients(sch, ts)
+    shape = (2, 4, 4, 1)
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    x_t, eps, z = (jax.random.normal(k, shape) for k in (k1, k2, k3))
+    capped = 0
+    for k in range(len(ts) - 1):
+        c = jax.tree_util.tree_map(lambda a: a[k], coeffs)
+        x0 = forward.x0_from_eps(x_t, eps, c.alpha_bar_t)
+        ddim = lambda v, eta: samplers.ddim_step(  # noqa: E731
+            x_t, eps, x0, c, z, (), samplers.Options(jnp.asarray(eta), "learned"), v)[0]
+        ddpm, _ = samplers.ddpm_step(x_t, eps, x0, c, z, (), samplers.Options(0.0, "posterior"))
+        np.testing.assert_allclose(ddim(-jnp.ones(shape), 1.0), ddpm, rtol=2e-5, atol=2e-5)
+        # v = +1: sigma^2 = min(beta_ts, 1 - abar_s); the noise part is sigma z exactly
+        x_s = ddim(jnp.ones(shape), 1.0)
+        no_noise = samplers.ddim_step(x_t, eps, x0, c, None, (),
+                                      samplers.Options(jnp.asarray(1.0), "learned"),
+                                      jnp.ones(shape))[0]
+        want = min(float(c.beta_ts), float(c.one_minus_alpha_bar_s))
+        capped += float(c.beta_ts) > float(c.one_minus_alpha_bar_s)
+        np.testing.assert_allclose(x_s - no_noise, np.sqrt(want) * z, rtol=1e-4, atol=1e-5)
+    assert capped >= 1  # the cap was exercised

@@ -164,7 +164,7 @@ def _call(**overrides):
     (dict(spacing="uniform"), r"unknown timestep spacing 'uniform'"),
     (dict(x_T=jnp.zeros(())), r"x_T must have a leading batch axis"),
     (dict(sample_ids=jnp.arange(3)), r"sample_ids must have shape \[B\] = \[4\]"),
-    (dict(ddpm_variance="learned"), r"unknown ddpm_variance 'learned'"),
+    (dict(ddpm_variance="fixedlarge"), r"unknown ddpm_variance 'fixedlarge'"),
     (dict(prediction="score"), r"unknown prediction type 'score'"),
     (dict(schedule=make_schedule("cosine", 1000, zero_terminal_snr=True)),
      r"zero terminal SNR.*prediction='v'"),

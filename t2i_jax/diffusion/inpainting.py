@@ -96,9 +96,11 @@ def known_region(denoiser: guidance.Denoiser, schedule: Schedule, known: jax.Arr
 def repaint_transitions(num_steps: int, jumps: int, jump_length: int) -> tuple:
     """Returns (kind [M], step [M]) int32 host arrays, RePaint's order of transitions over the
     visited steps 0..N-1 (N = num_steps): kind 0 = reverse step k (ts[k] -> ts[k+1], or the data
-    after the last), kind 1 = forward step k (ts[k+1] -> ts[k], re-noising). After every
-    jump_length reverse steps (not after the last), the chain goes back up jump_length steps and
-    down again, `jumps` times. jumps = 0: N reverse steps, plain replacement."""
+    after the last), kind 1 = forward step k (ts[k+1] -> ts[k], re-noising). At the jump points
+    the chain goes back up jump_length (L) steps and down again, `jumps` times: as the reference
+    code's get_schedule_jump (andreas128/RePaint), wherever r - 1 is a multiple of L, r = the
+    reverse steps left, once at least L are done; the last point leaves one step, so the chain
+    is resampled down to x_1. jumps = 0: N reverse steps, plain replacement."""
     if jumps < 0 or jump_length < 1:
         raise ValueError(f"--repaint_jumps must be >= 0 and --repaint_jump_length >= 1, got "
                          f"{jumps} and {jump_length}.")
@@ -107,7 +109,8 @@ def repaint_transitions(num_steps: int, jumps: int, jump_length: int) -> tuple:
         kind.append(0)
         step.append(k)
         done = k + 1
-        if jumps and done % jump_length == 0 and done < num_steps:
+        left = num_steps - done
+        if jumps and done >= jump_length and left >= 1 and (left - 1) % jump_length == 0:
             back = list(range(done - 1, done - 1 - jump_length, -1))  # forward through these
             for _ in range(jumps):
                 kind += [1] * jump_length
@@ -155,15 +158,17 @@ def repaint_chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Arra
 
     def reverse(x, state, n, k):
         t = ts[k]
+        dtype = x.dtype  # q_sample's coefficients are float32: a bf16 chain stays bf16
         t_b = jnp.full((batch,), t, jnp.int32)
         eps_known = noise.batch_normal(known_keys, x.shape[1:], x.dtype, step=n)
-        x = mask * forward.q_sample(schedule, known, t_b, eps_known) + (1.0 - mask) * x
+        x = (mask * forward.q_sample(schedule, known, t_b, eps_known)
+             + (1.0 - mask) * x).astype(dtype)
         eps_hat, x0_hat, *rest = denoiser(x, t_b)
         samplers.check_variance_output(ddpm_variance, rest)
         z = noise.batch_normal(step_keys, x.shape[1:], x.dtype, step=n)
         x_s, new_state = spec.step(x, eps_hat, x0_hat, take(coeffs, k), z, state, opts, *rest[:1])
         new_state = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), new_state, state)
-        return x_s.astype(x.dtype), new_state
+        return x_s.astype(dtype), new_state
 
     def forward_step(x, state, n, k):
         beta = take(coeffs, k).beta_ts

@@ -149,10 +149,13 @@ def ddpm_step(x_t, eps_hat, x0_hat, c, z, state, opts, v=None):
 
 def ddim_step(x_t, eps_hat, x0_hat, c, z, state, opts, v=None):
     """Returns x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z (DDIM eq. 12);
-    sigma^2 = eta^2 beta~_ts, or eta^2 times the learned variance (ddpm_variance="learned": at
-    eta = 1 the learned variance in place of beta~, as DDIM's sigma is beta~ there)."""
+    sigma^2 = eta^2 beta~_ts, or eta^2 times the learned variance (ddpm_variance="learned"),
+    capped at 1 - abar_s: on a respaced chain the learned variance reaches beta_ts, which can
+    exceed 1 - abar_s (more noise than q(x_s | x0) holds). With it, eta = 1 is the DDPM step
+    only where v = -1 (sigma^2 = beta~); elsewhere DDIM's mean with the learned sigma
+    (improved-diffusion's DDIM ignores the learned variance; this uses it where eta asks for noise)."""
     if opts.ddpm_variance == "learned":
-        var = jnp.square(opts.eta) * learned_variance(c, v)
+        var = jnp.minimum(jnp.square(opts.eta) * learned_variance(c, v), c.one_minus_alpha_bar_s)
     else:
         var = jnp.square(opts.eta) * c.one_minus_alpha_bar_s / c.one_minus_alpha_bar_t * c.beta_ts
     dir_coef = jnp.sqrt(jnp.maximum(c.one_minus_alpha_bar_s - var, 0.0))

@@ -34,9 +34,12 @@ def default_variance(family) -> str:
     return "learned" if getattr(family, "learn_sigma", False) else "posterior"
 
 
-def make_terms_fn(family, variance: str):
+def make_terms_fn(family, variance: str, clip_denoised: bool = True):
     """Returns terms(params, inputs, cond, x0 [B, ...], ids [B], rng) -> [T, B]: every L_t in
-    bits/dim (t = 0: the decoder term), one scan over t, one model call per t."""
+    bits/dim (t = 0: the decoder term), one scan over t, one model call per t. clip_denoised:
+    x0_hat clipped to [-1, 1] before the posterior mean, as improved-diffusion's image_nll.py
+    (calc_bpd_loop, clip_denoised=True) computes the numbers IDDPM reports; the bound holds
+    either way."""
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}.")
     if variance == "learned" and not getattr(family, "learn_sigma", False):
@@ -64,6 +67,8 @@ def make_terms_fn(family, variance: str):
             _, x0_hat = forward.eps_and_x0(mean_out.astype(jnp.float32), x_t,
                                            schedule.at("alphas_cumprod", tb, x0.ndim),
                                            family.prediction)
+            if clip_denoised:
+                x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
             if variance == "learned":
                 log_var = vlb.model_log_variance(schedule, v.astype(jnp.float32), tb)
             else:
@@ -77,7 +82,7 @@ def make_terms_fn(family, variance: str):
 
 def evaluate(trained, *, limit: Optional[int] = None, batch_size: int = 64, seed: int = 0,
              variance: Optional[str] = None, unconditional: bool = False,
-             split: Optional[str] = None) -> dict:
+             split: Optional[str] = None, clip_denoised: bool = True) -> dict:
     """Returns the bits/dim of the test split (mean and standard error over examples, and each
     part: decoder L_0, the KL terms, prior L_T; the mean L_t per quarter of the chain)."""
     from t2i_jax import data as data_lib
@@ -93,7 +98,7 @@ def evaluate(trained, *, limit: Optional[int] = None, batch_size: int = 64, seed
                          + " model: bits/dim are reported for text/label/unconditional pixel "
                          "diffusion models.")
     variance = variance or default_variance(family)
-    terms_fn = make_terms_fn(family, variance)
+    terms_fn = make_terms_fn(family, variance, clip_denoised)
     split = split or data_lib.get_spec(trained.config.data.name).splits[1]
     data = data_lib.load_split(trained.config.data, split, limit=limit)
     x_all = np.asarray(data["image"], np.float32)
@@ -127,7 +132,7 @@ def evaluate(trained, *, limit: Optional[int] = None, batch_size: int = 64, seed
     T = per_t.shape[0]
     quarters = np.array_split(np.arange(T), 4)
     return dict(workdir=trained.workdir, checkpoint_step=trained.step, params=trained.kind,
-                variance=variance, conditional=not unconditional and family.conditioning.guidable,
+                variance=variance, clip_denoised=bool(clip_denoised), conditional=not unconditional and family.conditioning.guidable,
                 split=split, num_examples=int(n), num_timesteps=int(T), seed=seed,
                 bits_per_dim=float(total.mean()),
                 stderr=float(total.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
@@ -138,7 +143,8 @@ def evaluate(trained, *, limit: Optional[int] = None, batch_size: int = 64, seed
 
 def summary(res: dict) -> str:
     return (f"{res['workdir']} (step {res['checkpoint_step']}, {res['params']} parameters, "
-            f"variance {res['variance']}, {'p(x | caption)' if res['conditional'] else 'p(x)'}): "
+            f"variance {res['variance']}, {'p(x | caption)' if res['conditional'] else 'p(x)'}"
+            f"{'' if res['clip_denoised'] else ', x0_hat unclipped'}): "
             f"{res['bits_per_dim']:.4f} +- {res['stderr']:.4f} bits/dim on {res['num_examples']} "
             f"{res['split']} images, T = {res['num_timesteps']}\n"
             f"  decoder L_0 {res['decoder_bpd']:.4f}, KL terms {res['kl_terms_bpd']:.4f}, prior L_T "
@@ -155,6 +161,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unconditional", action="store_true",
                    help="log p(x) through the null condition instead of log p(x | caption)")
+    p.add_argument("--no_clip_denoised", action="store_true",
+                   help="do not clip x0_hat to [-1, 1] in the posterior mean (IDDPM's reported "
+                        "numbers clip it; the bound holds either way)")
     p.add_argument("--params", choices=("ema", "raw"), default="ema")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     p.add_argument("--out", help="default: WORKDIR/nll")
@@ -175,10 +184,12 @@ def main(argv=None) -> int:
         p.error(str(e))
     try:
         res = evaluate(trained, limit=a.limit, batch_size=a.batch_size, seed=a.seed,
-                       variance=variance, unconditional=a.unconditional)
+                       variance=variance, unconditional=a.unconditional,
+                       clip_denoised=not a.no_clip_denoised)
     except ValueError as e:
         p.error(str(e))
-    name = f"nll_{variance}{'_uncond' if a.unconditional else ''}.json"
+    name = (f"nll_{variance}{'_uncond' if a.unconditional else ''}"
+            f"{'_noclip' if a.no_clip_denoised else ''}.json")
     files.write_json(os.path.join(out, name), res)
     print(summary(res))
     print(f"[t2i_jax] wrote {os.path.join(out, name)}", file=sys.stderr)

@@ -285,6 +285,11 @@ class Diffusion(Family):
                              "(diffusion.learn_sigma=True, IDDPM's L_hybrid); this model's variance "
                              "is fixed: use --ddpm_variance posterior (beta~) or beta.")
         method = getattr(options, "inpaint", None)
+        if method is not None and self.not_pixels is not None:
+            raise ValueError(f"inpainting keeps and regenerates pixels, and this is "
+                             f"{self.not_pixels[0]}: its x_t is not an image to paste the known "
+                             "pixels into. Inpaint with a pixel model (any text-to-image "
+                             "workdir: RePaint; configs/shapes_inpaint.py: GLIDE's).")
         if self.inpaint and method != "glide":
             raise ValueError("this is GLIDE's mask-conditioned inpainting model (model.inpaint): "
                              "it needs an image and a mask, --inpaint IMAGE with --mask MASK.png or "

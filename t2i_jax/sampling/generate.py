@@ -93,6 +93,11 @@ class SampleOptions:
                 or self.num_steps < 1:
             raise ValueError(f"the number of sampling steps must be an integer >= 1, got "
                              f"{self.num_steps!r}.")
+        if self.repaint_jumps and self.num_steps <= self.repaint_jump_length:
+            raise ValueError(f"RePaint jumps back --repaint_jump_length {self.repaint_jump_length} "
+                             f"steps before the chain's end, and a chain of {self.num_steps} steps "
+                             "has no such point: the jumps would do nothing. Use more --steps, a "
+                             "shorter --repaint_jump_length, or --repaint_jumps 0.")
 
 
 def make_generate_fn(family, options: SampleOptions, guided: bool = True,
