@@ -60,3 +60,19 @@ def restore_step(cfg, wd, step):
         return ck.restore(jax.eval_shape(r.create_state, jax.random.key(0)), step=step).state
     finally:
         ck.close()
+
+
+def assert_refused(args, out, capfd, want):
+    """sample.py with `args` (and --outdir out) exits non-zero, its stderr matches the regex
+    `want`, and `out` was never created: a refusal before anything is written."""
+    import re
+    import sample as sample_cli
+    capfd.readouterr()
+    try:
+        code = sample_cli.run(args + ["--outdir", str(out), "--no_progress"])
+    except SystemExit as e:  # argparse's refusals
+        code = e.code
+    assert code != 0
+    err = capfd.readouterr().err.replace("\n", " ")
+    assert re.search(want, err), err
+    assert not out.exists()

@@ -5,7 +5,6 @@ refusals of stages that do not fit together, before anything is written."""
 
 import math
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ from t2i_jax.sampling import stages as stages_lib
 from t2i_jax.sampling.generate import SampleOptions
 from t2i_jax.sampling.load import Trained, load_trained
 
-from runs import tiny  # noqa: E402
+from runs import assert_refused, tiny  # noqa: E402
 
 OPTIONS = SampleOptions("ddim", 3)
 SR_OPTIONS = SampleOptions("ddim", 2)
@@ -232,14 +231,7 @@ def test_stages_that_do_not_fit_are_refused_before_anything_is_written(
         "count": (["--workdir", base, "--sr", sr, "--sr_steps", "2", "--sr_steps", "3"],
                   "given 2 times for 1 --sr"),
     }[case]
-    try:
-        code = sample_cli.run(args + ["--prompt", "seven", "--outdir", str(out), "--no_progress"])
-    except SystemExit as e:  # argparse's refusals
-        code = e.code
-    assert code != 0
-    err = capfd.readouterr().err.replace("\n", " ")
-    assert re.search(want, err), err
-    assert not out.exists()
+    assert_refused(args + ["--prompt", "seven"], out, capfd, want)
 
 
 def test_check_follows_names_a_channel_or_data_set_mismatch(data_dir, cascade):

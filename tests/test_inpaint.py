@@ -6,7 +6,6 @@ invariance, refusals before anything is written, and records that make a job res
 
 import hashlib
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 import sample as sample_cli
-from runs import tiny
+from runs import assert_refused, tiny
 from t2i_jax import files, images
 from t2i_jax.diffusion import (analytic, forward, guidance, inpainting, make_schedule, noise,
                                samplers)
@@ -423,16 +422,7 @@ def test_repaint_with_jumps_is_the_same_on_8_devices_and_1(base, digit, tmp_path
 
 # --- 7. refusals before anything is written -----------------------------------------------
 
-def _refused(args, out, capfd, want):
-    capfd.readouterr()
-    try:
-        code = sample_cli.run(args + ["--outdir", str(out), "--no_progress"])
-    except SystemExit as e:  # argparse's refusals
-        code = e.code
-    assert code != 0
-    err = capfd.readouterr().err.replace("\n", " ")
-    assert re.search(want, err), err
-    assert not out.exists()
+_refused = assert_refused
 
 
 CASES = {

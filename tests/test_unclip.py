@@ -6,7 +6,6 @@ refusals of what does not fit, before anything is written."""
 
 import math
 import os
-import re
 import shutil
 
 import jax
@@ -26,7 +25,7 @@ from t2i_jax.sampling import unclip
 from t2i_jax.sampling.generate import SampleOptions
 from t2i_jax.sampling.load import load_trained
 
-from runs import run, tiny  # noqa: E402
+from runs import assert_refused, run, tiny  # noqa: E402
 
 PROMPTS = ["seven", "数字三"]
 
@@ -297,15 +296,7 @@ def test_interpolation_ends_are_variations_with_the_rows_shared_noise(data_dir, 
     assert np.abs(xv[0].astype(int) - xv[1].astype(int)).mean() > 1
 
 
-def _refused(args, out, capfd, want):
-    try:
-        code = sample_cli.run(args + ["--outdir", str(out), "--no_progress"])
-    except SystemExit as e:  # argparse's refusals
-        code = e.code
-    assert code != 0
-    err = capfd.readouterr().err.replace("\n", " ")
-    assert re.search(want, err), err
-    assert not out.exists()
+_refused = assert_refused
 
 
 @pytest.mark.parametrize("case", ["not_an_image", "one_image", "frames_1", "prior_as_workdir",
