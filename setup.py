@@ -17,7 +17,8 @@ setup(
         "optax>=0.2.4",
         "ml_collections>=0.1.1",
         "numpy>=1.26",
-        "orbax-checkpoint>=0.11",
+        # CheckpointManagerOptions(preservation_policy=checkpoint_managers.LatestN(n)): 0.11.14
+        "orbax-checkpoint>=0.11.14",
         # Data: TFDS builders in array_record, read with tfds.data_source + grain (no TensorFlow).
         "tensorflow-datasets>=4.9.7",
         "grain>=0.2.6",

@@ -44,6 +44,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import LatestN
 
 from t2i_jax.config_utils import tree_differences
 from t2i_jax.errors import os_advice, os_errno, short_cause
@@ -166,7 +167,11 @@ class Checkpointer:
             # A reader keeps every step and creates nothing (orbax's own read_only option
             # prints two warnings per manager).
             # A writer removes the partial step directories that killed saves leave behind.
-            options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep or None,
+            # Retention: the newest `keep` steps (orbax's LatestN; n=None preserves every step,
+            # what keep=0 and a reader mean). The final step is pruned like any other: it is
+            # always among the newest. (orbax deprecates max_to_keep for this policy.)
+            options=ocp.CheckpointManagerOptions(preservation_policy=LatestN(
+                                                     n=None if read_only else keep or None),
                                                  create=not read_only,
                                                  cleanup_tmp_directories=not read_only,
                                                  enable_async_checkpointing=False))

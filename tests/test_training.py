@@ -160,3 +160,26 @@ def test_another_models_workdir_is_refused(data_dir, tmp_path):
     with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match=r"model\.unet\.channels: 16 -> 24"):
         run(cfg, tmp_path)
     assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).steps() == [2]  # untouched
+
+
+def test_keep_checkpoints_keeps_the_newest_k_and_0_keeps_all(tmp_path):
+    """train.keep_checkpoints = k: the newest k steps stay after every save (the final one
+    among them); 0 keeps every step; a reader deletes nothing, whatever it is given."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class S:
+        params: dict
+        step: int
+
+    config = {"model": {"x": 1}}
+    for keep, want in ((2, [6, 8]), (1, [8]), (0, [2, 4, 6, 8])):
+        ck = ckpt_lib.Checkpointer(str(tmp_path / str(keep)), keep=keep)
+        for step in (2, 4, 6, 8):
+            ck.save(step, S({"w": np.full((3,), step, np.float32)}, step), None, config)
+        assert ck.steps() == want, keep
+        ck.close()
+    reader = ckpt_lib.Checkpointer(str(tmp_path / "0"), keep=1, read_only=True)
+    assert reader.steps() == [2, 4, 6, 8]
+    reader.close()
+    assert sorted(int(p.name) for p in (tmp_path / "0").iterdir() if p.name.isdigit()) == [2, 4, 6, 8]
