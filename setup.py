@@ -16,6 +16,7 @@ setup(
         "flax>=0.10.4",
         "optax>=0.2.4",
         "ml_collections>=0.1.1",
+        "absl-py>=1.0",             # train.py's flags, logging verbosity of the CLIs
         "numpy>=1.26",
         # CheckpointManagerOptions(preservation_policy=checkpoint_managers.LatestN(n)): 0.11.14
         "orbax-checkpoint>=0.11.14",
@@ -35,7 +36,9 @@ setup(
         "tokenizers>=0.19",
     ],
     extras_require={
-        # scipy: the Fréchet distance is checked against scipy.linalg.sqrtm
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.10"],
+        # scipy: the Fréchet distance is checked against scipy.linalg.sqrtm; regex: the \p{L} /
+        # \p{N} classes of CLIP's word pattern in the reference BPE (tests/np_clip.py), as
+        # OpenAI's simple_tokenizer.py (the stdlib re has no Unicode property classes)
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.10", "regex>=2022.1.18"],
     },
 )
