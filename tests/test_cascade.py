@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 import sample as sample_cli
-from t2i_jax import families, images
+from t2i_jax import families, files, images
 from t2i_jax.conditioning import drop_condition, keep_undropped
 from t2i_jax.diffusion import augmentation
 from t2i_jax.sampling import job as job_lib
+from t2i_jax.sampling import outdir as out_lib
+from t2i_jax.sampling.plan import Plan
 from t2i_jax.sampling import stages as stages_lib
 from t2i_jax.sampling.generate import SampleOptions
 from t2i_jax.sampling.load import Trained, load_trained
@@ -122,8 +124,8 @@ def _stages(sr: Trained, guidance=1.0, level=0.2):
 
 
 def _cascade_spec(base, sr, **kw):
-    return job_lib.JobSpec.create(base, PROMPTS, num_per_prompt=3, guidance=(2.0,), seed=3,
-                                  options=OPTIONS, shard_size=2, stages=_stages(sr), **kw)
+    return Plan.create(base, PROMPTS, num_per_prompt=3, guidance=(2.0,), seed=3,
+                       options=OPTIONS, shard_size=2, stages=_stages(sr), **kw)
 
 
 def test_the_base_stage_of_a_cascade_is_the_base_alone_and_devices_and_batches_do_not_matter(
@@ -132,10 +134,10 @@ def test_the_base_stage_of_a_cascade_is_the_base_alone_and_devices_and_batches_d
     spec = _cascade_spec(base, sr)
     outs = {}
     for name, devices, batch in (("8dev_b7", None, 7), ("1dev_b1", jax.devices()[:1], 1)):
-        res = job_lib.run_job(base, spec, str(tmp_path / name), batch_size=batch,
-                              devices=devices, progress=False, stages=_stages(sr))
+        res = job_lib.run_job(spec, str(tmp_path / name), batch_size=batch,
+                              devices=devices, progress=False)
         assert res.num_images == 6
-        outs[name] = job_lib.load_images(str(tmp_path / name))
+        outs[name] = out_lib.load_images(str(tmp_path / name))
     (x8, rows8), (x1, rows1) = outs["8dev_b7"], outs["1dev_b1"]
     assert x8.shape == (6, 16, 16, 1)
     np.testing.assert_array_equal(x8, x1)
@@ -148,11 +150,11 @@ def test_the_base_stage_of_a_cascade_is_the_base_alone_and_devices_and_batches_d
     stage0 = tmp_path / "8dev_b7" / "stages" / "0"
     assert rows8[4]["stage_files"] == ["stages/0/images/000004.png"]
     # The base alone, same seed and options: exactly the cascade's stage 0.
-    alone = job_lib.JobSpec.create(base, PROMPTS, num_per_prompt=3, guidance=(2.0,), seed=3,
-                                   options=OPTIONS, shard_size=2)
-    job_lib.run_job(base, alone, str(tmp_path / "alone"), batch_size=7, progress=False)
-    x_alone, _ = job_lib.load_images(str(tmp_path / "alone"))
-    x_stage0, _ = job_lib.load_images(str(stage0))
+    alone = Plan.create(base, PROMPTS, num_per_prompt=3, guidance=(2.0,), seed=3,
+                        options=OPTIONS, shard_size=2)
+    job_lib.run_job(alone, str(tmp_path / "alone"), batch_size=7, progress=False)
+    x_alone, _ = out_lib.load_images(str(tmp_path / "alone"))
+    x_stage0, _ = out_lib.load_images(str(stage0))
     assert x_stage0.shape == (6, 8, 8, 1)
     np.testing.assert_array_equal(x_stage0, x_alone)
 
@@ -162,7 +164,7 @@ def test_a_cascade_killed_in_its_second_stage_resumes_without_redoing_the_first(
     base, sr = (load_trained(w) for w in cascade)
     spec = _cascade_spec(base, sr)
     ref = tmp_path / "straight"
-    job_lib.run_job(base, spec, str(ref), batch_size=2, progress=False, stages=_stages(sr))
+    job_lib.run_job(spec, str(ref), batch_size=2, progress=False)
     # Killed (any exception mid-loop leaves the files as a kill does) after 3 final PNGs.
     out = tmp_path / "killed"
     save = images.save_png
@@ -176,16 +178,16 @@ def test_a_cascade_killed_in_its_second_stage_resumes_without_redoing_the_first(
         save(path, image)
     monkeypatch.setattr(images, "save_png", dying)
     with pytest.raises(KeyboardInterrupt):
-        job_lib.run_job(base, spec, str(out), batch_size=2, progress=False, stages=_stages(sr))
+        job_lib.run_job(spec, str(out), batch_size=2, progress=False)
     monkeypatch.setattr(images, "save_png", save)
     assert len(os.listdir(out / "stages" / "0" / "shards")) == 3   # stage 0 finished
-    assert not job_lib.is_complete(str(out))
-    res = job_lib.run_job(base, spec, str(out), batch_size=2, progress=False, stages=_stages(sr))
-    stats = job_lib.files.read_json(str(out / job_lib.STATS_FILE))
+    assert not out_lib.is_complete(str(out))
+    res = job_lib.run_job(spec, str(out), batch_size=2, progress=False)
+    stats = files.read_json(str(out / out_lib.STATS_FILE))
     assert [s["generated"] for s in stats["stages"]] == [0, 4]  # shard 0 of stage 1 was done
     assert res.generated == 4
-    np.testing.assert_array_equal(job_lib.load_images(str(out))[0],
-                                  job_lib.load_images(str(ref))[0])
+    np.testing.assert_array_equal(out_lib.load_images(str(out))[0],
+                                  out_lib.load_images(str(ref))[0])
 
 
 def test_low_res_super_resolves_given_images(cascade, tmp_path):
@@ -202,7 +204,7 @@ def test_low_res_super_resolves_given_images(cascade, tmp_path):
     assert sample_cli.run(["--workdir", sr, "--low_res", str(src), "--prompt", "seven",
                            "--num_per_prompt", "2", "--steps", "2", "--aug_level", "0",
                            "--outdir", str(out), "--no_progress"]) == 0
-    x, rows = job_lib.load_images(str(out))
+    x, rows = out_lib.load_images(str(out))
     assert x.shape == (6, 16, 16, 1)
     assert [r["low_res_index"] for r in rows] == [0, 0, 1, 1, 2, 2]
     assert all(r["aug_level"] == 0.0 and r["low_res"] == str(src) for r in rows)

@@ -18,6 +18,8 @@ from t2i_jax import files, images
 from t2i_jax.diffusion import (analytic, forward, guidance, inpainting, make_schedule, noise,
                                samplers)
 from t2i_jax.sampling import job as job_lib
+from t2i_jax.sampling import outdir as out_lib
+from t2i_jax.sampling.plan import Inpaint, Plan
 from t2i_jax.sampling.inpaint import load_inpaint, parse_box
 from t2i_jax.sampling.load import load_trained
 from t2i_jax.sampling.stages import stage_options
@@ -52,12 +54,11 @@ def _job(trained, path, outdir, *, options, box=BOX, guidance_weights=(0.0,), nu
     known, mask, record = load_inpaint(str(path), trained.family.image_shape, box=box,
                                        method=method, jumps=options.repaint_jumps,
                                        jump_length=options.repaint_jump_length)
-    spec = job_lib.JobSpec.create(trained, ["seven"], num_per_prompt=num,
-                                  guidance=guidance_weights, seed=seed, options=options,
-                                  inpaint=record)
-    res = job_lib.run_job(trained, spec, str(outdir), batch_size=batch, devices=devices,
-                          progress=False, known=(known, mask))
-    x, rows = job_lib.load_images(str(outdir))
+    plan = Plan.create(trained, ["seven"], num_per_prompt=num, guidance=guidance_weights,
+                       seed=seed, options=options, inpaint=Inpaint.create(
+                       known, mask, record, trained.family.image_shape, 1))
+    res = job_lib.run_job(plan, str(outdir), batch_size=batch, devices=devices, progress=False)
+    x, rows = out_lib.load_images(str(outdir))
     return x, rows, mask, res
 
 
@@ -505,7 +506,7 @@ def test_repaint_records_resume_and_refuse_another_box(tiny_workdir, digit, tmp_
            "--sampler", "ddpm", "--inpaint", path, "--repaint_jumps", "1",
            "--repaint_jump_length", "2", "--outdir", str(out), "--no_progress"]
     assert sample_cli.run(cmd + ["--mask_box", "8,0,16,16"]) == 0
-    rows = files.read_jsonl(str(out / job_lib.SAMPLES_FILE))
+    rows = files.read_jsonl(str(out / out_lib.SAMPLES_FILE))
     assert len(rows) == 2
     for r in rows:
         assert r["inpaint"] == {"method": "repaint", "image": os.path.abspath(path),
@@ -520,7 +521,7 @@ def test_repaint_records_resume_and_refuse_another_box(tiny_workdir, digit, tmp_
     err = capfd.readouterr().err
     assert "holds another sampling job" in err and "inpaint" in err, err
     assert _mtimes(str(out)) == before
-    assert files.read_jsonl(str(out / job_lib.SAMPLES_FILE)) == rows
+    assert files.read_jsonl(str(out / out_lib.SAMPLES_FILE)) == rows
 
 
 def test_glide_records_resume_and_refuse_a_changed_mask_file(tiny_inpaint, digit, tmp_path, capfd):
@@ -535,7 +536,7 @@ def test_glide_records_resume_and_refuse_a_changed_mask_file(tiny_inpaint, digit
            "--guidance", "1", "--inpaint", path, "--mask", str(mask_path), "--outdir", str(out),
            "--no_progress"]
     assert sample_cli.run(cmd) == 0
-    x, rows = job_lib.load_images(str(out))
+    x, rows = out_lib.load_images(str(out))
     for r in rows:
         assert r["inpaint"] == {"method": "glide", "image": os.path.abspath(path),
                                 "image_sha256": _sha(path), "mask": os.path.abspath(str(mask_path)),

@@ -17,6 +17,9 @@ import sample as sample_cli
 from t2i_jax import files, images
 from t2i_jax.config_utils import load_config
 from t2i_jax.sampling import job as job_lib
+from t2i_jax.sampling import outdir as out_lib
+from t2i_jax.sampling.plan import Plan
+from t2i_jax.sampling.request import read_prompts_file
 from t2i_jax.sampling.generate import SampleOptions
 from t2i_jax.sampling.load import load_trained
 
@@ -36,19 +39,19 @@ def trained(workdir):
 
 
 def pngs(outdir):
-    x, rows = job_lib.load_images(outdir)
+    x, rows = out_lib.load_images(outdir)
     return x, rows
 
 
 def test_same_images_on_1_and_8_devices_and_any_batch_size(trained, tmp_path):
-    spec = job_lib.JobSpec.create(trained, ["seven", "数字三"], num_per_prompt=3,
-                                  guidance=(0.0, 4.0), seed=5, options=OPTIONS, shard_size=5)
+    spec = Plan.create(trained, ["seven", "数字三"], num_per_prompt=3,
+                       guidance=(0.0, 4.0), seed=5, options=OPTIONS, shard_size=5)
     runs, compiled = {}, []
     for name, devices, batch in (("8dev_b1", None, 1), ("1dev_b7", jax.devices()[:1], 7),
                                  ("8dev_b7", None, 7)):
-        res = job_lib.run_job(trained, spec, str(tmp_path / name), batch_size=batch,
+        res = job_lib.run_job(spec, str(tmp_path / name), batch_size=batch,
                               devices=devices, progress=False)
-        assert res.generated == spec.num_images == 12
+        assert res.generated == spec.spec.num_images == 12
         compiled.append(res.compilations)
         runs[name] = pngs(str(tmp_path / name))
     # The sweep over w = 0 and 4 is ONE program per job (w is a traced per-image argument), and
@@ -68,9 +71,9 @@ def test_same_images_on_1_and_8_devices_and_any_batch_size(trained, tmp_path):
 
 
 def test_empty_prompt_is_the_null_condition_so_guidance_cannot_change_it(trained, tmp_path):
-    spec = job_lib.JobSpec.create(trained, ["", "seven"], num_per_prompt=4, guidance=(0.0, 5.0),
-                                  seed=0, options=OPTIONS)
-    job_lib.run_job(trained, spec, str(tmp_path), batch_size=8, progress=False)
+    spec = Plan.create(trained, ["", "seven"], num_per_prompt=4, guidance=(0.0, 5.0),
+                       seed=0, options=OPTIONS)
+    job_lib.run_job(spec, str(tmp_path), batch_size=8, progress=False)
     x, rows = pngs(str(tmp_path))
     x = x.astype(int)
     empty_w0, seven_w0, empty_w5, seven_w5 = x[0:4], x[4:8], x[8:12], x[12:16]
@@ -97,7 +100,7 @@ def test_kill_9_then_rerun_completes_without_duplicates_or_gaps(workdir, trained
         time.sleep(0.02)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert not (out / job_lib.SAMPLES_FILE).exists()  # killed mid-job: not mistaken as complete
+    assert not (out / out_lib.SAMPLES_FILE).exists()  # killed mid-job: not mistaken as complete
     done_before = len(os.listdir(shards))
     assert 2 <= done_before < 15
     # A damaged shard file (cut mid-line) must be redone, not trusted.
@@ -187,35 +190,35 @@ def test_cli_bad_input_gives_clear_errors(workdir, tmp_path, capsys):
 def test_prompts_file_reads_utf8_lines(tmp_path):
     f = tmp_path / "p.txt"
     f.write_bytes(b"\xef\xbb\xbfseven\r\n\n" + "数字三".encode() + b"\n  \n")
-    assert sample_cli.read_prompts_file(str(f)) == ["seven", "数字三"]
+    assert read_prompts_file(str(f)) == ["seven", "数字三"]
 
 
 def test_job_refusals_write_nothing_and_a_lock_keeps_two_writers_apart(trained, tmp_path):
     too_many = SampleOptions("ddim", 5000)
-    spec = job_lib.JobSpec.create(trained, ["seven"], num_per_prompt=1, guidance=(1.0,), seed=0,
-                                  options=too_many)
+    spec = Plan.create(trained, ["seven"], num_per_prompt=1, guidance=(1.0,), seed=0,
+                       options=too_many)
     with pytest.raises(ValueError, match="num_steps"):
-        job_lib.run_job(trained, spec, str(tmp_path / "a"), progress=False)
+        job_lib.run_job(spec, str(tmp_path / "a"), progress=False)
     assert not (tmp_path / "a").exists()  # refused before anything was written
-    spec = job_lib.JobSpec.create(trained, ["seven"], num_per_prompt=1, guidance=(1.0,), seed=0,
-                                  options=OPTIONS)
-    with job_lib._OutdirLock(str(tmp_path / "b")):
+    spec = Plan.create(trained, ["seven"], num_per_prompt=1, guidance=(1.0,), seed=0,
+                       options=OPTIONS)
+    with out_lib.OutdirLock(str(tmp_path / "b")):
         with pytest.raises(ValueError, match="another process .* is writing a sampling job"):
-            job_lib.run_job(trained, spec, str(tmp_path / "b"), progress=False)
+            job_lib.run_job(spec, str(tmp_path / "b"), progress=False)
 
 
 def test_outputs_get_the_usual_file_mode_and_fid_picks_one_w(trained, tmp_path):
     from t2i_jax.evaluation import fid as fid_lib
-    spec = job_lib.JobSpec.create(trained, ["seven"], num_per_prompt=2, guidance=(0.0, 1.0),
-                                  seed=0, options=OPTIONS)
-    job_lib.run_job(trained, spec, str(tmp_path), batch_size=8, progress=False)
+    spec = Plan.create(trained, ["seven"], num_per_prompt=2, guidance=(0.0, 1.0),
+                       seed=0, options=OPTIONS)
+    job_lib.run_job(spec, str(tmp_path), batch_size=8, progress=False)
     umask = os.umask(0)
     os.umask(umask)
     for name in ("images/000000.png", "samples.jsonl", "grid.png", "job.json"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
     with pytest.raises(ValueError, match="several guidance weights"):
         fid_lib.load_set(str(tmp_path))
-    x, _ = job_lib.load_images(str(tmp_path))
+    x, _ = out_lib.load_images(str(tmp_path))
     np.testing.assert_array_equal(fid_lib.load_set(str(tmp_path), guidance=1.0), x[2:])
 
 

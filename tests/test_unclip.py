@@ -14,14 +14,16 @@ import numpy as np
 import pytest
 
 import sample as sample_cli
-from t2i_jax import conditioning, families, images
+from t2i_jax import conditioning, families, files, images
 from t2i_jax.diffusion import forward
 from t2i_jax.families import clip as clip_lib
-from t2i_jax.families.prior import from_prior_space, select_candidates, to_prior_space
+from t2i_jax.families.prior import from_prior_space, to_prior_space
 from t2i_jax.models.prior import attention_mask
 from t2i_jax.sampling import job as job_lib
+from t2i_jax.sampling import outdir as out_lib
+from t2i_jax.sampling.plan import Plan
 from t2i_jax.sampling import stages as stages_lib
-from t2i_jax.sampling import unclip
+from t2i_jax.sampling import best_of, unclip
 from t2i_jax.sampling.generate import SampleOptions
 from t2i_jax.sampling.load import load_trained
 
@@ -120,13 +122,21 @@ def test_slerp_has_its_ends_unit_norms_and_a_uniform_angle():
 def test_candidate_selection_keeps_the_argmax_of_the_dot_product():
     cands = jax.random.normal(jax.random.key(0), (4, 9, 8))
     text = jax.random.normal(jax.random.key(1), (9, 8))
-    best, index, score = select_candidates(cands, text)
+    drawn = iter(cands[1:])  # candidate c >= 1: the next one drawn
+    best, index, score = best_of.best_of(lambda key: next(drawn),
+                                         lambda z: jnp.einsum("be,be->b", z, text), cands[0], 4,
+                                         jax.random.key(2), best_of.PRIOR_STREAM)
     c, t = np.asarray(cands), np.asarray(text)
     for b in range(9):
         dots = [float(c[k, b] @ t[b]) for k in range(4)]
         assert int(index[b]) == int(np.argmax(dots))
         np.testing.assert_allclose(score[b], max(dots), rtol=1e-5)
         np.testing.assert_array_equal(best[b], c[int(np.argmax(dots)), b])
+    # A NaN score never wins: candidate 0 stays where every other candidate is NaN.
+    nan = jnp.full((9, 8), jnp.nan)
+    _, index, _ = best_of.best_of(lambda key: nan, lambda z: jnp.sum(z, -1), cands[0], 3,
+                                  jax.random.key(2), best_of.PRIOR_STREAM)
+    assert not np.asarray(index).any()
 
 
 def test_the_decoders_dropouts_hit_their_rates_independently(data_dir, tiny_clip):
@@ -179,10 +189,9 @@ def test_the_decoder_reads_the_embedding_through_both_paths(data_dir, tiny_uncli
 
 def _prior_job(prior, decoder, k=2, w_prior=1.0):
     dec_stage = stages_lib.Stage(decoder, SampleOptions("ddim", 3), 1.0, None)
-    spec = job_lib.JobSpec.create(prior, PROMPTS, num_per_prompt=3, guidance=(w_prior,), seed=5,
-                                  options=SampleOptions("ddim", 3, thresholding="none"),
-                                  shard_size=2, stages=[dec_stage], embedding={"source": "prior"},
-                                  candidates=k)
+    spec = Plan.create(prior, PROMPTS, num_per_prompt=3, guidance=(w_prior,), seed=5,
+                       options=SampleOptions("ddim", 3, thresholding="none"), shard_size=2,
+                       stages=[dec_stage], candidates=k)
     return spec, [dec_stage]
 
 
@@ -192,15 +201,15 @@ def test_text_prior_decoder_is_one_job_whose_images_do_not_depend_on_devices_or_
     spec, stages = _prior_job(prior, decoder)
     outs = {}
     for name, devices, batch in (("8dev_b7", None, 7), ("1dev_b1", jax.devices()[:1], 1)):
-        job_lib.run_job(prior, spec, str(tmp_path / name), batch_size=batch, devices=devices,
-                        progress=False, stages=stages)
-        outs[name] = job_lib.load_images(str(tmp_path / name))
+        job_lib.run_job(spec, str(tmp_path / name), batch_size=batch, devices=devices,
+                        progress=False)
+        outs[name] = out_lib.load_images(str(tmp_path / name))
     (x8, rows8), (x1, rows1) = outs["8dev_b7"], outs["1dev_b1"]
     assert x8.shape == (6, 16, 16, 1)
     np.testing.assert_array_equal(x8, x1)
     assert rows8 == rows1
-    z8 = job_lib._read_embeddings(str(tmp_path / "8dev_b7" / "stages" / "0"), np.arange(6))
-    z1 = job_lib._read_embeddings(str(tmp_path / "1dev_b1" / "stages" / "0"), np.arange(6))
+    z8 = out_lib.read_outputs(str(tmp_path / "8dev_b7" / "stages" / "0"), "embedding", np.arange(6))
+    z1 = out_lib.read_outputs(str(tmp_path / "1dev_b1" / "stages" / "0"), "embedding", np.arange(6))
     np.testing.assert_array_equal(z8, z1)
     np.testing.assert_allclose(np.linalg.norm(z8, axis=-1), 1.0, rtol=1e-5)
     r = rows8[4]["embedding"]
@@ -210,11 +219,11 @@ def test_text_prior_decoder_is_one_job_whose_images_do_not_depend_on_devices_or_
     # The kept candidate: the first job's (K = 1) embedding unless the second is closer to the
     # text; its recorded score is its dot product with the caption's CLIP text embedding.
     spec1, _ = _prior_job(prior, decoder, k=1)
-    job_lib.run_job(prior, spec1, str(tmp_path / "k1"), batch_size=7, progress=False, stages=stages)
-    z_k1 = job_lib._read_embeddings(str(tmp_path / "k1" / "stages" / "0"), np.arange(6))
-    stage0 = [row for s in range(3) for row in job_lib.files.read_jsonl(
-        str(tmp_path / "8dev_b7" / "stages" / "0" / job_lib.shard_file(s)))]
-    text = np.asarray(job_lib.text_embedding_fn(prior.family)(
+    job_lib.run_job(spec1, str(tmp_path / "k1"), batch_size=7, progress=False)
+    z_k1 = out_lib.read_outputs(str(tmp_path / "k1" / "stages" / "0"), "embedding", np.arange(6))
+    stage0 = [row for s in range(3) for row in files.read_jsonl(
+        str(tmp_path / "8dev_b7" / "stages" / "0" / out_lib.shard_file(s)))]
+    text = np.asarray(prior.family.caption_embedding(
         prior.family.conditioning.of_prompts(PROMPTS)))
     for i, row in enumerate(stage0):
         t = text[i // 3]
@@ -231,7 +240,7 @@ def test_a_prior_job_killed_in_its_decoder_stage_resumes_exactly(tiny_unclip, tm
     prior, decoder = (load_trained(w) for w in tiny_unclip)
     spec, stages = _prior_job(prior, decoder)
     ref = tmp_path / "straight"
-    job_lib.run_job(prior, spec, str(ref), batch_size=2, progress=False, stages=stages)
+    job_lib.run_job(spec, str(ref), batch_size=2, progress=False)
     out = tmp_path / "killed"
     save, written = images.save_png, []
 
@@ -242,15 +251,15 @@ def test_a_prior_job_killed_in_its_decoder_stage_resumes_exactly(tiny_unclip, tm
         save(path, image)
     monkeypatch.setattr(images, "save_png", dying)
     with pytest.raises(KeyboardInterrupt):
-        job_lib.run_job(prior, spec, str(out), batch_size=2, progress=False, stages=stages)
+        job_lib.run_job(spec, str(out), batch_size=2, progress=False)
     monkeypatch.setattr(images, "save_png", save)
     assert len(os.listdir(out / "stages" / "0" / "shards")) == 3   # the prior stage finished
-    res = job_lib.run_job(prior, spec, str(out), batch_size=2, progress=False, stages=stages)
-    stats = job_lib.files.read_json(str(out / job_lib.STATS_FILE))
+    res = job_lib.run_job(spec, str(out), batch_size=2, progress=False)
+    stats = files.read_json(str(out / out_lib.STATS_FILE))
     assert [s["generated"] for s in stats["stages"]] == [0, 4]
     assert res.generated == 4
-    np.testing.assert_array_equal(job_lib.load_images(str(out))[0],
-                                  job_lib.load_images(str(ref))[0])
+    np.testing.assert_array_equal(out_lib.load_images(str(out))[0],
+                                  out_lib.load_images(str(ref))[0])
 
 
 def _test_images(data_dir, tmp_path, n=3):
@@ -275,7 +284,7 @@ def test_interpolation_ends_are_variations_with_the_rows_shared_noise(data_dir, 
     common = ["--workdir", dec, "--steps", "3", "--no_progress"]
     assert sample_cli.run(common + ["--interpolate", a, b, "--interpolate", b, c, "--frames", "4",
                                     "--outdir", str(tmp_path / "int")]) == 0
-    x, rows = job_lib.load_images(str(tmp_path / "int"))
+    x, rows = out_lib.load_images(str(tmp_path / "int"))
     assert x.shape == (8, 16, 16, 1)
     assert [r["embedding"]["t"] for r in rows[:4]] == [0.0, 1 / 3, 2 / 3, 1.0]
     assert {r["sample_id"] for r in rows[:4]} == {0} and {r["sample_id"] for r in rows[4:]} == {4}
@@ -285,13 +294,13 @@ def test_interpolation_ends_are_variations_with_the_rows_shared_noise(data_dir, 
         out = tmp_path / f"var{idx}"
         assert sample_cli.run(common + ["--variations", img, "--num_per_prompt", "1", "--eta", "0",
                                         "--outdir", str(out)]) == 0
-        xv, rv = job_lib.load_images(str(out))
+        xv, rv = out_lib.load_images(str(out))
         np.testing.assert_array_equal(xv[0], x[idx])
         assert rv[0]["embedding"]["source"] == "image" and rv[0]["embedding"]["path"] == img
     # Stochastic variations (eta 1 by default) of one image differ from each other.
     assert sample_cli.run(common + ["--variations", a, "--num_per_prompt", "3",
                                     "--outdir", str(tmp_path / "var")]) == 0
-    xv, rv = job_lib.load_images(str(tmp_path / "var"))
+    xv, rv = out_lib.load_images(str(tmp_path / "var"))
     assert rv[0]["eta"] == 1.0
     assert np.abs(xv[0].astype(int) - xv[1].astype(int)).mean() > 1
 

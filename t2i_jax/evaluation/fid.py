@@ -27,7 +27,7 @@ def load_set(path: str, guidance=None):
     """uint8 images [N, H, W, C] or Stats, from a sampling job dir or an .npz. A job dir with
     several guidance weights needs `guidance` (the w whose images to take)."""
     if os.path.isdir(path):
-        from t2i_jax.sampling.job import load_images
+        from t2i_jax.sampling.outdir import load_images
         rows = None
         job_file = os.path.join(path, "samples.jsonl")
         if os.path.exists(job_file):

@@ -167,13 +167,13 @@ def clip_scores(clip, x_uint8: np.ndarray, prompts) -> np.ndarray:
 def clip_score(clip_workdir: str, job_dir: str) -> dict:
     """The CLIP score of a finished sampling job: the mean cos(E_img(x0, 0), E_text(prompt)) of
     its images (clean towers of the in-project CLIP), over the images whose prompt is not empty."""
-    from t2i_jax.sampling import job as job_lib
+    from t2i_jax.sampling import outdir as out_lib
     from t2i_jax.sampling.load import load_trained
     clip = load_trained(clip_workdir)
-    if clip.family.name != "contrastive":
+    if clip.family.guide_flag != "--clip":
         raise ValueError(f"{clip_workdir} holds a {clip.family.name} model; the CLIP score needs "
                          "a contrastive workdir.")
-    x, rows = job_lib.load_images(job_dir)
+    x, rows = out_lib.load_images(job_dir)
     s = clip_scores(clip, x, [r["prompt"] for r in rows])
     s = s[np.isfinite(s)]
     return dict(job=os.path.abspath(job_dir), clip=os.path.abspath(clip_workdir),
@@ -185,12 +185,12 @@ def evaluate(workdir: str, split: str = "test", seed: int = 0, out: Optional[str
     from t2i_jax.sampling.load import load_trained
     trained = load_trained(workdir)
     family = trained.family
-    if family.name not in ("noisy_classifier", "contrastive"):
+    if family.guide_flag is None:
         raise ValueError(f"{workdir} holds a {family.name} model; this evaluates guides (a "
                          "noisy_classifier or contrastive workdir).")
     data = data_lib.load_split(family.config.data, split)
     names = family.conditioning.class_names or data_lib.class_names(family.config.data)
-    if family.name == "noisy_classifier":
+    if family.guide_flag == "--classifier":
         rows = classifier_accuracy(family, trained.params, data, seed)
     elif names is None and family.config.data.name == "shapes":
         rows = clip_attribute_retrieval(family, trained.params, data, seed)

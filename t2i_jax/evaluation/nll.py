@@ -31,7 +31,7 @@ VARIANCES = ("learned", "posterior", "beta")
 
 
 def default_variance(family) -> str:
-    return "learned" if getattr(family, "learn_sigma", False) else "posterior"
+    return "learned" if family.learn_sigma else "posterior"
 
 
 def make_terms_fn(family, variance: str, clip_denoised: bool = True):
@@ -42,7 +42,7 @@ def make_terms_fn(family, variance: str, clip_denoised: bool = True):
     either way."""
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}.")
-    if variance == "learned" and not getattr(family, "learn_sigma", False):
+    if variance == "learned" and not family.learn_sigma:
         raise ValueError("--variance learned needs a model trained with a learned variance "
                          "(diffusion.learn_sigma); this one's is fixed: use posterior or beta.")
     schedule, T = family.schedule, family.schedule.num_timesteps
@@ -50,7 +50,7 @@ def make_terms_fn(family, variance: str, clip_denoised: bool = True):
         raise ValueError("this is an eps model on a zero-terminal-SNR schedule: its "
                          "x0_hat at t = T-1 is eps / sqrt(alpha_bar) = inf, so the VLB term "
                          "L_{T-1} is undefined. Bits/dim need a v- or x0-prediction model there.")
-    learn_sigma = getattr(family, "learn_sigma", False)
+    learn_sigma = family.learn_sigma
 
     @jax.jit
     def terms(params, inputs, cond, x0, ids, rng):
@@ -87,14 +87,14 @@ def evaluate(trained, *, limit: Optional[int] = None, batch_size: int = 64, seed
     part: decoder L_0, the KL terms, prior L_T; the mean L_t per quarter of the chain)."""
     from t2i_jax import data as data_lib
     family = trained.family
-    if getattr(family, "latent", False) or getattr(family, "not_pixels", None) is not None:
+    if family.latent or family.not_pixels is not None:
         raise ValueError(f"{trained.workdir} is not a pixel diffusion model: bits/dim of the "
                          "8-bit discretised decoder apply to pixel models only.")
-    if not getattr(family, "generates", False):
+    if not family.generates:
         raise ValueError(f"{trained.workdir} holds a {family.name} model, not a diffusion model.")
-    if getattr(family, "inpaint", False) or getattr(family, "name", "") != "diffusion":
+    if family.inpaint or family.stage_input is not None:  # SR stages, decoders
         raise ValueError(f"{trained.workdir} holds a {family.name}"
-                         + (" inpainting" if getattr(family, "inpaint", False) else "")
+                         + (" inpainting" if family.inpaint else "")
                          + " model: bits/dim are reported for text/label/unconditional pixel "
                          "diffusion models.")
     variance = variance or default_variance(family)

@@ -95,6 +95,11 @@ class AutoencoderFamily(Family):
     loss_cfg: AELossConfig = None
 
     name = "autoencoder"
+
+    def not_generator_hint(self, workdir: str) -> str:
+        return (" An autoencoder is half of a latent model: train one on it (configs/"
+                "shapes64_ldm.py with --config.model.autoencoder=" + workdir + ") and sample "
+                "that.")
     batch_keys = ("image",)
 
     @classmethod

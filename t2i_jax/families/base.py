@@ -40,7 +40,7 @@ class Family:
 
     @property
     def tokenizer(self):
-        """The tokenizer of the captions the loss reads (models/tokenizers.py), or None for a
+        """The tokenizer of the captions the loss reads (conditioning/tokenizers.py), or None for a
         model that reads no text."""
         return self.conditioning.tokenizer if self.conditioning.kind == "text" else None
 
@@ -74,8 +74,46 @@ class Family:
         import shlex
         return f"python -m t2i_jax.evaluation.guides --workdir {shlex.quote(workdir)}"
 
-    # Whether the family generates images (training previews them as grids; sample.py runs it).
-    generates = False
+    # --- what sampling asks of a family (declared here: nothing outside families/ probes) ---
+    generates = False        # draws images: a sampling job's last stage (training grids them)
+    output_kind = "image"    # what a stage of it writes: "image" (PNGs) or "embedding" (.npy)
+    stage_input = None       # what it takes from the stage before it (or given inputs): None
+                             # (noise and the prompt alone), "image" (an SR stage's low-resolution
+                             # input) or "embedding" (an unCLIP decoder's CLIP image embedding)
+    guide_flag = None        # the sample.py flag that takes it as a gradient guide
+    latent = False           # its chain's x_t is a latent, decoded by to_output
+    learn_sigma = False      # it predicts IDDPM's variance interpolation too (2C outputs)
+    inpaint = False          # GLIDE's mask-conditioned model
+    # (what, why) for a model whose chain's x0 is not pixels (a latent, an embedding): pixel
+    # thresholding is refused for it, in its config and in any sampling options.
+    not_pixels = None
+    preview = None           # params -> images: training's progress grid of a non-generator
+    final_statistics = None  # params -> dict stored with the final checkpoint
+
+    def program(self, name, make):
+        """make() (a jitted function of this family), made once per family object and kept
+        with it: the jobs of a sweep and every call of a scorer share its compilation."""
+        programs = self.__dict__.setdefault("_programs", {})
+        if name not in programs:
+            programs[name] = make()
+        return programs[name]
+
+    def stage_fields(self, given, level=None) -> dict:
+        """The Condition fields (host arrays [B, ...]) of what this stage takes from the stage
+        before it (stage_input): an SR stage's images, a decoder's embeddings."""
+        raise ValueError(f"a {self.name} model takes no input from a stage before it.")
+
+    def default_aug_level(self):
+        """An SR stage's noise-conditioning augmentation level (None: it has none)."""
+        return None
+
+    def default_candidates(self) -> int:
+        """Samples drawn per output, the best kept (an unCLIP prior's candidates)."""
+        return 1
+
+    def not_generator_hint(self, workdir: str) -> str:
+        """What to do with a workdir of this family given to sample.py ("": nothing to add)."""
+        return ""
 
 
 

@@ -54,6 +54,7 @@ class Contrastive(Family):
     clean_fraction: float = 0.25
 
     name = "contrastive"
+    guide_flag = "--clip"
     batch_keys = ("image", "tokens", "mask")
 
     @classmethod

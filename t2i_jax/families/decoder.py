@@ -34,7 +34,7 @@ class Decoder(Diffusion):
     p_image: float = 0.1
 
     name = "decoder"
-    input_field = "embedding"   # what an earlier stage (a prior) gives it
+    stage_input = "embedding"   # what an earlier stage (a prior) or the job gives it
 
     @classmethod
     def from_config(cls, config) -> "Decoder":
@@ -82,13 +82,16 @@ class Decoder(Diffusion):
                              "in the Condition (from a prior, an image or a slerp).")
         return cond
 
+    def stage_fields(self, given, level=None) -> dict:
+        return {"embedding": np.asarray(given, np.float32)}
+
     # --- grids ---------------------------------------------------------------------------
     def embed_images(self, x) -> np.ndarray:
         """Clean CLIP image embeddings [N, E] (host) of images [N, H, W, C] in [-1, 1] (one
         program per family, compiled once per batch shape)."""
-        if not hasattr(self, "_embed_fn"):
-            self._embed_fn = jax.jit(lambda p, x: clip_lib.image_embedding(self.clip, p, x))
-        return np.asarray(self._embed_fn(self.clip.params, jnp.asarray(x, jnp.float32)))
+        fn = self.program("embed_images", lambda: jax.jit(
+            lambda p, x: clip_lib.image_embedding(self.clip, p, x)))
+        return np.asarray(fn(self.clip.params, jnp.asarray(x, jnp.float32)))
 
     def grid_prompts(self) -> list:
         return list(self.grid_examples()["caption"])

@@ -247,8 +247,6 @@ class Diffusion(Family):
                                 rngs={"dropout": dropout_key})
 
     # --- what sampling needs ----------------------------------------------------------
-    latent = False  # whether x_t is a latent (no pixel thresholding), decoded by to_output
-
     @property
     def output_shape(self) -> tuple:
         """The (H, W, C) of the images sampling writes (the chain's, unless decoded)."""
@@ -267,10 +265,6 @@ class Diffusion(Family):
     def decoder_record(self) -> dict:
         """What a sampling record says decoded the chain's output ({}: nothing did)."""
         return {}
-
-    # (what, why) for a model whose chain's x0 is not pixels (a latent, an embedding): pixel
-    # thresholding is refused for it, in its config and in any sampling options.
-    not_pixels = None
 
     @classmethod
     def refuse_pixel_thresholding(cls, thresholding, flag: str) -> None:

@@ -43,6 +43,7 @@ class NoisyClassifierFamily(Family):
     schedule: Schedule = None
 
     name = "noisy_classifier"
+    guide_flag = "--classifier"
     batch_keys = ("image", "label")
 
     @classmethod

@@ -12,7 +12,7 @@ shape-agnostic, and here the chain's x is a vector [E] (image_shape = (E,)). Wha
   null  = the empty prompt, through the same frozen CLIP (text dropped with train.p_uncond);
   out   = z_i = x0 / sqrt(E), renormalised to unit length (`from_prior_space`, the inverse).
 Sampling draws `prior_candidates` embeddings per caption and keeps the one whose dot product
-with the caption's CLIP text embedding is largest (`select_candidates`; sec. 2.2: "we generate
+with the caption's CLIP text embedding is largest (`candidate_score`, sampling/best_of.py; sec. 2.2: "we generate
 two samples of z_i and select the one with a higher dot product with z_t").
 The prior writes embeddings, not images: it is a stage before a decoder (families/decoder.py),
 `sample.py --workdir DECODER --prior PRIOR`.
@@ -44,15 +44,6 @@ def from_prior_space(x0: jax.Array) -> jax.Array:
     (a sampled x0 is near, not on, the sphere of radius sqrt(E))."""
     z = x0 / math.sqrt(x0.shape[-1])
     return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-
-
-def select_candidates(candidates: jax.Array, text_embed: jax.Array):
-    """(best [B, E], index [B], score [B]) of candidates [K, B, E]: per row the candidate whose
-    dot product with text_embed [B, E] is largest (the first of ties)."""
-    scores = jnp.einsum("kbe,be->kb", candidates, text_embed)      # [K, B]
-    index = jnp.argmax(scores, axis=0)                             # [B]
-    best = jnp.take_along_axis(candidates, index[None, :, None], axis=0)[0]
-    return best, index, jnp.max(scores, axis=0)
 
 
 @dataclasses.dataclass
@@ -137,6 +128,17 @@ class Prior(Diffusion):
     def text_embedding(self, inputs, cond: Condition) -> jax.Array:
         """The CLIP text embedding [B, E] of a Condition's caption (the candidates' judge)."""
         return clip_lib.text_encoding(self.clip, inputs["clip"], cond.tokens, cond.mask)[2]
+
+    def caption_embedding(self, cond: Condition) -> jax.Array:
+        """text_embedding of the frozen CLIP's parameters, jitted once per family."""
+        fn = self.program("text_embedding", lambda: jax.jit(self.text_embedding))
+        return fn(self.sampling_inputs(), cond)
+
+    def candidate_score(self, cond: Condition):
+        """z [B, E] -> z . z_t [B]: a candidate's dot product with its caption's CLIP text
+        embedding z_t (unCLIP sec. 2.2: the candidate with the larger one is kept)."""
+        z_t = self.caption_embedding(cond)                                  # [B, E]
+        return lambda z: jnp.einsum("be,be->b", z, z_t)
 
     def default_candidates(self) -> int:
         return int(self.config.sample.get("prior_candidates", 2))

@@ -20,7 +20,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from t2i_jax import images
 from t2i_jax.conditioning import Condition
 from t2i_jax.diffusion import augmentation, noise
 from t2i_jax.families.diffusion import Diffusion
@@ -56,6 +58,7 @@ class SuperResolution(Diffusion):
     sr: SRConfig = None
 
     name = "super_resolution"
+    stage_input = "image"   # its low-resolution input: the stage before it, or --low_res
 
     @classmethod
     def from_config(cls, config) -> "SuperResolution":
@@ -94,6 +97,11 @@ class SuperResolution(Diffusion):
 
     def default_aug_level(self) -> float:
         return float(self.config.sample.get("aug_level", 0.2))
+
+    def stage_fields(self, given, level=None) -> dict:
+        """The previous stage's uint8 images (or given --low_res ones) and their level."""
+        return {"low_res": images.to_float(given),
+                "aug_level": np.full((len(given),), level, np.float32)}
 
     def init_params(self, key: jax.Array):
         x = jnp.zeros((1,) + self.image_shape, jnp.float32)

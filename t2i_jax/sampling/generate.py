@@ -10,7 +10,6 @@ depend on the batch it was drawn in or on the number of devices.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from typing import Callable, Optional, Sequence
@@ -114,7 +113,7 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
     guides: sampling/guides.py Guides; their parameters, per-image rows [B, ...] and scales [G]
     are arguments (traced: new scales or guide checkpoints of the same shapes reuse the program).
     """
-    if not (family.generates or getattr(family, "output_kind", "image") == "embedding"):
+    if not (family.generates or family.output_kind == "embedding"):
         raise ValueError(f"a {family.name} model does not generate images; pass the --workdir "
                          "of a diffusion model.")
     guided = guided and family.conditioning.guidable
@@ -197,23 +196,19 @@ def _with_inputs(jitted: Callable, inputs) -> Callable:
     return generate
 
 
-_PROGRAMS: "collections.OrderedDict" = collections.OrderedDict()
-_MAX_PROGRAMS = 4
-
-
 def shared_generate_fn(family, options: SampleOptions, guided: bool = True,
                        guides: Sequence = ()) -> Callable:
-    """make_generate_fn's function, made once per (family, options, guided, each guide's kind and
-    family) in this process and reused: jobs that differ only in prompts, seeds, guidance weights,
-    guide scales, reference images or checkpoints of the same model (a sweep) share one
-    compilation. The objects of the key are held with the function, so their ids stay theirs."""
-    key = (id(family), options, bool(guided),
-           tuple((g.kind, id(g.trained.family)) for g in guides))
-    if key in _PROGRAMS:
-        _PROGRAMS.move_to_end(key)
-        return _PROGRAMS[key][0]
-    fn = make_generate_fn(family, options, guided, guides)
-    _PROGRAMS[key] = (fn, (family, tuple(g.trained.family for g in guides)))
-    while len(_PROGRAMS) > _MAX_PROGRAMS:
-        _PROGRAMS.popitem(last=False)
-    return fn
+    """make_generate_fn's function, made once per (options, guided, each guide's kind and family)
+    and kept with the family (Family.program): jobs that differ only in prompts, seeds, guidance
+    weights, guide scales, reference images or checkpoints of the same model (a sweep) share
+    one compilation."""
+    key = ("generate", options, bool(guided), tuple((g.kind, id(g.trained.family)) for g in guides))
+    return family.program(key, lambda: _Held(make_generate_fn(family, options, guided, guides),
+                                              tuple(g.trained.family for g in guides))).fn
+
+
+@dataclasses.dataclass(frozen=True)
+class _Held:
+    """A generate function with the guide families whose ids its key holds (kept alive)."""
+    fn: Callable
+    guide_families: tuple

@@ -32,7 +32,7 @@ from t2i_jax.sampling.load import Trained, load_trained
 
 KINDS = ("classifier", "clip_text", "clip_image")
 FAMILY_OF = {"classifier": "noisy_classifier", "clip_text": "contrastive", "clip_image": "contrastive"}
-FLAG_OF = {"noisy_classifier": "--classifier", "contrastive": "--clip"}
+WANTS = {"--classifier": "noisy_classifier", "--clip": "contrastive"}  # for the refusal's words
 # For a guide whose stored config has no `guide` section (trained before it existed): the best
 # scales of the digits sweeps (docs/results.md), as configs/digits_classifier.py and
 # digits_clip.py set them.
@@ -70,7 +70,7 @@ def check_matches(guide: Trained, model: Trained, flag: str) -> None:
         diffs.append(f"the guide reads x_t of shape {tuple(guide.family.image_shape)}, the "
                      f"model's x_t is {tuple(model.family.image_shape)}"
                      + (" (a latent: guides of a latent model are trained on its latents)"
-                        if getattr(model.family, "latent", False) else ""))
+                        if model.family.latent else ""))
     for key in ("schedule", "num_timesteps", "zero_terminal_snr"):
         if g.diffusion.get(key) != m.diffusion.get(key):
             diffs.append(f"diffusion.{key}: {g.diffusion.get(key)!r} (guide) vs "
@@ -84,11 +84,10 @@ def check_matches(guide: Trained, model: Trained, flag: str) -> None:
 def load_guide_model(workdir: str, flag: str, model: Trained, mesh=None) -> Trained:
     """The guide's EMA parameters, refused if it is the wrong family or made for other data."""
     trained = load_trained(workdir, mesh=mesh)
-    want = {"--classifier": "noisy_classifier", "--clip": "contrastive"}[flag]
-    if trained.family.name != want:
-        other = FLAG_OF.get(trained.family.name)
-        raise ValueError(f"{flag} {workdir} holds a {trained.family.name} model, not a {want}"
-                         + (f"; pass it as {other}" if other else "") + ".")
+    if trained.family.guide_flag != flag:
+        other = trained.family.guide_flag
+        raise ValueError(f"{flag} {workdir} holds a {trained.family.name} model, not a "
+                         f"{WANTS[flag]}" + (f"; pass it as {other}" if other else "") + ".")
     check_matches(trained, model, flag)
     return trained
 
@@ -143,22 +142,9 @@ def text_rows(clip: Trained, prompts: Sequence[str]) -> dict:
     from t2i_jax.models import text
     fam = clip.family
     toks = text.tokenize([p or "" for p in prompts], fam.max_length, warn=False)
-    z = np.asarray(_once(fam, "embed_text", lambda: jax.jit(fam.embed_text))(
+    z = np.asarray(fam.program("embed_text", lambda: jax.jit(fam.embed_text))(
         clip.params, toks.ids, toks.mask))
     return dict(z_text=z, has_text=np.asarray([bool(p) for p in prompts], np.float32))
-
-
-_JITTED: dict = {}
-
-
-def _once(family, name: str, make):
-    """make() (a jitted function of `family`), made once per family object and reused, so the
-    jobs of a sweep and every call of a scorer share its compilation. The family is held with
-    it, so its id stays its own."""
-    key = (id(family), name)
-    if key not in _JITTED:
-        _JITTED[key] = (make(), family)
-    return _JITTED[key][0]
 
 
 def clip_score_fn(family):
@@ -171,7 +157,7 @@ def clip_score_fn(family):
             cos = jnp.sum(z * rows["z_text"], -1)
             return jnp.where(rows["has_text"] > 0, cos, jnp.nan)
         return score
-    return _once(family, "clip_score", make)
+    return family.program("clip_score", make)
 
 
 def _sha256(path: str) -> str:

@@ -77,9 +77,7 @@ def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema
 def require_generator(trained: Trained) -> Trained:
     """The trained model itself, or ValueError if its family draws no images (a guide)."""
     if not trained.family.generates:
-        hint = (" An autoencoder is half of a latent model: train one on it (configs/"
-                "shapes64_ldm.py with --config.model.autoencoder=" + trained.workdir + ") and "
-                "sample that." if trained.family.name == "autoencoder" else "")
+        hint = trained.family.not_generator_hint(trained.workdir)
         raise ValueError(f"{trained.workdir} holds a {trained.family.name} model, which does not "
                          "generate images: pass the --workdir of a diffusion model." + hint)
     return trained

@@ -25,21 +25,20 @@ import numpy as np
 from t2i_jax.sampling.generate import SampleOptions
 from t2i_jax.sampling.load import Trained
 
-SR_FAMILY = "super_resolution"
-
-
 def stage_rng(rng: jax.Array, k: int) -> jax.Array:
     """Stage k's key: the job's key for stage 0, fold_in(rng, k) after it."""
     return rng if k == 0 else jax.random.fold_in(rng, k)
 
 
 def is_sr(trained: Trained) -> bool:
-    return trained.family.name == SR_FAMILY
+    """Whether the model takes images from the stage before it (a super-resolution stage)."""
+    return trained.family.stage_input == "image"
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """A super-resolution stage after stage 0: its model and its own sampling options."""
+    """A stage after stage 0 (super-resolution, or a decoder after a prior): its model and its
+    own sampling options, guidance weight and augmentation level (an SR stage's)."""
     trained: Trained
     options: SampleOptions
     guidance: float
@@ -67,7 +66,7 @@ def image_shape(trained: Trained) -> tuple:
 
 def check_follows(prev: Trained, stage: Trained, flag: str = "--sr") -> None:
     """Refuses an SR stage that cannot take the previous stage's images (ValueError naming it)."""
-    if getattr(prev.family, "output_kind", "image") == "embedding":
+    if prev.family.output_kind == "embedding":
         raise ValueError(f"{flag} {stage.workdir} cannot follow {prev.workdir}: that is a "
                          f"{prev.family.name}, which writes CLIP embeddings, not images; a decoder "
                          "comes between them (sample.py --workdir DECODER --prior PRIOR --sr SR).")
@@ -95,10 +94,10 @@ def check_follows(prev: Trained, stage: Trained, flag: str = "--sr") -> None:
 
 def check_prior_decoder(prior: Trained, decoder: Trained, flag: str = "--prior") -> None:
     """Refuses a prior and a decoder that do not share one CLIP embedding space."""
-    if prior.family.name != "prior":
+    if prior.family.output_kind != "embedding":
         raise ValueError(f"{flag} {prior.workdir} holds a {prior.family.name} model, not an unCLIP "
                          "prior (train one with configs/digits_prior.py).")
-    if decoder.family.name != "decoder":
+    if decoder.family.stage_input != "embedding":
         raise ValueError(f"{flag} needs an unCLIP decoder in --workdir; {decoder.workdir} holds a "
                          f"{decoder.family.name} model (train one with configs/digits_decoder.py).")
     a, b = prior.family.clip.identity(), decoder.family.clip.identity()
@@ -181,9 +180,3 @@ def load_low_res(path: str, shape: tuple, flag: str = "--low_res") -> tuple:
     x = np.stack(out)
     digest = hashlib.sha256(x.tobytes()).hexdigest()
     return x, {"path": os.path.abspath(path), "num_images": int(len(x)), "sha256": digest}
-
-
-def to_float(x_uint8: np.ndarray) -> np.ndarray:
-    """uint8 images -> float32 in [-1, 1] (the inverse of images.to_uint8 up to rounding)."""
-    return np.asarray(x_uint8, np.float32) / 127.5 - 1.0
-

@@ -201,7 +201,7 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
     writer = MetricWriter(workdir, resume_step=start, enabled=lead)
     # Every process samples the grid (its program spans all devices); process 0 writes it.
     grid = (_GridSampler(family, workdir, writer, mesh, lead) if family.generates else
-            _Preview(family, workdir, writer, lead) if hasattr(family, "preview") else None)
+            _Preview(family, workdir, writer, lead) if family.preview is not None else None)
 
     data_state = iterator.get_state()
     hp = jax.tree_util.tree_map(mesh_lib.put, hp_host, hp_shardings)  # on the devices once
@@ -219,7 +219,7 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
     def save(step):
         guard()
         statistics = None
-        if step == tcfg.num_steps and hasattr(family, "final_statistics"):
+        if step == tcfg.num_steps and family.final_statistics is not None:
             # e.g. the autoencoder's scale factor: from the EMA parameters, on every process alike
             statistics = family.final_statistics(distributed.to_host(state.ema_params))
             if lead:
@@ -349,7 +349,7 @@ class _GridSampler:
         self.ids = mesh_lib.put(np.arange(len(self.prompts) * self.n, dtype=np.int32), rep)
         self.rng = mesh_lib.put(jax.random.fold_in(jax.random.key(cfg.seed), GRID_SEED_STREAM), rep)
         options = SampleOptions.from_config(cfg.sample)
-        if getattr(family, "inpaint", False):  # GLIDE's model fills the grid images' right half
+        if family.inpaint:  # GLIDE's model fills the grid images' right half
             options = dataclasses.replace(options, inpaint="glide")
         self.generate = make_generate_fn(family, options, guided)
 
