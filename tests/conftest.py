@@ -207,10 +207,11 @@ def tiny_unclip(data_dir, tmp_path_factory, tiny_clip):
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory):
     """A tiny random T5 v1.1 encoder written in the publisher's layout (config.json,
-    model.safetensors, spiece.model: models/t5.write_tiny) once for all workers; read-only.
+    model.safetensors, spiece.model: models/tiny_pretrained.write_tiny_t5) once for all workers;
+    read-only.
     $T2I_TEST_T5 names it: the tiny "frozen_t5" config reads it."""
-    from t2i_jax.models import t5
-    d = str(_made_once(tmp_path_factory, "tiny_t5", lambda p: t5.write_tiny(str(p))))
+    from t2i_jax.models import tiny_pretrained
+    d = str(_made_once(tmp_path_factory, "tiny_t5", lambda p: tiny_pretrained.write_tiny_t5(str(p))))
     os.environ["T2I_TEST_T5"] = d
     return d
 

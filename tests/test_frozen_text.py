@@ -1,5 +1,5 @@
 """Frozen pretrained text encoders as a diffusion model's condition (families/frozen_text.py) and
-the publisher-layout loader (models/pretrained.py): sharded loading, the refusals, the encoder
+the publisher-layout loader (models/pretrained): sharded loading, the refusals, the encoder
 kept out of training, the cache against the in-step encoding, the null, the padding mask,
 sampling invariances, and the command line. The ports' numerics are tests/test_t5.py's and
 tests/test_hf_clip.py's."""
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from t2i_jax import checkpoint as ckpt_lib, data as data_lib, families, sharding as mesh_lib
-from t2i_jax.models import pretrained, t5
+from t2i_jax.models import pretrained, tiny_pretrained, weights
+from t2i_jax.models.pretrained import cli as pretrained_cli
 from t2i_jax.training.writers import read_metrics
 
 from runs import ROOT, assert_trees_equal, run, tiny  # noqa: E402
@@ -29,7 +30,7 @@ def _leaves(tree):
 # --- loading -----------------------------------------------------------------------------
 
 def test_sharded_loading_puts_one_eighth_of_each_large_tensor_on_each_device(tmp_path):
-    d = t5.write_tiny(str(tmp_path / "t5"), shards=3, d_model=64, d_ff=256, d_kv=16)
+    d = tiny_pretrained.write_tiny_t5(str(tmp_path / "t5"), shards=3, d_model=64, d_ff=256, d_kv=16)
     mesh = mesh_lib.make_mesh(8)
     enc = pretrained.load(d, mesh=mesh)        # from three shards and their index
     whole = pretrained.load(d).params          # host numpy, whole
@@ -98,7 +99,7 @@ def test_bad_directories_are_refused_naming_the_problem(tiny_t5, tmp_path):
     with pytest.raises(ValueError, match="vocab"):
         pretrained.load(d)
 
-    d = t5.write_tiny(str(tmp_path / "shards"), shards=2)
+    d = tiny_pretrained.write_tiny_t5(str(tmp_path / "shards"), shards=2)
     os.remove(os.path.join(d, "model-00002-of-00002.safetensors"))
     with pytest.raises(ValueError, match="lists shards that are not in"):
         pretrained.load(d)
@@ -113,7 +114,7 @@ def test_encode_command_writes_the_ports_features_and_make_tiny_keeps_a_model(ti
                                                                              capsys):
     out = tmp_path / "f.npz"
     texts = ["a small red circle", "数字 ✨", ""]
-    pretrained.main(["encode", tiny_t5, "--out", str(out), "--max_length", "12"]
+    pretrained_cli.main(["encode", tiny_t5, "--out", str(out), "--max_length", "12"]
                     + [a for t in texts for a in ("--text", t)])
     got = np.load(out)
     enc = pretrained.load(tiny_t5, max_length=12)
@@ -128,9 +129,9 @@ def test_encode_command_writes_the_ports_features_and_make_tiny_keeps_a_model(ti
     np.testing.assert_allclose(got["pooled"], (got["tokens"] * m).sum(1) / m.sum(1), rtol=1e-5,
                                atol=1e-6)
     with pytest.raises(SystemExit, match="already holds a model"):
-        pretrained.main(["make-tiny", tiny_t5])
+        pretrained_cli.main(["make-tiny", tiny_t5])
     with pytest.raises(SystemExit, match="--size base is available for --kind t5 only"):
-        pretrained.main(["make-tiny", str(tmp_path / "c"), "--kind", "clip", "--size", "base"])
+        pretrained_cli.main(["make-tiny", str(tmp_path / "c"), "--kind", "clip", "--size", "base"])
     assert not (tmp_path / "c").exists()
     # The command line itself, once: prog, subcommand and exit code as a user sees them.
     done = subprocess.run([sys.executable, "-m", "t2i_jax.models.pretrained", "encode",
@@ -177,7 +178,7 @@ def test_the_frozen_encoder_is_not_trained_and_not_in_the_state(data_dir, straig
     finally:
         stored.close()
     assert recorded["kind"] == "t5" and recorded["workdir"] == os.path.abspath(tiny_t5)
-    assert recorded["sha256"] == pretrained.content_sha256(tiny_t5)
+    assert recorded["sha256"] == weights.content_sha256(tiny_t5)
 
 
 def test_the_cache_and_the_in_step_encoding_give_the_same_loss(data_dir, straight_runs, tiny_t5,
@@ -251,13 +252,13 @@ def test_a_checkpoint_refuses_another_encoder(data_dir, tiny_t5, tmp_path, capsy
     wd = tmp_path / "run"
     run(cfg, wd)
     # Another encoder directory: refused on resume (the recorded model differs) ...
-    other = t5.write_tiny(str(tmp_path / "other"), seed=1)
+    other = tiny_pretrained.write_tiny_t5(str(tmp_path / "other"), seed=1)
     cfg_other = tiny(data_dir, "frozen_t5", train__num_steps=4)
     cfg_other.model.text_encoder.path = other
     with pytest.raises(ValueError, match="text_encoder"):
         run(cfg_other, wd)
     # ... and the same directory with other weights: refused on resume and by sampling.
-    t5.write_tiny(t5_dir, seed=1)
+    tiny_pretrained.write_tiny_t5(t5_dir, seed=1)
     before = sorted(os.listdir(wd / "checkpoints"))
     cfg.train.num_steps = 4
     with pytest.raises(ValueError, match="different model.*frozen.text_encoder.sha256"):
@@ -275,18 +276,20 @@ def test_a_checkpoint_refuses_another_encoder(data_dir, tiny_t5, tmp_path, capsy
 def test_sampling_with_a_frozen_t5_is_the_same_on_1_and_8_devices_and_any_batch(
         straight_runs, tmp_path):
     from t2i_jax.sampling import job as job_lib
+    from t2i_jax.sampling import outdir as out_lib
+    from t2i_jax.sampling.plan import Plan
     from t2i_jax.sampling.generate import SampleOptions
     from t2i_jax.sampling.load import load_trained
     _, wd4 = straight_runs["frozen_t5"]
     trained = load_trained(str(wd4))
     assert trained.family.frozen_text is not None
-    spec = job_lib.JobSpec.create(trained, ["a large red circle", "一个小的绿色三角形", ""], num_per_prompt=2,
-                                  guidance=(2.0,), seed=5, options=SampleOptions("ddim", 3))
+    spec = Plan.create(trained, ["a large red circle", "一个小的绿色三角形", ""], num_per_prompt=2,
+                       guidance=(2.0,), seed=5, options=SampleOptions("ddim", 3))
     got = {}
     for name, devices, batch in (("8dev_b1", None, 1), ("1dev_b7", jax.devices()[:1], 7)):
-        job_lib.run_job(trained, spec, str(tmp_path / name), batch_size=batch, devices=devices,
+        job_lib.run_job(spec, str(tmp_path / name), batch_size=batch, devices=devices,
                         progress=False)
-        got[name] = job_lib.load_images(str(tmp_path / name))
+        got[name] = out_lib.load_images(str(tmp_path / name))
     np.testing.assert_array_equal(got["8dev_b1"][0], got["1dev_b7"][0])
     assert got["8dev_b1"][1] == got["1dev_b7"][1]
 
@@ -295,8 +298,7 @@ def test_a_frozen_clip_conditions_a_model_and_its_image_tower_encodes_from_the_c
         data_dir, tmp_path):
     import ml_collections
     from PIL import Image
-    from t2i_jax.models import hf_clip
-    d = hf_clip.write_tiny(str(tmp_path / "clip"))
+    d = tiny_pretrained.write_tiny_clip(str(tmp_path / "clip"))
     cfg = tiny(data_dir, "frozen_t5", train__num_steps=2)
     cfg.model.text_encoder = ml_collections.ConfigDict(dict(kind="clip", path=d, max_length=16,
                                                            dtype="float32"))
@@ -323,7 +325,7 @@ def test_a_frozen_clip_conditions_a_model_and_its_image_tower_encodes_from_the_c
         paths.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(paths[-1])
     out = tmp_path / "img.npz"
-    pretrained.main(["encode", d, "--image", paths[0], "--image", paths[1], "--out", str(out)])
+    pretrained_cli.main(["encode", d, "--image", paths[0], "--image", paths[1], "--out", str(out)])
     images = np.stack([np.asarray(Image.open(p), np.float32) / 127.5 - 1 for p in paths])
     want = pretrained.load_image_encoder(d).encode(images)
     got = np.load(out)
@@ -331,6 +333,6 @@ def test_a_frozen_clip_conditions_a_model_and_its_image_tower_encodes_from_the_c
     np.testing.assert_allclose(got["image_embeds"], want.image_embeds, rtol=1e-6, atol=1e-6)
     assert not np.allclose(got["image_embeds"][0], got["image_embeds"][1])
     with pytest.raises(SystemExit, match="is not a readable image"):
-        pretrained.main(["encode", d, "--image", str(wd / "metrics.jsonl"), "--out",
+        pretrained_cli.main(["encode", d, "--image", str(wd / "metrics.jsonl"), "--out",
                          str(tmp_path / "x.npz")])
     assert not (tmp_path / "x.npz").exists()

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import np_clip
-from t2i_jax.models import hf_clip
-from t2i_jax.models.pretrained import flax_shape, params_from_tensors
+from t2i_jax.conditioning import CLIPTokenizer
+from t2i_jax.models import hf_clip, hf_clip_vision, tiny_pretrained
+from t2i_jax.models.weights import flax_shape, params_from_tensors
 
 TEXTS = ["a small red circle above a large blue square",      # the shapes vocabulary: whole words
          "A  Large\tGREEN triangle!!",                         # case, whitespace runs, punctuation
@@ -32,7 +33,7 @@ def tiny(tmp_path_factory):
     """(directory, config.json dict, tensors): a tiny CLIPModel written by write_tiny."""
     from safetensors.numpy import load_file
     d = str(tmp_path_factory.mktemp("clip_tiny"))
-    hf_clip.write_tiny(d)
+    tiny_pretrained.write_tiny_clip(d)
     with open(os.path.join(d, "config.json")) as f:
         hf = json.load(f)
     return d, hf, load_file(os.path.join(d, "model.safetensors"))
@@ -61,7 +62,7 @@ def jitted():
 
 def _text(tiny, jitted, ids, mask, text_config=None, **module_kwargs):
     """(port TextFeatures as numpy, the tower's config dict, its CLIPTextConfig)."""
-    hf = hf_clip.tiny_hf_config(text_config=text_config or {})
+    hf = tiny_pretrained.clip_hf_config(text_config=text_config or {})
     cfg = hf_clip.text_config_from_hf(hf)
     params = params_from_tensors(hf_clip.text_param_map(cfg), tiny[2])
     out = jitted(hf_clip.CLIPTextTransformer(cfg, **module_kwargs))(params, ids, mask)
@@ -76,7 +77,7 @@ def _close(a, b, tol=2e-5):
 
 @pytest.mark.parametrize("length", [L, 7])
 def test_text_matches_numpy_reference(tiny, jitted, length):
-    tok = hf_clip.CLIPTokenizer.from_dir(tiny[0], length)
+    tok = CLIPTokenizer.from_dir(tiny[0], length)
     toks = tok(["blue", "a red circle"] + TEXTS[:3] + TEXTS[5:], warn=False)  # 3 to past `length` tokens
     feats, tcfg, cfg = _text(tiny, jitted, toks.ids, toks.mask)
     ref = np_clip.text_forward(tiny[2], tcfg, toks.ids, toks.mask)
@@ -108,7 +109,7 @@ def test_legacy_eos_token_id_2_pools_at_argmax(tiny, jitted):
 
 
 def test_causal_mask(tiny, jitted):
-    toks = hf_clip.CLIPTokenizer.from_dir(tiny[0], L)(TEXTS[:1])
+    toks = CLIPTokenizer.from_dir(tiny[0], L)(TEXTS[:1])
     ids, mask = toks.ids, np.ones_like(toks.mask)
     changed = ids.copy()
     j = 5
@@ -121,7 +122,7 @@ def test_causal_mask(tiny, jitted):
 
 
 def test_padding(tiny, jitted):
-    toks = hf_clip.CLIPTokenizer.from_dir(tiny[0], L)([TEXTS[1], "a red circle"])
+    toks = CLIPTokenizer.from_dir(tiny[0], L)([TEXTS[1], "a red circle"])
     eos = toks.mask.sum(1) - 1  # mask is True up to and including the first EOS
     np.testing.assert_array_equal(toks.ids[np.arange(2), eos], 636)
     a, tcfg, _ = _text(tiny, jitted, toks.ids, toks.mask)
@@ -142,7 +143,7 @@ def test_padding(tiny, jitted):
 
 
 def test_gelu_variant(tiny, jitted):
-    toks = hf_clip.CLIPTokenizer.from_dir(tiny[0], L)(TEXTS[:3], warn=False)
+    toks = CLIPTokenizer.from_dir(tiny[0], L)(TEXTS[:3], warn=False)
     g, tcfg, cfg = _text(tiny, jitted, toks.ids, toks.mask, {"hidden_act": "gelu"})
     assert cfg.hidden_act == "gelu"
     ref = np_clip.text_forward(tiny[2], tcfg, toks.ids, toks.mask)
@@ -153,7 +154,7 @@ def test_gelu_variant(tiny, jitted):
 
 
 def test_penultimate_layer(tiny, jitted):
-    toks = hf_clip.CLIPTokenizer.from_dir(tiny[0], L)(TEXTS[:2])
+    toks = CLIPTokenizer.from_dir(tiny[0], L)(TEXTS[:2])
     a, tcfg, _ = _text(tiny, jitted, toks.ids, toks.mask, layer=-2)
     b, _, _ = _text(tiny, jitted, toks.ids, toks.mask, layer=-2, layer_norm_tokens=False)
     ref = np_clip.text_forward(tiny[2], tcfg, toks.ids, toks.mask)
@@ -173,8 +174,8 @@ def test_vision_matches_numpy_reference(tiny, jitted):
     cfg = hf_clip.vision_config_from_hf(hf)
     assert (cfg.image_size, cfg.patch_size, cfg.num_positions, cfg.projection_dim) == (24, 8, 10, 16)
     images = np.random.default_rng(1).uniform(-1, 1, (2, 24, 24, 3)).astype(np.float32)
-    pixels = np.asarray(hf_clip.preprocess(images, 24))
-    apply = jitted(hf_clip.CLIPVisionTransformer(cfg))
+    pixels = np.asarray(hf_clip_vision.preprocess(images, 24))
+    apply = jitted(hf_clip_vision.CLIPVisionTransformer(cfg))
     pmap = hf_clip.vision_param_map(cfg)
     outs = []
     # the checkpoint, then with the class token, the position table (rows permuted) and
@@ -194,26 +195,26 @@ def test_vision_matches_numpy_reference(tiny, jitted):
     for changed in outs[1:]:
         assert np.abs(changed - outs[0]).max() > 1e-3
     with pytest.raises(ValueError, match=r"\[B, 24, 24, 3\]"):
-        hf_clip.CLIPVisionTransformer(cfg).apply(params_from_tensors(pmap, tiny[2]), pixels[:, :16])
+        hf_clip_vision.CLIPVisionTransformer(cfg).apply(params_from_tensors(pmap, tiny[2]), pixels[:, :16])
 
 
 def test_preprocess(tiny):
-    mean, std = np.array(hf_clip.OPENAI_CLIP_MEAN), np.array(hf_clip.OPENAI_CLIP_STD)
+    mean, std = np.array(hf_clip_vision.OPENAI_CLIP_MEAN), np.array(hf_clip_vision.OPENAI_CLIP_STD)
     # a constant colour survives any resize: exactly CLIP's normalisation per channel
     colour = np.array([-1.0, 0.2, 1.0])
-    out = np.asarray(hf_clip.preprocess(np.broadcast_to(colour, (2, 30, 45, 3)), 24))
+    out = np.asarray(hf_clip_vision.preprocess(np.broadcast_to(colour, (2, 30, 45, 3)), 24))
     assert out.shape == (2, 24, 24, 3)
     _close(out, np.broadcast_to(((colour + 1) / 2 - mean) / std, out.shape), 1e-5)
     # the centre crop: a 24 x 48 image white in its middle 24 columns, black outside
     img = -np.ones((1, 24, 48, 3))
     img[:, :, 12:36] = 1.0
-    out = np.asarray(hf_clip.preprocess(img, 24))
+    out = np.asarray(hf_clip_vision.preprocess(img, 24))
     _close(out, np.broadcast_to((1 - mean) / std, out.shape), 1e-5)
     # the processor's file supplies size and statistics
     with open(os.path.join(tiny[0], "preprocessor_config.json")) as f:
         proc = json.load(f)
     proc = dict(proc, image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.5, 1.0])
-    out = np.asarray(hf_clip.preprocess(np.zeros((1, 24, 24, 3)), 224, processor_config=proc))
+    out = np.asarray(hf_clip_vision.preprocess(np.zeros((1, 24, 24, 3)), 224, processor_config=proc))
     assert out.shape == (1, 24, 24, 3)
     _close(out[0, 0, 0], [0.0, 0.0, 0.0])
 
@@ -232,8 +233,8 @@ def test_tokenizer_matches_tokenizers_package_and_reference_bpe(tiny, slow_dir):
     from tokenizers import Tokenizer
     package = Tokenizer.from_file(os.path.join(tiny[0], "tokenizer.json"))  # adds BOS/EOS itself
     vocab, merges = _vocab_merges(slow_dir)
-    fast = hf_clip.CLIPTokenizer.from_dir(tiny[0], L, tiny[1]["text_config"]["vocab_size"])
-    slow = hf_clip.CLIPTokenizer.from_dir(slow_dir, L)
+    fast = CLIPTokenizer.from_dir(tiny[0], L, tiny[1]["text_config"]["vocab_size"])
+    slow = CLIPTokenizer.from_dir(slow_dir, L)
     a, b = fast(TEXTS, warn=False), slow(TEXTS, warn=False)
     for t in (a, b):
         assert t.ids.dtype == np.int32 and t.ids.shape == (len(TEXTS), L)
@@ -267,14 +268,14 @@ def test_tokenizer_matches_tokenizers_package_and_reference_bpe(tiny, slow_dir):
         out = t([text])
         np.testing.assert_array_equal(out.ids[0, :len(full)], full)
         np.testing.assert_array_equal(out.mask[0], np.arange(L) <= len(head))
-    wide = hf_clip.CLIPTokenizer.from_dir(tiny[0], 64)  # nothing cut: decode inverts up to normalisation
+    wide = CLIPTokenizer.from_dir(tiny[0], 64)  # nothing cut: decode inverts up to normalisation
     assert wide.decode(wide(TEXTS[:7]).ids) == ["a small red circle above a large blue square",
                                       "a large green triangle !!", "it 's a purple square 's corner , 3 shapes",
                                       TEXTS[3], TEXTS[4], "a 🔴 red circle ✨🎨 and a 🦄", "café naïve"]
 
 
 def test_tokenizer_truncation_keeps_eos_and_warns(tiny):
-    tok = hf_clip.CLIPTokenizer.from_dir(tiny[0], 8)
+    tok = CLIPTokenizer.from_dir(tiny[0], 8)
     with pytest.warns(UserWarning, match=r"2 prompt\(s\) longer than 6 CLIP tokens were truncated"):
         out = tok([TEXTS[-1], "a red circle", TEXTS[0]])
     assert out.truncated.tolist() == [True, False, True]
@@ -290,7 +291,7 @@ def test_tokenizer_pad_token_from_special_tokens_map(tiny, slow_dir, tmp_path):
     with open(tmp_path / "special_tokens_map.json", "w") as f:
         json.dump({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
                    "unk_token": "<|endoftext|>", "pad_token": {"content": "!"}}, f)  # SD 2.x pads with "!"
-    tok = hf_clip.CLIPTokenizer.from_dir(str(tmp_path), L)
+    tok = CLIPTokenizer.from_dir(str(tmp_path), L)
     out = tok(["a red circle"])
     assert tok.pad_id == _vocab_merges(slow_dir)[0]["!"] == 0
     np.testing.assert_array_equal(out.ids[0, 5:], 0)
@@ -304,9 +305,9 @@ def test_config_errors_name_the_field(tiny):
         with pytest.raises(ValueError, match=r"model_type is 'bert'.*'clip'.*'clip_text_model'"):
             read({"model_type": "bert", "hidden_size": 768})
     with pytest.raises(ValueError, match=r"hidden_act 'relu'.*'quick_gelu'.*'gelu'"):
-        hf_clip.text_config_from_hf(hf_clip.tiny_hf_config(text_config={"hidden_act": "relu"}))
+        hf_clip.text_config_from_hf(tiny_pretrained.clip_hf_config(text_config={"hidden_act": "relu"}))
     with pytest.raises(ValueError, match="hidden_act 'relu'"):
-        hf_clip.vision_config_from_hf(hf_clip.tiny_hf_config(vision_config={"hidden_act": "relu"}))
+        hf_clip.vision_config_from_hf(tiny_pretrained.clip_hf_config(vision_config={"hidden_act": "relu"}))
     with pytest.raises(ValueError, match="no CLIP vision tower"):
         hf_clip.vision_config_from_hf(tiny[1]["text_config"])
 
@@ -314,11 +315,11 @@ def test_config_errors_name_the_field(tiny):
 def test_tokenizer_errors(tiny, tmp_path):
     v = tiny[1]["text_config"]["vocab_size"]
     with pytest.raises(ValueError, match=rf"tokenizer\.json has {v} tokens, more than the model's vocab_size {v - 1}"):
-        hf_clip.CLIPTokenizer.from_dir(tiny[0], L, v - 1)
+        CLIPTokenizer.from_dir(tiny[0], L, v - 1)
     with pytest.raises(ValueError, match=r"no CLIP tokenizer: it needs tokenizer\.json, or vocab\.json and merges\.txt"):
-        hf_clip.CLIPTokenizer.from_dir(str(tmp_path), L, v)
+        CLIPTokenizer.from_dir(str(tmp_path), L, v)
     with pytest.raises(TypeError):
-        hf_clip.CLIPTokenizer.from_dir(tiny[0], L)("a single string")
+        CLIPTokenizer.from_dir(tiny[0], L)("a single string")
 
 
 # ---- configs and the publisher's real layout ----
@@ -422,7 +423,7 @@ def test_vit_b32_layout():
     assert sum(int(np.prod(s)) for s in {**t, **v}.values()) + 1 == 151_277_313
     _check_covers_module(hf_clip.CLIPTextTransformer(text), hf_clip.text_param_map(text),
                          jnp.zeros((1, 77), jnp.int32), jnp.ones((1, 77), bool))
-    _check_covers_module(hf_clip.CLIPVisionTransformer(vision), hf_clip.vision_param_map(vision),
+    _check_covers_module(hf_clip_vision.CLIPVisionTransformer(vision), hf_clip.vision_param_map(vision),
                          jnp.zeros((1, 224, 224, 3)))
 
 
@@ -450,6 +451,6 @@ def test_tiny_directory_is_the_publisher_layout(tiny):
                                             "preprocessor_config.json"])
     # O(1) activations with norm weights near 1: the tiny model is a meaningful test subject
     assert 0.5 < np.abs(tensors["text_model.final_layer_norm.weight"]).mean() < 1.5
-    assert hf_clip.tiny_tensors(hf, seed=0).keys() == tensors.keys()
-    assert not np.array_equal(hf_clip.tiny_tensors(hf, seed=1)["visual_projection.weight"],
+    assert tiny_pretrained.clip_tensors(hf, seed=0).keys() == tensors.keys()
+    assert not np.array_equal(tiny_pretrained.clip_tensors(hf, seed=1)["visual_projection.weight"],
                               tensors["visual_projection.weight"])

@@ -13,7 +13,8 @@ import pytest
 import sentencepiece as spm
 
 import np_t5
-from t2i_jax.models import pretrained, t5
+from t2i_jax.conditioning import T5Tokenizer
+from t2i_jax.models import t5, tiny_pretrained, weights
 
 
 @functools.lru_cache(maxsize=None)
@@ -22,10 +23,10 @@ def _apply(cfg: t5.T5Config):
 
 
 def _setup(**overrides):
-    hf = t5.tiny_hf_config(**overrides)
-    tensors = t5.tiny_tensors(hf, seed=1)
+    hf = tiny_pretrained.t5_hf_config(**overrides)
+    tensors = tiny_pretrained.t5_tensors(hf, seed=1)
     cfg = t5.T5Config.from_hf(hf)
-    return hf, tensors, cfg, pretrained.params_from_tensors(t5.param_map(cfg), tensors)
+    return hf, tensors, cfg, weights.params_from_tensors(t5.param_map(cfg), tensors)
 
 
 def _check_against_reference(length, **overrides):
@@ -110,7 +111,7 @@ def test_relative_attention_table_lives_in_block_0_and_is_shared_by_every_block(
     model = t5.T5Encoder(cfg)
 
     def blocks(tensors):
-        p = pretrained.params_from_tensors(t5.param_map(cfg), tensors)
+        p = weights.params_from_tensors(t5.param_map(cfg), tensors)
         _, state = model.apply(p, ids, mask, capture_intermediates=True, mutable=["intermediates"])
         return [np.asarray(state["intermediates"][f"block_{i}"]["__call__"][0]) for i in range(3)]
 
@@ -131,7 +132,7 @@ def test_relative_attention_table_lives_in_block_0_and_is_shared_by_every_block(
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return t5.write_tiny(str(tmp_path_factory.mktemp("tiny_t5")), shards=2)
+    return tiny_pretrained.write_tiny_t5(str(tmp_path_factory.mktemp("tiny_t5")), shards=2)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ TEXTS = ["a small red circle above a large blue square", "一个红色的圆在�
 
 
 def test_tokenizer_equals_sentencepiece_plus_eos(tiny_dir, sp):
-    tok = t5.T5Tokenizer.from_dir(tiny_dir, max_length=64, vocab_size=128)
+    tok = T5Tokenizer.from_dir(tiny_dir, max_length=64, vocab_size=128)
     assert (tok.name, tok.max_length, tok.vocab_size) == ("t5", 64, 128)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing is cut: no warning
@@ -161,7 +162,7 @@ def test_tokenizer_equals_sentencepiece_plus_eos(tiny_dir, sp):
 
 
 def test_tokenizer_truncates_keeping_eos_last_and_warns(tiny_dir, sp):
-    tok = t5.T5Tokenizer.from_dir(tiny_dir, max_length=16, vocab_size=128)
+    tok = T5Tokenizer.from_dir(tiny_dir, max_length=16, vocab_size=128)
     long = " ".join(TEXTS) * 40
     pieces = sp.encode(long)
     assert len(pieces) > 1000
@@ -181,8 +182,8 @@ def test_tokenizer_truncates_keeping_eos_last_and_warns(tiny_dir, sp):
 
 
 def test_train_tiny_spiece_writes_one_deterministic_file(tmp_path, tiny_dir):
-    prefix = t5.train_tiny_spiece(str(tmp_path / "prefix"))
-    into_dir = t5.train_tiny_spiece(str(tmp_path))
+    prefix = tiny_pretrained.train_tiny_spiece(str(tmp_path / "prefix"))
+    into_dir = tiny_pretrained.train_tiny_spiece(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["prefix.model", "spiece.model"]
     assert prefix == str(tmp_path / "prefix.model") and into_dir == str(tmp_path / "spiece.model")
     with open(prefix, "rb") as a, open(os.path.join(tiny_dir, "spiece.model"), "rb") as b:
@@ -193,13 +194,27 @@ def test_train_tiny_spiece_writes_one_deterministic_file(tmp_path, tiny_dir):
     assert sp.unk_id() not in sp.encode("一个红色的圆 🔴 a large purple triangle")  # all covered
 
 
+def test_the_tiny_word_list_is_the_shapes_captions_vocabulary():
+    """models/tiny_pretrained keeps its own copy of data/shapes.py's words (models/ imports no
+    data module); the tiny tokenizers, and the frozen_t5 config that trains on shapes, need them
+    to match, in order. Both tokenizers are trained on every word of the captions."""
+    from t2i_jax.data import shapes
+    groups = (shapes.SIZES, shapes.COLOURS, shapes.SHAPES, shapes.RELATIONS)
+    assert (tiny_pretrained.SIZES, tiny_pretrained.COLOURS, tiny_pretrained.SHAPES,
+            tiny_pretrained.RELATIONS) == groups
+    assert list(tiny_pretrained.PROMPTS) == shapes.sample_prompts()
+    vocabulary = {"a"} | {w for group in groups for phrase in group for w in phrase.split()}
+    for sentences in (tiny_pretrained.t5_sentences(), tiny_pretrained.clip_sentences()):
+        assert vocabulary <= {w for s in sentences for w in s.split()}
+
+
 def test_tokenizer_errors(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match=r"80 pieces.*vocab_size 64|vocab_size 64.*80"):
-        t5.T5Tokenizer.from_dir(tiny_dir, max_length=8, vocab_size=64)
+        T5Tokenizer.from_dir(tiny_dir, max_length=8, vocab_size=64)
     with pytest.raises(ValueError, match="tokenizer does not match the model's vocabulary"):
-        t5.T5Tokenizer.from_dir(tiny_dir, max_length=8, vocab_size=64)
+        T5Tokenizer.from_dir(tiny_dir, max_length=8, vocab_size=64)
     with pytest.raises(ValueError, match=r"spiece\.model"):
-        t5.T5Tokenizer.from_dir(str(tmp_path), max_length=8, vocab_size=128)
+        T5Tokenizer.from_dir(str(tmp_path), max_length=8, vocab_size=128)
     # SentencePiece's own default ids (unk 0, bos 1, eos 2, no pad) are not T5's
     path = str(tmp_path / "other.model")
     buf = io.BytesIO()
@@ -207,9 +222,9 @@ def test_tokenizer_errors(tiny_dir, tmp_path):
                                    hard_vocab_limit=False, character_coverage=1.0, minloglevel=2)
     sp_other = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     with pytest.raises(ValueError, match="pad_id -1 and eos_id 2"):
-        t5.T5Tokenizer(sp_other, 8, 128, path)
+        T5Tokenizer(sp_other, 8, 128, path)
     with pytest.raises(TypeError, match="list of prompts"):
-        t5.T5Tokenizer.from_dir(tiny_dir, 8, 128)("a red circle")
+        T5Tokenizer.from_dir(tiny_dir, 8, 128)("a red circle")
 
 
 # ---- config ----
@@ -311,8 +326,8 @@ def test_write_tiny_directory_loads_and_encodes_as_the_reference(tiny_dir):
     norms = [a for k, a in tensors.items() if "layer_norm" in k]
     assert 0.7 < np.mean(norms) < 1.3
     cfg = t5.T5Config.from_hf(hf)
-    params = pretrained.params_from_tensors(t5.param_map(cfg), tensors)
-    tok = t5.T5Tokenizer.from_dir(tiny_dir, max_length=16, vocab_size=cfg.vocab_size)
+    params = weights.params_from_tensors(t5.param_map(cfg), tensors)
+    tok = T5Tokenizer.from_dir(tiny_dir, max_length=16, vocab_size=cfg.vocab_size)
     prompts = ["a large red circle", "一个小的绿色三角形"]
     tokens = tok(prompts)
     feats = _apply(cfg)(params, tokens.ids, tokens.mask)
@@ -325,7 +340,7 @@ def test_write_tiny_directory_loads_and_encodes_as_the_reference(tiny_dir):
     # Renaming the embedding to its tied copy's name still loads; a missing tensor is named.
     tied = dict(tensors)
     tied["encoder.embed_tokens.weight"] = tied.pop("shared.weight")
-    pretrained.params_from_tensors(t5.param_map(cfg), tied)
+    weights.params_from_tensors(t5.param_map(cfg), tied)
     del tied["encoder.block.1.layer.1.DenseReluDense.wi_1.weight"]
     with pytest.raises(ValueError, match=r"encoder\.block\.1\.layer\.1\.DenseReluDense\.wi_1\.weight"):
-        pretrained.params_from_tensors(t5.param_map(cfg), tied)
+        weights.params_from_tensors(t5.param_map(cfg), tied)

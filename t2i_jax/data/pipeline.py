@@ -184,7 +184,7 @@ class _Process:
 
 
 def _byte_tokenizer(max_length: int):
-    from t2i_jax.models.tokenizers import ByteTokenizer
+    from t2i_jax.conditioning.tokenizers import ByteTokenizer
     return ByteTokenizer(max_length)
 
 
@@ -275,7 +275,7 @@ def make_train_iterator(data_config, *, seed: int, global_batch_size: int,
       image  float32 [b, H, W, C] in [-1, 1]     tokens int32 [b, L]     mask bool [b, L]
       label  int32 [b] (-1: no classes)          index  int64 [b] (record index in the train split)
     with b = global_batch_size // process_count; the global batch of every step is the same
-    whatever process_count is. Captions are tokenized by `tokenizer` (models/tokenizers.py; or
+    whatever process_count is. Captions are tokenized by `tokenizer` (conditioning/tokenizers.py; or
     bytes to max_length); neither: a model that reads no text (byte tokens of length 16, no
     truncation warning). text_cache (families/frozen_text.TextCache): each example also gets
     its caption's precomputed text_features [L, D] and text_pooled [P]. Prepares an embedded

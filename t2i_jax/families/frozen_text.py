@@ -5,7 +5,7 @@ et al. 2022, sec. 2.1), Stable Diffusion's CLIP text encoder (Rombach et al. 202
     config.train.text_cache = True         # optional: precompute the captions' features once
 
 kind "trained" (the default) is GLIDE's byte-level encoder trained with the UNet (models/text.py);
-"t5" and "clip" read a local publisher directory (models/pretrained.py). The encoder's
+"t5" and "clip" read a local publisher directory (models/pretrained). The encoder's
 parameters never enter the TrainState: the family passes them to the loss through `hparams()`
 and to sampling through `sampling_inputs()`, so they are not trained, not averaged, not in the
 optimizer state and not in this model's checkpoints, which record the encoder's kind, directory
@@ -128,7 +128,7 @@ class FrozenText:
             dtype=self.cfg.dtype, data=data_config.name,
             data_dir=data_lib.default_data_dir(s.data_dir),
             examples=data_lib.split_size(data_config)), sort_keys=True).encode()).hexdigest()
-        from t2i_jax.models.pretrained import cache_root
+        from t2i_jax.models.weights import cache_root
         return os.path.join(cache_root(cache_dir), "text_features", f"{data_config.name}-{key[:16]}")
 
     def open_cache(self, data_config, cache_dir: Optional[str] = None, *, build: bool = True,

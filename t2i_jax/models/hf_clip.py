@@ -1,14 +1,16 @@
 """CLIP's text and vision transformers (Radford et al. 2021, "Learning Transferable Visual Models
-From Natural Language Supervision") in Flax, reading the publisher's weights.
+From Natural Language Supervision") in Flax, reading the publisher's weights: the configs, the
+shared encoder layer, the text tower and the publisher's names of both towers here; the vision
+tower and CLIP's image preprocessing in models/hf_clip_vision.py.
 
 Reads Hugging Face's `openai/clip-vit-*` (CLIPModel), Stable Diffusion's `text_encoder`
 (CLIPTextModel, or CLIPTextModelWithProjection) and CLIPVisionModel(WithProjection)
-directories: `config.json`, the tensors by their names in transformers' modeling_clip.py (see
-`text_param_map` / `vision_param_map`; `param_map(cfg)` picks by the config's type) and CLIP's
-byte-level BPE (`tokenizer.json`, or `vocab.json` + `merges.txt`).
+directories: `config.json` and the tensors by their names in transformers' modeling_clip.py (see
+`text_param_map` / `vision_param_map`; `param_map(cfg)` picks by the config's type). CLIP's
+byte-level BPE (`tokenizer.json`, or `vocab.json` + `merges.txt`) is conditioning.CLIPTokenizer.
 
     text_cfg = text_config_from_hf(hf_config)            # "clip" or "clip_text_model"
-    params = pretrained.params_from_tensors(text_param_map(text_cfg), tensors)
+    params = weights.params_from_tensors(text_param_map(text_cfg), tensors)
     feats = CLIPTextTransformer(text_cfg).apply(params, tokens.ids, tokens.mask)  # TextFeatures
 
 Both towers are pre-LayerNorm transformers (q, k, v, out projections with biases; fc1 -> act ->
@@ -24,24 +26,17 @@ buffers, the other tower) are ignored.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Any, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from t2i_jax.models.layers import Embed, GatherEmbed
-from t2i_jax.models.pretrained import ParamMap
 from t2i_jax.models.text import TextFeatures
-from t2i_jax.models.clip_tokenizer import (  # noqa: F401  (the tokenizer, re-exported)
-    BOS_TOKEN, CLIP_PATTERN, EOS_TOKEN, CLIPTokenizer, _byte_chars, _clip_pipeline, clip_bpe)
+from t2i_jax.models.weights import ParamMap
 
 ACTIVATIONS = ("quick_gelu", "gelu")
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _READS = ("this port reads model_type 'clip' (CLIPModel: text_config, vision_config, "
           "projection_dim), 'clip_text_model' (CLIPTextModel, CLIPTextModelWithProjection: Stable "
           "Diffusion's text_encoder) and 'clip_vision_model'")
@@ -168,7 +163,7 @@ def _activation(name: str, x):
     return jax.nn.gelu(x, approximate=False)
 
 
-def _layer_norm(cfg, name: str):
+def layer_norm(cfg, name: str):
     # Two-pass variance: CLIP's residual stream has a few large channels.
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32, use_fast_variance=False,
                         name=name)
@@ -205,16 +200,16 @@ class _MLP(nn.Module):
             _activation(self.cfg.hidden_act, y))
 
 
-class _EncoderLayer(nn.Module):
+class EncoderLayer(nn.Module):
     cfg: Any
 
     @nn.compact
     def __call__(self, x, allowed):
         """Returns x [B, L, D] after the pre-LN attention and MLP sublayers (residuals float32)."""
         dtype = jnp.dtype(self.cfg.dtype)
-        y = _layer_norm(self.cfg, "layer_norm1")(x).astype(dtype)
+        y = layer_norm(self.cfg, "layer_norm1")(x).astype(dtype)
         x = x + _Attention(self.cfg, name="self_attn")(y, allowed).astype(jnp.float32)
-        y = _layer_norm(self.cfg, "layer_norm2")(x).astype(dtype)
+        y = layer_norm(self.cfg, "layer_norm2")(x).astype(dtype)
         return x + _MLP(self.cfg, name="mlp")(y).astype(jnp.float32)
 
 
@@ -273,9 +268,9 @@ class CLIPTextTransformer(nn.Module):
             allowed = allowed & mask[:, None, None, :]                          # [B, 1, Lq, Lk]
         hidden = [x]
         for i in range(cfg.num_hidden_layers):
-            x = _EncoderLayer(cfg, name=f"layers_{i}")(x, allowed)
+            x = EncoderLayer(cfg, name=f"layers_{i}")(x, allowed)
             hidden.append(x)
-        final_norm = _layer_norm(cfg, "final_layer_norm")
+        final_norm = layer_norm(cfg, "final_layer_norm")
         last = final_norm(x)                                                    # [B, L, D]
         tokens = hidden[self.layer]                                             # [B, L, D]
         if self.layer_norm_tokens:
@@ -289,80 +284,6 @@ class CLIPTextTransformer(nn.Module):
             pooled = nn.Dense(cfg.projection_dim, use_bias=False, dtype=jnp.dtype(cfg.dtype),
                               name="text_projection")(pooled)                   # [B, P]
         return TextFeatures(tokens.astype(jnp.float32), mask, pooled.astype(jnp.float32))
-
-
-class VisionFeatures(NamedTuple):
-    last_hidden_state: jax.Array  # [B, 1 + N, D]: class token then patches, before post_layernorm
-    pooled: jax.Array             # [B, D]: post_layernorm(class token)
-    image_embeds: jax.Array       # [B, P]: visual_projection(pooled); pooled where there is none
-
-
-class _VisionEmbeddings(nn.Module):
-    cfg: CLIPVisionConfig
-
-    @nn.compact
-    def __call__(self, pixels):
-        cfg, d, p = self.cfg, self.cfg.hidden_size, self.cfg.patch_size
-        patches = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                          dtype=jnp.dtype(cfg.dtype), name="patch_embedding")(pixels)  # [B, H/p, W/p, D]
-        b = patches.shape[0]
-        patches = patches.reshape(b, -1, d).astype(jnp.float32)  # row-major grid, as torch flattens
-        cls = self.param("class_embedding", nn.initializers.normal(d ** -0.5), (d,))
-        x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), patches], axis=1)  # [B, 1 + N, D]
-        return x + Embed(cfg.num_positions, d, name="position_embedding")(jnp.arange(cfg.num_positions))
-
-
-class CLIPVisionTransformer(nn.Module):
-    """CLIP's ViT image tower (Radford et al. 2021, sec. 2.4; transformers'
-    CLIPVisionTransformer + visual_projection): pixels [B, H, W, C], already CLIP-normalised
-    (see `preprocess`), -> VisionFeatures."""
-    cfg: CLIPVisionConfig
-
-    @nn.compact
-    def __call__(self, pixels) -> VisionFeatures:
-        cfg = self.cfg
-        s = cfg.image_size
-        if pixels.ndim != 4 or pixels.shape[1:] != (s, s, cfg.num_channels):
-            raise ValueError(f"CLIPVisionTransformer takes pixels [B, {s}, {s}, {cfg.num_channels}] "
-                             f"(NHWC, this model's image_size), got {pixels.shape}; see preprocess().")
-        x = _VisionEmbeddings(cfg, name="embeddings")(pixels)
-        x = _layer_norm(cfg, "pre_layrnorm")(x)
-        for i in range(cfg.num_hidden_layers):
-            x = _EncoderLayer(cfg, name=f"layers_{i}")(x, None)
-        pooled = _layer_norm(cfg, "post_layernorm")(x[:, 0])  # [B, D]
-        embeds = pooled
-        if cfg.projection_dim is not None:
-            embeds = nn.Dense(cfg.projection_dim, use_bias=False, dtype=jnp.dtype(cfg.dtype),
-                              name="visual_projection")(pooled).astype(jnp.float32)  # [B, P]
-        return VisionFeatures(x, pooled, embeds)
-
-
-def preprocess(images, image_size: int = 224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-               processor_config: Optional[dict] = None):
-    """Returns CLIP's input pixels [B, S, S, C] from images in [-1, 1] [B, H, W, C], as
-    CLIPImageProcessor makes them: bicubic resize of the short side to S (clipped to [0, 1] like
-    its 8-bit images), centre crop S x S, then (x - mean) / std on [0, 1] pixels. A
-    `preprocessor_config.json` dict, if given, supplies crop_size, size.shortest_edge, image_mean
-    and image_std."""
-    short = image_size
-    if processor_config is not None:
-        crop = processor_config.get("crop_size", image_size)
-        image_size = int(crop["height"] if isinstance(crop, dict) else crop)
-        size = processor_config.get("size", image_size)
-        short = int(size.get("shortest_edge", image_size) if isinstance(size, dict) else size)
-        mean = processor_config.get("image_mean", mean)
-        std = processor_config.get("image_std", std)
-    x = (jnp.asarray(images, jnp.float32) + 1.0) / 2.0
-    b, h, w, c = x.shape
-    if (h, w) != (image_size, image_size):
-        nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
-        if min(nh, nw) < image_size:
-            raise ValueError(f"resizing the short side to {short} leaves less than the crop "
-                             f"{image_size}; set size.shortest_edge >= crop_size.")
-        x = jnp.clip(jax.image.resize(x, (b, nh, nw, c), "bicubic"), 0.0, 1.0)
-        top, left = (nh - image_size) // 2, (nw - image_size) // 2
-        x = x[:, top:top + image_size, left:left + image_size]
-    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)  # [B, S, S, C]
 
 
 # ---- the publisher's names ----
@@ -441,141 +362,3 @@ def param_map(cfg) -> ParamMap:
     if isinstance(cfg, CLIPVisionConfig):
         return vision_param_map(cfg)
     raise TypeError(f"param_map takes a CLIPTextConfig or CLIPVisionConfig, got {type(cfg).__name__}.")
-
-
-# ---- tiny publisher-layout models, for tests and `make-tiny` ----
-
-_MULTILINGUAL = ("一个红色的圆在蓝色的正方形上面", "一个小的绿色三角形",
-                 "a 🔴 red circle above a 🟦 blue square ✨", "it's a big purple triangle, isn't it? 3 shapes!")
-
-
-def _tiny_sentences() -> list:
-    from t2i_jax.data import shapes
-    phrases = [f"a {s} {c} {h}" for s in shapes.SIZES for c in shapes.COLOURS for h in shapes.SHAPES]
-    out = list(shapes.sample_prompts()) + phrases
-    for i, p in enumerate(phrases):
-        out.append(f"{p} {shapes.RELATIONS[i % len(shapes.RELATIONS)]} {phrases[(7 * i + 3) % len(phrases)]}")
-    return out + list(_MULTILINGUAL)
-
-
-def tiny_bpe(sentences: Optional[Sequence[str]] = None, vocab_size: int = 1000):
-    """Returns a CLIP-style `tokenizers.Tokenizer` trained on `sentences` (default: the shapes
-    captions and a few Chinese and emoji lines) in CLIP's vocabulary layout: the 256 byte
-    characters, the same with "</w>", one token per merge, then <|startoftext|>, <|endoftext|>
-    (so EOS is the largest id, as in CLIP), and a post-processor adding them, as the
-    publisher's tokenizer.json has. Every byte is encodable."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors, trainers
-    trainer_tok = _clip_pipeline(Tokenizer(models.BPE(
-        unk_token=EOS_TOKEN, continuing_subword_prefix="", end_of_word_suffix="</w>")))
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS_TOKEN, EOS_TOKEN],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  end_of_word_suffix="</w>", show_progress=False)
-    trainer_tok.train_from_iterator(list(_tiny_sentences() if sentences is None else sentences), trainer)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-              for m in json.loads(trainer_tok.to_str())["model"]["merges"]]
-    chars = list(_byte_chars().values())
-    tokens = chars + [c + "</w>" for c in chars]
-    vocab = dict.fromkeys(tokens + [a + b for a, b in merges] + [BOS_TOKEN, EOS_TOKEN])
-    vocab = {t: i for i, t in enumerate(vocab)}  # in order, each token once
-    tok = clip_bpe(vocab, merges)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (BOS_TOKEN, EOS_TOKEN)])
-    tok.post_processor = processors.RobertaProcessing(  # (sep, cls, ...)
-        (EOS_TOKEN, vocab[EOS_TOKEN]), (BOS_TOKEN, vocab[BOS_TOKEN]), trim_offsets=False,
-        add_prefix_space=False)
-    return tok
-
-
-def train_tiny_bpe(directory: str, sentences: Optional[Sequence[str]] = None, vocab_size: int = 1000):
-    """Writes tiny_bpe's tokenizer in both publisher forms to `directory`: tokenizer.json, and
-    vocab.json + merges.txt, with special_tokens_map.json / tokenizer_config.json (pad
-    <|endoftext|>, as openai's); returns the tokenizers.Tokenizer."""
-    os.makedirs(directory, exist_ok=True)
-    tok = tiny_bpe(sentences, vocab_size)
-    tok.save(os.path.join(directory, "tokenizer.json"))
-    model = json.loads(tok.to_str())["model"]
-    vocab = {t: i for t, i in sorted(model["vocab"].items(), key=lambda kv: kv[1])}
-    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n")
-        f.writelines(" ".join(m.split(" ") if isinstance(m, str) else m) + "\n" for m in model["merges"])
-    specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
-    with open(os.path.join(directory, "special_tokens_map.json"), "w", encoding="utf-8") as f:
-        json.dump(specials, f, indent=2)
-    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(specials, tokenizer_class="CLIPTokenizer", model_max_length=77,
-                       do_lower_case=True), f, indent=2)
-    return tok
-
-
-def tiny_hf_config(**overrides) -> dict:
-    """A publisher CLIPModel `config.json` dict with tiny towers (text 32 wide, 16 positions,
-    the vocabulary of tiny_bpe with its real BOS/EOS ids; vision 48 wide, 24 x 24 images in
-    8 x 8 patches; projection 16). `text_config` / `vision_config` overrides update the tower
-    dicts; other keys replace top-level ones."""
-    tok = tiny_bpe()
-    text = {"model_type": "clip_text_model", "vocab_size": tok.get_vocab_size(with_added_tokens=True),
-            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "max_position_embeddings": 16, "hidden_act": "quick_gelu",
-            "layer_norm_eps": 1e-5, "bos_token_id": tok.token_to_id(BOS_TOKEN),
-            "eos_token_id": tok.token_to_id(EOS_TOKEN), "pad_token_id": 1, "projection_dim": 16}
-    vision = {"model_type": "clip_vision_model", "hidden_size": 48, "intermediate_size": 96,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_channels": 3, "image_size": 24,
-              "patch_size": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 16}
-    cfg = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 16,
-           "logit_scale_init_value": 2.6592, "initializer_factor": 1.0, "text_config": text,
-           "vision_config": vision, "torch_dtype": "float32", "transformers_version": "4.44.0"}
-    for key, value in overrides.items():
-        if key in ("text_config", "vision_config") and isinstance(value, dict):
-            cfg[key] = dict(cfg[key], **value)
-        else:
-            cfg[key] = value
-    return cfg
-
-
-def tiny_tensors(hf_config: dict, seed: int = 0) -> dict:
-    """Random publisher tensors (name -> float32) for the towers of `hf_config`, scaled so that
-    activations are O(1): Linear weights ~ N(0, 1/in), norm weights near 1, small biases,
-    embeddings N(0, 0.5^2); a CLIPModel also gets `logit_scale`, which the port does not read."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for cfg in configs_from_hf(hf_config):
-        if cfg is None:
-            continue
-        for names, shape, _ in param_map(cfg).values():
-            name, z = names[0], rng.standard_normal(shape)
-            if "norm" in name and name.endswith(".weight"):
-                a = 1.0 + 0.1 * z
-            elif name.endswith(".bias"):
-                a = 0.1 * z
-            elif "embedding" in name and len(shape) < 4:
-                a = 0.5 * z
-            else:  # Linear [out, in], conv [O, I, p, p]
-                a = z / np.sqrt(np.prod(shape[1:]))
-            out[name] = a.astype(np.float32)
-    if hf_config.get("model_type") == "clip":
-        out["logit_scale"] = np.asarray(hf_config.get("logit_scale_init_value", 2.6592), np.float32)
-    return out
-
-
-def write_tiny(directory: str, seed: int = 0, shards: int = 1, **overrides) -> str:
-    """Writes a complete tiny publisher-layout CLIP directory (config.json, safetensors weights,
-    tokenizer.json + vocab.json + merges.txt, preprocessor_config.json) and returns its path."""
-    from t2i_jax.models.pretrained import write_safetensors
-    os.makedirs(directory, exist_ok=True)
-    train_tiny_bpe(directory)
-    hf_config = tiny_hf_config(**overrides)
-    write_safetensors(directory, tiny_tensors(hf_config, seed), shards=shards)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2, sort_keys=True)
-    _, vision = configs_from_hf(hf_config)
-    if vision is not None:
-        s = vision.image_size
-        with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
-            json.dump({"image_processor_type": "CLIPImageProcessor", "do_resize": True,
-                       "size": {"shortest_edge": s}, "do_center_crop": True,
-                       "crop_size": {"height": s, "width": s}, "do_rescale": True,
-                       "rescale_factor": 1 / 255, "do_normalize": True, "resample": 3,
-                       "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD)},
-                      f, indent=2)
-    return directory

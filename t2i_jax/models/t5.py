@@ -3,8 +3,9 @@
 Reads T5 v1.1 / Flan-T5 (gated-GELU feed-forward, Shazeer 2020 "GLU Variants Improve
 Transformer") and the original T5 (ReLU feed-forward) encoders: a `config.json`, the tensors by
 their names in `transformers`' `T5EncoderModel` / `T5ForConditionalGeneration` (see
-`param_map`) and the SentencePiece model `spiece.model`. As Imagen uses T5, the features are the
-encoder's final-layer-normed hidden states, pooled by a masked mean.
+`param_map`); its SentencePiece model `spiece.model` is read by conditioning.T5Tokenizer. As
+Imagen uses T5, the features are the encoder's final-layer-normed hidden states, pooled by a
+masked mean.
 
 What differs from a textbook transformer, all as in the publisher's code:
   * RMS norm without mean subtraction or bias, variance in float32;
@@ -20,11 +21,7 @@ stream, norm statistics and softmax stay in float32.
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import math
-import os
-from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,11 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2i_jax.models.layers import GatherEmbed
-from t2i_jax.models.pretrained import ParamMap
-from t2i_jax.models.text import TextFeatures, Tokens
-from t2i_jax.models.tokenizers import check_texts, report_truncation
+from t2i_jax.models.text import TextFeatures
+from t2i_jax.models.weights import ParamMap
 
-PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 FEED_FORWARD_PROJS = ("gated-gelu", "relu")
 _REQUIRED = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
 
@@ -209,158 +204,3 @@ def param_map(cfg: T5Config) -> ParamMap:
             pmap[fx + f"{n}/kernel"] = ((hf + f"1.DenseReluDense.{n}.weight",), (ff, d), "transpose")
         pmap[fx + "wo/kernel"] = ((hf + "1.DenseReluDense.wo.weight",), (d, ff), "transpose")
     return pmap
-
-
-class T5Tokenizer:
-    """T5's SentencePiece tokenizer: [pieces..., EOS, PAD...] rows of max_length, as
-    transformers' T5TokenizerFast(truncation=True, max_length) cuts them (EOS kept last)."""
-    name = "t5"
-
-    def __init__(self, processor, max_length: int, vocab_size: int, path: str = "spiece.model"):
-        if max_length < 1:
-            raise ValueError(f"max_length must leave room for EOS (>= 1), got {max_length}.")
-        pieces = processor.get_piece_size()
-        if pieces > vocab_size:
-            raise ValueError(f"tokenizer does not match the model's vocabulary: {path} has {pieces} "
-                             f"pieces, more than the model's vocab_size {vocab_size}.")
-        if (processor.pad_id(), processor.eos_id()) != (PAD_ID, EOS_ID):
-            raise ValueError(f"{path} has pad_id {processor.pad_id()} and eos_id {processor.eos_id()}; "
-                             f"T5 models expect pad_id {PAD_ID} and eos_id {EOS_ID} (</s>).")
-        self._sp = processor
-        self.max_length = int(max_length)
-        self.vocab_size = int(vocab_size)
-
-    @classmethod
-    def from_dir(cls, directory: str, max_length: int, vocab_size: int) -> "T5Tokenizer":
-        """The tokenizer of `directory/spiece.model`, checked against the model's vocab_size."""
-        import sentencepiece as spm
-        path = os.path.join(directory, "spiece.model")
-        if not os.path.isfile(path):
-            raise ValueError(f"no {path}: a T5 directory needs its SentencePiece model `spiece.model` "
-                             "(as published with the checkpoint) to tokenize prompts.")
-        return cls(spm.SentencePieceProcessor(model_file=path), max_length, vocab_size, path)
-
-    def __call__(self, texts: Sequence[str], warn: bool = True) -> Tokens:
-        texts = check_texts(texts)
-        ids = np.full((len(texts), self.max_length), PAD_ID, np.int32)
-        lengths = np.zeros((len(texts),), np.int64)
-        truncated = np.zeros((len(texts),), bool)
-        room = self.max_length - 1
-        for i, pieces in enumerate(self._sp.encode(texts, out_type=int) if texts else []):
-            truncated[i] = len(pieces) > room
-            row = list(pieces[:room]) + [EOS_ID]
-            ids[i, :len(row)] = row
-            lengths[i] = len(row)
-        if warn:
-            report_truncation(texts, truncated, self.max_length, "T5 tokens")
-        mask = np.arange(self.max_length)[None, :] < lengths[:, None]  # [B, L]
-        return Tokens(ids, mask, truncated)
-
-    def decode(self, ids) -> list:
-        """Returns the texts of rows [B, L]: pieces up to the first EOS (padding and ids past the
-        SentencePiece model, i.e. T5's extra ids, are left out)."""
-        out, size = [], self._sp.get_piece_size()
-        for row in np.asarray(ids).reshape(-1, np.shape(ids)[-1]):
-            row = [int(t) for t in row]
-            row = row[:row.index(EOS_ID)] if EOS_ID in row else row
-            out.append(self._sp.decode([t for t in row if t != PAD_ID and t < size]))
-        return out
-
-
-# ---- tiny publisher-layout models, for tests and `make-tiny` ----
-
-_MULTILINGUAL = ("一个红色的圆在蓝色的正方形上面", "一个小的绿色三角形",
-                 "a 🔴 red circle above a 🟦 blue square ✨",
-                 "un grand cercle rouge à gauche d'un carré bleu",
-                 "ein kleines gelbes Dreieck über einem lila Kreis")
-
-
-def _tiny_sentences() -> list:
-    from t2i_jax.data import shapes
-    out = list(shapes.sample_prompts())
-    for i, (size, colour, shape) in enumerate(
-            (s, c, h) for s in shapes.SIZES for c in shapes.COLOURS for h in shapes.SHAPES):
-        other = shapes.COLOURS[(i + 2) % len(shapes.COLOURS)], shapes.SHAPES[(i + 1) % len(shapes.SHAPES)]
-        out.append(f"a {size} {colour} {shape}")
-        relation = shapes.RELATIONS[i % len(shapes.RELATIONS)]
-        out.append(f"a {colour} {shape} {relation} a {other[0]} {other[1]}")
-    return out + list(_MULTILINGUAL)
-
-
-def train_tiny_spiece(path: str, sentences: Optional[Sequence[str]] = None, vocab_size: int = 96) -> str:
-    """Trains a SentencePiece unigram model with T5's special ids (pad 0, </s> 1, unk 2, no BOS)
-    on `sentences` (default: the shapes captions plus a few Chinese, emoji and European lines)
-    and writes it: an existing directory (or a path ending in a separator) gets `spiece.model`,
-    a path ending in ".model" is the file, anything else is a prefix (SentencePiece's
-    model_prefix: `path + ".model"`). Returns the file written; no other file is left behind."""
-    import sentencepiece as spm
-    if os.path.isdir(path) or path.endswith(os.sep):
-        os.makedirs(path, exist_ok=True)
-        path = os.path.join(path, "spiece.model")
-    elif not path.endswith(".model"):
-        path += ".model"
-    sentences = list(_tiny_sentences() if sentences is None else sentences)
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size,
-        model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, num_threads=1,
-        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, minloglevel=2)
-    with open(path, "wb") as f:
-        f.write(buf.getvalue())
-    return path
-
-
-def tiny_hf_config(**overrides) -> dict:
-    """A publisher `config.json` dict of a tiny T5 v1.1 encoder (vocab_size 128 fits
-    train_tiny_spiece's model, as 32128 fits T5's 32000 pieces)."""
-    cfg = {
-        "architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": 128,
-        "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4,
-        "relative_attention_num_buckets": 8, "relative_attention_max_distance": 20,
-        "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new", "is_gated_act": True,
-        "layer_norm_epsilon": 1e-6, "dropout_rate": 0.0, "initializer_factor": 1.0,
-        "is_encoder_decoder": True, "tie_word_embeddings": False, "use_cache": False,
-        "pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "decoder_start_token_id": PAD_ID,
-        "torch_dtype": "float32", "transformers_version": "4.40.0",
-    }
-    cfg.update(overrides)
-    if "feed_forward_proj" in overrides:  # keep the derived fields consistent, as transformers does
-        gated = cfg["feed_forward_proj"].startswith("gated-")
-        cfg["is_gated_act"] = gated
-        cfg["dense_act_fn"] = "gelu_new" if cfg["feed_forward_proj"] == "gated-gelu" else \
-            cfg["feed_forward_proj"].split("-")[-1]
-    return cfg
-
-
-def tiny_tensors(hf_config: dict, seed: int = 0) -> dict:
-    """Random publisher tensors (name -> float32 array) for the encoder of `hf_config`, scaled
-    as transformers initialises T5 so activations are O(1); norm weights near 1 and a unit-scale
-    relative attention table (so position matters)."""
-    cfg = T5Config.from_hf(hf_config)
-    rng = np.random.default_rng(seed)
-    d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
-    std = {"q": (d * cfg.d_kv) ** -0.5, "k": d ** -0.5, "v": d ** -0.5, "o": inner ** -0.5,
-           "wi": d ** -0.5, "wi_0": d ** -0.5, "wi_1": d ** -0.5, "wo": cfg.d_ff ** -0.5}
-    out = {}
-    for names, shape, _ in param_map(cfg).values():
-        name = names[0]
-        if name.endswith("layer_norm.weight"):
-            a = 1.0 + 0.1 * rng.standard_normal(shape)
-        else:
-            key = name.split(".")[-2]
-            a = std.get(key, 1.0) * rng.standard_normal(shape)  # shared, relative_attention_bias: 1
-        out[name] = a.astype(np.float32)
-    return out
-
-
-def write_tiny(directory: str, seed: int = 0, shards: int = 1, **overrides) -> str:
-    """Writes a complete tiny publisher-layout T5 directory (config.json, safetensors weights,
-    spiece.model) and returns its path."""
-    from t2i_jax.models.pretrained import write_safetensors
-    os.makedirs(directory, exist_ok=True)
-    train_tiny_spiece(directory)
-    hf_config = tiny_hf_config(**overrides)
-    write_safetensors(directory, tiny_tensors(hf_config, seed), shards=shards)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2, sort_keys=True)
-    return directory

@@ -5,8 +5,8 @@ a super-resolution stage's also holds its low-resolution image and augmentation 
 classifier-free guidance never drops (Imagen: CFG drops the text, not the image).
 `Conditioning` is the ONE place that decides, from a model's config, what the model is
 conditioned on: how a training batch and a list of prompts become a Condition (through the
-model's tokenizer: bytes, T5's SentencePiece or CLIP's BPE, models/tokenizers.py), and what the
-null is. Training dropout, the progress grids, sampling jobs and guides all go through it.
+model's tokenizer: bytes, T5's SentencePiece or CLIP's BPE; conditioning/tokenizers.py), and
+what the null is. Training dropout, the progress grids, sampling jobs and guides all go through it.
 The null condition is ONE thing chosen in the config and used both by training dropout and by
 sampling:
   "empty_prompt": the tokens of "" ([BOS, EOS]); the model encodes them like any prompt;
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from t2i_jax.models.tokenizers import ByteTokenizer
+from t2i_jax.conditioning.tokenizers import ByteTokenizer
 
 NULL_MODES = ("empty_prompt", "learned")
 KINDS = ("text", "label", "none")  # what a model is conditioned on
@@ -52,11 +52,13 @@ class Condition:
         return jax.tree_util.tree_leaves(self)[0].shape[0]
 
 
-def text_condition(prompts: Sequence[str], max_length=None, *, tokenizer=None) -> Condition:
+def text_condition(prompts: Sequence[str], max_length=None, *, tokenizer=None,
+                   tokens=None) -> Condition:
     """Returns the Condition of prompts, tokenized by `tokenizer` (default: bytes to max_length;
-    truncation is reported by the tokenizer)."""
-    tokenizer = ByteTokenizer(max_length) if tokenizer is None else tokenizer
-    tokens = tokenizer(list(prompts))
+    truncation is reported by the tokenizer), or of their given `tokens` (tokenized once)."""
+    if tokens is None:
+        tokenizer = ByteTokenizer(max_length) if tokenizer is None else tokenizer
+        tokens = tokenizer(list(prompts))
     return Condition(tokens=jnp.asarray(tokens.ids), mask=jnp.asarray(tokens.mask),
                      is_null=jnp.zeros((len(prompts),), bool))
 
@@ -228,14 +230,15 @@ class Conditioning:
                                  f"of {self.dataset} (use one of {list(self.class_names)}, or "
                                  "'' for the null class).")
 
-    def of_prompts(self, prompts: Sequence[str]) -> Condition:
-        """One Condition row per prompt; an empty prompt is the null row (is_null)."""
+    def of_prompts(self, prompts: Sequence[str], tokens=None) -> Condition:
+        """One Condition row per prompt; an empty prompt is the null row (is_null). tokens: the
+        prompts' Tokens from this model's tokenizer, when they were already tokenized."""
         prompts = list(prompts)
         self.check_prompts(prompts)
         if self.kind == "none":
             return self.null(len(prompts))
         if self.kind == "text":
-            cond = text_condition(prompts, tokenizer=self.tokenizer)
+            cond = text_condition(prompts, tokenizer=self.tokenizer, tokens=tokens)
         else:
             cond = class_condition([self.class_names.index(p) if p else 0 for p in prompts])
         empty = jnp.asarray([not p for p in prompts])

@@ -12,8 +12,8 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from t2i_jax.conditioning.tokenizers import check_texts, report_truncation
 from t2i_jax.models.text import Tokens
-from t2i_jax.models.tokenizers import check_texts, report_truncation
 
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 # CLIP's word pattern (transformers' CLIPConverter): contractions, letter runs, single digits, and
@@ -21,7 +21,7 @@ BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
-def _byte_chars() -> dict:
+def byte_chars() -> dict:
     """byte -> the printable character byte-level BPE writes it as (GPT-2's and CLIP's table, in
     their order: printable Latin-1 bytes as themselves, then the rest as U+0100 on)."""
     table = {b: chr(b) for b in [*range(33, 127), *range(161, 173), *range(174, 256)]}
@@ -30,7 +30,7 @@ def _byte_chars() -> dict:
     return table
 
 
-def _clip_pipeline(tok):
+def clip_pipeline(tok):
     """Sets CLIP's normaliser, pre-tokeniser and decoder on a `tokenizers.Tokenizer`."""
     from tokenizers import Regex, decoders, normalizers, pre_tokenizers
     tok.normalizer = normalizers.Sequence(
@@ -47,7 +47,7 @@ def clip_bpe(vocab: dict, merges: Sequence[Tuple[str, str]], unk_token: str = EO
     CLIPConverter builds it: NFC, whitespace runs -> " ", lowercase; split on CLIP_PATTERN
     (removed, inverted) then byte-level; BPE with end-of-word suffix "</w>". No post-processor."""
     from tokenizers import Tokenizer, models
-    return _clip_pipeline(Tokenizer(models.BPE(
+    return clip_pipeline(Tokenizer(models.BPE(
         vocab=dict(vocab), merges=[tuple(m) for m in merges], dropout=None,
         continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk_token)))
 
@@ -139,7 +139,7 @@ class CLIPTokenizer:
     def decode(self, ids) -> list:
         """Returns the texts of rows [B, L]: the tokens between BOS and the first EOS, bytes
         decoded, "</w>" as a space (as CLIP's decoder; lowercased and whitespace-normalised)."""
-        byte_of = {c: b for b, c in _byte_chars().items()}
+        byte_of = {c: b for b, c in byte_chars().items()}
         out = []
         for row in np.asarray(ids).reshape(-1, np.shape(ids)[-1]):
             row = [int(t) for t in row]

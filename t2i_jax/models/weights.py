@@ -1,0 +1,306 @@
+"""Publisher weights: safetensors files (one, or shards with their index) read into Flax
+parameters, one slice per device; their content hash; and the writer of that layout.
+
+Tensors are read with the `safetensors` package into numpy (never torch), one slice per device:
+with a mesh of fsdp > 1, each device reads only its 1/fsdp of each large tensor from the
+memory-mapped file, so a T5-XXL encoder never sits whole on one device (or in host memory).
+
+Each port (models/t5.py, models/hf_clip.py) gives a `param_map(cfg)` (a `ParamMap`): for every
+Flax parameter path, the publisher's tensor name(s), its shape in the publisher's layout, and the
+transform from that layout to Flax's ("none", "transpose" for torch Linear [out, in] ->
+[in, out], "conv" for OIHW -> HWIO). A missing, misnamed or misshapen tensor is named in the
+error. models/pretrained reads a whole publisher directory with it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+TRANSFORMS = ("none", "transpose", "conv")
+# flax path "a/b/kernel" -> (publisher names (first present wins), publisher shape, transform)
+ParamMap = Dict[str, Tuple[Tuple[str, ...], Tuple[int, ...], str]]
+
+
+def flax_shape(shape: tuple, transform: str) -> tuple:
+    """The Flax shape of a publisher tensor of `shape` after `transform`."""
+    if transform == "none":
+        return tuple(shape)
+    if transform == "transpose":
+        return tuple(shape[::-1])
+    if transform == "conv":  # [O, I, kh, kw] -> [kh, kw, I, O]
+        o, i, kh, kw = shape
+        return (kh, kw, i, o)
+    raise ValueError(f"unknown transform {transform!r}; one of {TRANSFORMS}.")
+
+
+def to_flax_layout(a: np.ndarray, transform: str) -> np.ndarray:
+    if transform == "none":
+        return a
+    if transform == "transpose":
+        return a.T
+    if transform == "conv":
+        return np.transpose(a, (2, 3, 1, 0))
+    raise ValueError(f"unknown transform {transform!r}; one of {TRANSFORMS}.")
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for path, leaf in flat.items():
+        node = out
+        *parents, last = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf
+    return out
+
+
+def params_from_tensors(pmap: ParamMap, tensors: Dict[str, np.ndarray]) -> dict:
+    """{"params": nested Flax params} from a dict of publisher tensors (host numpy, whole);
+    ValueError naming each missing or misshapen tensor. The sharded path is `load_params`."""
+    flat, problems = {}, []
+    for path, (names, shape, transform) in pmap.items():
+        name = next((n for n in names if n in tensors), None)
+        if name is None:
+            problems.append(f"missing tensor {names[0]!r} (for {path})")
+            continue
+        a = np.asarray(tensors[name])
+        if tuple(a.shape) != tuple(shape):
+            problems.append(f"tensor {name!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+            continue
+        flat[path] = to_flax_layout(a, transform)
+    if problems:
+        raise ValueError("the weights do not fit the model: " + "; ".join(problems) + ".")
+    return {"params": _nest(flat)}
+
+
+def write_safetensors(directory: str, tensors: Dict[str, np.ndarray], shards: int = 1) -> None:
+    """Writes tensors as the publisher does: `model.safetensors`, or with shards > 1
+    `model-0000i-of-0000N.safetensors` and `model.safetensors.index.json` (its weight_map)."""
+    from safetensors.numpy import save_file
+    os.makedirs(directory, exist_ok=True)
+    names = sorted(tensors)
+    if shards <= 1:
+        save_file({n: np.ascontiguousarray(tensors[n]) for n in names},
+                  os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: np.ascontiguousarray(tensors[n]) for n in names[s::shards]}
+        save_file(part, os.path.join(directory, file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+        total += sum(a.nbytes for a in part.values())
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+WEIGHTS_INDEX = "model.safetensors.index.json"
+# the files besides the weights that decide an encoder's output (part of its content hash)
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "vocab.json", "merges.txt",
+                   "tokenizer_config.json", "special_tokens_map.json")
+
+
+def weight_files(directory: str) -> Dict[str, str]:
+    """{tensor name: file} of a directory's safetensors weights (one file, or the shards that
+    model.safetensors.index.json lists)."""
+    index = os.path.join(directory, WEIGHTS_INDEX)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map: it is not a safetensors index.")
+        missing = sorted({v for v in weight_map.values()
+                          if not os.path.isfile(os.path.join(directory, v))})
+        if missing:
+            raise ValueError(f"{index} lists shards that are not in {directory}: {missing}; "
+                             "copy every shard of the checkpoint.")
+        return {k: os.path.join(directory, v) for k, v in weight_map.items()}
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        found = [os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.bin"))]
+        hint = (f" (it has {found}: PyTorch pickles, which this loader does not read; convert "
+                "them to safetensors)") if found else ""
+        raise ValueError(f"{directory} has no *.safetensors weights{hint}: the loader reads "
+                         "model.safetensors, or sharded *.safetensors with "
+                         f"{WEIGHTS_INDEX}.")
+    names = {}
+    for path in files:
+        with _open(path) as f:
+            names.update({k: path for k in f.keys()})
+    return names
+
+
+def _open(path: str):
+    from safetensors import safe_open
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as e:  # safetensors raises its own error type for a bad header or size
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is truncated or "
+                         "damaged; copy it again from the publisher's files.") from e
+
+
+class _Reader:
+    """Open safetensors files; reads a tensor, or one slice of it, by publisher name."""
+
+    def __init__(self, files: Dict[str, str]):
+        self.files = files
+        self._handles: Dict[str, Any] = {}
+
+    def _handle(self, name: str):
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = _open(path).__enter__()
+        return self._handles[path]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def read(self, name: str, index=None) -> np.ndarray:
+        """The tensor, or its `index` (a tuple of slices in the publisher's layout)."""
+        try:
+            if index is None:
+                return self._handle(name).get_tensor(name)
+            return self._handle(name).get_slice(name)[index]
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"could not read tensor {name!r} from {self.files[name]} ({e}): the "
+                             "file is truncated or damaged; copy it again.") from e
+
+    def close(self):
+        for h in self._handles.values():
+            h.__exit__(None, None, None)
+        self._handles.clear()
+
+
+def _publisher_index(index: tuple, transform: str) -> tuple:
+    if transform == "none":
+        return tuple(index)
+    if transform == "transpose":
+        return tuple(index[::-1])
+    kh, kw, i, o = index  # conv: Flax [kh, kw, I, O] <- publisher [O, I, kh, kw]
+    return (o, i, kh, kw)
+
+
+def load_params(directory: str, pmap: ParamMap, *, mesh=None, dtype="float32"):
+    """{"params": ...} of a port from a directory's safetensors weights, cast to dtype.
+
+    mesh None: host numpy arrays. With a mesh: jax.Arrays laid out by sharding.leaf_sharding
+    (split over "fsdp" along the largest divisible axis with fsdp > 1), each device's piece read
+    from the memory-mapped file on its own, so no tensor is ever whole on one device.
+    A missing, misnamed or misshapen tensor is named in the error (all of them at once)."""
+    reader = _Reader(weight_files(directory))
+    target = np.dtype(jax_dtype(dtype))
+    try:
+        chosen, problems = {}, []
+        for path, (names, shape, transform) in pmap.items():
+            name = next((n for n in names if n in reader), None)
+            if name is None:
+                near = [k for k in reader.files if k.rsplit(".", 1)[0].endswith(
+                    names[0].rsplit(".", 2)[-2])][:3]
+                problems.append(f"missing tensor {names[0]!r}" + (
+                    f" (similar names in the files: {near})" if near else ""))
+                continue
+            got = reader.shape(name)
+            if got != tuple(shape):
+                problems.append(f"tensor {name!r} has shape {got}, the config says {tuple(shape)}")
+                continue
+            chosen[path] = (name, transform)
+        if problems:
+            raise ValueError(f"the weights in {directory} do not fit its config.json: "
+                             + "; ".join(problems) + ".")
+        flat = {}
+        for path, (name, transform) in chosen.items():
+            shape = flax_shape(pmap[path][1], transform)
+            if mesh is None:
+                flat[path] = to_flax_layout(reader.read(name), transform).astype(target)
+                continue
+            import jax
+            from t2i_jax import sharding as mesh_lib
+
+            def piece(index, name=name, transform=transform):
+                a = reader.read(name, _publisher_index(index, transform))
+                return to_flax_layout(a, transform).astype(target)
+
+            flat[path] = jax.make_array_from_callback(
+                shape, mesh_lib.leaf_sharding(shape, mesh), piece)
+        return {"params": _nest(flat)}
+    finally:
+        reader.close()
+
+
+def jax_dtype(name: str):
+    import jax.numpy as jnp
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"unknown dtype {name!r}; one of float32, bfloat16, float16.")
+    return jnp.dtype(name)
+
+
+def content_sha256(directory: str) -> str:
+    """A hash of what decides the encoder's output: config.json, the tokenizer files and every
+    weight file's bytes (file names included). Weight files are hashed once per (path, size,
+    mtime) and remembered in ~/.cache/t2i_jax/sha256.json ($T2I_JAX_CACHE), since a T5-XXL's are
+    tens of GB."""
+    h = hashlib.sha256()
+    names = ["config.json"] + [n for n in TOKENIZER_FILES
+                               if os.path.isfile(os.path.join(directory, n))]
+    weights = sorted(set(weight_files(directory).values()))
+    memo = _HashMemo()
+    for name in names:
+        with open(os.path.join(directory, name), "rb") as f:
+            h.update(f"{name}|".encode() + hashlib.sha256(f.read()).hexdigest().encode())
+    for path in weights:
+        h.update(f"{os.path.basename(path)}|{memo.file_sha256(path)}".encode())
+    memo.save()
+    return h.hexdigest()
+
+
+def cache_root(directory: Optional[str] = None) -> str:
+    """Where t2i_jax keeps what it derives from pretrained weights (file hashes, text feature
+    caches): `directory`, else $T2I_JAX_CACHE, else ~/.cache/t2i_jax."""
+    return directory or os.environ.get("T2I_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "t2i_jax")
+
+
+class _HashMemo:
+    def __init__(self):
+        self.path = os.path.join(cache_root(), "sha256.json")
+        self.changed = False
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                self.table = json.load(f)
+        except (OSError, ValueError):
+            self.table = {}
+
+    def file_sha256(self, path: str) -> str:
+        st = os.stat(path)
+        key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in self.table:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+            self.table[key] = h.hexdigest()
+            self.changed = True
+        return self.table[key]
+
+    def save(self):
+        if not self.changed:
+            return
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.table, f)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only home: hash again next time
