@@ -29,7 +29,7 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",        # TensorBoard event files without TensorFlow
         "matplotlib>=3.8",          # the reproductions' plots
-        # Frozen pretrained encoders from local publisher directories (models/pretrained.py):
+        # Frozen pretrained encoders from local publisher directories (models/pretrained/):
         # weights with numpy (never torch), T5's SentencePiece model, CLIP's BPE.
         "safetensors>=0.4.3",
         "sentencepiece>=0.2.0",

@@ -30,7 +30,7 @@ def get_config():
             dtype="float32", remat=False),
         text=dict(max_length=16, width=128, num_layers=2, num_heads=4, mlp_ratio=4,
                   attention_impl="einsum", dtype="float32"),
-        null="empty_prompt",      # or "learned": see t2i_jax/conditioning.py
+        null="empty_prompt",      # or "learned": see t2i_jax/conditioning/
         pooled_text=True,
         # "trained": the byte encoder above, trained with the UNet (GLIDE); "t5" / "clip": a
         # frozen pretrained encoder read from `path`, a local directory in the Hugging Face
