@@ -172,19 +172,20 @@ def test_cfg_reproduction_tables_the_metrics_of_its_own_samples(data_dir, digits
                                                                 tmp_path):
     """reproduce cfg on a tiny model: one compilation for the sweep, one row per w whose numbers
     are the metrics of exactly that w's images, the real-data floor, a table and a plot."""
-    from t2i_jax.evaluation import reproduce
     from t2i_jax.evaluation.frechet import frechet_distance_of
+    from t2i_jax.evaluation.reproduce.cfg import reproduce_cfg
+    from t2i_jax.evaluation.scorer import Scorer, evaluator_dir
     from t2i_jax.sampling import job as job_lib
     from t2i_jax.sampling.load import load_trained
     cfg = load_config("tests/tiny_config.py")
     cfg.data.data_dir = data_dir
     wd = str(tmp_path / "wd")  # a copy: the shared workdir stays as it is
     shutil.copytree(tiny_workdir, wd)
-    ev_lib.save_evaluator(ev_lib.cache_path(reproduce.evaluator_dir(wd), cfg.data), digits_ev)
+    ev_lib.save_evaluator(ev_lib.cache_path(evaluator_dir(wd), cfg.data), digits_ev)
     out = str(tmp_path / "cfg")
-    scorer = reproduce.Scorer(cfg, reproduce.evaluator_dir(wd))  # reads the cached evaluator
-    res = reproduce.reproduce_cfg(load_trained(wd), out, num_per_prompt=2, seed=0, batch_size=8,
-                                  steps=3, weights=(0.0, 2.0), progress=False, scorer=scorer)
+    scorer = Scorer(cfg, evaluator_dir(wd))  # reads the cached evaluator
+    res = reproduce_cfg(load_trained(wd), out, num_per_prompt=2, seed=0, batch_size=8,
+                        steps=3, weights=(0.0, 2.0), progress=False, scorer=scorer)
     assert res["compilations"] == 1 and [r["w"] for r in res["rows"]] == [0.0, 2.0]
     x, rows = job_lib.load_images(f"{out}/samples")
     for row in res["rows"]:

@@ -3,7 +3,7 @@ must get one clear line (issue 10's probe, case by case). Each test asserts the 
 line a user sees (its key words), and that nothing was lost: checkpoints, finished shards and
 records are intact, and a repaired run ends bit-identical to an uninterrupted one.
 
-The commands run in-process where they can (train.run, sample.run, fid.main, reproduce.main);
+The commands run in-process where they can (train.run, sample.run, fid.main, reproduce.cli.main);
 subprocesses only where the test is about the process: a second writer, SIGTERM, a full disk
 (a tmpfs in a user namespace), a read-only directory, and stderr bounded to 20 lines."""
 
@@ -203,7 +203,8 @@ def test_4_damaged_stored_config_falls_back_in_train_sample_and_reproduce(
     """An empty checkpoints/4/config/metadata (no integrity record: orbax's JSON read fails):
     sample.py uses step 2 and says so, reproduce checkpoints skips 4, train.py retrains 4."""
     from t2i_jax.evaluation import evaluator as ev_lib
-    from t2i_jax.evaluation import reproduce
+    from t2i_jax.evaluation.reproduce.cli import main as reproduce_main
+    from t2i_jax.evaluation.scorer import evaluator_dir
     state4, _ = tiny_run
     wd = copy_run(tiny_run, tmp_path)
     for record in wd.glob("checkpoints/*/" + integrity.RECORD):
@@ -216,10 +217,10 @@ def test_4_damaged_stored_config_falls_back_in_train_sample_and_reproduce(
     assert any("checkpoint 4" in l and "cannot be restored" in l and "trying 2" in l for l in err)
     assert {r["checkpoint_step"] for r in files.read_jsonl(str(out / "samples.jsonl"))} == {2}
 
-    cache = reproduce.evaluator_dir(str(wd))
+    cache = evaluator_dir(str(wd))
     ev_lib.save_evaluator(ev_lib.cache_path(cache, tiny(data_dir).data), digits_evaluator)
     rep = tmp_path / "rep"
-    code, err = cli(capfd, reproduce.main, ["checkpoints", "--workdir", str(wd), "--out", str(rep),
+    code, err = cli(capfd, reproduce_main, ["checkpoints", "--workdir", str(wd), "--out", str(rep),
                                             "--num_per_prompt", "1", "--batch_size", "16",
                                             "--no_progress"])
     assert code == 0, err
@@ -331,10 +332,10 @@ def test_6_8_non_finite_and_out_of_range_options_are_refused_before_anything_is_
 
 
 def test_6_reproduce_refuses_a_nan_guidance_and_a_negative_seed(tiny_workdir, tmp_path, capfd):
-    from t2i_jax.evaluation import reproduce
+    from t2i_jax.evaluation.reproduce.cli import main as reproduce_main
     for extra, message in ((["--guidance", "nan"], "--guidance must be a finite number"),
                            (["--seed", "-1"], "--seed must be in [0, 2^32)")):  # 13
-        code, err = cli(capfd, reproduce.main, ["ddim", "--workdir", tiny_workdir, "--out",
+        code, err = cli(capfd, reproduce_main, ["ddim", "--workdir", tiny_workdir, "--out",
                                                 str(tmp_path / "r"), *extra])
         assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "r").exists()
@@ -569,16 +570,17 @@ def test_11_a_full_disk_gets_one_line_keeps_the_last_checkpoint_and_resumes(data
 
 def test_13_reproduce_refuses_an_out_that_is_a_file_and_keeps_the_evaluator_off_a_read_only_workdir(
         tiny_workdir, tmp_path, capfd):
-    from t2i_jax.evaluation import reproduce
+    from t2i_jax.evaluation.reproduce.cli import main as reproduce_main
+    from t2i_jax.evaluation.scorer import evaluator_cache, evaluator_dir
     f = tmp_path / "f"
     f.write_text("x")
-    code, err = cli(capfd, reproduce.main, ["cfg", "--workdir", tiny_workdir, "--out", str(f)])
+    code, err = cli(capfd, reproduce_main, ["cfg", "--workdir", tiny_workdir, "--out", str(f)])
     assert code == 2 and len(err) == 1 and "is a file" in err[0], err
     # Where would a read-only workdir's evaluator go? Decided before any sampling: to --out.
     ro = tmp_path / "ro"
     shutil.copytree(tiny_workdir, ro, ignore=shutil.ignore_patterns("reproduce"))
     ro.chmod(0o555)
-    probe = ("import sys; from t2i_jax.evaluation.reproduce import evaluator_cache; "
+    probe = ("import sys; from t2i_jax.evaluation.scorer import evaluator_cache; "
              "from runs import tiny; print(evaluator_cache(sys.argv[1], sys.argv[2], "
              "tiny(None).data))")
     got = subprocess.run(as_unprivileged() + [sys.executable, "-c", probe, str(ro), str(tmp_path / "out")],
@@ -587,8 +589,8 @@ def test_13_reproduce_refuses_an_out_that_is_a_file_and_keeps_the_evaluator_off_
     assert got.returncode == 0, got.stderr
     assert got.stdout.strip() == str(tmp_path / "out")
     ro.chmod(0o755)
-    assert reproduce.evaluator_cache(str(ro), str(tmp_path / "out"), tiny(None).data) == \
-        reproduce.evaluator_dir(str(ro))  # writable: the shared place
+    assert evaluator_cache(str(ro), str(tmp_path / "out"), tiny(None).data) == \
+        evaluator_dir(str(ro))  # writable: the shared place
 
 
 # ---------------------------------------------------------------------------------------------

@@ -167,12 +167,12 @@ def test_sample_py_refuses_a_guide_of_the_wrong_family_or_an_unreadable_image(
         assert code == 1 and all(w in err[-1] for w in words), (extra, err)
         assert not (out / "job.json").exists()
     # A guide's workdir where the model to sample from belongs, in sample.py and in reproduce.
-    from t2i_jax.evaluation import reproduce
+    from t2i_jax.evaluation.reproduce.cli import main as reproduce_main
     code, err = cli(capfd, sample_cli.run, ["--workdir", classifier_wd] + base[2:])
     assert code == 2 and "holds a noisy_classifier model, which does not generate" in err[-1], err
     assert not (out / "job.json").exists()
     rep = tmp_path / "rep"
-    code, err = cli(capfd, reproduce.main, ["sdg", "--workdir", classifier_wd, "--clip", clip_wd,
+    code, err = cli(capfd, reproduce_main, ["sdg", "--workdir", classifier_wd, "--clip", clip_wd,
                                              "--out", str(rep), "--no_progress"])
     assert code == 1 and "holds a noisy_classifier model, which does not generate" in err[-1], err
     assert not (rep / "samples").exists() and not (rep / "references").exists()
@@ -185,15 +185,18 @@ def test_the_guide_reproductions_sweep_one_program_each_and_score_their_own_imag
     reference, and reranking never lowers an image's CLIP score (candidate 0 is the unreranked
     image, so the best of N is at least it)."""
     from t2i_jax import data as data_lib, images
-    from t2i_jax.evaluation import evaluator as ev_lib, reproduce, reproduce_guides as rg
+    from t2i_jax.evaluation import evaluator as ev_lib
+    from t2i_jax.evaluation.reproduce.classifier import reproduce_classifier
+    from t2i_jax.evaluation.reproduce.sdg import reproduce_sdg
+    from t2i_jax.evaluation.scorer import Scorer
     from t2i_jax.evaluation.guides import clip_scores
     model, guides = models
     cfg = model.config
     ev_lib.save_evaluator(ev_lib.cache_path(str(tmp_path / "ev"), cfg.data), digits_evaluator)
-    scorer = reproduce.Scorer(cfg, str(tmp_path / "ev"))
+    scorer = Scorer(cfg, str(tmp_path / "ev"))
     common = dict(num_per_prompt=1, seed=0, batch_size=10, steps=3, progress=False, scorer=scorer)
-    res = rg.reproduce_classifier(model, guides[0].trained.workdir, str(tmp_path / "cls"),
-                                  scales=(0.0, 5.0), **common)
+    res = reproduce_classifier(model, guides[0].trained.workdir, str(tmp_path / "cls"),
+                               scales=(0.0, 5.0), **common)
     assert res["compilations"] == 1 and [r["scale"] for r in res["rows"]] == [0.0, 5.0]
     x, rows = job_lib.load_images(str(tmp_path / "cls" / "samples" / "scale_5"))
     assert [r["prompt"] for r in rows] == [str(d) for d in range(10)]
@@ -201,8 +204,8 @@ def test_the_guide_reproductions_sweep_one_program_each_and_score_their_own_imag
         np.nanmean(digits_evaluator.aligned(x, [r["prompt"] for r in rows])))
 
     out = tmp_path / "sdg"
-    res = rg.reproduce_sdg(model, guides[1].trained.workdir, str(out), text_scales=(0.0, 30.0),
-                           image_scales=(0.0, 30.0), rerank_n=(1, 2), **common)
+    res = reproduce_sdg(model, guides[1].trained.workdir, str(out), text_scales=(0.0, 30.0),
+                        image_scales=(0.0, 30.0), rerank_n=(1, 2), **common)
     # One program per guide set and shape of call: the image sweep calls with 10 rows (scale 0's
     # one job for every reference) and 1 row (each reference's job); text + image (the same
     # guides) compiles nothing new.

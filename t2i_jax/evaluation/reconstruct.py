@@ -27,6 +27,7 @@ import numpy as np
 
 from t2i_jax import files
 from t2i_jax.errors import ArgumentParser
+from t2i_jax.evaluation.scorer import evaluator_cache
 
 GRID_IMAGES = 32
 
@@ -61,7 +62,6 @@ def evaluate(frozen, out: str, *, limit=None, sample: bool = False, seed: int = 
     from t2i_jax import data as data_lib, images
     from t2i_jax.evaluation import evaluator as ev_lib, image_metrics
     from t2i_jax.evaluation.frechet import frechet_distance_of
-    from t2i_jax.evaluation.reproduce import evaluator_cache
     from t2i_jax.families import autoencoder as ae_lib
     fam = frozen.family
     cfg = fam.config
@@ -84,6 +84,7 @@ def evaluate(frozen, out: str, *, limit=None, sample: bool = False, seed: int = 
         workdir=frozen.workdir, checkpoint_step=frozen.step, split=splits[1], n=int(len(test)),
         decoded="posterior sample" if sample else "posterior mean",
         factor=fam.ae_config.factor, latent_shape=list(fam.latent_shape),
+        uint8_conversion=images.UINT8_CONVERSION,  # of the reconstructions scored below
         psnr=float(np.mean(psnr)), psnr_sd=float(np.std(psnr)), ssim=float(np.mean(ssim)),
         rfd=frechet_distance_of(f_orig, f_rec),
         # the floor at this n: two disjoint halves of the originals, and the same halves with

@@ -19,9 +19,28 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from t2i_jax.evaluation.reproduce import common
+from t2i_jax.evaluation.reproduce.common import fmt, markdown_table
+from t2i_jax.evaluation.scorer import Scorer, evaluator_cache
+
 STEPS = (25, 50, 100, 1000)
 VARIANCES = ("learned", "posterior", "beta")
 LABELS = {"learned": "learned sigma", "posterior": "fixed beta~", "beta": "fixed beta"}
+
+# its line in reproduce --help
+SUMMARY = "Nichol & Dhariwal (2021): learned sigma vs fixed over the steps; bits/dim"
+
+
+def add_arguments(p) -> None:
+    common.add_arguments(p, workdir_help="the L_hybrid model (trained with diffusion.learn_sigma)",
+                         guidance="the w of every sampling row (default 0)")
+    p.add_argument("--fixed", help="the L_simple (fixed-variance) model trained alike")
+    p.add_argument("--limit", type=int, default=128, help="test images for bits/dim (default 128)")
+
+
+def check_arguments(p, a) -> None:
+    common.check_arguments(p, a)
+    common.check_limit(p, a)
 
 
 def load_models(a):
@@ -51,11 +70,10 @@ def load_models(a):
 def reproduce_iddpm(hybrid, fixed, out, *, num_per_prompt, seed, batch_size, guidance,
                     limit, steps_list=STEPS, progress=True) -> dict:
     from t2i_jax.evaluation import nll
-    from t2i_jax.evaluation import reproduce as rep
     from t2i_jax.sampling.generate import SampleOptions
     cfg = hybrid.config
-    prompts = rep.default_prompts(cfg)
-    scorer = rep.Scorer(cfg, rep.evaluator_cache(hybrid.workdir, out, cfg.data))
+    prompts = common.default_prompts(cfg)
+    scorer = Scorer(cfg, evaluator_cache(hybrid.workdir, out, cfg.data))
     models = [("L_hybrid", hybrid, VARIANCES)] + (
         [("L_simple", fixed, VARIANCES[1:])] if fixed is not None else [])
     table = []
@@ -66,10 +84,10 @@ def reproduce_iddpm(hybrid, fixed, out, *, num_per_prompt, seed, batch_size, gui
                 options = dataclasses.replace(base, sampler="ddpm", num_steps=n, eta=0.0,
                                               ddpm_variance=var)
                 name = f"{objective}_{var}_{n}"
-                x, rows, stats = rep._run(trained, os.path.join(out, "samples", name), prompts,
-                                          num_per_prompt=num_per_prompt, guidance=(guidance,),
-                                          seed=seed, options=options, batch_size=batch_size,
-                                          progress=progress)
+                x, rows, stats = common.sample_job(
+                    trained, os.path.join(out, "samples", name), prompts,
+                    num_per_prompt=num_per_prompt, guidance=(guidance,), seed=seed,
+                    options=options, batch_size=batch_size, progress=progress)
                 table.append(dict(objective=objective, variance=var, steps=n,
                                   **scorer.score(x, [r["prompt"] for r in rows]),
                                   images_per_s=stats.get("images_per_s")))
@@ -94,7 +112,6 @@ def reproduce_iddpm(hybrid, fixed, out, *, num_per_prompt, seed, batch_size, gui
 
 
 def markdown(res: dict) -> str:
-    from t2i_jax.evaluation.reproduce import _fmt, markdown_table
     steps = sorted({r["steps"] for r in res["rows"]})
     methods = []
     for r in res["rows"]:
@@ -106,11 +123,11 @@ def markdown(res: dict) -> str:
         md.append(f"\n{metric}:\n")
         md.append(markdown_table(
             ["model", "sigma"] + [f"{s} steps" for s in steps],
-            [[o, LABELS[v]] + [_fmt(next((r[metric] for r in res["rows"] if r["objective"] == o
+            [[o, LABELS[v]] + [fmt(next((r[metric] for r in res["rows"] if r["objective"] == o
                                           and r["variance"] == v and r["steps"] == s), None),
                                     digits) for s in steps] for o, v in methods]))
     f = res["real_floor"]
-    md.append(f"\nreal (train) floor: FD {_fmt(f['fd'], 1)} (sd {_fmt(f['fd_sd'], 1)} over "
+    md.append(f"\nreal (train) floor: FD {fmt(f['fd'], 1)} (sd {fmt(f['fd_sd'], 1)} over "
               f"{f['repeats']} subsets of n = {f['n']})\n")
     clip = {b.get("clip_denoised") for b in res["bits_per_dim"]}
     md.append("\nbits/dim of the test split (the VLB over all T terms; mean +- standard error "
@@ -120,13 +137,12 @@ def markdown(res: dict) -> str:
     md.append(markdown_table(
         ["model", "sigma", "bits/dim", "decoder L_0", "KL terms", "prior L_T", "images", "T"],
         [[b["objective"], LABELS[b["variance"]], f"{b['bits_per_dim']:.4f} +- {b['stderr']:.4f}",
-          _fmt(b["decoder_bpd"], 4), _fmt(b["kl_terms_bpd"], 4), f"{b['prior_bpd']:.1e}",
+          fmt(b["decoder_bpd"], 4), fmt(b["kl_terms_bpd"], 4), f"{b['prior_bpd']:.1e}",
           str(b["num_examples"]), str(b["num_timesteps"])] for b in res["bits_per_dim"]]))
     return "".join(md)
 
 
 def run(a) -> int:
-    from t2i_jax.evaluation import reproduce as rep
-    return rep.run_reproduction(a, load_models, lambda models, a: reproduce_iddpm(
+    return common.run_reproduction(a, load_models, lambda models, a: reproduce_iddpm(
         *models, a.out, num_per_prompt=a.num_per_prompt, seed=a.seed, batch_size=a.batch_size,
         guidance=a.guidance, limit=a.limit, progress=not a.no_progress), markdown)

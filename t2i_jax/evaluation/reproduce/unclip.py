@@ -27,9 +27,31 @@ import os
 
 import numpy as np
 
+from t2i_jax import images
+from t2i_jax.evaluation.reproduce import common
+from t2i_jax.evaluation.reproduce.common import fmt, markdown_table
+from t2i_jax.evaluation.scorer import Scorer, attribute_rates, evaluator_cache
+
 PRIOR_WEIGHTS = (0.0, 1.0, 3.0)
 DECODER_WEIGHTS = (0.0, 1.0, 2.0, 4.0)
 CANDIDATES = (1, 2, 4)
+
+
+# its line in reproduce --help
+SUMMARY = "Ramesh et al. (2022): prior, decoder's conditioning, candidates, variations"
+
+
+def add_arguments(p) -> None:
+    common.add_arguments(p, workdir_help="the decoder's training workdir",
+                         steps="the decoder's sampling steps")
+    p.add_argument("--prior", help="the prior's training workdir")
+
+
+def check_arguments(p, a) -> None:
+    common.check_arguments(p, a)
+    if not a.prior:
+        p.error("reproduce unclip needs --prior DIR (the prior's workdir; --workdir is the "
+                "decoder).")
 
 
 def load_models(a):
@@ -54,14 +76,13 @@ class Context:
     def __init__(self, prior, decoder, out, *, num_per_prompt, seed, batch_size, steps, progress):
         from t2i_jax import data as data_lib
         from t2i_jax.evaluation import evaluator as ev_lib
-        from t2i_jax.evaluation import reproduce as rep
         self.prior, self.decoder, self.out = prior, decoder, out
         self.n, self.seed, self.batch, self.steps, self.progress = (
             num_per_prompt, seed, batch_size, steps, progress)
         cfg = decoder.config
         self.kind = ev_lib.kind_of(cfg.data)
-        self.scorer = rep.Scorer(cfg, rep.evaluator_cache(decoder.workdir, out, cfg.data))
-        self.prompts = rep.default_prompts(cfg)
+        self.scorer = Scorer(cfg, evaluator_cache(decoder.workdir, out, cfg.data))
+        self.prompts = common.default_prompts(cfg)
         split = data_lib.get_spec(cfg.data.name).splits[1]
         self.test = data_lib.load_split(cfg.data, split)
         self.test_z = decoder.family.embed_images(self.test["image"])            # [N, E]
@@ -71,9 +92,12 @@ class Context:
 
     def job(self, tag, *, k=None, w_prior=None, w_dec=None, source="prior"):
         """(uint8 images, records, the prior's embeddings or None) of one job over the prompts."""
-        from t2i_jax.sampling import job as job_lib
+        from t2i_jax.sampling import outdir as out_lib
         from t2i_jax.sampling import stages as stages_lib
+        from t2i_jax.sampling.plan import Given
         dec, prior = self.decoder, self.prior
+        job = dict(num_per_prompt=self.n, seed=self.seed, batch_size=self.batch,
+                   progress=self.progress)
         d_opts = stages_lib.stage_options(dec, steps=self.steps)
         w_dec = float(dec.config.sample.guidance_weight) if w_dec is None else w_dec
         outdir = os.path.join(self.out, "samples", tag)
@@ -82,31 +106,22 @@ class Context:
             w_prior = float(prior.config.sample.guidance_weight) if w_prior is None else w_prior
             k = prior.family.default_candidates() if k is None else k
             st = stages_lib.Stage(dec, d_opts, w_dec, None)
-            spec = job_lib.JobSpec.create(prior, self.prompts, num_per_prompt=self.n,
-                                          guidance=(w_prior,), seed=self.seed, options=p_opts,
-                                          stages=[st], embedding={"source": "prior"},
-                                          candidates=k)
-            job_lib.run_job(prior, spec, outdir, batch_size=self.batch, progress=self.progress,
-                            stages=[st])
-            x, rows = job_lib.load_images(outdir)
-            z = job_lib._read_embeddings(os.path.join(outdir, "stages", "0"),
-                                         np.arange(spec.num_images))
+            x, rows, _ = common.sample_job(prior, outdir, self.prompts, guidance=(w_prior,),
+                                           options=p_opts, stages=(st,), candidates=k, **job)
+            z = out_lib.read_outputs(os.path.join(outdir, "stages", "0"), "embedding",
+                                     np.arange(len(rows)))
             return x, rows, z
         e = dec.family.embed_dim
         z = (self.text_z if source == "text_embedding" else
              np.zeros((len(self.prompts), e), np.float32))
-        spec = job_lib.JobSpec.create(dec, self.prompts, num_per_prompt=self.n, guidance=(w_dec,),
-                                      seed=self.seed, options=d_opts, embedding={"source": source})
-        job_lib.run_job(dec, spec, outdir, batch_size=self.batch, progress=self.progress,
-                        embeddings=z)
-        x, rows = job_lib.load_images(outdir)
+        x, rows, _ = common.sample_job(dec, outdir, self.prompts, guidance=(w_dec,),
+                                       options=d_opts, given=Given(z, {"source": source}), **job)
         return x, rows, None
 
     def score(self, x, prompts) -> dict:
         """The scorer's FD and alignment of images x with their prompts (shapes: colour and
         shape rates too, seen and held-out pairs apart)."""
         from t2i_jax.evaluation import evaluator as ev_lib
-        from t2i_jax.evaluation.reproduce_latent import attribute_rates
         out = self.scorer.score(x, prompts)
         if self.kind == "shapes":
             held = np.array([ev_lib.is_held_out_prompt(p) for p in prompts])
@@ -135,8 +150,7 @@ def _prompts(rows) -> list:
 
 
 def _text_embeddings(prior, prompts):
-    from t2i_jax.sampling import job as job_lib
-    return job_lib.text_embedding_fn(prior.family)(prior.family.conditioning.of_prompts(prompts))
+    return prior.family.caption_embedding(prior.family.conditioning.of_prompts(prompts))
 
 
 def prior_section(ctx: Context, z) -> list:
@@ -167,29 +181,26 @@ def variations_section(ctx: Context, num_images: int, per_image: int) -> dict:
     distances (RMS in [0, 1] units) to the original, between variations, and the original's
     nearest training image (the data set's nearest-neighbour distance)."""
     from t2i_jax import data as data_lib
-    from t2i_jax.images import to_uint8
-    from t2i_jax.sampling import job as job_lib
     from t2i_jax.sampling import stages as stages_lib
+    from t2i_jax.sampling.plan import Given
     dec = ctx.decoder
-    x0 = to_uint8(ctx.test["image"][:num_images])
+    x0 = images.to_uint8(ctx.test["image"][:num_images])
     captions = list(ctx.test["caption"][:num_images])
-    z = dec.family.embed_images(stages_lib.to_float(x0))
+    z = dec.family.embed_images(images.to_float(x0))
     opts = stages_lib.stage_options(dec, steps=ctx.steps, eta=1.0)
-    spec = job_lib.JobSpec.create(dec, [""] * num_images, num_per_prompt=per_image,
-                                  guidance=(float(dec.config.sample.guidance_weight),),
-                                  seed=ctx.seed, options=opts,
-                                  embedding={"source": "image", "rows": [
-                                      {"test_index": i} for i in range(num_images)]})
     outdir = os.path.join(ctx.out, "samples", "variations")
-    job_lib.run_job(dec, spec, outdir, batch_size=ctx.batch, progress=ctx.progress, embeddings=z)
-    x, _ = job_lib.load_images(outdir)
+    x, _, _ = common.sample_job(
+        dec, outdir, [""] * num_images, num_per_prompt=per_image,
+        guidance=(float(dec.config.sample.guidance_weight),), seed=ctx.seed, options=opts,
+        batch_size=ctx.batch, progress=ctx.progress,
+        given=Given(z, {"source": "image", "rows": [{"test_index": i} for i in range(num_images)]}))
     x = x.reshape((num_images, per_image) + x.shape[1:])
     read = ctx.scorer.ev.aligned(x.reshape((-1,) + x.shape[2:]),
                                  [c for c in captions for _ in range(per_image)])
     f = lambda a: a.astype(np.float64).reshape(a.shape[0], -1) / 255.0  # noqa: E731
     rms = lambda a, b: np.sqrt(np.mean((a - b) ** 2, axis=-1))  # noqa: E731
     split = data_lib.get_spec(dec.config.data.name).splits[0]
-    train = f(to_uint8(data_lib.load_split(dec.config.data, split)["image"]))
+    train = f(images.to_uint8(data_lib.load_split(dec.config.data, split)["image"]))
     to_orig, between, nn = [], [], []
     for i in range(num_images):
         o, v = f(x0[i:i + 1]), f(x[i])
@@ -197,7 +208,6 @@ def variations_section(ctx: Context, num_images: int, per_image: int) -> dict:
         between.extend(rms(v[a:a + 1], v[b:b + 1])[0] for a in range(per_image)
                        for b in range(a + 1, per_image))
         nn.append(float(np.min(rms(train, o))))
-    from t2i_jax import images
     grid_rows = []
     for i in range(min(8, num_images)):  # the original, then its variations
         grid_rows.extend([x0[i]] + list(x[i]))
@@ -212,12 +222,10 @@ def variations_section(ctx: Context, num_images: int, per_image: int) -> dict:
 def interpolations_section(ctx: Context, num_pairs: int, frames: int) -> dict:
     """Slerps between pairs of test images with different captions, DDIM eta = 0, one noise a
     row: how often the evaluator's reading changes exactly once along the row."""
-    from t2i_jax import images
     from t2i_jax.evaluation import evaluator as ev_lib
-    from t2i_jax.images import to_uint8
-    from t2i_jax.sampling import job as job_lib
     from t2i_jax.sampling import stages as stages_lib
     from t2i_jax.sampling import unclip
+    from t2i_jax.sampling.plan import Given
     dec = ctx.decoder
     labels = np.asarray(ctx.test["label"])
     key = (labels if ctx.kind == "digits" else
@@ -230,19 +238,18 @@ def interpolations_section(ctx: Context, num_pairs: int, frames: int) -> dict:
         if j < len(labels):
             pairs.append((i, j))
         i = j + 1
-    x_ends = to_uint8(ctx.test["image"][np.asarray(pairs).reshape(-1)])
-    z = dec.family.embed_images(stages_lib.to_float(x_ends)).reshape(len(pairs), 2, -1)
+    x_ends = images.to_uint8(ctx.test["image"][np.asarray(pairs).reshape(-1)])
+    z = dec.family.embed_images(images.to_float(x_ends)).reshape(len(pairs), 2, -1)
     t = np.linspace(0.0, 1.0, frames)
     zs = np.stack([unclip.slerp(a, b, t) for a, b in z])
     opts = stages_lib.stage_options(dec, sampler="ddim", steps=ctx.steps, eta=0.0)
-    spec = job_lib.JobSpec.create(dec, [""] * len(pairs), num_per_prompt=frames,
-                                  guidance=(float(dec.config.sample.guidance_weight),),
-                                  seed=ctx.seed, options=opts, shared_noise=True,
-                                  embedding={"source": "slerp", "rows": [
-                                      {"a_test_index": a, "b_test_index": b} for a, b in pairs]})
     outdir = os.path.join(ctx.out, "samples", "interpolations")
-    job_lib.run_job(dec, spec, outdir, batch_size=ctx.batch, progress=ctx.progress, embeddings=zs)
-    x, _ = job_lib.load_images(outdir)
+    rows = [{"a_test_index": a, "b_test_index": b} for a, b in pairs]
+    x, _, _ = common.sample_job(
+        dec, outdir, [""] * len(pairs), num_per_prompt=frames,
+        guidance=(float(dec.config.sample.guidance_weight),), seed=ctx.seed, options=opts,
+        batch_size=ctx.batch, progress=ctx.progress, shared_noise=True,
+        given=Given(zs, {"source": "slerp", "rows": rows}, per_image=True))
     pred = ctx.scorer.ev.predict(x)
     if ctx.kind == "shapes":
         pred = [frozenset((int(j) // 6, int(j) // 2 % 3) for j in np.flatnonzero(r)) for r in pred]
@@ -308,9 +315,8 @@ def reproduce_unclip(prior, decoder, out, *, num_per_prompt, seed, batch_size, s
         xw, rw, zw = prior_job(w_dec=w)
         guide_rows.append(dict(prior_guidance=w_p0, decoder_guidance=w,
                                **ctx.score(xw, _prompts(rw)), **ctx.cosines(zw)))
-    from t2i_jax.images import to_uint8
     real = dict(condition="real test images", **ctx.score(
-        to_uint8(ctx.test["image"][:len(x)]), list(ctx.test["caption"][:len(x)])))
+        images.to_uint8(ctx.test["image"][:len(x)]), list(ctx.test["caption"][:len(x)])))
     return dict(experiment="unclip", prior=prior.workdir, prior_step=prior.step,
                 decoder=decoder.workdir, decoder_step=decoder.step,
                 clip=decoder.family.clip.workdir, prompts=ctx.prompts,
@@ -325,7 +331,6 @@ def reproduce_unclip(prior, decoder, out, *, num_per_prompt, seed, batch_size, s
 
 
 def markdown(res: dict) -> str:
-    from t2i_jax.evaluation.reproduce import _fmt, markdown_table
     shapes = res["kind"] == "shapes"
     md = [f"Prior {res['prior']} (step {res['prior_step']}), decoder {res['decoder']} (step "
           f"{res['decoder_step']}), CLIP {res['clip']}; {len(res['prompts'])} prompts x "
@@ -335,49 +340,48 @@ def markdown(res: dict) -> str:
           "**The prior**: mean cosine to the true CLIP image embeddings of the test images with "
           "that caption.\n",
           markdown_table(["embedding", "cosine", "prompts"],
-                         [[r["embedding"], _fmt(r["cosine"]), str(r["prompts"])]
+                         [[r["embedding"], fmt(r["cosine"]), str(r["prompts"])]
                           for r in res["prior_cosines"]])]
 
     def quality(r):
-        cells = [_fmt(r.get("alignment")), _fmt(r.get("fd"), 1)]
+        cells = [fmt(r.get("alignment")), fmt(r.get("fd"), 1)]
         if shapes:
-            cells += [f"{_fmt(r.get('alignment_seen'))} / {_fmt(r.get('alignment_heldout'))}",
-                      f"{_fmt(r.get('colour_rate_seen'))} / {_fmt(r.get('colour_rate_heldout'))}",
-                      f"{_fmt(r.get('shape_rate_seen'))} / {_fmt(r.get('shape_rate_heldout'))}"]
+            cells += [f"{fmt(r.get('alignment_seen'))} / {fmt(r.get('alignment_heldout'))}",
+                      f"{fmt(r.get('colour_rate_seen'))} / {fmt(r.get('colour_rate_heldout'))}",
+                      f"{fmt(r.get('shape_rate_seen'))} / {fmt(r.get('shape_rate_heldout'))}"]
         return cells
     qhead = ["alignment", "FD"] + (["align (seen / held-out)", "colour (seen / held-out)",
                                     "shape (seen / held-out)"] if shapes else [])
     md.append("\n**What the decoder is conditioned on** (the paper's comparison):\n")
     md.append(markdown_table(["condition"] + qhead + ["cos z_i to true", "cos z_i to z_t"],
-                             [[r["condition"]] + quality(r) + [_fmt(r.get("cos_true")),
-                                                               _fmt(r.get("cos_text"))]
+                             [[r["condition"]] + quality(r) + [fmt(r.get("cos_true")),
+                                                               fmt(r.get("cos_text"))]
                               for r in res["conditioning"] + [res["real"]]]))
     md.append("\n**The prior's candidates** (keep the one with the largest z_i . z_t):\n")
     md.append(markdown_table(["K"] + qhead + ["cos z_i to true", "cos z_i to z_t"],
-                             [[str(r["candidates"])] + quality(r) + [_fmt(r["cos_true"]),
-                                                                     _fmt(r["cos_text"])]
+                             [[str(r["candidates"])] + quality(r) + [fmt(r["cos_true"]),
+                                                                     fmt(r["cos_text"])]
                               for r in res["candidates"]]))
     md.append("\n**Guidance weights** (one swept at a time):\n")
     md.append(markdown_table(["prior w", "decoder w"] + qhead + ["cos z_i to true"],
                              [[f"{r['prior_guidance']:g}", f"{r['decoder_guidance']:g}"]
-                              + quality(r) + [_fmt(r["cos_true"])] for r in res["guidance"]]))
+                              + quality(r) + [fmt(r["cos_true"])] for r in res["guidance"]]))
     v = res["variations"]
     md.append(f"\n**Variations** of {v['num_images']} test images, {v['per_image']} each (DDIM "
-              f"eta = 1): read as the original {_fmt(v['read_as_original'])}; RMS pixel distance "
-              f"(in [0, 1]) to the original {_fmt(v['rms_to_original'])}, between variations "
-              f"{_fmt(v['rms_between'])}, the original's nearest training image "
-              f"{_fmt(v['rms_nearest_training_image'])}.\n")
+              f"eta = 1): read as the original {fmt(v['read_as_original'])}; RMS pixel distance "
+              f"(in [0, 1]) to the original {fmt(v['rms_to_original'])}, between variations "
+              f"{fmt(v['rms_between'])}, the original's nearest training image "
+              f"{fmt(v['rms_nearest_training_image'])}.\n")
     it = res["interpolations"]
     md.append(f"**Interpolations**: {it['pairs']} pairs of test images with different captions, "
               f"{it['frames']} frames (slerp, DDIM eta = 0, one noise a row): the reading changes "
-              f"exactly once in {_fmt(it['changes_once'])} of the rows (mean changes "
-              f"{_fmt(it['mean_changes'], 2)}; the ends read differently in "
-              f"{_fmt(it['ends_differ'])}).\n")
+              f"exactly once in {fmt(it['changes_once'])} of the rows (mean changes "
+              f"{fmt(it['mean_changes'], 2)}; the ends read differently in "
+              f"{fmt(it['ends_differ'])}).\n")
     return "\n".join(md)
 
 
 def run(a) -> int:
-    from t2i_jax.evaluation import reproduce as rep
-    return rep.run_reproduction(a, load_models, lambda models, a: reproduce_unclip(
+    return common.run_reproduction(a, load_models, lambda models, a: reproduce_unclip(
         *models, a.out, num_per_prompt=a.num_per_prompt, seed=a.seed, batch_size=a.batch_size,
         steps=a.steps, progress=not a.no_progress), markdown)

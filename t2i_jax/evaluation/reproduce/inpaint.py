@@ -28,7 +28,35 @@ import os
 
 import numpy as np
 
+from t2i_jax import files, images
+from t2i_jax.evaluation.reproduce import common
+from t2i_jax.evaluation.reproduce.common import fmt, markdown_table
+from t2i_jax.evaluation.scorer import Scorer, attribute_rates, evaluator_cache
+
 JUMPS, JUMP_LENGTH = 4, 5
+
+# its line in reproduce --help
+SUMMARY = "GLIDE / RePaint: the right half of shapes images regenerated, against a baseline"
+
+
+def add_arguments(p) -> None:
+    common.add_arguments(p, workdir_help="a pixel text-to-image model without model.inpaint "
+                                         "(RePaint's)",
+                         num_per_prompt=False, steps="sampling steps (config's sampler)")
+    p.add_argument("--glide", help="GLIDE's mask-conditioned model (model.inpaint)")
+    p.add_argument("--limit", type=int, default=100,
+                   help="images of the test and of the heldout split each (default 100)")
+    p.add_argument("--repaint_jumps", type=int, default=JUMPS,
+                   help="RePaint's jumps of the second RePaint row (default 4)")
+    p.add_argument("--repaint_jump_length", type=int, default=JUMP_LENGTH, help="(default 5)")
+
+
+def check_arguments(p, a) -> None:
+    common.check_arguments(p, a)
+    if a.repaint_jumps < 1 or a.repaint_jump_length < 1:
+        p.error("--repaint_jumps and --repaint_jump_length must be >= 1 (the row without "
+                "jumps is always there).")
+    common.check_limit(p, a)
 
 
 def load_models(a):
@@ -91,7 +119,6 @@ def known_psnr(x: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> dict:
 
 
 def score(scorer, x, captions, held) -> dict:
-    from t2i_jax.evaluation.reproduce_latent import attribute_rates
     out = scorer.score(x, captions)
     aligned = scorer.ev.aligned(x, captions)
     for tag, sel in (("seen", ~held), ("heldout", held)):
@@ -105,21 +132,16 @@ def score(scorer, x, captions, held) -> dict:
 
 def _job(trained, out, tag, captions, known, mask, record, *, seed, batch_size, steps, options,
          progress):
-    from t2i_jax.sampling import job as job_lib
     from t2i_jax.sampling import stages as stages_lib
+    from t2i_jax.sampling.plan import Inpaint
     opts = stages_lib.stage_options(trained, steps=steps, **options)
-    spec = job_lib.JobSpec.create(trained, captions, num_per_prompt=1,
-                                  guidance=(float(trained.config.sample.guidance_weight),),
-                                  seed=seed, options=opts, inpaint=record)
-    outdir = os.path.join(out, "samples", tag)
-    result = job_lib.run_job(trained, spec, outdir, batch_size=batch_size, progress=progress,
-                             known=(known, np.broadcast_to(mask, known.shape[:3] + (1,))))
-    job_lib.print_summary(result)
-    x, rows = job_lib.load_images(outdir)
+    paint = Inpaint.create(known, np.broadcast_to(mask, known.shape[:3] + (1,)), record,
+                           trained.family.image_shape, len(captions))
+    x, rows, stats = common.sample_job(  # stats: the generating run's speed
+        trained, os.path.join(out, "samples", tag), captions, num_per_prompt=1,
+        guidance=(float(trained.config.sample.guidance_weight),), seed=seed, options=opts,
+        batch_size=batch_size, progress=progress, inpaint=paint)
     assert [r["prompt"] for r in rows] == list(captions)
-    from t2i_jax import files
-    stats_path = os.path.join(outdir, job_lib.STATS_FILE)  # the generating run's speed
-    stats = files.read_json(stats_path) if os.path.exists(stats_path) else {}
     return x, dict(sampler=opts.sampler, steps=opts.num_steps, ddpm_variance=opts.ddpm_variance,
                    guidance=float(trained.config.sample.guidance_weight),
                    images_per_s=(stats or {}).get("images_per_s"))
@@ -128,10 +150,8 @@ def _job(trained, out, tag, captions, known, mask, record, *, seed, batch_size, 
 def reproduce_inpaint(base, glide, out, *, limit, seed, batch_size, steps, jumps=JUMPS,
                       jump_length=JUMP_LENGTH, progress=True) -> dict:
     from t2i_jax import data as data_lib
-    from t2i_jax import images
-    from t2i_jax.evaluation import reproduce as rep
     cfg = base.config
-    scorer = rep.Scorer(cfg, rep.evaluator_cache(base.workdir, out, cfg.data))
+    scorer = Scorer(cfg, evaluator_cache(base.workdir, out, cfg.data))
     data = test_images(cfg.data, limit)
     x_real, captions, held = data["image"], data["caption"], data["held"]
     h, w = x_real.shape[1:3]
@@ -182,7 +202,6 @@ def reproduce_inpaint(base, glide, out, *, limit, seed, batch_size, steps, jumps
 def _grid(ref, mask, finals, held, n=8):
     """Rows: n images (half seen, half held-out pairs); columns: the input, the input with the
     regenerated region greyed out, then each method's completion."""
-    from t2i_jax import images
     seen_idx, held_idx = np.flatnonzero(~held)[:n // 2], np.flatnonzero(held)[:n - n // 2]
     idx = np.concatenate([seen_idx, held_idx])
     shown = np.where(mask[None] > 0.5, ref[idx], 128).astype(np.uint8)
@@ -192,7 +211,6 @@ def _grid(ref, mask, finals, held, n=8):
 
 
 def markdown(res: dict) -> str:
-    from t2i_jax.evaluation.reproduce import _fmt, markdown_table
 
     def psnr(r):
         if r["known_max_error"] == 0:
@@ -200,7 +218,7 @@ def markdown(res: dict) -> str:
         return f"{r['known_psnr']:.1f} dB (max err {r['known_max_error']})"
 
     def pair(r, k):
-        return f"{_fmt(r.get(k + '_seen'))} / {_fmt(r.get(k + '_heldout'))}"
+        return f"{fmt(r.get(k + '_seen'))} / {fmt(r.get(k + '_heldout'))}"
 
     md = [f"{res['limit']} test images (seen pairs) and {res['limit']} heldout images (a pair no "
           f"training image has), right half regenerated (mask box {res['mask_box']}), each with "
@@ -209,7 +227,7 @@ def markdown(res: dict) -> str:
         ["method", "known region PSNR", "FD", "alignment (seen / held-out)",
          "colour (seen / held-out)", "shape (seen / held-out)", "colour+shape (seen / held-out)",
          "sampler"],
-        [[r["method"], psnr(r), _fmt(r["fd"], 1), pair(r, "alignment"), pair(r, "colour_rate"),
+        [[r["method"], psnr(r), fmt(r["fd"], 1), pair(r, "alignment"), pair(r, "colour_rate"),
           pair(r, "shape_rate"), pair(r, "pair_rate"),
           (f"{r['sampler']} {r['steps']} ({r['ddpm_variance']}), w = {r['guidance']:g}"
            if "sampler" in r else "-")] for r in res["rows"]]))
@@ -223,8 +241,7 @@ def markdown(res: dict) -> str:
 
 
 def run(a) -> int:
-    from t2i_jax.evaluation import reproduce as rep
-    return rep.run_reproduction(a, load_models, lambda models, a: reproduce_inpaint(
+    return common.run_reproduction(a, load_models, lambda models, a: reproduce_inpaint(
         *models, a.out, limit=a.limit, seed=a.seed, batch_size=a.batch_size, steps=a.steps,
         jumps=a.repaint_jumps, jump_length=a.repaint_jump_length,
         progress=not a.no_progress), markdown)

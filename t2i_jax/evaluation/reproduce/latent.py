@@ -31,7 +31,29 @@ from typing import Optional
 
 import numpy as np
 
-from t2i_jax import files
+from t2i_jax import files, images
+from t2i_jax.evaluation import reconstruct
+from t2i_jax.evaluation.reproduce import common
+from t2i_jax.evaluation.reproduce.common import fmt, markdown_table
+from t2i_jax.evaluation.scorer import Scorer, attribute_rates, evaluator_cache
+
+# its line in reproduce --help
+SUMMARY = "Rombach et al. (2022): a latent model at 64x64 vs the cascade, f = 2 vs 4, scaling"
+
+
+def add_arguments(p) -> None:
+    common.add_arguments(p, steps="sampling steps of the latent models and the cascade's base "
+                                  "(config's sampler)")
+    p.add_argument("--f4_short", help="a latent model trained as --f2 and --noscale are (the "
+                                      "f = 4 reference of equal training)")
+    p.add_argument("--f2", help="the latent model on an f = 2 autoencoder")
+    p.add_argument("--noscale", help="the latent model trained with latent.scale_by_std=False")
+    p.add_argument("--base", help="the cascade's 16x16 base workdir")
+    p.add_argument("--sr", help="the cascade's SR stage, after --base")
+
+
+def check_arguments(p, a) -> None:
+    common.check_arguments(p, a)
 
 
 @dataclasses.dataclass
@@ -83,42 +105,20 @@ def train_rate(workdir: str) -> Optional[float]:
     return float(statistics.median(rows)) if rows else None
 
 
-def attribute_rates(ev, images, prompts) -> dict:
-    """Of the objects the prompts name: the fraction whose colour (shape) the evaluator finds on
-    an object of the image, and whose colour-shape pair it finds."""
-    from t2i_jax.evaluation import evaluator as ev_lib
-    pred = ev.predict(images)
-    colour = shape = pair = total = 0
-    for i, p in enumerate(prompts):
-        target = ev_lib.shape_objects(p)
-        if not target:
-            continue
-        got = {(int(j) // 6, int(j) // 2 % 3) for j in np.flatnonzero(pred[i])}
-        for c, s, _ in target:
-            total += 1
-            colour += any(g[0] == c for g in got)
-            shape += any(g[1] == s for g in got)
-            pair += (c, s) in got
-    return dict(colour_rate=colour / total, shape_rate=shape / total,
-                pair_rate=pair / total) if total else {}
-
-
 class Reader:
     """Scores at 64x64 and (box-downsampled) at 16x16, with attribute rates split by held-out."""
 
     def __init__(self, config, cache_dir: str):
         import copy
-        from t2i_jax.evaluation import reproduce as rep
-        self.s64 = rep.Scorer(config, cache_dir)
+        self.s64 = Scorer(config, cache_dir)
         c16 = copy.deepcopy(config)
         c16.data.image_size = 16
-        self.s16 = rep.Scorer(c16, cache_dir)
+        self.s16 = Scorer(c16, cache_dir)
 
     def score(self, x_uint8, prompts) -> dict:
         from t2i_jax.diffusion import augmentation
         from t2i_jax.evaluation import evaluator as ev_lib
-        from t2i_jax.images import to_uint8
-        low = to_uint8(np.asarray(augmentation.downsample(
+        low = images.to_uint8(np.asarray(augmentation.downsample(
             x_uint8.astype(np.float32) / 127.5 - 1.0, 16)))
         out = self.s64.score(x_uint8, prompts)
         r16 = self.s16.score(low, prompts)
@@ -136,26 +136,22 @@ def _real_rows(reader, config, n: int, index: int = 1) -> dict:
     """Real images of split `index` (1: test; 2: shapes' held-out pairs) with their captions:
     what each reading scores for real data."""
     from t2i_jax import data as data_lib
-    from t2i_jax.images import to_uint8
     split = data_lib.get_spec(config.data.name).splits[index]
     d = data_lib.load_split(config.data, split, limit=n)
-    return reader.score(to_uint8(d["image"]), list(d["caption"]))
+    return reader.score(images.to_uint8(d["image"]), list(d["caption"]))
 
 
 def reproduce_latent(models: Models, out: str, *, num_per_prompt: int, seed: int,
                      batch_size: int, steps: int, progress: bool = True) -> dict:
     from t2i_jax import data as data_lib
-    from t2i_jax.evaluation import reconstruct
-    from t2i_jax.evaluation import reproduce as rep
-    from t2i_jax.sampling import job as job_lib
     from t2i_jax.sampling import stages as stages_lib
     main = models.latent
     cfg = main.config
-    cache = rep.evaluator_cache(main.workdir, out, cfg.data)
+    cache = evaluator_cache(main.workdir, out, cfg.data)
     reader = Reader(cfg, cache)
-    prompts = rep.default_prompts(cfg)
+    prompts = common.default_prompts(cfg)
     samples = os.path.join(out, "samples")
-    common = dict(seed=seed, batch_size=batch_size, progress=progress)
+    job_kw = dict(seed=seed, batch_size=batch_size, progress=progress)
     w = float(cfg.sample.guidance_weight)
     rows = []
     entries = [(f"LDM f=4, {main.step} steps", "f4", main)]
@@ -167,9 +163,9 @@ def reproduce_latent(models: Models, out: str, *, num_per_prompt: int, seed: int
     for label, tag, trained in entries:
         fam = trained.family
         options = stages_lib.stage_options(trained, steps=steps)
-        x, rws, stats = rep._run(trained, os.path.join(samples, tag), prompts,
-                                 num_per_prompt=num_per_prompt, guidance=(w,), options=options,
-                                 **common)
+        x, rws, stats = common.sample_job(trained, os.path.join(samples, tag), prompts,
+                                          num_per_prompt=num_per_prompt, guidance=(w,),
+                                          options=options, **job_kw)
         ae = fam.autoencoder
         if ae.workdir not in recon:
             # with the reader's evaluator, so every autoencoder's rFD is in the same features
@@ -186,14 +182,11 @@ def reproduce_latent(models: Models, out: str, *, num_per_prompt: int, seed: int
                               float(models.sr.config.sample.guidance_weight),
                               float(models.sr.family.default_aug_level()))
         base_opts = stages_lib.stage_options(models.base, steps=steps)
-        spec = job_lib.JobSpec.create(models.base, prompts, num_per_prompt=num_per_prompt,
-                                      guidance=(float(models.base.config.sample.guidance_weight),),
-                                      seed=seed, options=base_opts, stages=[st])
         cdir = os.path.join(samples, "cascade")
-        job_lib.run_job(models.base, spec, cdir, batch_size=batch_size, progress=progress,
-                        stages=[st])
-        x, rws = job_lib.load_images(cdir)
-        stats = files.read_json(os.path.join(cdir, job_lib.STATS_FILE))
+        x, rws, stats = common.sample_job(
+            models.base, cdir, prompts, num_per_prompt=num_per_prompt,
+            guidance=(float(models.base.config.sample.guidance_weight),), options=base_opts,
+            stages=(st,), **job_kw)
         rates = [train_rate(models.base.workdir), train_rate(models.sr.workdir)]
         rows.append(dict(model="cascade 16 -> 64 (base + SR)", workdir=cdir,
                          checkpoint_step=[models.base.step, models.sr.step],
@@ -237,7 +230,6 @@ def _scale_section(main, noscale) -> dict:
 
 
 def markdown(res: dict) -> str:
-    from t2i_jax.evaluation.reproduce import _fmt, markdown_table
     head = ["model", "x_t", "train img/s", "sample img/s", "FD", "align 64 (seen / held-out)",
             "align 16 (seen / held-out)", "colour 16 (seen / held-out)",
             "shape 16 (seen / held-out)"]
@@ -246,12 +238,12 @@ def markdown(res: dict) -> str:
         xt = r.get("x_t")
         xt = " + ".join("x".join(map(str, v)) for v in xt) if xt and isinstance(xt[0], list) \
             else ("x".join(map(str, xt)) if xt else "")
-        return [r["model"], xt, _fmt(r.get("train_images_per_s"), 1), _fmt(r.get("images_per_s"), 2),
-                _fmt(r.get("fd"), 0),
-                f"{_fmt(r.get('alignment_seen'))} / {_fmt(r.get('alignment_heldout'))}",
-                f"{_fmt(r.get('alignment_seen_16'))} / {_fmt(r.get('alignment_heldout_16'))}",
-                f"{_fmt(r.get('colour_rate_16_seen'))} / {_fmt(r.get('colour_rate_16_heldout'))}",
-                f"{_fmt(r.get('shape_rate_16_seen'))} / {_fmt(r.get('shape_rate_16_heldout'))}"]
+        return [r["model"], xt, fmt(r.get("train_images_per_s"), 1), fmt(r.get("images_per_s"), 2),
+                fmt(r.get("fd"), 0),
+                f"{fmt(r.get('alignment_seen'))} / {fmt(r.get('alignment_heldout'))}",
+                f"{fmt(r.get('alignment_seen_16'))} / {fmt(r.get('alignment_heldout_16'))}",
+                f"{fmt(r.get('colour_rate_16_seen'))} / {fmt(r.get('colour_rate_16_heldout'))}",
+                f"{fmt(r.get('shape_rate_16_seen'))} / {fmt(r.get('shape_rate_16_heldout'))}"]
     reals = [line(res["real"])] + ([line(res["real_heldout"])] if res.get("real_heldout") else [])
     md = [markdown_table(head, [line(r) for r in res["rows"]] + reals)]
     md.append(f"\n{len(res['prompts'])} prompts x {res['num_per_prompt']} images, w = "
@@ -261,10 +253,10 @@ def markdown(res: dict) -> str:
     rhead = ["autoencoder", "f", "latent", "PSNR dB", "SSIM", "rFD", "scale factor",
              "test latents std (scaled)"]
     md.append(markdown_table(rhead, [[
-        r["workdir"], str(r["factor"]), "x".join(map(str, r["latent_shape"])), _fmt(r["psnr"], 2),
-        _fmt(r["ssim"], 4), _fmt(r["rfd"], 1),
-        _fmt(r["latents"]["stored"].get("scale_factor"), 4),
-        f"{_fmt(r['latents']['test_std'], 3)} ({_fmt(r['latents']['test_scaled_std'], 3)})"]
+        r["workdir"], str(r["factor"]), "x".join(map(str, r["latent_shape"])), fmt(r["psnr"], 2),
+        fmt(r["ssim"], 4), fmt(r["rfd"], 1),
+        fmt(r["latents"]["stored"].get("scale_factor"), 4),
+        f"{fmt(r['latents']['test_std'], 3)} ({fmt(r['latents']['test_scaled_std'], 3)})"]
         for r in res["reconstruction"]]))
     s = res["scale"]
     md.append(f"\nScale factor: the f=4 latents have std {s['latent_std']:.3f}, so unscaled the "
@@ -275,7 +267,6 @@ def markdown(res: dict) -> str:
 
 
 def run(a) -> int:
-    from t2i_jax.evaluation import reproduce as rep
-    return rep.run_reproduction(a, load_models, lambda models, a: reproduce_latent(
+    return common.run_reproduction(a, load_models, lambda models, a: reproduce_latent(
         models, a.out, num_per_prompt=a.num_per_prompt, seed=a.seed, batch_size=a.batch_size,
         steps=a.steps, progress=not a.no_progress), markdown)

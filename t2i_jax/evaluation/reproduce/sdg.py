@@ -1,17 +1,11 @@
-"""Reproductions of the guidance papers' sweeps with the guides trained here (reproduce.py runs
-them: `python -m t2i_jax.evaluation.reproduce classifier|sdg ...`).
+"""`reproduce sdg`: Liu et al. (2023), Semantic Diffusion Guidance with the CLIP trained here:
+text guidance over its scale (alignment, FD, precision, recall, CLIP score); image guidance over
+its scale, with an empty prompt, from one real test image of each class (read as the
+reference's class, and the mean pixel distance to the reference against the data's
+nearest-neighbour distance: not copies); text and image together (prompt d, a reference of d);
+and CLIP reranking at w = 0 over the number of candidates N.
 
-  classifier  Dhariwal & Nichol (2021), fig. 4 / table 4: an unconditional model guided by a
-              noisy classifier, eps~ = eps - sqrt(1 - abar_t) s grad log p(y | x_t), over the
-              scale s -> FD, alignment, precision, recall. ADM's trade-off: alignment and
-              precision rise with s, recall (diversity) falls.
-  sdg         Liu et al. (2023), Semantic Diffusion Guidance with the CLIP trained here:
-              text guidance over its scale (alignment, FD, precision, recall, CLIP score); image
-              guidance over its scale, with an empty prompt, from one real test image of each
-              class (read as the reference's class, and the mean pixel distance to the
-              reference against the data's nearest-neighbour distance: not copies); text and
-              image together (prompt d, a reference of d); and CLIP reranking at w = 0 over the
-              number of candidates N.
+    python -m t2i_jax.evaluation.reproduce sdg --workdir runs/digits_uncond --clip runs/digits_clip
 
 Each row is its own sampling job under OUT/samples/ (resumable); the jobs of a sweep differ only
 in their scales, which are arguments of the one compiled sampling program (results.json records
@@ -20,75 +14,30 @@ how many programs the sweep compiled: 1 per shape of call).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
 
 from t2i_jax import images
+from t2i_jax.evaluation.reproduce import common
+from t2i_jax.evaluation.scorer import Scorer, evaluator_cache
 
-CLASSIFIER_SCALES = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
 SDG_TEXT_SCALES = (0.0, 10.0, 30.0, 100.0)
 SDG_IMAGE_SCALES = (0.0, 30.0, 100.0, 300.0)
 RERANK_N = (1, 2, 4)
 
-
-def _options(cfg, steps: int):
-    from t2i_jax.sampling.generate import SampleOptions
-    return dataclasses.replace(SampleOptions.from_config(cfg.sample), num_steps=steps)
+# its line in reproduce --help
+SUMMARY = "Liu et al. (2023): SDG text, image and text + image guidance; CLIP reranking over N"
 
 
-def _job(trained, out, name, prompts, **kw):
-    """reproduce._run of one w = 0 job under OUT/samples/NAME: (uint8 images, records, the
-    sampling programs the run that generated them compiled)."""
-    from t2i_jax.evaluation.reproduce import _run
-    x, rows, stats = _run(trained, os.path.join(out, "samples", name), prompts, guidance=(0.0,),
-                          **kw)
-    return x, rows, int(stats.get("compilations") or 0)
+def add_arguments(p) -> None:
+    common.add_arguments(p, steps="sampling steps (config's sampler)")
+    p.add_argument("--clip", help="the contrastive (CLIP) workdir that guides")
 
 
-def reproduce_classifier(trained, classifier_dir: str, out: str, *, num_per_prompt: int,
-                         seed: int, batch_size: int, steps: int, scales=CLASSIFIER_SCALES,
-                         progress=True, scorer=None, cache_dir=None) -> dict:
-    from t2i_jax.evaluation import reproduce as rep
-    from t2i_jax.sampling import guides as guides_lib
-    cfg = trained.config
-    classifier = guides_lib.load_guide_model(classifier_dir, "--classifier", trained)
-    prompts = list(classifier.family.conditioning.class_names)
-    options = _options(cfg, steps)
-    scorer = scorer or rep.Scorer(cfg, cache_dir or rep.evaluator_cache(trained.workdir, out,
-                                                                          cfg.data))
-    table, programs = [], 0
-    for s in scales:
-        guides = [guides_lib.Guide("classifier", classifier, float(s))]
-        x, rows, compiled = _job(trained, out, f"scale_{s:g}", prompts,
-                                 num_per_prompt=num_per_prompt, seed=seed, options=options,
-                                 batch_size=batch_size, progress=progress, guides=guides)
-        programs += compiled
-        table.append(dict(scale=float(s), **scorer.score(x, [r["prompt"] for r in rows])))
-    floor = scorer.real_floor(len(prompts) * num_per_prompt)
-    default = guides_lib.default_scale(classifier, "classifier")
-    results = dict(experiment="classifier", checkpoint_step=trained.step,
-                   classifier=dict(workdir=classifier.workdir, step=classifier.step),
-                   default_scale=default, sampler=options.sampler, steps=steps, seed=seed,
-                   prompts=prompts, num_per_prompt=num_per_prompt,
-                   evaluator_accuracy=scorer.ev.accuracy, compilations=programs, rows=table,
-                   real_floor=floor)
-    keys = ["fd", "alignment", "precision", "recall"]
-    md = rep.markdown_table(["classifier scale"] + keys,
-                            [[f"{r['scale']:g}" + (" (default)" if r["scale"] == default else "")]
-                             + [r[k] for k in keys] for r in table]
-                            + [["real (train)"] + [floor.get(k) for k in keys]])
-    md += (f"\nunconditional model {trained.workdir} step {trained.step}, classifier "
-           f"{classifier.workdir} step {classifier.step}; {options.sampler} {steps} steps, "
-           f"{num_per_prompt} images per class; the sweep compiled {programs} sampling program(s) "
-           "(0: every job was already done).\n"
-           f"real (train): {floor['repeats']} random subsets of n = {floor['n']} training images; "
-           f"FD sd {rep._fmt(floor['fd_sd'])}\n")
-    rep._write(out, results, md)
-    rep._plot_tradeoff(table, "scale", "classifier scale s", floor,
-                       "ADM classifier guidance as s grows", os.path.join(out, "plot.png"))
-    return results
+def check_arguments(p, a) -> None:
+    common.check_arguments(p, a)
+    common.require(p, a, "clip", "sdg", "guide")
 
 
 def references(cfg, out: str) -> list:
@@ -137,20 +86,18 @@ def reproduce_sdg(trained, clip_dir: str, out: str, *, num_per_prompt: int, seed
                   batch_size: int, steps: int, text_scales=SDG_TEXT_SCALES,
                   image_scales=SDG_IMAGE_SCALES, rerank_n=RERANK_N, progress=True, scorer=None,
                   cache_dir=None) -> dict:
-    from t2i_jax.evaluation import reproduce as rep
     from t2i_jax.evaluation.guides import clip_scores
     from t2i_jax.sampling import guides as guides_lib
     cfg = trained.config
     clip = guides_lib.load_guide_model(clip_dir, "--clip", trained)
-    prompts = rep.default_prompts(cfg)
-    options = _options(cfg, steps)
-    scorer = scorer or rep.Scorer(cfg, cache_dir or rep.evaluator_cache(trained.workdir, out,
-                                                                          cfg.data))
+    prompts = common.default_prompts(cfg)
+    options = common.config_options(cfg, steps)
+    scorer = scorer or Scorer(cfg, cache_dir or evaluator_cache(trained.workdir, out, cfg.data))
     refs = references(cfg, out)
     nn = mean_nn_distance(cfg)
     text_default = guides_lib.default_scale(clip, "clip_text")
     image_default = guides_lib.default_scale(clip, "clip_image")
-    common = dict(num_per_prompt=num_per_prompt, seed=seed, options=options,
+    job_kw = dict(num_per_prompt=num_per_prompt, seed=seed, options=options,
                   batch_size=batch_size, progress=progress)
 
     def score(x, prompts_of):
@@ -168,24 +115,25 @@ def reproduce_sdg(trained, clip_dir: str, out: str, *, num_per_prompt: int, seed
 
     text_rows, programs = [], dict(text=0, image=0, text_and_image=0, rerank=0)
     for s in text_scales:
-        x, rows, compiled = _job(trained, out, f"text_{s:g}", prompts, guides=guides_of(s),
-                                 **common)
+        x, rows, compiled = common.unguided_job(trained, out, f"text_{s:g}", prompts,
+                                                guides=guides_of(s), **job_kw)
         programs["text"] += compiled
         text_rows.append(dict(scale=float(s), **score(x, [r["prompt"] for r in rows])))
 
     image_rows = []
     for s in image_scales:
         if s == 0:  # unguided, whatever the reference: one job of as many images, all distinct
-            x, _, compiled = _job(
+            x, _, compiled = common.unguided_job(
                 trained, out, "image_0", [""], guides=guides_of(0.0, 0.0, refs[0][1]),
-                **dict(common, num_per_prompt=num_per_prompt * len(refs)))
+                **dict(job_kw, num_per_prompt=num_per_prompt * len(refs)))
             programs["image"] += compiled
             runs = [(name, ref, x) for name, ref in refs]
         else:
             runs = []
             for name, ref in refs:
-                x, _, compiled = _job(trained, out, f"image_{s:g}/ref_{name}", [""],
-                                      guides=guides_of(0.0, s, ref), **common)
+                x, _, compiled = common.unguided_job(
+                    trained, out, f"image_{s:g}/ref_{name}", [""], guides=guides_of(0.0, s, ref),
+                    **job_kw)
                 programs["image"] += compiled
                 runs.append((name, ref, x))
         reads = [float(np.nanmean(scorer.ev.aligned(x, [name] * len(x)))) for name, _, x in runs]
@@ -199,8 +147,9 @@ def reproduce_sdg(trained, clip_dir: str, out: str, *, num_per_prompt: int, seed
     both_rows = []
     xs, names = [], []
     for name, ref in refs:
-        x, _, compiled = _job(trained, out, f"text+image/ref_{name}", [name],
-                              guides=guides_of(text_default, image_default, ref), **common)
+        x, _, compiled = common.unguided_job(
+            trained, out, f"text+image/ref_{name}", [name],
+            guides=guides_of(text_default, image_default, ref), **job_kw)
         programs["text_and_image"] += compiled
         xs.append(x)
         names += [name] * len(x)
@@ -209,8 +158,8 @@ def reproduce_sdg(trained, clip_dir: str, out: str, *, num_per_prompt: int, seed
 
     rerank_rows = []
     for n in rerank_n:
-        x, rows, compiled = _job(trained, out, f"rerank_{n}", prompts, rerank=n,
-                                 reranker=clip if n > 1 else None, **common)
+        x, rows, compiled = common.unguided_job(trained, out, f"rerank_{n}", prompts, rerank=n,
+                                                reranker=clip if n > 1 else None, **job_kw)
         programs["rerank"] += compiled
         rerank_rows.append(dict(candidates=int(n), **score(x, [r["prompt"] for r in rows])))
 
@@ -225,30 +174,30 @@ def reproduce_sdg(trained, clip_dir: str, out: str, *, num_per_prompt: int, seed
                    text_and_image=both_rows, rerank=rerank_rows, real_floor=floor)
     keys = ["alignment", "clip_score", "fd", "precision", "recall"]
     tag = lambda s, d: f"{s:g}" + (" (default)" if s == d else "")  # noqa: E731
-    md = "text guidance, f = cos(E_img(x_t, t), E_text(prompt)):\n\n" + rep.markdown_table(
+    md = "text guidance, f = cos(E_img(x_t, t), E_text(prompt)):\n\n" + common.markdown_table(
         ["text scale"] + keys, [[tag(r["scale"], text_default)] + [r[k] for k in keys]
                                 for r in text_rows]
         + [["real (train)"] + [floor.get(k) for k in keys]])
     md += ("\nimage guidance, f = cos(E_img(x_t, t), E_img(x'_t, t)), empty prompt, one test "
-           "image per class as x':\n\n" + rep.markdown_table(
+           "image per class as x':\n\n" + common.markdown_table(
                ["image scale", "read as the reference's class", "RMS to reference", "fd",
                 "precision", "recall"],
                [[tag(r["scale"], image_default), r["read_as_reference"], r["rms_to_reference"],
                  r["fd"], r["precision"], r["recall"]] for r in image_rows]))
-    md += (f"\ndata mean nearest-neighbour RMS distance (test -> train): {rep._fmt(nn)}: samples "
-           "farther than this from their reference are not copies of it.\n")
-    md += "\ntext + image (prompt d, reference of d), default scales:\n\n" + rep.markdown_table(
+    md += (f"\ndata mean nearest-neighbour RMS distance (test -> train): {common.fmt(nn)}: "
+           "samples farther than this from their reference are not copies of it.\n")
+    md += "\ntext + image (prompt d, reference of d), default scales:\n\n" + common.markdown_table(
         ["text scale", "image scale"] + keys,
         [[f"{r['text_scale']:g}", f"{r['image_scale']:g}"] + [r[k] for k in keys]
          for r in both_rows])
     md += ("\nCLIP reranking at w = 0 (best of N candidates by clean CLIP score):\n\n"
-           + rep.markdown_table(["N"] + keys, [[r["candidates"]] + [r[k] for k in keys]
-                                               for r in rerank_rows]))
+           + common.markdown_table(["N"] + keys, [[r["candidates"]] + [r[k] for k in keys]
+                                                  for r in rerank_rows]))
     md += (f"\nunconditional model {trained.workdir} step {trained.step}, CLIP {clip.workdir} step "
            f"{clip.step}; {options.sampler} {steps} steps, {num_per_prompt} images per prompt or "
            f"reference; sampling programs this invocation compiled, per sweep: {programs} (0: "
            "reused from an earlier sweep, or every job was already done).\n")
-    rep._write(out, results, md)
+    common.write_results(out, results, md)
     _plot_sdg(text_rows, image_rows, rerank_rows, nn, os.path.join(out, "plot.png"))
     return results
 
@@ -257,8 +206,6 @@ def _plot_sdg(text_rows, image_rows, rerank_rows, nn, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from t2i_jax.evaluation.reproduce import _save_fig
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
     sym = lambda v: [max(s, 1.0) for s in v]  # noqa: E731  scale 0 drawn at 1 on the log axis
     a.plot(sym([r["scale"] for r in text_rows]), [r["alignment"] for r in text_rows], "o-",
@@ -290,4 +237,13 @@ def _plot_sdg(text_rows, image_rows, rerank_rows, nn, path):
     c.set_title("CLIP reranking")
     c.legend()
     fig.tight_layout()
-    _save_fig(fig, path)
+    common.save_fig(fig, path)
+
+
+def run(a) -> int:
+    def reproduce(a):
+        from t2i_jax.sampling.load import load_trained, require_generator
+        reproduce_sdg(require_generator(load_trained(a.workdir)), a.clip, a.out,
+                      num_per_prompt=a.num_per_prompt, seed=a.seed, batch_size=a.batch_size,
+                      steps=a.steps, progress=not a.no_progress)
+    return common.run_locked(a, reproduce)

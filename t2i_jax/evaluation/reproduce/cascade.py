@@ -34,10 +34,31 @@ from typing import Optional
 import numpy as np
 
 from t2i_jax import files, images
+from t2i_jax.evaluation.reproduce import common
+from t2i_jax.evaluation.reproduce.common import fmt, markdown_table
+from t2i_jax.evaluation.scorer import Scorer, evaluator_cache, evaluator_dir
 
 AUG_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.5)
 THRESHOLD_WEIGHTS = (1.0, 3.0, 5.0, 8.0)
 THRESHOLDINGS = ("static", "dynamic")
+
+# its line in reproduce --help
+SUMMARY = "Ho et al. (2021) / Imagen: base + SR, augmentation level, thresholding, SR alone"
+
+
+def add_arguments(p) -> None:
+    common.add_arguments(p, workdir_help="the 16x16 base model's training workdir",
+                         steps="the base's sampling steps (config's sampler)")
+    p.add_argument("--sr", help="the super_resolution workdir after the --workdir base")
+    p.add_argument("--sr_noaug", help="the same SR trained with sr.max_train_level=0")
+    p.add_argument("--sr_steps", type=int, help="the SR's sampling steps (default: its config's)")
+
+
+def check_arguments(p, a) -> None:
+    common.check_arguments(p, a)
+    if a.sr_steps is not None and a.sr_steps < 1:
+        p.error(f"--sr_steps must be >= 1, got {a.sr_steps}.")
+    common.require(p, a, "sr", "cascade", "super-resolution model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,17 +115,11 @@ def _run_sr(trained, outdir: str, prompts: list, low_res: np.ndarray, record: di
             level: float, options, seed: int, batch_size: int, progress: bool):
     """One SR job of given inputs (one prompt slot per input image, as sample.py --low_res):
     (uint8 [N, H, W, C], records, stats of the run that generated the images)."""
-    from t2i_jax.sampling import job as job_lib
-    spec = job_lib.JobSpec.create(trained, prompts, num_per_prompt=1,
-                                  guidance=(_sr_guidance(trained),), seed=seed, options=options,
-                                  aug_level=level, low_res=record)
-    result = job_lib.run_job(trained, spec, outdir, batch_size=batch_size, progress=progress,
-                             low_res=low_res)
-    job_lib.print_summary(result)
-    x, rows = job_lib.load_images(outdir)
-    stats_path = os.path.join(outdir, job_lib.STATS_FILE)
-    stats = files.read_json(stats_path) if os.path.exists(stats_path) else {}
-    return x, rows, stats
+    from t2i_jax.sampling.plan import Given
+    return common.sample_job(trained, outdir, prompts, num_per_prompt=1,
+                             guidance=(_sr_guidance(trained),), seed=seed, options=options,
+                             batch_size=batch_size, progress=progress, aug_level=level,
+                             given=Given(low_res, record))
 
 
 def _real_inputs(sr_cfg, split: str, n: int, out: str, low_res_shape: tuple):
@@ -139,7 +154,7 @@ def _resize(x_uint8: np.ndarray, size: int, method: str) -> np.ndarray:
     """uint8 images resized to size x size by jax.image.resize (in [-1, 1], clipped), uint8."""
     import jax
     from t2i_jax.sampling import stages as stages_lib
-    z = stages_lib.to_float(x_uint8)
+    z = images.to_float(x_uint8)
     y = jax.image.resize(z, (len(z), size, size, z.shape[-1]), method=method)
     return images.to_uint8(np.clip(np.asarray(y), -1.0, 1.0))
 
@@ -190,9 +205,8 @@ def reproduce_cascade(models: Models, out: str, *, num_per_prompt: int, seed: in
                       batch_size: int, levels=AUG_LEVELS, weights=THRESHOLD_WEIGHTS,
                       progress=True, cache_dirs: Optional[tuple] = None) -> dict:
     """cache_dirs: (evaluator cache at the base's size, at the SR's size); default
-    reproduce.evaluator_cache of the base's workdir (or of the SR's, where it holds one)."""
+    scorer.evaluator_cache of the base's workdir (or of the SR's, where it holds one)."""
     from t2i_jax.evaluation import evaluator as ev_lib
-    from t2i_jax.evaluation import reproduce as rep
     from t2i_jax.diffusion import augmentation
     from t2i_jax.evaluation.image_metrics import psnr, ssim
     from t2i_jax.sampling import stages as stages_lib
@@ -205,23 +219,24 @@ def reproduce_cascade(models: Models, out: str, *, num_per_prompt: int, seed: in
     for s in levels:
         augmentation.check_level(s, "an augmentation level")
     if cache_dirs is None:
-        sr_shared = rep.evaluator_dir(sr.workdir)
-        cache_dirs = (rep.evaluator_cache(base.workdir, out, bcfg.data),
+        sr_shared = evaluator_dir(sr.workdir)
+        cache_dirs = (evaluator_cache(base.workdir, out, bcfg.data),
                       sr_shared if os.path.exists(ev_lib.cache_path(sr_shared, scfg.data))
-                      else rep.evaluator_cache(base.workdir, out, scfg.data))
+                      else evaluator_cache(base.workdir, out, scfg.data))
     # Both evaluators first: one that cannot be trained or stored fails before any sampling.
-    scorer16 = rep.Scorer(bcfg, cache_dirs[0])
-    scorer64 = rep.Scorer(scfg, cache_dirs[1])
-    prompts = rep.default_prompts(bcfg)
+    scorer16 = Scorer(bcfg, cache_dirs[0])
+    scorer64 = Scorer(scfg, cache_dirs[1])
+    prompts = common.default_prompts(bcfg)
     n = len(prompts) * num_per_prompt
     w_base = float(bcfg.sample.guidance_weight)
     samples = os.path.join(out, "samples")
-    common = dict(seed=seed, batch_size=batch_size, progress=progress)
+    job_kw = dict(seed=seed, batch_size=batch_size, progress=progress)
 
     # 1. the base once, then each SR at each level on the base's images.
     base_dir = os.path.join(samples, "base")
-    xb, rows_b, stats_b = rep._run(base, base_dir, prompts, num_per_prompt=num_per_prompt,
-                                   guidance=(w_base,), options=models.base_options, **common)
+    xb, rows_b, stats_b = common.sample_job(base, base_dir, prompts,
+                                            num_per_prompt=num_per_prompt, guidance=(w_base,),
+                                            options=models.base_options, **job_kw)
     base_prompts = [r["prompt"] for r in rows_b]
     low, record = stages_lib.load_low_res(os.path.join(base_dir, "images"), low_shape)
     base_row = dict(stage="base 16x16", **scorer16.score(xb, base_prompts),
@@ -236,7 +251,7 @@ def reproduce_cascade(models: Models, out: str, *, num_per_prompt: int, seed: in
         rows = []
         for s in levels:
             x, _, stats = _run_sr(model, os.path.join(samples, f"sr_{tag}", f"level_{s:g}"),
-                                  base_prompts, low, record, level=s, options=options, **common)
+                                  base_prompts, low, record, level=s, options=options, **job_kw)
             outputs[(tag, s)] = x
             r1 = _rate(stats)
             r0 = base_row["images_per_s"]
@@ -254,9 +269,10 @@ def reproduce_cascade(models: Models, out: str, *, num_per_prompt: int, seed: in
     real16 = images.to_uint8(data_lib.load_split(bcfg.data, "test")["image"])
     thresh = {}
     for th in THRESHOLDINGS:
-        x, rows, _ = rep._run(base, os.path.join(samples, f"thresholding_{th}"), prompts,
-                              num_per_prompt=num_per_prompt, guidance=tuple(weights),
-                              options=models.threshold_options[th], **common)
+        x, rows, _ = common.sample_job(base, os.path.join(samples, f"thresholding_{th}"),
+                                       prompts, num_per_prompt=num_per_prompt,
+                                       guidance=tuple(weights),
+                                       options=models.threshold_options[th], **job_kw)
         table = []
         for w in weights:
             sel = [i for i, r in enumerate(rows) if r["guidance"] == w]
@@ -282,7 +298,7 @@ def reproduce_cascade(models: Models, out: str, *, num_per_prompt: int, seed: in
             for s in sorted({0.0, default_level}):
                 y, _, _ = _run_sr(model, os.path.join(samples, f"real_{tag}", split,
                                                       f"level_{s:g}"),
-                                  caps, low_r, record_r, level=s, options=options, **common)
+                                  caps, low_r, record_r, level=s, options=options, **job_kw)
                 real_rows.append(dict(split=split, n=len(x64), method=f"SR ({tag})", level=s,
                                       **metric(y)))
 
@@ -331,7 +347,7 @@ def reproduce_cascade(models: Models, out: str, *, num_per_prompt: int, seed: in
         single_model_note=("no single 64x64 model was trained: cascade vs single model is left "
                            "to the caller"))
     md = _markdown(results, scorer64.ev.kind == "shapes")
-    rep._write(out, results, md)
+    common.write_results(out, results, md)
     _plot_levels(sweeps, floor64, bicubic_row, os.path.join(out, "plot_augmentation.png"))
     _plot_thresholding(thresh, results["real_saturation_16"],
                        os.path.join(out, "plot_thresholding.png"))
@@ -339,14 +355,13 @@ def reproduce_cascade(models: Models, out: str, *, num_per_prompt: int, seed: in
 
 
 def _markdown(res: dict, shapes: bool) -> str:
-    from t2i_jax.evaluation.reproduce import _fmt, markdown_table
     b = res["base"]
     keys = ["fd", "alignment"] + (["alignment_seen", "alignment_heldout"] if shapes else [])
     md = (f"cascade: base {b['workdir']} step {b['checkpoint_step']} ({b['sampler']} "
           f"{b['steps']} steps, w = {b['guidance']:g}, thresholding {b['thresholding']}); "
           f"{len(res['prompts'])} prompts x {res['num_per_prompt']} images; seed {res['seed']}; "
           "evaluator accuracy "
-          + ", ".join(f"{k}px {_fmt(v)}" for k, v in res["evaluator_accuracy"].items()) + "\n")
+          + ", ".join(f"{k}px {fmt(v)}" for k, v in res["evaluator_accuracy"].items()) + "\n")
     for tag, sw in res["sweeps"].items():
         md += (f"SR ({tag}): {sw['workdir']} step {sw['checkpoint_step']}, trained with "
                f"s ~ U[0, {sw['max_train_level']:g}), {sw['sampler']} {sw['steps']} steps, "
@@ -363,9 +378,9 @@ def _markdown(res: dict, shapes: bool) -> str:
     md += markdown_table(["model", "level s"] + keys, rows)
     br = res["base_row"]
     md += ("\nbase images at 16x16 (16px evaluator): "
-           + ", ".join(f"{k} {_fmt(br.get(k))}" for k in keys)
+           + ", ".join(f"{k} {fmt(br.get(k))}" for k in keys)
            + f". real (train) at 64: {f['repeats']} random subsets of n = {f['n']} training "
-           f"images; FD sd {_fmt(f['fd_sd'])}.\n")
+           f"images; FD sd {fmt(f['fd_sd'])}.\n")
     if "noaug" in res["sweeps"] and res["sweeps"]["noaug"]["max_train_level"] > 0:
         md += ("\nwarning: the --sr_noaug model was trained WITH augmentation (max_train_level "
                f"{res['sweeps']['noaug']['max_train_level']:g}): this is not the ablation.\n")
@@ -407,7 +422,6 @@ def _plot_levels(sweeps, floor, bicubic_row, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from t2i_jax.evaluation.reproduce import _save_fig
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for k, (tag, sw) in enumerate(sweeps.items()):
         s = [r["level"] for r in sw["rows"]]
@@ -432,7 +446,7 @@ def _plot_levels(sweeps, floor, bicubic_row, path):
     b.set_ylim(0, 1.02)
     b.legend(fontsize=7)
     fig.tight_layout()
-    _save_fig(fig, path)
+    common.save_fig(fig, path)
 
 
 def _plot_thresholding(thresh, real_saturation, path):
@@ -440,7 +454,6 @@ def _plot_thresholding(thresh, real_saturation, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from t2i_jax.evaluation.reproduce import _save_fig
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for k, (th, table) in enumerate(thresh.items()):
         w = [r["w"] for r in table]
@@ -456,22 +469,19 @@ def _plot_thresholding(thresh, real_saturation, path):
     b.set_ylim(0, 1.02)
     b.legend()
     fig.tight_layout()
-    _save_fig(fig, path)
+    common.save_fig(fig, path)
 
 
 def run(a) -> int:
-    """The command (reproduce.main, behind its error boundary): the models are loaded and
-    checked before OUT is locked or written, then the reproduction runs under the lock."""
-    from t2i_jax.xla_flags import apply_tuned_flags
-    apply_tuned_flags()
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)
+    """The command (behind reproduce's error boundary): the models are loaded and checked
+    before OUT is locked or written, then the reproduction runs under the lock."""
+    common.tuned_quiet_jax()
     models = load_models(a.workdir, a.sr, a.sr_noaug, steps=a.steps, sr_steps=a.sr_steps)
     if models.sr_noaug is not None and _max_train_level(models.sr_noaug) > 0:
         print(f"[t2i_jax] warning: --sr_noaug {models.sr_noaug.workdir} was trained with "
               f"augmentation (sr.max_train_level = {_max_train_level(models.sr_noaug):g}); the "
               "ablation needs sr.max_train_level=0.", file=sys.stderr)
-    with files.ExclusiveLock(a.out, "writing a reproduction", "wait for it, or pass another --out"):
+    with files.ExclusiveLock(a.out, common.LOCK_WHAT, common.LOCK_ADVICE):
         reproduce_cascade(models, a.out, num_per_prompt=a.num_per_prompt, seed=a.seed,
                           batch_size=a.batch_size, progress=not a.no_progress)
     print(open(os.path.join(a.out, "table.md"), encoding="utf-8").read())
