@@ -7,8 +7,21 @@ import numpy as np
 from t2i_jax import files
 
 
+# How every image this project writes (samples, grids, reconstructions) goes from [-1, 1] floats
+# to uint8; recorded with the FD/FID results computed on such images.
+UINT8_CONVERSION = "round_half_even((x + 1) * 127.5), clipped to [0, 255]"
+
+
 def to_uint8(x) -> np.ndarray:
-    """[-1, 1] floats [..., H, W, C] -> uint8 in [0, 255] (rounded, clipped), as ADM's samplers."""
+    """[-1, 1] floats [..., H, W, C] -> uint8 in [0, 255]: (x + 1) * 127.5 in float32, rounded to
+    the nearest level (halves to even, np.round), clipped (UINT8_CONVERSION).
+
+    Rounding, not ADM's truncation: guided-diffusion's samplers write
+    ((x + 1) * 127.5).clamp(0, 255).to(uint8), which truncates toward zero, so ADM's images sit
+    half a level darker on average and only x = 1 reaches 255. Rounding is the nearest uint8 to
+    each float (u / 127.5 - 1 is within half a level of x); FID against ADM's
+    sample batches therefore compares two conventions (its reference batches of real images
+    are uint8 data and are unaffected)."""
     x = np.asarray(x, np.float32)
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 

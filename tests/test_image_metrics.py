@@ -95,3 +95,18 @@ def test_ssim_matches_skimages_algorithm():
             per_channel.append(s[5:-5, 5:-5].mean())
         want.append(np.mean(per_channel))
     np.testing.assert_allclose(im.ssim(a, b), want, rtol=1e-10)
+
+
+def test_to_uint8_rounds_as_its_stated_convention_not_adms_truncation():
+    """images.to_uint8 is UINT8_CONVERSION: (x + 1) * 127.5 in float32, halves to even, clipped.
+    The floats below land exactly on .5 in float32 (126.5, 127.5, 254.5): halves to even give
+    126, 128, 254; truncation (ADM's samplers) 126, 127, 254; rounding halves up 127, 128, 255."""
+    from t2i_jax import images
+    x = np.float32([-0.007843138, 0.0, 0.99607843, -1.5, -1.0, 1.0, 2.0, 0.2])
+    u = (x + np.float32(1)) * np.float32(127.5)
+    assert list(u[:3]) == [126.5, 127.5, 254.5]  # exact halves
+    want = [126, 128, 254, 0, 0, 255, 255, 153]  # 153.0 exactly: no rounding at all
+    np.testing.assert_array_equal(images.to_uint8(x), np.uint8(want))
+    assert images.UINT8_CONVERSION.startswith("round_half_even")
+    adm = np.clip(u, 0, 255).astype(np.uint8)  # ADM: .clamp(0, 255).to(uint8) truncates
+    assert list(adm[:3]) == [126, 127, 254] and not np.array_equal(adm, want)
