@@ -89,7 +89,16 @@ def test_guided_images_do_not_depend_on_devices_or_batch_size(models, tmp_path):
     assert a.num_images == b.num_images == 8
     xa, rows = job_lib.load_images(str(tmp_path / "eight"))
     xb, _ = job_lib.load_images(str(tmp_path / "one"))
-    np.testing.assert_array_equal(xa, xb)
+    # The two jobs run other XLA programs (per-device batches of 1 on 8 devices, 7 and 1 on one):
+    # the model's and the guides' convolutions and matmuls are tiled and vectorised by batch
+    # shape and CPU, so float32 rounds differently in the last bits (no image reads another's:
+    # each guide gradient is of its own f_g). tests/test_samplers_invariance.py bounds such
+    # differences at 1e-4 in [-1, 1], 127.5 * 1e-4 = 0.013 grey levels: a value's uint8
+    # rounding flips only when a .5 boundary lies that close, by one level, on about 1.3% of
+    # values at most (seen on another CPU: 1 of 2048). A wrong noise id, prompt or guide row
+    # moves whole images by many levels.
+    diff = np.abs(xa.astype(int) - xb.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.013, (diff.max(), (diff > 0).mean())
     assert rows[0]["guides"] == [g.record() for g in guides]
     # Another guide scale in the same outdir is another job: refused, nothing overwritten.
     other = [guides_lib.Guide(g.kind, g.trained, g.scale * 2, g.image, g.reference) for g in guides]

@@ -294,7 +294,7 @@ def test_reconstruct_reports_the_test_splits_psnr_ssim_and_latents(tiny_autoenco
                                                                    tmp_path_factory, tmp_path, capsys):
     from conftest import _shared_root
     from t2i_jax.evaluation import image_metrics, reconstruct
-    from t2i_jax.images import to_uint8
+    from t2i_jax.images import UINT8_CONVERSION, to_uint8
     ev_dir = str(_shared_root(tmp_path_factory) / "digits_evaluator")
     assert reconstruct.main(["--workdir", tiny_autoencoder, "--out", str(tmp_path / "r"),
                              "--evaluator_dir", ev_dir]) == 0
@@ -306,10 +306,22 @@ def test_reconstruct_reports_the_test_splits_psnr_ssim_and_latents(tiny_autoenco
     x = to_uint8(data_lib.load_split(fam.config.data, "test")["image"])
     rec = to_uint8(np.clip(np.asarray(fam.reconstruct(
         frozen.params, jnp.asarray(x.astype(np.float32) / 127.5 - 1.0))), -1, 1))
-    a, b = x / 255.0, rec / 255.0
+    # reconstruct.py's program (posterior_latents and decode, jitted, batches of 256) is another
+    # XLA program than fam.reconstruct here: float32 rounds differently in the last bits, and a
+    # pixel that close to a .5 boundary of the uint8 rounding lands one grey level apart (seen
+    # on another CPU: the SSIM 1.07e-6 off). So the pixels agree to one level on a few of them
+    # (a float difference of 1e-4 in [-1, 1], tests/test_samplers_invariance.py's bound, is
+    # 0.013 levels: about 1.3% of pixels at most), and the metrics are recomputed from
+    # reconstruct.reconstruct's own pixels: the same program and the same float64 NumPy
+    # reductions, so equal to the last bit.
+    lib = reconstruct.reconstruct(frozen, x.astype(np.float32) / 127.5 - 1.0)
+    diff = np.abs(lib.astype(int) - rec.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.013, (diff.max(), (diff > 0).mean())
+    a, b = x / 255.0, lib / 255.0
     assert res["n"] == len(x)
-    np.testing.assert_allclose(res["psnr"], image_metrics.psnr(a, b).mean(), rtol=1e-6)
-    np.testing.assert_allclose(res["ssim"], image_metrics.ssim(a, b).mean(), rtol=1e-6)
+    assert res["psnr"] == image_metrics.psnr(a, b).mean()
+    assert res["ssim"] == image_metrics.ssim(a, b).mean()
+    assert res["uint8_conversion"] == UINT8_CONVERSION
     assert res["latents"]["stored"]["scale_factor"] == frozen.statistics["scale_factor"]
     assert res["latent_shape"] == [8, 8, 2] and res["rfd"] >= 0
     assert (tmp_path / "r" / "grid.png").exists()
