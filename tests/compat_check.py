@@ -14,8 +14,9 @@ image and reranking, RePaint inpainting) into DIR/old/JOB, and writes DIR/manife
 arguments and the sha256 of every PNG, .npy, samples.jsonl and job.json under its outdir.
 
 check, with REPO's (new) code on make's (old) workdirs:
-  (a) resume: a copy of each old outdir loses the last shard file of every stage, samples.jsonl
-      grid.png (and stats.json); the same command must accept the old job.json, finish, and give the same files;
+  (a) resume: a copy of each old outdir loses the last shard file of every stage, samples.jsonl,
+      grid.png and stats.json; the same command must accept the old job.json, finish, and give
+      the same files (the row shows how many images the resume regenerated);
   (b) fresh: each job rerun into DIR/new/JOB; every hashed file must match the manifest;
   (c) train: a copy of each old workdir trains 2 more steps with REPO/train.py (old checkpoints
       must restore: exit 0 and a "resumed from .../40" line).
