@@ -176,6 +176,7 @@ def test_cfg_reproduction_tables_the_metrics_of_its_own_samples(data_dir, digits
     from t2i_jax.evaluation.reproduce.cfg import reproduce_cfg
     from t2i_jax.evaluation.scorer import Scorer, evaluator_dir
     from t2i_jax.sampling import job as job_lib
+    from t2i_jax.sampling import outdir as out_lib
     from t2i_jax.sampling.load import load_trained
     cfg = load_config("tests/tiny_config.py")
     cfg.data.data_dir = data_dir
@@ -187,7 +188,7 @@ def test_cfg_reproduction_tables_the_metrics_of_its_own_samples(data_dir, digits
     res = reproduce_cfg(load_trained(wd), out, num_per_prompt=2, seed=0, batch_size=8,
                         steps=3, weights=(0.0, 2.0), progress=False, scorer=scorer)
     assert res["compilations"] == 1 and [r["w"] for r in res["rows"]] == [0.0, 2.0]
-    x, rows = job_lib.load_images(f"{out}/samples")
+    x, rows = out_lib.load_images(f"{out}/samples")
     for row in res["rows"]:
         sel = [i for i, r in enumerate(rows) if r["guidance"] == row["w"]]
         assert row["n"] == len(sel) == 20

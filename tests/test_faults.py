@@ -25,6 +25,7 @@ import train as train_cli
 from runs import ROOT, TINY, assert_trees_equal, run, tiny
 from t2i_jax import files
 from t2i_jax.sampling import job as job_lib
+from t2i_jax.sampling import outdir as out_lib
 from t2i_jax.sampling.load import load_trained
 from t2i_jax import checkpoint as ckpt_lib
 from t2i_jax import integrity
@@ -349,7 +350,7 @@ def test_7_an_empty_outdir_or_one_inside_checkpoints_is_refused(tiny_workdir, tm
         assert code == 2 and len(err) == 1 and message in err[0], err
     assert sorted(os.listdir(os.path.join(tiny_workdir, "checkpoints", "40"))) == sorted(
         ["_CHECKPOINT_METADATA", "commit_success.txt", "config", "data", "state", integrity.RECORD])
-    assert not os.path.exists(os.path.join(os.getcwd(), job_lib.JOB_FILE))
+    assert not os.path.exists(os.path.join(os.getcwd(), out_lib.JOB_FILE))
 
 
 def stats_file(path, mu, sigma):

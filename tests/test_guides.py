@@ -13,6 +13,8 @@ import pytest
 
 from t2i_jax import families
 from t2i_jax.sampling import guides as guides_lib, job as job_lib
+from t2i_jax.sampling import outdir as out_lib
+from t2i_jax.sampling.plan import Plan
 from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
 from t2i_jax.sampling.load import Trained, load_trained
 
@@ -80,15 +82,14 @@ def test_the_guidance_term_is_minus_sqrt_one_minus_abar_times_the_gradient(model
 
 def test_guided_images_do_not_depend_on_devices_or_batch_size(models, tmp_path):
     model, guides = models
-    spec = job_lib.JobSpec.create(model, ["3", "7"], num_per_prompt=4, guidance=(0.0,), seed=0,
-                                  options=OPTIONS, guides=guides)
-    a = job_lib.run_job(model, spec, str(tmp_path / "eight"), batch_size=8, progress=False,
-                        guides=guides)
-    b = job_lib.run_job(model, spec, str(tmp_path / "one"), batch_size=7, progress=False,
-                        guides=guides, devices=jax.devices()[:1])
+    spec = Plan.create(model, ["3", "7"], num_per_prompt=4, guidance=(0.0,), seed=0,
+                       options=OPTIONS, guides=guides)
+    a = job_lib.run_job(spec, str(tmp_path / "eight"), batch_size=8, progress=False)
+    b = job_lib.run_job(spec, str(tmp_path / "one"), batch_size=7, progress=False,
+                        devices=jax.devices()[:1])
     assert a.num_images == b.num_images == 8
-    xa, rows = job_lib.load_images(str(tmp_path / "eight"))
-    xb, _ = job_lib.load_images(str(tmp_path / "one"))
+    xa, rows = out_lib.load_images(str(tmp_path / "eight"))
+    xb, _ = out_lib.load_images(str(tmp_path / "one"))
     # The two jobs run other XLA programs (per-device batches of 1 on 8 devices, 7 and 1 on one):
     # the model's and the guides' convolutions and matmuls are tiled and vectorised by batch
     # shape and CPU, so float32 rounds differently in the last bits (no image reads another's:
@@ -102,10 +103,10 @@ def test_guided_images_do_not_depend_on_devices_or_batch_size(models, tmp_path):
     assert rows[0]["guides"] == [g.record() for g in guides]
     # Another guide scale in the same outdir is another job: refused, nothing overwritten.
     other = [guides_lib.Guide(g.kind, g.trained, g.scale * 2, g.image, g.reference) for g in guides]
-    spec2 = job_lib.JobSpec.create(model, ["3", "7"], num_per_prompt=4, guidance=(0.0,), seed=0,
-                                   options=OPTIONS, guides=other)
-    with pytest.raises(job_lib.JobMismatchError, match="guides"):
-        job_lib.run_job(model, spec2, str(tmp_path / "eight"), progress=False, guides=other)
+    spec2 = Plan.create(model, ["3", "7"], num_per_prompt=4, guidance=(0.0,), seed=0,
+                        options=OPTIONS, guides=other)
+    with pytest.raises(out_lib.JobMismatchError, match="guides"):
+        job_lib.run_job(spec2, str(tmp_path / "eight"), progress=False)
 
 
 def test_a_guide_for_another_model_and_bad_prompts_are_refused(data_dir, models):
@@ -207,7 +208,7 @@ def test_the_guide_reproductions_sweep_one_program_each_and_score_their_own_imag
     res = reproduce_classifier(model, guides[0].trained.workdir, str(tmp_path / "cls"),
                                scales=(0.0, 5.0), **common)
     assert res["compilations"] == 1 and [r["scale"] for r in res["rows"]] == [0.0, 5.0]
-    x, rows = job_lib.load_images(str(tmp_path / "cls" / "samples" / "scale_5"))
+    x, rows = out_lib.load_images(str(tmp_path / "cls" / "samples" / "scale_5"))
     assert [r["prompt"] for r in rows] == [str(d) for d in range(10)]
     assert res["rows"][1]["alignment"] == pytest.approx(
         np.nanmean(digits_evaluator.aligned(x, [r["prompt"] for r in rows])))
@@ -224,11 +225,11 @@ def test_the_guide_reproductions_sweep_one_program_each_and_score_their_own_imag
         first = test["image"][np.flatnonzero(test["label"] == k)[0]]
         np.testing.assert_array_equal(images.load_png(ref["path"]), images.to_uint8(first))
     unguided = res["image"][0]["read_by_class"]  # one set of images read against each class
-    x0, _ = job_lib.load_images(str(out / "samples" / "image_0"))
+    x0, _ = out_lib.load_images(str(out / "samples" / "image_0"))
     want = [float(np.mean(digits_evaluator.predict(x0) == k)) for k in range(10)]
     assert unguided == pytest.approx(want)
-    one = job_lib.load_images(str(out / "samples" / "rerank_1"))
-    two = job_lib.load_images(str(out / "samples" / "rerank_2"))
+    one = out_lib.load_images(str(out / "samples" / "rerank_1"))
+    two = out_lib.load_images(str(out / "samples" / "rerank_2"))
     s1, s2 = (clip_scores(guides[1].trained, x, [r["prompt"] for r in rows])
               for x, rows in (one, two))
     assert np.all(s2 >= s1 - 1e-6) and {r["rerank_candidate"] for r in two[1]} <= {0, 1}

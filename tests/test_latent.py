@@ -19,6 +19,8 @@ from t2i_jax.families import autoencoder as ae_lib
 from t2i_jax.families.frozen import load_frozen
 from t2i_jax.models.autoencoder import Posterior
 from t2i_jax.sampling import job as job_lib
+from t2i_jax.sampling import outdir as out_lib
+from t2i_jax.sampling.plan import Plan
 from t2i_jax.sampling.generate import SampleOptions
 from t2i_jax.sampling.load import load_trained
 from t2i_jax.training import loop
@@ -169,16 +171,16 @@ def test_a_latent_model_samples_decoded_pixels_alike_on_1_and_8_devices_and_any_
         tiny_latent, tmp_path):
     trained = load_trained(tiny_latent)
     assert trained.family.image_shape == (8, 8, 2) and trained.family.output_shape == (16, 16, 1)
-    spec = job_lib.JobSpec.create(trained, ["seven", "three"], num_per_prompt=3,
-                                  guidance=(0.0, 3.0), seed=1, options=OPTIONS, shard_size=5)
+    spec = Plan.create(trained, ["seven", "three"], num_per_prompt=3,
+                       guidance=(0.0, 3.0), seed=1, options=OPTIONS, shard_size=5)
     got = {}
     for name, devices, batch in (("8dev_b1", None, 1), ("1dev_b7", jax.devices()[:1], 7)):
-        job_lib.run_job(trained, spec, str(tmp_path / name), batch_size=batch, devices=devices,
+        job_lib.run_job(spec, str(tmp_path / name), batch_size=batch, devices=devices,
                         progress=False)
-        got[name] = job_lib.load_images(str(tmp_path / name))
+        got[name] = out_lib.load_images(str(tmp_path / name))
     # A rerun in the same directory is the same job (its identity, decoder included, reads back
     # from job.json as written): it finds every shard done.
-    again = job_lib.run_job(trained, spec, str(tmp_path / "1dev_b7"), batch_size=7,
+    again = job_lib.run_job(spec, str(tmp_path / "1dev_b7"), batch_size=7,
                             devices=jax.devices()[:1], progress=False)
     assert again.generated == 0
     (x8, rows), (x1, _) = got["8dev_b1"], got["1dev_b7"]

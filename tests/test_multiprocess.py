@@ -29,6 +29,7 @@ from conftest import _made_once
 from runs import ROOT, TESTS, assert_trees_close, run, tiny
 from t2i_jax import checkpoint as ckpt_lib, images, sharding as mesh_lib
 from t2i_jax.sampling import job as job_lib
+from t2i_jax.sampling import outdir as out_lib
 from t2i_jax.training import loop
 from t2i_jax.training.writers import MetricWriter, read_metrics
 
@@ -334,7 +335,7 @@ def test_a_sampling_job_on_two_processes_survives_a_kill_and_writes_what_one_wri
             "--batch_size=8", "--shard_size=4", "--no_progress"]
     import sample as sample_cli
     assert sample_cli.run(args[1:] + [f"--outdir={tmp_path / 'one'}"]) == 0  # 1 process x 8
-    ref, ref_rows = job_lib.load_images(str(tmp_path / "one"))
+    ref, ref_rows = out_lib.load_images(str(tmp_path / "one"))
 
     # On 2 processes, process 1 killed once 4 of the 16 shards are done; the rerun of both
     # completes the job.
@@ -343,11 +344,11 @@ def test_a_sampling_job_on_two_processes_survives_a_kill_and_writes_what_one_wri
     _wait_until(lambda: (out / "shards").is_dir() and len(os.listdir(out / "shards")) >= 4, job)
     os.kill(job.pid(1), signal.SIGKILL)
     assert job.wait() != 0
-    assert not job_lib.is_complete(str(out)) and len(os.listdir(out / "shards")) < 16
+    assert not out_lib.is_complete(str(out)) and len(os.listdir(out / "shards")) < 16
     job = Launched(args + [f"--outdir={out}"])
     assert job.wait() == 0, job.text[-4000:]
     assert "[process 1]" not in job.text  # process 1 writes nothing and reports nothing
-    x, rows = job_lib.load_images(str(out))
+    x, rows = out_lib.load_images(str(out))
     assert [r["index"] for r in rows] == list(range(64))  # every index exactly once
     assert sorted(os.listdir(out / "images")) == [f"{i:06d}.png" for i in range(64)]
     assert rows == ref_rows  # the same records as on 1 process

@@ -46,14 +46,14 @@ def check_arguments(p, a) -> None:
 def load_models(a):
     from t2i_jax.sampling.load import load_trained, require_generator
     hybrid = require_generator(load_trained(a.workdir))
-    if not getattr(hybrid.family, "learn_sigma", False):
+    if not hybrid.family.learn_sigma:
         raise ValueError(f"reproduce iddpm's --workdir must hold a model trained with a learned "
                          f"variance (diffusion.learn_sigma, e.g. configs/digits_learned_sigma.py); "
                          f"{a.workdir}'s variance is fixed.")
     fixed = None
     if a.fixed:
         fixed = require_generator(load_trained(a.fixed))
-        if getattr(fixed.family, "learn_sigma", False):
+        if fixed.family.learn_sigma:
             raise ValueError(f"--fixed {a.fixed} learned its variance: pass the L_simple model "
                              "trained alike without diffusion.learn_sigma (e.g. configs/digits.py).")
         if fixed.config.data.name != hybrid.config.data.name:

@@ -73,7 +73,7 @@ def load_models(a):
     glide = None
     if a.glide:
         glide = require_generator(load_trained(a.glide))
-        if not getattr(glide.family, "inpaint", False):
+        if not glide.family.inpaint:
             raise ValueError(f"--glide {a.glide} is not mask-conditioned (model.inpaint); train "
                              "one with configs/shapes_inpaint.py.")
         for k in ("name", "image_size", "channels"):

@@ -74,7 +74,7 @@ def load_models(a) -> Models:
         if not workdir:
             return None
         t = require_generator(load_trained(workdir))
-        if not getattr(t.family, "latent", False):
+        if not t.family.latent:
             raise ValueError(f"{flag} {workdir} holds a {t.family.name} model, not a latent one.")
         return t
 
