@@ -175,7 +175,6 @@ def test_cfg_reproduction_tables_the_metrics_of_its_own_samples(data_dir, digits
     from t2i_jax.evaluation.frechet import frechet_distance_of
     from t2i_jax.evaluation.reproduce.cfg import reproduce_cfg
     from t2i_jax.evaluation.scorer import Scorer, evaluator_dir
-    from t2i_jax.sampling import job as job_lib
     from t2i_jax.sampling import outdir as out_lib
     from t2i_jax.sampling.load import load_trained
     cfg = load_config("tests/tiny_config.py")

@@ -24,7 +24,6 @@ import sample as sample_cli
 import train as train_cli
 from runs import ROOT, TINY, assert_trees_equal, run, tiny
 from t2i_jax import files
-from t2i_jax.sampling import job as job_lib
 from t2i_jax.sampling import outdir as out_lib
 from t2i_jax.sampling.load import load_trained
 from t2i_jax import checkpoint as ckpt_lib

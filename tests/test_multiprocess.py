@@ -28,7 +28,6 @@ import pytest
 from conftest import _made_once
 from runs import ROOT, TESTS, assert_trees_close, run, tiny
 from t2i_jax import checkpoint as ckpt_lib, images, sharding as mesh_lib
-from t2i_jax.sampling import job as job_lib
 from t2i_jax.sampling import outdir as out_lib
 from t2i_jax.training import loop
 from t2i_jax.training.writers import MetricWriter, read_metrics

@@ -29,7 +29,6 @@ from t2i_jax.sampling.generate import SampleOptions
 from t2i_jax.sampling.guides import clip_score_fn, text_rows
 from t2i_jax.sampling.load import Trained
 from t2i_jax.sampling.spec import JobSpec, freeze
-from t2i_jax.sampling.stages import Stage
 
 
 @dataclasses.dataclass(frozen=True)

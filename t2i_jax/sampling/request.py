@@ -17,7 +17,6 @@ import os
 import sys
 from typing import Optional
 
-import numpy as np
 
 from t2i_jax import files
 

@@ -153,7 +153,6 @@ def _unit(x_uint8) -> np.ndarray:
 def _resize(x_uint8: np.ndarray, size: int, method: str) -> np.ndarray:
     """uint8 images resized to size x size by jax.image.resize (in [-1, 1], clipped), uint8."""
     import jax
-    from t2i_jax.sampling import stages as stages_lib
     z = images.to_float(x_uint8)
     y = jax.image.resize(z, (len(z), size, size, z.shape[-1]), method=method)
     return images.to_uint8(np.clip(np.asarray(y), -1.0, 1.0))

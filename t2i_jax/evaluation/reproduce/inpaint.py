@@ -28,7 +28,7 @@ import os
 
 import numpy as np
 
-from t2i_jax import files, images
+from t2i_jax import images
 from t2i_jax.evaluation.reproduce import common
 from t2i_jax.evaluation.reproduce.common import fmt, markdown_table
 from t2i_jax.evaluation.scorer import Scorer, attribute_rates, evaluator_cache

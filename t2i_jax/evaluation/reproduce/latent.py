@@ -31,7 +31,7 @@ from typing import Optional
 
 import numpy as np
 
-from t2i_jax import files, images
+from t2i_jax import images
 from t2i_jax.evaluation import reconstruct
 from t2i_jax.evaluation.reproduce import common
 from t2i_jax.evaluation.reproduce.common import fmt, markdown_table
