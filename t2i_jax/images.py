@@ -61,3 +61,8 @@ def load_png(path: str) -> np.ndarray:
     with Image.open(path) as im:
         x = np.asarray(im)
     return x[..., None] if x.ndim == 2 else x
+
+
+def to_float(x_uint8) -> np.ndarray:
+    """uint8 images -> float32 in [-1, 1] (the inverse of to_uint8 up to rounding)."""
+    return np.asarray(x_uint8, np.float32) / 127.5 - 1.0

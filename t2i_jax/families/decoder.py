@@ -7,7 +7,7 @@ with the text encoder's tokens for cross-attention. In training z_i is the froze
 (`config.model.clip`, families/clip.py) clean image embedding of the batch's own image, computed
 inside the step. Classifier-free guidance drops the two independently: the embedding with
 `train.p_image` (0.1; its null is the zero vector) and the text with `train.p_text` (0.5; its
-null the empty prompt), both nulls defined once in t2i_jax/conditioning.py. Sampling's null row
+null the empty prompt), both nulls defined once in t2i_jax/conditioning/conditions.py. Sampling's null row
 drops both. A sampling job gives every image its embedding: a prior's sample (`--prior`), a
 given image's (`--variations`), a slerp between two (`--interpolate`), or none (text alone).
 """
