@@ -176,6 +176,8 @@ def parse_args(argv):
         p.error(str(e))
     fields = {f.name for f in dataclasses.fields(Request)}
     given = dict(vars(args), prompts=args.prompt, progress=not args.no_progress)
+    stray = set(given) - fields - {"prompt", "no_progress", "group"} - set(distributed.FLAG_HELP)
+    assert not stray, f"sample.py flags with no Request field: {sorted(stray)}"
     args.request = Request(**{k: v for k, v in given.items() if k in fields})
     try:
         args.request.check()

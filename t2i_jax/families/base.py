@@ -80,6 +80,7 @@ class Family:
     stage_input = None       # what it takes from the stage before it (or given inputs): None
                              # (noise and the prompt alone), "image" (an SR stage's low-resolution
                              # input) or "embedding" (an unCLIP decoder's CLIP image embedding)
+    low_res_shape = None     # (h, w, C) of the images a stage_input "image" model takes
     guide_flag = None        # the sample.py flag that takes it as a gradient guide
     latent = False           # its chain's x_t is a latent, decoded by to_output
     learn_sigma = False      # it predicts IDDPM's variance interpolation too (2C outputs)

@@ -31,7 +31,6 @@ from t2i_jax.diffusion import forward
 from t2i_jax.sampling.load import Trained, load_trained
 
 KINDS = ("classifier", "clip_text", "clip_image")
-FAMILY_OF = {"classifier": "noisy_classifier", "clip_text": "contrastive", "clip_image": "contrastive"}
 WANTS = {"--classifier": "noisy_classifier", "--clip": "contrastive"}  # for the refusal's words
 # For a guide whose stored config has no `guide` section (trained before it existed): the best
 # scales of the digits sweeps (docs/results.md), as configs/digits_classifier.py and

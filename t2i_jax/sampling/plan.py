@@ -162,17 +162,21 @@ class Plan:
                      else given if fam.stage_input == "embedding" else None)
         low_res = given if fam.stage_input == "image" else None
         return JobSpec(
-            self.prompts, int(self.num_per_prompt), self.guidance, int(self.seed), o.sampler,
-            int(o.num_steps), float(o.eta), o.thresholding, o.spacing, o.ddpm_variance, t.kind,
-            t.step, t.workdir, int(self.shard_size), tuple(g.record() for g in self.guides),
-            int(self.rerank), (self.reranker.workdir, self.reranker.step) if self.rerank > 1 else (),
-            tuple(st.record(k + 1) for k, st in enumerate(self.stages)),
-            None if self.aug_level is None else float(self.aug_level),
-            tuple(low_res.items()) if low_res is not None else (),
-            float(o.percentile) if o.thresholding == "dynamic" else None,
-            tuple(fam.decoder_record().items()), freeze(embedding) if embedding else (),
-            int(self.candidates), bool(self.shared_noise),
-            freeze(self.inpaint.record) if self.inpaint is not None else ())
+            prompts=self.prompts, num_per_prompt=int(self.num_per_prompt),
+            guidance=self.guidance, seed=int(self.seed), sampler=o.sampler,
+            num_steps=int(o.num_steps), eta=float(o.eta), thresholding=o.thresholding,
+            spacing=o.spacing, ddpm_variance=o.ddpm_variance, params=t.kind,
+            checkpoint_step=t.step, workdir=t.workdir, shard_size=int(self.shard_size),
+            guides=tuple(g.record() for g in self.guides), rerank=int(self.rerank),
+            reranker=(self.reranker.workdir, self.reranker.step) if self.rerank > 1 else (),
+            stages=tuple(st.record(k + 1) for k, st in enumerate(self.stages)),
+            aug_level=None if self.aug_level is None else float(self.aug_level),
+            low_res=tuple(low_res.items()) if low_res is not None else (),
+            percentile=float(o.percentile) if o.thresholding == "dynamic" else None,
+            decoder=tuple(fam.decoder_record().items()),
+            embedding=freeze(embedding) if embedding else (), candidates=int(self.candidates),
+            shared_noise=bool(self.shared_noise),
+            inpaint=freeze(self.inpaint.record) if self.inpaint is not None else ())
 
     @functools.cached_property
     def prompt_tokens(self):
