@@ -9,7 +9,7 @@ import pytest
 
 from t2i_jax import data
 from t2i_jax.data import catalog, digits as digits_lib, prepare, shapes as shapes_lib
-from t2i_jax.models.text import detokenize, tokenize
+from t2i_jax.conditioning.tokenizers import detokenize, tokenize
 
 
 def cfg(data_dir, **kw):

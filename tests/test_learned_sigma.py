@@ -17,11 +17,11 @@ from runs import tiny  # noqa: E402
 
 def _batch(fam, data_dir, n=8):
     from t2i_jax import data as data_lib
-    from t2i_jax.models import text
+    from t2i_jax.conditioning import tokenizers
     cfg = fam.config
     cfg.data.data_dir = data_dir
     d = data_lib.load_split(cfg.data, "train", limit=n)
-    tk = text.tokenize(d["caption"], cfg.model.text.max_length)
+    tk = tokenizers.tokenize(d["caption"], cfg.model.text.max_length)
     return dict(image=jnp.asarray(d["image"]), tokens=jnp.asarray(tk.ids),
                 mask=jnp.asarray(tk.mask))
 

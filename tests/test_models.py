@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t2i_jax import conditioning
+from t2i_jax.conditioning import tokenizers
 from t2i_jax.models import classifier, denoiser, text
 from t2i_jax.models.unet import UNetConfig
 
@@ -74,7 +75,7 @@ def test_tokens_under_the_padding_mask_do_not_matter(setup):
     params = _randomize_output(params)
     base = np.asarray(_apply(model)(params, x, t, cond))
     assert np.abs(base).max() > 1e-3
-    junk = jax.random.randint(jax.random.key(3), cond.tokens.shape, 3, text.VOCAB_SIZE)
+    junk = jax.random.randint(jax.random.key(3), cond.tokens.shape, 3, tokenizers.VOCAB_SIZE)
     changed = cond.replace(tokens=jnp.where(cond.mask, cond.tokens, junk))
     np.testing.assert_array_equal(np.asarray(_apply(model)(params, x, t, changed)), base)
     # ... while a token inside the mask does change it.
@@ -244,23 +245,24 @@ def test_bad_configs_are_named():
 
 def test_tokenizer_round_trips_utf8_including_chinese():
     prompts = ["a handwritten digit seven", "数字七", "Ünïcödé ✓ emoji 🙂", ""]
-    tokens = text.tokenize(prompts, 64)
+    tokens = tokenizers.tokenize(prompts, 64)
     assert tokens.ids.dtype == np.int32 and not tokens.truncated.any()
-    assert text.detokenize(tokens.ids) == prompts
-    assert tokens.ids[3, :3].tolist() == [text.BOS, text.EOS, text.PAD]
-    np.testing.assert_array_equal(tokens.mask, tokens.ids != text.PAD)
-    assert tokens.ids[1, 0] == text.BOS and tokens.ids[1, 1 + len("数字七".encode())] == text.EOS
+    assert tokenizers.detokenize(tokens.ids) == prompts
+    assert tokens.ids[3, :3].tolist() == [tokenizers.BOS, tokenizers.EOS, tokenizers.PAD]
+    np.testing.assert_array_equal(tokens.mask, tokens.ids != tokenizers.PAD)
+    assert (tokens.ids[1, 0] == tokenizers.BOS
+            and tokens.ids[1, 1 + len("数字七".encode())] == tokenizers.EOS)
 
 
 def test_truncation_is_reported_and_cuts_on_a_character():
     with pytest.warns(UserWarning, match="1 prompt.*truncated"):
-        tokens = text.tokenize(["数字七八九", "ok"], 9)  # room for 7 bytes: two 3-byte characters
+        tokens = tokenizers.tokenize(["数字七八九", "ok"], 9)  # room for 7 bytes: two 3-byte characters
     assert tokens.truncated.tolist() == [True, False]
-    assert text.detokenize(tokens.ids) == ["数字", "ok"]
+    assert tokenizers.detokenize(tokens.ids) == ["数字", "ok"]
     with pytest.raises(TypeError, match="list of prompts"):
-        text.tokenize("a prompt", 8)
+        tokenizers.tokenize("a prompt", 8)
     with pytest.raises(ValueError, match="room for BOS and EOS"):
-        text.tokenize(["a"], 1)
+        tokenizers.tokenize(["a"], 1)
 
 
 # --- classifier and similarity ---------------------------------------------------------------

@@ -63,7 +63,7 @@ def _step_setup(data_dir, p_uncond):
     jitted = jax.jit(make_train_step(exp, run_.optim, run_.tx))
     hp = exp.hparams()
     step = lambda state, b: jitted(state, b, hp)  # noqa: E731: p_uncond is traced: one program
-    from t2i_jax.models.text import tokenize
+    from t2i_jax.conditioning.tokenizers import tokenize
     images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1), minval=-1, maxval=1)
 
     def batch(prompts):

@@ -12,8 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from t2i_jax.conditioning.tokenizers import check_texts, report_truncation
-from t2i_jax.models.text import Tokens
+from t2i_jax.conditioning.tokenizers import Tokens, check_texts, report_truncation
 
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 # CLIP's word pattern (transformers' CLIPConverter): contractions, letter runs, single digits, and

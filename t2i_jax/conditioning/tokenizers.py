@@ -15,12 +15,66 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from t2i_jax.models import text
-from t2i_jax.models.text import Tokens
+# The byte-level tokenizer (GLIDE's jointly trained encoder, models/text.py). Token ids:
+# PAD = 0, BOS = 1, EOS = 2, and byte b -> b + 3 (vocabulary 259). A prompt becomes
+# [BOS, bytes..., EOS, PAD...] of fixed length; a prompt that does not fit is cut at a UTF-8
+# character boundary and reported (a warning naming it, and `truncated` in the result).
+PAD, BOS, EOS = 0, 1, 2
+BYTE_OFFSET = 3
+VOCAB_SIZE = 256 + BYTE_OFFSET
+
+
+class Tokens(NamedTuple):
+    ids: np.ndarray        # int32 [B, L]
+    mask: np.ndarray       # bool [B, L], True on BOS, bytes and EOS
+    truncated: np.ndarray  # bool [B], True where the prompt was cut to fit
+
+
+def fit_utf8(data: bytes, room: int) -> bytes:
+    """Returns the longest prefix of UTF-8 `data` of at most `room` bytes that ends on a character."""
+    if len(data) <= room:
+        return data
+    cut = room
+    while cut > 0 and (data[cut] & 0xC0) == 0x80:  # data[cut] continues a character: step back
+        cut -= 1
+    return data[:cut]
+
+
+def tokenize(texts: Sequence[str], max_length: int = 16, warn: bool = True) -> Tokens:
+    """Returns the byte tokens of each text, [BOS, UTF-8 bytes, EOS] padded to max_length."""
+    if isinstance(texts, str):
+        raise TypeError("tokenize takes a list of prompts; wrap a single prompt as [prompt].")
+    if max_length < 2:
+        raise ValueError(f"max_length must leave room for BOS and EOS (>= 2), got {max_length}.")
+    ids = np.full((len(texts), max_length), PAD, np.int32)
+    truncated = np.zeros((len(texts),), bool)
+    for i, text in enumerate(texts):
+        data = text.encode("utf-8")
+        kept = fit_utf8(data, max_length - 2)
+        truncated[i] = len(kept) < len(data)
+        row = [BOS] + [b + BYTE_OFFSET for b in kept] + [EOS]
+        ids[i, :len(row)] = row
+    if warn and truncated.any():
+        cut = [texts[i] for i in np.flatnonzero(truncated)[:3]]
+        warnings.warn(f"{int(truncated.sum())} prompt(s) longer than {max_length - 2} UTF-8 bytes were "
+                      f"truncated (e.g. {cut!r}); raise the text length in the config to keep them whole.",
+                      stacklevel=2)
+    return Tokens(ids, ids != PAD, truncated)
+
+
+def detokenize(ids) -> list:
+    """Returns the texts of token rows [B, L] (inverse of tokenize up to truncation)."""
+    out = []
+    for row in np.asarray(ids):
+        data = bytes(int(v) - BYTE_OFFSET for v in row if v >= BYTE_OFFSET)
+        out.append(data.decode("utf-8", errors="replace"))
+    return out
+
+
 
 
 class Tokenizer(Protocol):
@@ -53,13 +107,13 @@ class ByteTokenizer:
     """[BOS, UTF-8 bytes, EOS, PAD...]: the trained encoder's tokenizer (models/text.py)."""
     max_length: int = 16
     name = "byte"
-    vocab_size = text.VOCAB_SIZE
+    vocab_size = VOCAB_SIZE
 
     def __call__(self, texts: Sequence[str], warn: bool = True) -> Tokens:
-        return text.tokenize(check_texts(texts), self.max_length, warn=warn)
+        return tokenize(check_texts(texts), self.max_length, warn=warn)
 
     def decode(self, ids) -> list:
-        return text.detokenize(ids)
+        return detokenize(ids)
 
 
 # T5's special ids (spiece.model's pad and </s>; unk is the trainer's)

@@ -80,12 +80,12 @@ def class_phrasings(split: dict, num_classes: int) -> list:
 
 def clip_zero_shot(family, params, split: dict, class_names, seed: int = 0) -> list:
     """[{set, accuracy (ensemble of phrasings), accuracy per phrasing}] of a CLIP."""
-    from t2i_jax.models import text
+    from t2i_jax.conditioning import tokenizers
     phrasings = class_phrasings(split, len(class_names))
     n_phr = min(len(p) for p in phrasings)
 
     def text_embeddings(prompts):
-        toks = text.tokenize(prompts, family.max_length, warn=False)
+        toks = tokenizers.tokenize(prompts, family.max_length, warn=False)
         return family.embed_text(params, jnp.asarray(toks.ids), jnp.asarray(toks.mask))
 
     per_phrasing = [text_embeddings([p[j] for p in phrasings]) for j in range(n_phr)]  # [K, E]
@@ -130,11 +130,11 @@ def attribute_candidates(split: dict) -> dict:
 def clip_attribute_retrieval(family, params, split: dict, seed: int = 0) -> list:
     """[{set, accuracy (mean of the attributes'), colour_accuracy, shape_accuracy}] of a shapes
     CLIP, clean and by quarter of t (attribute_candidates)."""
-    from t2i_jax.models import text
+    from t2i_jax.conditioning import tokenizers
     groups = attribute_candidates(split)
     unique = sorted({c for _, caps, _ in groups.values() for cs in caps for c in cs})
     where = {c: j for j, c in enumerate(unique)}
-    toks = text.tokenize(unique, family.max_length, warn=False)
+    toks = tokenizers.tokenize(unique, family.max_length, warn=False)
     z_txt = np.concatenate([np.asarray(family.embed_text(params, jnp.asarray(toks.ids[i:i + CHUNK]),
                                                          jnp.asarray(toks.mask[i:i + CHUNK])))
                             for i in range(0, len(unique), CHUNK)])             # [U, E]

@@ -138,9 +138,9 @@ class Guide:
 
 def text_rows(clip: Trained, prompts: Sequence[str]) -> dict:
     """z_text [P, E] (the CLIP's text embedding of each prompt) and has_text [P] (0: empty)."""
-    from t2i_jax.models import text
+    from t2i_jax.conditioning import tokenizers
     fam = clip.family
-    toks = text.tokenize([p or "" for p in prompts], fam.max_length, warn=False)
+    toks = tokenizers.tokenize([p or "" for p in prompts], fam.max_length, warn=False)
     z = np.asarray(fam.program("embed_text", lambda: jax.jit(fam.embed_text))(
         clip.params, toks.ids, toks.mask))
     return dict(z_text=z, has_text=np.asarray([bool(p) for p in prompts], np.float32))
