@@ -23,7 +23,7 @@ import pytest
 import sample as sample_cli
 import train as train_cli
 from runs import ROOT, TINY, assert_trees_equal, run, tiny
-from t2i_jax import files
+from t2i_jax import files, images
 from t2i_jax.sampling import outdir as out_lib
 from t2i_jax.sampling.load import load_trained
 from t2i_jax import checkpoint as ckpt_lib
@@ -227,6 +227,7 @@ def test_4_damaged_stored_config_falls_back_in_train_sample_and_reproduce(
     assert any("checkpoint 4 is damaged" in l and "skipped" in l for l in err), err
     results = files.read_json(str(rep / "results.json"))
     assert results["skipped"] == [4] and [r["step"] for r in results["rows"]] == [2]
+    assert results["uint8_conversion"] == images.UINT8_CONVERSION
 
     code, err = cli(capfd, train_cli.run, train_args(data_dir, wd))
     assert code == 0 and any("checkpoint 4" in l and "cannot be restored" in l for l in err), err

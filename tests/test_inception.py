@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
+from t2i_jax import images
 from t2i_jax.evaluation import convert_inception
 from t2i_jax.evaluation import inception as inc
 
@@ -421,6 +422,8 @@ def test_fid_command_on_image_sets_and_saved_statistics(tmp_path, params, capsys
     assert float(capsys.readouterr().out.split()[1]) == pytest.approx(want, abs=1e-4)
     # The saved statistics are b's (the D x D Fréchet path on Stats is tested at small D).
     stats = fid_lib.load_set(str(tmp_path / "b_stats.npz"))
+    with np.load(tmp_path / "b_stats.npz") as z:  # the statistics say how their images were made
+        assert str(z["uint8_conversion"]) == images.UINT8_CONVERSION
     np.testing.assert_allclose(stats.mu, f(b).mean(0), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(stats.sigma, np.cov(f(b), rowvar=False), rtol=1e-6, atol=1e-9)
     assert fid_lib.main(w + [str(tmp_path / "missing.npz"), str(tmp_path / "a.npz")]) == 1

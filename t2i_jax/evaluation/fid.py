@@ -148,10 +148,10 @@ def _fid(a) -> int:
                          "both with the same network (the FID InceptionV3's pool features are "
                          "2048-d).")
     if a.save_stats:
-        from t2i_jax import files
+        from t2i_jax import files, images
         st = sa if isinstance(sa, Stats) else feature_stats(sa)
-        with files.atomic_open(a.save_stats, "wb") as f:
-            np.savez(f, mu=st.mu, sigma=st.sigma)
+        with files.atomic_open(a.save_stats, "wb") as f:  # with how its images became uint8
+            np.savez(f, mu=st.mu, sigma=st.sigma, uint8_conversion=images.UINT8_CONVERSION)
     d = distance(sa, sb)
     if not np.isfinite(d):
         raise ValueError(f"the distance is {d}: the features of a set are not finite (damaged "

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from t2i_jax import files
+from t2i_jax import files, images
 
 LOCK_WHAT, LOCK_ADVICE = "writing a reproduction", "wait for it, or pass another --out"
 
@@ -126,7 +126,9 @@ def finite_or_none(x):
 
 
 def write_results(out: str, results: dict, md: str) -> None:
-    """OUT/results.json (NaN as null) and OUT/table.md."""
+    """OUT/results.json (NaN as null; with how the scored images became uint8) and OUT/table.md."""
+    if isinstance(results, dict):
+        results = dict(results, uint8_conversion=images.UINT8_CONVERSION)
     files.write_json(os.path.join(out, "results.json"), finite_or_none(results))
     files.write_text(os.path.join(out, "table.md"), md)
 
