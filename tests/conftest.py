@@ -39,7 +39,22 @@ assert jax.device_count() == 8, (
 import pytest  # noqa: E402
 
 
+# Session fixtures that train a model (tens of seconds each on 2 cores): a test that reads one is
+# in the slow tier. The quick tier (-m "not slow") runs the rest, for the edit-test loop.
+TRAINED_FIXTURES = {"tiny_workdir", "tiny_run", "straight_runs", "digits_evaluator", "tiny_inpaint",
+                    "cascade", "tiny_autoencoder", "tiny_latent", "tiny_clip", "tiny_unclip"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: trains a model or runs for tens of seconds; the quick tier (-m 'not "
+        "slow') leaves it out, CI runs everything.")
     config.addinivalue_line(
         "markers", "default_xla: the test compares two different programs bit for bit or at "
         "float32 rounding, which XLA promises only at its default optimisation level: under the "

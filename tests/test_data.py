@@ -132,6 +132,7 @@ def test_shapes_are_deterministic_and_match_the_files(data_dir):
         np.testing.assert_array_equal(r["colour"], e["colour"])
 
 
+@pytest.mark.slow
 def test_shapes_render_natively_at_any_size(data_dir):
     from t2i_jax.evaluation import evaluator as ev_lib
     idx = (0, 17, 123, 299)

@@ -4,6 +4,7 @@ nothing in the samples."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from t2i_jax import conditioning
 from t2i_jax.diffusion import make_schedule, samplers
@@ -16,6 +17,7 @@ CFG = denoiser.ModelConfig(
     text=text.TextConfig(max_length=10, width=32, num_layers=1, num_heads=2))
 
 
+@pytest.mark.slow
 def test_text_is_encoded_once_and_samples_equal_the_per_step_model(monkeypatch):
     model = denoiser.Denoiser(CFG)
     schedule = make_schedule("linear", 1000)

@@ -147,6 +147,7 @@ def test_1_damaged_checkpoint_without_integrity_record_prints_at_most_20_lines(d
             assert "Traceback" in open(l.rsplit(" written to ", 1)[1], encoding="utf-8").read()
 
 
+@pytest.mark.slow
 def test_2_keep_checkpoints_0_keeps_every_one_and_negative_is_refused(data_dir, tmp_path, capfd):
     wd = tmp_path / "all"
     code, err = cli(capfd, train_cli.run, train_args(
@@ -162,6 +163,7 @@ def test_2_keep_checkpoints_0_keeps_every_one_and_negative_is_refused(data_dir, 
     assert not (tmp_path / "neg").exists()
 
 
+@pytest.mark.slow
 def test_3_two_trainers_on_one_workdir_exactly_one_trains_and_sigterm_saves(data_dir, tmp_path,
                                                                             capfd):
     """A second train.py on a busy workdir is refused naming the holder; SIGTERM to the first
@@ -234,6 +236,7 @@ def test_4_damaged_stored_config_falls_back_in_train_sample_and_reproduce(
     assert_saved_equals(wd, 4, state4)
 
 
+@pytest.mark.slow
 def test_5_nan_guard_sees_the_gradient_norm_before_garbage_is_saved(data_dir, tmp_path, capfd):
     """lr 1e10 without warm-up: the loss stays finite (2.8e22) while the gradient norm overflows
     at step 3. The guard stops there, before checkpoint 10 would store the garbage."""

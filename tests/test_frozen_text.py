@@ -29,6 +29,7 @@ def _leaves(tree):
 
 # --- loading -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sharded_loading_puts_one_eighth_of_each_large_tensor_on_each_device(tmp_path):
     d = tiny_pretrained.write_tiny_t5(str(tmp_path / "t5"), shards=3, d_model=64, d_ff=256, d_kv=16)
     mesh = mesh_lib.make_mesh(8)
@@ -110,6 +111,7 @@ def test_bad_directories_are_refused_naming_the_problem(tiny_t5, tmp_path):
         pretrained.load(d)
 
 
+@pytest.mark.slow
 def test_encode_command_writes_the_ports_features_and_make_tiny_keeps_a_model(tiny_t5, tmp_path,
                                                                              capsys):
     out = tmp_path / "f.npz"
@@ -245,6 +247,7 @@ def test_the_null_is_the_empty_prompts_encoding_and_padding_never_reaches_the_mo
         features=jnp.where(pad[..., None], cond.features, cond.features + shift))), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_refuses_another_encoder(data_dir, tiny_t5, tmp_path, capsys):
     t5_dir = _copy(tiny_t5, tmp_path / "t5")
     cfg = tiny(data_dir, "frozen_t5", train__num_steps=2)
@@ -294,6 +297,7 @@ def test_sampling_with_a_frozen_t5_is_the_same_on_1_and_8_devices_and_any_batch(
     assert got["8dev_b1"][1] == got["1dev_b7"][1]
 
 
+@pytest.mark.slow
 def test_a_frozen_clip_conditions_a_model_and_its_image_tower_encodes_from_the_command_line(
         data_dir, tmp_path):
     import ml_collections

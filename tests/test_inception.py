@@ -398,6 +398,7 @@ def test_cli_converts_with_torch_and_explains_without(tmp_path, monkeypatch, sta
     assert jax.tree.all(jax.tree.map(np.array_equal, inc.load_params(str(out)), params))
 
 
+@pytest.mark.slow
 def test_fid_command_on_image_sets_and_saved_statistics(tmp_path, params, capsys):
     """FID(a, a) = 0; FID(a, b) equals the Fréchet distance of the features computed directly;
     the command (python -m t2i_jax.evaluation.fid) reads image .npz files and saved statistics."""

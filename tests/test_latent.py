@@ -51,6 +51,7 @@ def test_kl_is_the_closed_form_and_matches_numerical_integration():
     np.testing.assert_allclose(kl, want, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_autoencoder_loss_is_ldms_sum_over_pixels(data_dir):
     """Without the GAN: per example, sum |x - D(z)| / e^s + s over pixels + w * KL, z ~ q(z | x)
     from the step's stream 0."""
@@ -69,6 +70,7 @@ def test_the_autoencoder_loss_is_ldms_sum_over_pixels(data_dir):
     assert per.shape == (4,) and "d_loss" not in metrics
 
 
+@pytest.mark.slow
 def test_the_adaptive_gan_weight_and_each_player_gets_only_its_own_gradient(data_dir):
     cfg = tiny(data_dir, "autoencoder")  # disc_weight 0.5 from step 2
     fam = families.build(cfg)

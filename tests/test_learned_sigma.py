@@ -33,6 +33,7 @@ def _perturbed(params, scale=0.05):
                                               for p, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow
 def test_the_hybrid_loss_is_l_simple_plus_lambda_t_l_vlb_with_the_mask_as_input(data_dir):
     """Per example: t, noise, GLIDE's random mask and CFG's dropout from the step's streams; the
     network sees [x_t, x0 * mask, mask]; loss = mean (eps - eps_hat)^2 + 0.001 T L_t(bits/dim),
@@ -67,6 +68,7 @@ def test_the_hybrid_loss_is_l_simple_plus_lambda_t_l_vlb_with_the_mask_as_input(
     assert float(jnp.max(jnp.abs(other - out))) > 1e-4
 
 
+@pytest.mark.slow
 def test_the_vlb_term_trains_the_variance_channels_only(data_dir):
     """d L_vlb / d(final conv) is exactly 0 on the C mean channels and not on the C variance
     channels; d L_simple is 0 on the variance channels (the two outputs are trained apart)."""

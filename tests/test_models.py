@@ -63,6 +63,7 @@ def setup():
     return model, params, x, t, cond
 
 
+@pytest.mark.slow
 def test_eps_hat_is_exactly_zero_at_init(setup):
     model, params, x, t, cond = setup
     out = _apply(model)(params, x, t, cond)
@@ -83,6 +84,7 @@ def test_tokens_under_the_padding_mask_do_not_matter(setup):
     assert np.abs(np.asarray(_apply(model)(params, x, t, inside)) - base).max() > 1e-5
 
 
+@pytest.mark.slow
 def test_null_condition_modes(setup):
     model, params, x, t, _ = setup
     empty = conditioning.text_condition([""] * 4, TEXT.max_length)
@@ -145,6 +147,7 @@ def test_jit_traces_once_across_new_values(setup):
     assert len(traces) == 1
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_params_and_outputs(setup):
     model, params_one, _, _, _ = setup  # initialised on one device from key(1); batch size 4
     x, t, cond = _inputs(batch=8)
@@ -163,6 +166,7 @@ def test_one_and_eight_devices_give_the_same_params_and_outputs(setup):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradients_are_finite_and_reach_every_parameter(setup):
     model, params, x, t, cond = setup
     noise = jax.random.normal(jax.random.key(5), x.shape)
@@ -192,6 +196,7 @@ def test_gradients_are_finite_and_reach_every_parameter(setup):
     assert not dead, dead
 
 
+@pytest.mark.slow
 @pytest.mark.default_xla  # two different programs compared at float32 rounding (conftest.py)
 def test_remat_gives_the_same_output_and_gradients(setup):
     model, params, x, t, cond = setup
@@ -211,6 +216,7 @@ def test_attention_implementations_agree(setup):
                                np.asarray(_apply(model)(params, x, t, cond)), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_class_conditional_unet_uses_the_label_and_its_null():
     cfg = denoiser.ModelConfig(unet=dataclasses.replace(UNET, num_classes=10), text=None)
     model = denoiser.Denoiser(cfg)
@@ -224,6 +230,7 @@ def test_class_conditional_unet_uses_the_label_and_its_null():
     assert np.abs(np.asarray(_apply(model)(params, x, t, null)) - out).max() > 1e-6
 
 
+@pytest.mark.slow
 def test_bad_configs_are_named():
     with pytest.raises(ValueError, match="do not split into 3 heads"):
         UNetConfig(channels=16, num_heads=3, num_groups=8)
@@ -267,6 +274,7 @@ def test_truncation_is_reported_and_cuts_on_a_character():
 
 # --- classifier and similarity ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_noisy_classifier_learns_a_separable_task():
     cfg = classifier.ClassifierConfig(encoder=UNetConfig(channels=16, channel_mult=(1, 2), num_res_blocks=1,
                                                          attention_levels=(), mid_attention=False,
@@ -296,6 +304,7 @@ def test_noisy_classifier_learns_a_separable_task():
     assert np.all(np.isfinite(np.asarray(grad))) and np.abs(np.asarray(grad)).max() > 0
 
 
+@pytest.mark.slow
 def test_two_tower_similarity_is_the_cosine_of_its_embeddings():
     cfg = classifier.SimilarityConfig(
         image=UNetConfig(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(),

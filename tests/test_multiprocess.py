@@ -281,6 +281,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_bad_process_groups_are_refused_in_one_line_within_the_timeout(data_dir, tmp_path):
     config = _config_file(tmp_path, "diffusion")
     base = _train_args(data_dir, config, tmp_path / "wd")

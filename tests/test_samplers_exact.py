@@ -77,6 +77,7 @@ DATA_CONFIGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler,num_steps,kw", DATA_CONFIGS)
 def test_mixture_moments_and_weights(sampler, num_steps, kw):
     x = _run(COSINE, analytic.eps_fn(MIXTURE, COSINE), _x_T(MIXTURE, COSINE, N, 1), sampler,
@@ -179,6 +180,7 @@ def test_deterministic_samplers_equal_float64_reference(schedule, abar, sampler,
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 + 1.2e-7 * amplification)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler,num_steps,kw", [
     ("ddpm", 1000, {"ddpm_variance": "posterior"}),
     ("ddpm", 1000, {"ddpm_variance": "beta"}),

@@ -40,6 +40,7 @@ def _inputs(batch=8):
     return x_T, labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler,kw", [("ddpm", {}), ("ddim", {"eta": 0.5}), ("dpmpp_2m", {})])
 @pytest.mark.parametrize("axis_type", ["explicit", "auto"])
 def test_eight_devices_equal_one(sampler, kw, axis_type):

@@ -45,6 +45,7 @@ def test_fsdp_shards_parameters_and_trains_the_same(data_dir, straight, tmp_path
     assert_trees_close(sharded.params, state8.params, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_cfg_dropout_rate_matches_p_uncond(data_dir, tmp_path):
     p, steps, batch = 0.25, 120, 8
     run(tiny(data_dir, train__p_uncond=p, train__num_steps=steps, train__checkpoint_every=10**6), tmp_path)
@@ -73,6 +74,7 @@ def _step_setup(data_dir, p_uncond):
     return exp, st, step, batch
 
 
+@pytest.mark.slow
 def test_dropped_rows_get_the_null_that_sampling_uses(data_dir):
     exp, st, step, batch = _step_setup(data_dir, 1.0)
     a = step(st, batch(["0", "1", "2", "3"]))[1]["loss"]
@@ -131,6 +133,7 @@ def test_learning_rate_and_ema_closed_forms():
         state_lib.OptimConfig(lr_schedule="linear")
 
 
+@pytest.mark.slow
 def test_end_to_end_per_embedded_data_set_and_orbax_alone_reads_it(data_dir, tmp_path):
     for name, size, channels in (("digits", 16, 1), ("shapes", 32, 3)):
         wd = tmp_path / name
@@ -153,6 +156,7 @@ def test_end_to_end_per_embedded_data_set_and_orbax_alone_reads_it(data_dir, tmp
         assert ckpt.config["data"]["name"] == name and int(ckpt.state["step"]) == 2
 
 
+@pytest.mark.slow
 def test_another_models_workdir_is_refused(data_dir, tmp_path):
     run(tiny(data_dir, train__num_steps=2), tmp_path)
     cfg = tiny(data_dir)

@@ -277,6 +277,7 @@ def _hybrid_reference(schedule, x0, t, x_t, mean_output, v, prediction):
     return scale * per_elem.reshape(len(x0), -1).mean(1), scale * grad / n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_hybrid_vlb_term_is_lambda_t_l_t_and_trains_only_the_variance(prediction):
     """hybrid_vlb_term = 0.001 T L_t (bits/dim, recomputed in float64) for every prediction; its
