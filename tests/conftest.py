@@ -231,14 +231,27 @@ def tiny_t5(tmp_path_factory):
     return d
 
 
+# The frozen models a tiny family's config reads (through the variable its fixture sets).
+FROZEN_OF = {"latent_diffusion": "tiny_autoencoder", "prior": "tiny_clip", "decoder": "tiny_clip",
+             "frozen_t5": "tiny_t5"}
+
+
 @pytest.fixture(scope="session")
-def straight_runs(data_dir, tmp_path_factory, tiny_run, tiny_autoencoder, tiny_clip, tiny_t5):
-    """{family or option: (state after 4 steps on 8 devices, workdir with checkpoints 2 and 4)}."""
+def straight_runs(data_dir, tmp_path_factory, request):
+    """{family or option: (state after 4 steps on 8 devices, workdir with checkpoints 2 and 4)},
+    each family trained on first use, once for all workers: the two workers train different
+    families at once instead of one waiting for all of them."""
     from runs import restore_step, run, tiny
-    out = {"diffusion": tiny_run}
-    for name in ("noisy_classifier", "contrastive", "super_resolution", "autoencoder",
-                 "latent_diffusion", "prior", "decoder", "frozen_t5", "learned_sigma_inpaint"):
-        wd = _made_once(tmp_path_factory, f"straight_{name}",
-                        lambda p, name=name: run(tiny(data_dir, name), p))
-        out[name] = (restore_step(tiny(data_dir, name), wd, 4), wd)
-    return out
+
+    class Runs(dict):
+        def __missing__(self, name):
+            if name == "diffusion":
+                self[name] = request.getfixturevalue("tiny_run")
+                return self[name]
+            if name in FROZEN_OF:
+                request.getfixturevalue(FROZEN_OF[name])
+            wd = _made_once(tmp_path_factory, f"straight_{name}",
+                            lambda p: run(tiny(data_dir, name), p))
+            self[name] = (restore_step(tiny(data_dir, name), wd, 4), wd)
+            return self[name]
+    return Runs()
