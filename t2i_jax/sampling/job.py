@@ -61,6 +61,26 @@ class JobResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class _StageSetup:
+    """What the job prepared for one stage's run: its program, condition and guide rows [P],
+    parameters on the job's devices, key, input source, and where its outputs go."""
+    gen: object
+    cond_rows: object
+    guide_rows: list
+    guide_params: tuple
+    params: object
+    rng: object
+    source: object           # stage 0's Given, or the stage before's _Outputs (or None)
+    directory: str
+    kind: str
+    mesh: object
+    put: object              # host array -> this job's row sharding
+    batch_size: int
+    lead: bool
+    progress: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class _Outputs:
     """A stage's outputs, read back as the next stage's input (process 0 reads the files)."""
     directory: str
@@ -121,12 +141,13 @@ def run_job(plan: Plan, outdir: str, *, batch_size: int = 64, devices: Optional[
             skipped += len(done)
             todo_idx = (np.concatenate([np.arange(*spec.shard_bounds(s)) for s in todo]) if todo
                         else np.zeros((0,), np.int64))
-            stats, non_finite = _run_stage(spec, run, k, todo_idx, dict(
+            stats, non_finite = _run_stage(spec, run, k, todo_idx, _StageSetup(
                 gen=programs[k], cond_rows=conds[k], guide_rows=guide_rows[k],
-                params=place(run.trained.params), rng=stage_rng(rng, k), put=put, n_dev=n_dev,
-                batch_size=batch_size, directory=dirs[k], kind=kinds[k], progress=progress and lead,
-                source=run.given if run.given is not None else previous, lead=lead,
-                guide_params=tuple(place(g.trained.params) for g in run.guides), mesh=mesh))
+                guide_params=tuple(place(g.trained.params) for g in run.guides),
+                params=place(run.trained.params), rng=stage_rng(rng, k),
+                source=run.given if run.given is not None else previous, directory=dirs[k],
+                kind=kinds[k], mesh=mesh, put=put, batch_size=batch_size, lead=lead,
+                progress=progress and lead))
             stage_stats.append(dict(
                 stage=k, workdir=run.trained.workdir, generated=stats["generated"],
                 seconds=stats["seconds"], images_per_s=stats["images_per_s"],
@@ -153,67 +174,67 @@ def run_job(plan: Plan, outdir: str, *, batch_size: int = 64, devices: Optional[
     return result
 
 
-def _run_stage(spec, run, k: int, todo_idx: np.ndarray, c: dict) -> tuple:
+def _run_stage(spec, run, k: int, todo_idx: np.ndarray, c: _StageSetup) -> tuple:
     """Stage k's images `todo_idx`, written shard by shard: (its speed, the indices whose
-    outputs were not finite: nothing was written for them). c: what the job set up for it."""
+    outputs were not finite: nothing was written for them)."""
     from tqdm import tqdm
-    total, put, lead = spec.num_images, c["put"], c["lead"]
+    total, put, lead, n_dev = spec.num_images, c.put, c.lead, c.mesh.devices.size
     left_in_shard = {}
     for i in todo_idx:
         s = int(i) // spec.shard_size
         left_in_shard[s] = left_in_shard.get(s, 0) + 1
     # Every call has this many rows (the last one padded): one compilation per stage.
-    per_call = math.ceil(min(c["batch_size"], max(len(todo_idx), 1)) / c["n_dev"]) * c["n_dev"]
-    record_fn = spec.stage_record_fn(k, c["kind"])
+    per_call = math.ceil(min(c.batch_size, max(len(todo_idx), 1)) / n_dev) * n_dev
+    record_fn = spec.stage_record_fn(k, c.kind)
     guide_scales = np.asarray([g.scale for g in run.guides], np.float32)
     extras: dict = {}
     bar = tqdm(total=total, initial=total - len(todo_idx), unit="img",
                desc="sample" if spec.num_stages == 1 else f"stage {k}", dynamic_ncols=True,
-               disable=not c["progress"])
+               disable=not c.progress)
     generated, t0, t_first, n_after_first = 0, time.perf_counter(), None, 0
     non_finite: list = []
     try:
-        with jax.set_mesh(c["mesh"]):
+        with jax.set_mesh(c.mesh):
             for b0 in range(0, len(todo_idx), per_call):
                 idx = todo_idx[b0:b0 + per_call]
                 full = np.concatenate([idx, np.full(per_call - len(idx), idx[-1])])
                 g, p, s, sid = spec.decompose(full)
                 rows_of = lambda tree: jax.tree_util.tree_map(  # noqa: E731
                     lambda a: put(np.asarray(a)[p]), tree)
-                cond = rows_of(c["cond_rows"])
+                cond = rows_of(c.cond_rows)
                 if run.family.stage_input is not None:  # what the stage before (or the job) gives
-                    given = c["source"].rows(full, p, s)
+                    given = c.source.rows(full, p, s)
                     cond = cond.replace(**{name: put(v) for name, v in
                                            run.family.stage_fields(given, run.aug_level).items()})
                 if run.inpaint is not None:  # its prompt row's image and mask
                     cond = cond.replace(known=put(np.ascontiguousarray(run.inpaint.image[p])),
                                         known_mask=put(np.ascontiguousarray(run.inpaint.mask[p])))
-                args = (put(run.weights(g)), put(sid.astype(np.int32)), c["guide_params"],
-                        tuple(rows_of(r) for r in c["guide_rows"]), guide_scales)
-                x = c["gen"](c["params"], cond, c["rng"], *args)
+                args = (put(run.weights(g)), put(sid.astype(np.int32)), c.guide_params,
+                        tuple(rows_of(r) for r in c.guide_rows), guide_scales)
+                x = c.gen(c.params, cond, c.rng, *args)
                 if run.best_of is not None:
                     x, won, best = run.best_of.select(
-                        lambda key: c["gen"](c["params"], cond, key, *args), cond, rows_of,
-                        c["rng"], x)
+                        lambda key: c.gen(c.params, cond, key, *args), cond, rows_of,
+                        c.rng, x)
                     won, best = distributed.to_host((won, best))
                     for i, rec in zip(idx, run.best_of.records(won[:len(idx)], best[:len(idx)])):
                         extras[int(i)] = rec
                 x = distributed.to_host(x)[:len(idx)]  # every process: same decisions
                 finite = np.isfinite(x).reshape(len(idx), -1).all(axis=1)
                 non_finite.extend(int(i) for i in idx[~finite])
-                if c["kind"] == "image":
+                if c.kind == "image":
                     x = images.to_uint8(np.where(
                         finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0))
                 for i, out, ok in zip(idx, x, finite):
                     if not ok:
                         continue  # nothing is written for it: its shard stays unfinished
                     if lead:
-                        out_lib.save_output(c["directory"], c["kind"], int(i), out)
+                        out_lib.save_output(c.directory, c.kind, int(i), out)
                     shard = int(i) // spec.shard_size
                     left_in_shard[shard] -= 1
                     if left_in_shard[shard] == 0 and lead:
                         # The shard's record file after all its outputs: it means "done".
-                        files.write_jsonl(os.path.join(c["directory"], out_lib.shard_file(shard)),
+                        files.write_jsonl(os.path.join(c.directory, out_lib.shard_file(shard)),
                                           [dict(record_fn(j), **extras.pop(j, {}))
                                            for j in range(*spec.shard_bounds(shard))])
                 generated += len(idx)
