@@ -72,14 +72,18 @@ def test_every_family_resumes_exactly_after_kill_9(data_dir, straight_runs, tmp_
            f"--workdir={wd}", f"--config.data.data_dir={data_dir}",
            "--config.train.num_steps=100000", "--progress=false"]
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while not (wd / "checkpoints" / "2").is_dir():
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint after 240 s"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    log = tmp_path / "train.log"  # a file, not a pipe nobody reads: a chatty child never blocks
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while not (wd / "checkpoints" / "2").is_dir():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint after 240 s: " + log.read_text()[-3000:]
+            time.sleep(0.01)
+    finally:  # killed however the wait ends: a failed wait leaves no 100000-step run behind
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     saved = ckpt_lib.Checkpointer(str(wd / "checkpoints")).latest_step()
     assert saved >= 2 and saved % 2 == 0
     total = max(4, saved + 2)  # the constant learning rate does not depend on num_steps
