@@ -9,33 +9,15 @@ a mask-conditioned model (model.inpaint), RePaint (with --repaint_jumps) for any
 
 from __future__ import annotations
 
-import hashlib
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 
+from t2i_jax import user_images
 from t2i_jax.diffusion import inpainting
 
-
-def _read_image(path: str, flag: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-    if not os.path.isfile(path):
-        raise ValueError(f"{flag} {path} is not a file (pass a PNG or JPEG image).")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("L", "RGB"):
-                im = im.convert("RGB") if flag == "--inpaint" else im.convert("L")
-            return np.asarray(im)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{flag} {path} is not a readable image ({e}); pass a PNG or JPEG "
-                         "file.") from None
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+# A mask's level (in [-1, 1]) from which its pixel is kept: 128 of 255 and above is white.
+MASK_THRESHOLD = 128 / 127.5 - 1.0
 
 
 def parse_box(text: str) -> tuple:
@@ -61,41 +43,36 @@ def load_inpaint(image: str, shape: Sequence[int], *, mask: Optional[str] = None
     if method not in inpainting.METHODS:
         raise ValueError(f"unknown inpainting method {method!r}; choose one of {inpainting.METHODS}.")
     h, w, c = (int(v) for v in shape)
-    x = _read_image(image, "--inpaint")
-    if x.ndim == 2:
-        x = x[..., None]
-    if c == 1 and x.shape[-1] == 3:
-        if not np.array_equal(x, x[..., :1].repeat(3, -1)):
-            raise ValueError(f"--inpaint {image} is a colour image, but the model makes grey "
-                             "images: pass a grey image.")
-        x = x[..., :1]
-    if c == 3 and x.shape[-1] == 1:
-        x = x.repeat(3, -1)
+    img = user_images.read(image, c, "--inpaint")  # as a viewer shows it, at the model's channels
+    x = img.pixels
     if x.shape[:2] != (h, w):
         raise ValueError(f"--inpaint {image} is {x.shape[1]}x{x.shape[0]} (width x height), but "
                          f"the model makes {w}x{h} images: resize it to {w}x{h} first.")
     if mask is not None:
-        m = _read_image(mask, "--mask")
-        if m.ndim == 3:
-            m = m[..., 0] if m.shape[-1] == 1 else m.mean(-1)
+        mk = user_images.read(mask, 1, "--mask")
+        m = mk.pixels[..., 0]
         if m.shape != (h, w):
             raise ValueError(f"--mask {mask} is {m.shape[1]}x{m.shape[0]} (width x height), but "
                              f"the image is {w}x{h}: the mask must have the image's size.")
-        known = (m >= 128).astype(np.float32)[..., None]
-        mask_record = {"mask": os.path.abspath(mask), "mask_sha256": _sha256(mask)}
+        known = (m >= MASK_THRESHOLD).astype(np.float32)[..., None]
+        mask_record = {"mask": mk.record["path"], "mask_sha256": mk.record["sha256"],
+                       "mask_pixels_sha256": mk.record["pixels_sha256"]}
     else:
         known = inpainting.box_mask(h, w, box)
         mask_record = {"mask_box": [int(v) for v in box]}
     n_known = int(known.sum())
     if n_known == 0:
-        raise ValueError("the mask has no known pixel (all black, or the box covers the whole "
-                         "image): everything would be regenerated, which is plain sampling; drop "
-                         "--inpaint, or mark the pixels to keep in white.")
+        raise ValueError("the mask has no known pixel (every level is below 128, i.e. dark: "
+                         "regenerate; or the box covers the whole image): everything would be "
+                         "regenerated, which is plain sampling; drop --inpaint, or mark the pixels "
+                         "to keep in white.")
     if n_known == h * w:
-        raise ValueError("the mask has no unknown pixel (all white, or an empty box): there is "
-                         "nothing to regenerate; mark the region to regenerate in black.")
-    record = {"method": method, "image": os.path.abspath(image), "image_sha256": _sha256(image),
-              **mask_record, "known_fraction": round(n_known / (h * w), 6)}
+        raise ValueError("the mask has no pixel to regenerate (every level is 128 or more, which "
+                         "counts as white: keep; or the box is empty): mark the region to "
+                         "regenerate in black.")
+    record = {"method": method, "image": img.record["path"], "image_sha256": img.record["sha256"],
+              "image_pixels_sha256": img.record["pixels_sha256"], **mask_record,
+              "known_fraction": round(n_known / (h * w), 6)}
     if method == "repaint":
         record.update(jumps=int(jumps), jump_length=int(jump_length))
-    return np.asarray(x, np.float32) / 127.5 - 1.0, known, record
+    return x, known, record

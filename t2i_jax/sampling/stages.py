@@ -43,6 +43,7 @@ class Stage:
     options: SampleOptions
     guidance: float
     aug_level: float
+    flags: tuple = ("--guidance", "--thresholding")  # the flags that set its weight, thresholding
 
     def record(self, k: int) -> dict:
         o = self.options
@@ -131,34 +132,29 @@ def stage_options(trained: Trained, *, sampler=None, steps=None, eta=None, thres
 
 
 def load_low_res(path: str, shape: tuple, flag: str = "--low_res") -> tuple:
-    """(uint8 [N, h, w, C], its record) of `--low_res` PNGs (a file, or a directory's *.png in
-    name order) or an npz (arr_0 [N, h, w, C] uint8, the layout sample.py --npz writes),
-    refused unless every image is `shape` (h, w, C)."""
-    from t2i_jax import images
+    """(uint8 [N, h, w, C], its record) of `--low_res` images (a file, or a directory's *.png in
+    name order; each read as a viewer shows it, at the model's channels: user_images.read) or
+    an npz (arr_0 [N, h, w, C] uint8, the layout sample.py --npz writes), refused unless every
+    image is `shape` (h, w, C). The record's sha256 is of the decoded pixels."""
+    from t2i_jax import user_images
     if not os.path.exists(path):
         raise ValueError(f"{flag} {path} does not exist.")
+    c = int(shape[-1])
     if os.path.isdir(path):
         names = sorted(glob.glob(os.path.join(path, "*.png")))
         if not names:
             raise ValueError(f"{flag} {path} holds no .png files.")
-        arrays = []
-        for name in names:
-            try:
-                arrays.append(images.load_png(name))
-            except Exception as e:  # noqa: BLE001  (PIL raises many kinds)
-                raise ValueError(f"{flag}: cannot read {name} as an image ({e}).") from None
+        arrays = [user_images.read(name, c, flag).uint8 for name in names]
     elif path.endswith(".npz"):
-        with np.load(path) as z:
-            if "arr_0" not in z:
-                raise ValueError(f"{flag} {path} has no arr_0 (uint8 [N, h, w, C]).")
-            arrays = list(np.asarray(z["arr_0"]))
-    else:
         try:
-            arrays = [images.load_png(path)]
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"{flag}: cannot read {path} as an image ({e}); pass "
-                             + ("PNGs, a directory of them, or an npz." if flag == "--low_res"
-                                else "image files (PNG).")) from None
+            with np.load(path) as z:
+                if "arr_0" not in z:
+                    raise ValueError(f"{flag} {path} has no arr_0 (uint8 [N, h, w, C]).")
+                arrays = list(np.asarray(z["arr_0"]))
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{flag} {path} is not a readable npz ({e}).") from None
+    else:
+        arrays = [user_images.read(path, c, flag).uint8]
     h, w, c = shape
     out = []
     for i, a in enumerate(arrays):
