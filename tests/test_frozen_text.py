@@ -116,8 +116,8 @@ def test_encode_command_writes_the_ports_features_and_make_tiny_keeps_a_model(ti
                                                                              capsys):
     out = tmp_path / "f.npz"
     texts = ["a small red circle", "数字 ✨", ""]
-    pretrained_cli.main(["encode", tiny_t5, "--out", str(out), "--max_length", "12"]
-                    + [a for t in texts for a in ("--text", t)])
+    assert pretrained_cli.run(["encode", tiny_t5, "--out", str(out), "--max_length", "12"]
+                              + [a for t in texts for a in ("--text", t)]) == 0
     got = np.load(out)
     enc = pretrained.load(tiny_t5, max_length=12)
     toks = enc.tokenizer(texts)
@@ -130,10 +130,12 @@ def test_encode_command_writes_the_ports_features_and_make_tiny_keeps_a_model(ti
     m = toks.mask[..., None]
     np.testing.assert_allclose(got["pooled"], (got["tokens"] * m).sum(1) / m.sum(1), rtol=1e-5,
                                atol=1e-6)
-    with pytest.raises(SystemExit, match="already holds a model"):
-        pretrained_cli.main(["make-tiny", tiny_t5])
-    with pytest.raises(SystemExit, match="--size base is available for --kind t5 only"):
-        pretrained_cli.main(["make-tiny", str(tmp_path / "c"), "--kind", "clip", "--size", "base"])
+    capsys.readouterr()
+    assert pretrained_cli.run(["make-tiny", tiny_t5]) == 2
+    assert "already holds a model" in capsys.readouterr().err
+    assert pretrained_cli.run(["make-tiny", str(tmp_path / "c"), "--kind", "clip", "--size",
+                               "base"]) == 2
+    assert "--size base is available for --kind t5 only" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
     # The command line itself, once: prog, subcommand and exit code as a user sees them.
     done = subprocess.run([sys.executable, "-m", "t2i_jax.models.pretrained", "encode",
@@ -299,7 +301,7 @@ def test_sampling_with_a_frozen_t5_is_the_same_on_1_and_8_devices_and_any_batch(
 
 @pytest.mark.slow
 def test_a_frozen_clip_conditions_a_model_and_its_image_tower_encodes_from_the_command_line(
-        data_dir, tmp_path):
+        data_dir, tmp_path, capsys):
     import ml_collections
     from PIL import Image
     d = tiny_pretrained.write_tiny_clip(str(tmp_path / "clip"))
@@ -329,14 +331,16 @@ def test_a_frozen_clip_conditions_a_model_and_its_image_tower_encodes_from_the_c
         paths.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(paths[-1])
     out = tmp_path / "img.npz"
-    pretrained_cli.main(["encode", d, "--image", paths[0], "--image", paths[1], "--out", str(out)])
+    assert pretrained_cli.run(["encode", d, "--image", paths[0], "--image", paths[1], "--out",
+                               str(out)]) == 0
     images = np.stack([np.asarray(Image.open(p), np.float32) / 127.5 - 1 for p in paths])
     want = pretrained.load_image_encoder(d).encode(images)
     got = np.load(out)
     assert got["image_embeds"].shape == (2, 16)
     np.testing.assert_allclose(got["image_embeds"], want.image_embeds, rtol=1e-6, atol=1e-6)
     assert not np.allclose(got["image_embeds"][0], got["image_embeds"][1])
-    with pytest.raises(SystemExit, match="is not a readable image"):
-        pretrained_cli.main(["encode", d, "--image", str(wd / "metrics.jsonl"), "--out",
-                         str(tmp_path / "x.npz")])
+    capsys.readouterr()
+    assert pretrained_cli.run(["encode", d, "--image", str(wd / "metrics.jsonl"), "--out",
+                               str(tmp_path / "x.npz")]) == 1
+    assert "is not an image Pillow can read" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()

@@ -51,6 +51,26 @@ def clip_bpe(vocab: dict, merges: Sequence[Tuple[str, str]], unk_token: str = EO
         continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk_token)))
 
 
+def _read(reader, *paths):
+    """reader(*paths), with a damaged file named in a ValueError (the tokenizers library raises
+    a bare Exception from Rust)."""
+    try:
+        return reader(*paths)
+    except Exception as e:  # noqa: BLE001
+        from t2i_jax.errors import short_cause
+        raise ValueError(f"{' / '.join(paths)}: not a readable tokenizer file ({short_cause(e, 120)}"
+                         "): it is damaged or truncated; copy it again from the checkpoint's "
+                         "publisher.") from None
+
+
+def _json(path: str):
+    with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    if not isinstance(d, dict):
+        raise ValueError("not a JSON object")
+    return d
+
+
 def _special_tokens(directory: str) -> dict:
     """bos/eos/unk/pad token strings: tokenizer_config.json, then special_tokens_map.json (which
     wins), else CLIP's (openai's pads with <|endoftext|>)."""
@@ -58,8 +78,7 @@ def _special_tokens(directory: str) -> dict:
     for file in ("tokenizer_config.json", "special_tokens_map.json"):
         path = os.path.join(directory, file)
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
+            d = _read(_json, path)
             for key in out:
                 value = d.get(key)
                 value = value.get("content") if isinstance(value, dict) else value
@@ -105,13 +124,13 @@ class CLIPTokenizer:
         specials = _special_tokens(directory)
         path = os.path.join(directory, "tokenizer.json")
         if os.path.isfile(path):
-            return cls(Tokenizer.from_file(path), max_length, vocab_size, specials, path)
+            return cls(_read(Tokenizer.from_file, path), max_length, vocab_size, specials, path)
         vocab_path, merges_path = (os.path.join(directory, n) for n in ("vocab.json", "merges.txt"))
         if not (os.path.isfile(vocab_path) and os.path.isfile(merges_path)):
             raise ValueError(f"{directory} has no CLIP tokenizer: it needs tokenizer.json, or "
                              "vocab.json and merges.txt (as published with the checkpoint; for "
                              "Stable Diffusion, its tokenizer/ folder).")
-        vocab, merges = models.BPE.read_file(vocab_path, merges_path)
+        vocab, merges = _read(models.BPE.read_file, vocab_path, merges_path)
         bpe = clip_bpe(vocab, merges, specials["unk_token"])
         bpe.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t in dict.fromkeys(specials.values())])

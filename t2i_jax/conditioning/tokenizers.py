@@ -59,9 +59,8 @@ def tokenize(texts: Sequence[str], max_length: int = 16, warn: bool = True) -> T
         row = [BOS] + [b + BYTE_OFFSET for b in kept] + [EOS]
         ids[i, :len(row)] = row
     if warn and truncated.any():
-        cut = [texts[i] for i in np.flatnonzero(truncated)[:3]]
-        warnings.warn(f"{int(truncated.sum())} prompt(s) longer than {max_length - 2} UTF-8 bytes were "
-                      f"truncated (e.g. {cut!r}); raise the text length in the config to keep them whole.",
+        warnings.warn(truncation_line(texts, truncated, max_length - 2, "UTF-8 bytes",
+                                      "raise the text length in the config to keep them whole"),
                       stacklevel=2)
     return Tokens(ids, ids != PAD, truncated)
 
@@ -97,9 +96,16 @@ def report_truncation(texts: Sequence[str], truncated, max_length: int, unit: st
     max_length counts, e.g. "UTF-8 bytes" or "T5 tokens")."""
     truncated = np.asarray(truncated)
     if truncated.any():
-        cut = [texts[i] for i in np.flatnonzero(truncated)[:3]]
-        warnings.warn(f"{int(truncated.sum())} prompt(s) longer than {max_length} {unit} were "
-                      f"truncated (e.g. {cut!r}); {fix}.", stacklevel=3)
+        warnings.warn(truncation_line(texts, truncated, max_length, unit, fix), stacklevel=3)
+
+
+def truncation_line(texts: Sequence[str], truncated, max_length: int, unit: str, fix: str) -> str:
+    """One line, however long the prompts: how many were cut, the first (its start and length)."""
+    idx = np.flatnonzero(np.asarray(truncated))
+    first = texts[idx[0]]
+    quote = repr(first if len(first) <= 60 else first[:57] + "...")
+    return (f"{len(idx)} prompt(s) longer than {max_length} {unit} were truncated (e.g. prompt "
+            f"{idx[0]}, {len(first)} characters: {quote}); {fix}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +153,14 @@ class T5Tokenizer:
         if not os.path.isfile(path):
             raise ValueError(f"no {path}: a T5 directory needs its SentencePiece model `spiece.model` "
                              "(as published with the checkpoint) to tokenize prompts.")
-        return cls(spm.SentencePieceProcessor(model_file=path), max_length, vocab_size, path)
+        try:
+            processor = spm.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:  # sentencepiece's parse failure is a RuntimeError
+            from t2i_jax.errors import short_cause
+            raise ValueError(f"{path} is not a readable SentencePiece model ({short_cause(e, 120)})"
+                             ": it is damaged or truncated; copy it again from the checkpoint's "
+                             "publisher.") from None
+        return cls(processor, max_length, vocab_size, path)
 
     def __call__(self, texts: Sequence[str], warn: bool = True) -> Tokens:
         texts = check_texts(texts)

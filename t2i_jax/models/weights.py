@@ -22,6 +22,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from t2i_jax import files
+
 TRANSFORMS = ("none", "transpose", "conv")
 # flax path "a/b/kernel" -> (publisher names (first present wins), publisher shape, transform)
 ParamMap = Dict[str, Tuple[Tuple[str, ...], Tuple[int, ...], str]]
@@ -60,6 +62,12 @@ def _nest(flat: dict) -> dict:
     return out
 
 
+def brief(problems: list, shown: int = 2) -> str:
+    """The first `shown` problems and how many more: one readable line, however many tensors."""
+    more = len(problems) - shown
+    return "; ".join(problems[:shown]) + (f"; and {more} more" if more > 0 else "")
+
+
 def params_from_tensors(pmap: ParamMap, tensors: Dict[str, np.ndarray]) -> dict:
     """{"params": nested Flax params} from a dict of publisher tensors (host numpy, whole);
     ValueError naming each missing or misshapen tensor. The sharded path is `load_params`."""
@@ -75,28 +83,32 @@ def params_from_tensors(pmap: ParamMap, tensors: Dict[str, np.ndarray]) -> dict:
             continue
         flat[path] = to_flax_layout(a, transform)
     if problems:
-        raise ValueError("the weights do not fit the model: " + "; ".join(problems) + ".")
+        raise ValueError("the weights do not fit the model: " + brief(problems) + ".")
     return {"params": _nest(flat)}
 
 
 def write_safetensors(directory: str, tensors: Dict[str, np.ndarray], shards: int = 1) -> None:
     """Writes tensors as the publisher does: `model.safetensors`, or with shards > 1
     `model-0000i-of-0000N.safetensors` and `model.safetensors.index.json` (its weight_map)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
+
+    def write(file, part):  # atomically, with the usual file mode (not safetensors' 0600)
+        with files.atomic_open(os.path.join(directory, file), "wb") as f:
+            f.write(save(part, metadata={"format": "pt"}))
+
     os.makedirs(directory, exist_ok=True)
     names = sorted(tensors)
     if shards <= 1:
-        save_file({n: np.ascontiguousarray(tensors[n]) for n in names},
-                  os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        write("model.safetensors", {n: np.ascontiguousarray(tensors[n]) for n in names})
         return
     weight_map, total = {}, 0
     for s in range(shards):
         file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         part = {n: np.ascontiguousarray(tensors[n]) for n in names[s::shards]}
-        save_file(part, os.path.join(directory, file), metadata={"format": "pt"})
+        write(file, part)
         weight_map.update({n: file for n in part})
         total += sum(a.nbytes for a in part.values())
-    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    with files.atomic_open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
@@ -217,7 +229,8 @@ def load_params(directory: str, pmap: ParamMap, *, mesh=None, dtype="float32"):
             chosen[path] = (name, transform)
         if problems:
             raise ValueError(f"the weights in {directory} do not fit its config.json: "
-                             + "; ".join(problems) + ".")
+                             + brief(problems) + " (is config.json the one published with these "
+                             "weights?).")
         flat = {}
         for path, (name, transform) in chosen.items():
             shape = flax_shape(pmap[path][1], transform)
