@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -70,9 +71,45 @@ def _die_with_parent() -> None:
         pass
 
 
-def _pump(stream, out, prefix: bytes) -> None:
+# Where a crash report starts (a C++ CHECK failure or fatal signal, Python's faulthandler): from
+# there on the process's output is a stack trace, which goes to a log file, not the terminal.
+_CRASH = re.compile(rb"^(\*\*\* (Check failure stack trace|SIG[A-Z]+ received)|Fatal Python error"
+                    rb"|PC: @ |\s*@\s+0x[0-9a-fA-F]+|(Current thread|Thread) 0x[0-9a-fA-F]+)")
+
+
+class _CrashFilter:
+    """Passes a child's lines until its crash report starts; keeps the report in a log file and
+    says so in one line when the stream ends."""
+
+    def __init__(self, name: str):
+        self.name, self.kept, self.path = name, [], None
+
+    def passes(self, segment: bytes) -> bool:
+        if not self.kept and not _CRASH.match(segment):
+            return True
+        self.kept.append(segment)
+        return False
+
+    def close(self) -> Optional[bytes]:
+        if not self.kept:
+            return None
+        import tempfile
+        self.path = os.path.join(tempfile.gettempdir(), f"t2i_jax-launch-{os.getpid()}.log")
+        try:
+            with open(self.path, "ab") as f:
+                f.write(f"--- {self.name}\n".encode() + b"".join(self.kept))
+            where = f"written to {self.path}"
+        except OSError:
+            where = "not kept (the temporary directory is not writable)"
+        return (f"{PREFIX} {self.name} crashed; its stack trace ({len(self.kept)} lines) was "
+                f"{where}.\n").encode()
+
+
+def _pump(stream, out, prefix: bytes, crash: Optional[_CrashFilter] = None) -> None:
     """Copies a child's output to `out` segment by segment (a progress bar's \\r updates pass at
-    once), prefixing lines of processes > 0 and dropping gloo's connection notices."""
+    once), prefixing lines of processes > 0, dropping gloo's connection notices, and (`crash`)
+    keeping a crash report's stack trace off the terminal."""
+    crash = crash or _CrashFilter("the process")
     buf, fresh = b"", True
     while True:
         chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
@@ -84,13 +121,18 @@ def _pump(stream, out, prefix: bytes) -> None:
             if cut < 0:
                 break
             segment, buf = buf[:cut + 1], buf[cut + 1:]
-            if b"[Gloo]" in segment or b"peer ranks" in segment:
+            if b"[Gloo]" in segment or b"peer ranks" in segment or not crash.passes(segment):
                 continue
             out.write((prefix if fresh and prefix else b"") + segment)
             out.flush()
             fresh = segment.endswith(b"\n")
-    if buf:
+    if buf and crash.passes(buf):
         out.write((prefix if fresh and prefix else b"") + buf)
+        out.flush()
+        fresh = buf.endswith(b"\n")
+    line = crash.close()
+    if line:
+        out.write((b"" if fresh else b"\n") + line)
         out.flush()
 
 
@@ -125,7 +167,8 @@ def launch(argv: list, num_processes: int, devices_per_process: int, *, port: in
     for i, p in enumerate(procs):
         prefix = f"[process {i}] ".encode() if i else b""
         for stream, sink in ((p.stdout, out), (p.stderr, err)):
-            t = threading.Thread(target=_pump, args=(stream, sink, prefix), daemon=True)
+            t = threading.Thread(target=_pump, args=(stream, sink, prefix,
+                                                     _CrashFilter(f"process {i}")), daemon=True)
             t.start()
             pumps.append(t)
         err.write(f"{PREFIX} process {i} of {num_processes}: pid {p.pid}, "

@@ -356,3 +356,37 @@ def test_a_sampling_job_on_two_processes_survives_a_kill_and_writes_what_one_wri
     # one process's: seen, 1 of 16384 values one level off): at most one level, rarely.
     diff = np.abs(x.astype(int) - ref.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_a_crashed_process_s_stack_trace_stays_off_the_terminal(tmp_path):
+    """A survivor that aborts when its peer dies (a C++ CHECK failure's glog trace, then Python's
+    faulthandler dump) reaches the terminal as its lines before the crash plus one line naming
+    the log that holds the trace."""
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import faulthandler, os, sys\n"
+        "faulthandler.enable()\n"
+        "i = int(next(a for a in sys.argv if a.startswith('--process_id')).split('=')[1])\n"
+        "print(f'step 1 of process {i}', flush=True)\n"
+        "if i == 1:\n"
+        "    sys.stderr.write('F1207 05:00:00.000000 77 client.cc:42] Terminating process because "
+        "the coordination service has stopped\\n*** Check failure stack trace: ***\\n'\n"
+        "                     + ''.join(f'    @     0x7f00000{k:05x}  absl::Frame{k}()\\n' "
+        "for k in range(12)))\n"
+        "    sys.stderr.flush()\n"
+        "    os.abort()\n")
+    from t2i_jax import launch
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        code = launch.launch([str(script)], 2, 1, grace=1, stdout=o, stderr=e)
+    text = out.read_text() + err.read_text()
+    assert code == 128 + signal.SIGABRT
+    assert "step 1 of process 0" in text and "[process 1] step 1 of process 1" in text
+    assert "Terminating process because the coordination service has stopped" in text
+    assert not re.search(r"@\s+0x|Check failure stack trace|Fatal Python error|Current thread",
+                         text), text
+    m = re.search(r"process 1 crashed; its stack trace \((\d+) lines\) was written to (\S+)\.",
+                  text)
+    assert m and int(m.group(1)) >= 13, text
+    assert "Fatal Python error" in open(m.group(2)).read()
+    assert len(text.splitlines()) <= 8, text
