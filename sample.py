@@ -65,7 +65,7 @@ THRESHOLDINGS = ("static", "dynamic", "none")
 def parse_args(argv):
     """The flags, checked (argparse's refusals, exit 2): args.request is the sampling Request."""
     from t2i_jax.errors import ArgumentParser  # imports no jax
-    from t2i_jax.sampling.request import Request  # imports no jax
+    from t2i_jax.sampling.request import Request, glue_values  # imports no jax
     p = ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a training workdir (its checkpoints/ is read)")
@@ -97,6 +97,9 @@ def parse_args(argv):
                    help="images per resumable shard (part of the job's identity)")
     p.add_argument("--grid_columns", type=int, default=16, help="images per grid row at most")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--frozen", action="append", default=[], metavar="RECORDED=DIR",
+                   help="a frozen model (autoencoder, CLIP, T5) that moved: its recorded path, "
+                        "its new one (the content is checked against the recorded hash)")
     g = p.add_argument_group("gradient guides (sampling/guides.py): eps~ = eps - sqrt(1 - abar_t) "
                              "* scale * grad_x f(x_t, t), after classifier-free guidance")
     g.add_argument("--classifier", metavar="DIR",
@@ -169,7 +172,7 @@ def parse_args(argv):
     i.add_argument("--repaint_jump_length", type=int, default=10, metavar="L")
     from t2i_jax import distributed  # imports no jax
     distributed.add_arguments(p)
-    args = p.parse_args(argv)
+    args = p.parse_args(glue_values(argv))
     try:
         args.group = distributed.from_args(args)
     except ValueError as e:

@@ -314,7 +314,10 @@ def test_6_non_finite_images_are_reported_and_not_written(tiny_workdir, tmp_path
     code, err = cli(capfd, sample_cli.run, sample_args(tiny_workdir, out, "--guidance", "1e30",
                                                       "--thresholding", "none"))
     assert code == 1 and len(err) <= 2, err  # the job's opening line, then the error
-    assert "4 of 4 images came out NaN or infinite (indices 0, 1, 2, 3" in err[-1], err
+    assert f"4 of 4 images of {tiny_workdir} came out NaN or infinite (indices 0, 1, 2, 3" \
+        in err[-1], err
+    # the options of the stage that made them, each with its flag
+    assert "Lower --guidance (now 1e+30); use --thresholding static or dynamic" in err[-1], err
     assert not list((out / "images").iterdir()) and not list((out / "shards").iterdir())
     assert not (out / "samples.jsonl").exists()  # not mistaken for finished
     json.loads((out / "stats.json").read_text())  # valid JSON (no NaN)

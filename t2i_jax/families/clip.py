@@ -21,7 +21,8 @@ FLAG = "config.model.clip"
 def load_clip(config) -> Frozen:
     """The CLIP of config.model.clip (or the one a stored model recorded), checked to be of the
     same data and image size, and to be the CLIP a stored model was trained with."""
-    frozen = load_frozen(resolve(config, "clip", FLAG), "contrastive", flag=FLAG)
+    path, step = resolve(config, "clip", FLAG)
+    frozen = load_frozen(path, "contrastive", flag=FLAG, step=step)
     check_same_data(config, frozen, FLAG, "CLIP",
                     "Point config.model.clip at a CLIP of this model's data set and image size "
                     "(e.g. configs/digits_clip.py's).")

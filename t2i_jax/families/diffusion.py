@@ -354,15 +354,17 @@ class Diffusion(Family):
 def load_frozen_text(config):
     """The frozen text encoder of config.model.text_encoder (None for "trained"); a stored
     model refuses another encoder than the one it was trained with."""
-    from t2i_jax.families.frozen import check_recorded
+    from t2i_jax.families.frozen import check_recorded, moved_message, recorded
     cfg = TextEncoderConfig.from_config(config.model)
     if not cfg.frozen:
         return None
     # A stored model's encoder: the absolute directory it recorded, where it still exists (a
     # sampler run from another directory than training, with a relative path in the config).
-    recorded = ((config.get("frozen", None) or {}).get("text_encoder", None) or {})
-    if recorded.get("workdir") and os.path.isdir(recorded["workdir"]):
-        cfg = dataclasses.replace(cfg, path=recorded["workdir"])
+    rec = recorded(config, "text_encoder")
+    if rec.get("workdir") and os.path.isdir(rec["workdir"]):
+        cfg = dataclasses.replace(cfg, path=rec["workdir"])
+    elif rec.get("workdir") and not os.path.isdir(os.path.expanduser(cfg.path or "")):
+        raise ValueError(moved_message("text encoder", rec))
     frozen = FrozenText.load(cfg, fsdp=int(config.train.get("fsdp", 1) or 1))
     check_recorded(config, "text_encoder", frozen, "its conditioning would read other text "
                    "features than it learned")

@@ -59,7 +59,8 @@ class LatentDiffusion(Diffusion):
         latent_cfg = LatentConfig.from_config(config)
         cls.refuse_pixel_thresholding(config.sample.get("thresholding", None),
                                       "config.sample.thresholding")
-        frozen = load_frozen(resolve(config, "autoencoder", FLAG), "autoencoder", flag=FLAG)
+        path, step = resolve(config, "autoencoder", FLAG)
+        frozen = load_frozen(path, "autoencoder", flag=FLAG, step=step)
         check_autoencoder(config, frozen)
         # a stored model: its autoencoder must be the one it was trained with
         check_recorded(config, "autoencoder", frozen, "its latents would decode wrongly")

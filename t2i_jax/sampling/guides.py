@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t2i_jax import user_images
 from t2i_jax.diffusion import forward
 from t2i_jax.sampling.load import Trained, load_trained
 
@@ -36,6 +37,11 @@ WANTS = {"--classifier": "noisy_classifier", "--clip": "contrastive"}  # for the
 # scales of the digits sweeps (docs/results.md), as configs/digits_classifier.py and
 # digits_clip.py set them.
 DEFAULT_SCALES = {"classifier": 3.0, "clip_text": 30.0, "clip_image": 100.0}
+SCALE_FLAGS = {"classifier": "--classifier_scale", "clip_text": "--clip_scale",
+               "clip_image": "--image_scale"}
+# Larger scales make the guide's gradient dwarf the model's prediction: every pixel saturates to
+# black or white (100 times the largest default).
+MAX_SCALE = 1e4
 REFERENCE_NOISE_STREAM = 13  # x'_t's fixed noise n' = normal(fold_in(key(seed), 13))
 
 
@@ -46,6 +52,11 @@ def check_scale(name: str, scale) -> float:
         value = float("nan")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0 (0 turns the guide off), got {scale}.")
+    if value > MAX_SCALE:
+        raise ValueError(f"{name} {value:g} is above {MAX_SCALE:g}: the guide's gradient would "
+                         "dwarf the model's prediction and push every pixel to black or white. "
+                         "The defaults are " + ", ".join(f"{v:g} ({SCALE_FLAGS[k]})" for k, v in
+                                                         DEFAULT_SCALES.items()) + ".")
     return value
 
 
@@ -80,9 +91,10 @@ def check_matches(guide: Trained, model: Trained, flag: str) -> None:
                          "model's data set, image size, channels and diffusion schedule.")
 
 
-def load_guide_model(workdir: str, flag: str, model: Trained, mesh=None) -> Trained:
+def load_guide_model(workdir: str, flag: str, model: Trained, mesh=None,
+                     frozen_paths=None) -> Trained:
     """The guide's EMA parameters, refused if it is the wrong family or made for other data."""
-    trained = load_trained(workdir, mesh=mesh)
+    trained = load_trained(workdir, mesh=mesh, frozen_paths=frozen_paths)
     if trained.family.guide_flag != flag:
         other = trained.family.guide_flag
         raise ValueError(f"{flag} {workdir} holds a {trained.family.name} model, not a "
@@ -110,7 +122,8 @@ class Guide:
                  scale=self.scale)
         if self.image is not None:
             d["image"] = os.path.abspath(self.image)
-            d["image_sha256"] = _sha256(self.image)
+            d["image_sha256"] = user_images.file_sha256(self.image)
+            d["image_pixels_sha256"] = user_images.pixels_sha256(self.reference)  # as resized
         return d
 
     def rows(self, prompts: Sequence[str]) -> Any:
@@ -159,28 +172,12 @@ def clip_score_fn(family):
     return family.program("clip_score", make)
 
 
-def _sha256(path: str) -> str:
-    import hashlib
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def load_reference(path: str, model: Trained) -> np.ndarray:
-    """The reference image resized to the model's size and channels, in [-1, 1]."""
-    from PIL import Image, UnidentifiedImageError
-
+    """The reference image (read as a viewer shows it: user_images.read) resized to the model's
+    size and channels, in [-1, 1]."""
     from t2i_jax.data.pipeline import process_image
-    try:
-        with Image.open(path) as im:
-            im.load()
-            arr = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
-    except FileNotFoundError:
-        raise ValueError(f"--guide_image {path} does not exist.") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"--guide_image {path} is not a readable image ({e}); pass a PNG or "
-                         "JPEG file.") from None
     size, channels = model.config.data.image_size, model.config.data.channels
-    return process_image(arr, size, channels)
+    return process_image(user_images.read(path, channels, "--guide_image").uint8, size, channels)
 
 
 def guide_fn(guides: Sequence[Guide]):

@@ -121,10 +121,21 @@ def run_job(plan: Plan, outdir: str, *, batch_size: int = 64, devices: Optional[
     total = spec.num_images
 
     def survey(k: int):
-        """Process 0: stage k's directory ready, and its finished shards."""
+        """Process 0: stage k's directory ready, and its finished shards: those whose files all
+        read back whole (a damaged one, which the next stage or the grid would read, is said
+        and its shard generated again)."""
         def fn() -> list:
             out_lib.prepare_stage_dir(dirs[k], kinds[k])
-            return sorted(out_lib.finished_shards(spec, dirs[k], spec.stage_record_fn(k, kinds[k])))
+            shape = tuple(runs[k].family.output_shape)
+            damaged: list = []
+            done = out_lib.finished_shards(
+                spec, dirs[k], spec.stage_record_fn(k, kinds[k]), damaged=damaged,
+                verify=lambda path: out_lib.intact(path, kinds[k], shape))
+            if damaged:
+                print(f"[t2i_jax] {len(damaged)} damaged output file(s) of "
+                      + (f"stage {k} " if num_stages > 1 else "") + f"(e.g. {damaged[0]}): "
+                      "their shards are generated again.", file=sys.stderr)
+            return sorted(done)
         return fn
 
     with distributed.lead_holds(out_lib.OutdirLock(outdir, enabled=lead)):
@@ -137,11 +148,8 @@ def run_job(plan: Plan, outdir: str, *, batch_size: int = 64, devices: Optional[
         stage_stats, skipped, previous = [], 0, None
         for k, run in enumerate(runs):
             done = set(distributed.lead_decides(survey(k)))  # the same list on every process
-            todo = [s for s in range(spec.num_shards) if s not in done]
             skipped += len(done)
-            todo_idx = (np.concatenate([np.arange(*spec.shard_bounds(s)) for s in todo]) if todo
-                        else np.zeros((0,), np.int64))
-            stats, non_finite = _run_stage(spec, run, k, todo_idx, _StageSetup(
+            stats, non_finite = _run_stage(spec, run, k, done, _StageSetup(
                 gen=programs[k], cond_rows=conds[k], guide_rows=guide_rows[k],
                 guide_params=tuple(place(g.trained.params) for g in run.guides),
                 params=place(run.trained.params), rng=stage_rng(rng, k),
@@ -157,7 +165,7 @@ def run_job(plan: Plan, outdir: str, *, batch_size: int = 64, devices: Optional[
                 if lead:
                     files.write_json(os.path.join(outdir, out_lib.STATS_FILE),
                                      _job_stats(stage_stats, n_dev))
-                raise NonFiniteImagesError(_non_finite_message(spec, non_finite, dirs[k]))
+                raise NonFiniteImagesError(_non_finite_message(spec, run, k, non_finite, dirs[k]))
             if lead and k < num_stages - 1 and kinds[k] == "image":
                 out_lib.assemble(spec, dirs[k], grid_columns=grid_columns,
                                  scale=max(1, 64 // run.family.output_shape[0]))
@@ -174,29 +182,45 @@ def run_job(plan: Plan, outdir: str, *, batch_size: int = 64, devices: Optional[
     return result
 
 
-def _run_stage(spec, run, k: int, todo_idx: np.ndarray, c: _StageSetup) -> tuple:
-    """Stage k's images `todo_idx`, written shard by shard: (its speed, the indices whose
-    outputs were not finite: nothing was written for them)."""
+def todo_batches(spec, done: set, per_call: int):
+    """The indices of the images of the shards not in `done`, in order, `per_call` at a time:
+    made as they are needed, so a job of any size is planned in constant memory."""
+    batch, n = [], 0
+    for shard in range(spec.num_shards):
+        if shard in done:
+            continue
+        lo, hi = spec.shard_bounds(shard)
+        while lo < hi:
+            take = min(hi - lo, per_call - n)
+            batch.append(np.arange(lo, lo + take))
+            lo, n = lo + take, n + take
+            if n == per_call:
+                yield np.concatenate(batch)
+                batch, n = [], 0
+    if batch:
+        yield np.concatenate(batch)
+
+
+def _run_stage(spec, run, k: int, done: set, c: _StageSetup) -> tuple:
+    """Stage k's images of the shards not in `done`, written shard by shard: (its speed, the
+    indices whose outputs were not finite: nothing was written for them)."""
     from tqdm import tqdm
     total, put, lead, n_dev = spec.num_images, c.put, c.lead, c.mesh.devices.size
-    left_in_shard = {}
-    for i in todo_idx:
-        s = int(i) // spec.shard_size
-        left_in_shard[s] = left_in_shard.get(s, 0) + 1
+    n_todo = total - sum(hi - lo for lo, hi in map(spec.shard_bounds, done))
+    left_in_shard: dict = {}  # images not yet written of each shard begun
     # Every call has this many rows (the last one padded): one compilation per stage.
-    per_call = math.ceil(min(c.batch_size, max(len(todo_idx), 1)) / n_dev) * n_dev
+    per_call = math.ceil(min(c.batch_size, max(n_todo, 1)) / n_dev) * n_dev
     record_fn = spec.stage_record_fn(k, c.kind)
     guide_scales = np.asarray([g.scale for g in run.guides], np.float32)
     extras: dict = {}
-    bar = tqdm(total=total, initial=total - len(todo_idx), unit="img",
+    bar = tqdm(total=total, initial=total - n_todo, unit="img",
                desc="sample" if spec.num_stages == 1 else f"stage {k}", dynamic_ncols=True,
                disable=not c.progress)
     generated, t0, t_first, n_after_first = 0, time.perf_counter(), None, 0
     non_finite: list = []
     try:
         with jax.set_mesh(c.mesh):
-            for b0 in range(0, len(todo_idx), per_call):
-                idx = todo_idx[b0:b0 + per_call]
+            for idx in todo_batches(spec, done, per_call):
                 full = np.concatenate([idx, np.full(per_call - len(idx), idx[-1])])
                 g, p, s, sid = spec.decompose(full)
                 rows_of = lambda tree: jax.tree_util.tree_map(  # noqa: E731
@@ -231,6 +255,9 @@ def _run_stage(spec, run, k: int, todo_idx: np.ndarray, c: _StageSetup) -> tuple
                     if lead:
                         out_lib.save_output(c.directory, c.kind, int(i), out)
                     shard = int(i) // spec.shard_size
+                    if shard not in left_in_shard:
+                        lo, hi = spec.shard_bounds(shard)
+                        left_in_shard[shard] = hi - lo
                     left_in_shard[shard] -= 1
                     if left_in_shard[shard] == 0 and lead:
                         # The shard's record file after all its outputs: it means "done".
@@ -267,14 +294,30 @@ def _job_stats(stage_stats: list, n_dev: int) -> dict:
     return out
 
 
-def _non_finite_message(spec, bad: list, outdir: str) -> str:
-    g = sorted({spec.guidance[int(k)] for k in spec.decompose(np.asarray(bad))[0]})
+def _non_finite_message(spec, run, k: int, bad: list, outdir: str) -> str:
+    """Which images of which stage came out NaN or infinite, and the options of THAT stage that
+    could be the cause (its guidance weight, its guides' scales, no thresholding)."""
+    from t2i_jax.sampling.guides import SCALE_FLAGS
+    weights = sorted({spec.guidance[int(j)] for j in spec.decompose(np.asarray(bad))[0]}) \
+        if k == 0 else list(run.guidance)
     shown = ", ".join(map(str, bad[:10])) + (f", ... ({len(bad)} in all)" if len(bad) > 10 else "")
-    return (f"{len(bad)} of {spec.num_images} images came out NaN or infinite (indices {shown}; "
-            f"guidance {g}, sampler {spec.sampler}, eta {spec.eta:g}, thresholding "
-            f"{spec.thresholding or 'none'}); nothing was written for them and {outdir} is not "
-            "complete. Lower --guidance or use --thresholding static or dynamic, in another "
-            "--outdir.")
+    o = run.options
+    stage = (f"stage {k} ({run.family.name}, {run.trained.workdir})" if spec.num_stages > 1
+             else run.trained.workdir)
+    flag_w, flag_t = run.flags
+    fixes = []
+    if any(w != 0 for w in weights) and run.family.conditioning.guidable:
+        fixes.append(f"lower {flag_w} (now {', '.join(f'{w:g}' for w in weights)})")
+    fixes += [f"lower {SCALE_FLAGS[g.kind]} (now {g.scale:g})" for g in run.guides if g.scale]
+    if flag_t and (o.thresholding or "none") == "none" and not run.family.not_pixels:
+        fixes.append(f"use {flag_t} static or dynamic")
+    advice = ("; ".join(fixes) + ", in another --outdir" if fixes else
+              "no guidance or guide is on, so the model itself gives non-finite values: check "
+              "its checkpoint (sample an earlier --step, or train it again)")
+    return (f"{len(bad)} of {spec.num_images} images of {stage} came out NaN or infinite "
+            f"(indices {shown}; sampler {o.sampler}, eta {o.eta:g}, thresholding "
+            f"{o.thresholding or 'none'}); nothing was written for them and {outdir} is not "
+            f"complete. {advice[0].upper() + advice[1:]}.")
 
 
 def print_summary(result: JobResult, stream=None) -> None:

@@ -46,11 +46,18 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema",
-                 mesh=None) -> Trained:
-    """Restores a checkpoint of `workdir` (the newest restorable one unless `step`)."""
+                 mesh=None, frozen_paths: Optional[dict] = None) -> Trained:
+    """Restores a checkpoint of `workdir` (the newest restorable one unless `step`);
+    frozen_paths {recorded workdir: new one}: its frozen models that moved (sample.py
+    --frozen), checked against their recorded content hashes."""
     if params not in PARAM_KINDS:
         raise ValueError(f"params must be one of {PARAM_KINDS}, got {params!r}.")
     directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory) and os.path.isfile(os.path.join(workdir, "config.json")):
+        raise NoCheckpointError(
+            f"{workdir} holds a pretrained model in its publisher's layout (config.json), not a "
+            "training workdir: a model's config reads it (config.model.text_encoder.path, for "
+            "a T5 or CLIP text encoder); pass the --workdir of a training run.")
     if not os.path.isdir(directory):
         raise NoCheckpointError(
             f"no checkpoint in {workdir}: {directory} does not exist. Train one first, e.g. "
@@ -67,7 +74,8 @@ def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema
             raise NoCheckpointError(f"no checkpoint of step {step} in {directory}; it has {steps}.")
         mesh = mesh if mesh is not None else mesh_lib.make_mesh(1)
         field = "ema_params" if params == "ema" else "params"
-        family, restored = restore_params(ckpt, field, mesh_lib.replicated(mesh), step=step)
+        family, restored = restore_params(ckpt, field, mesh_lib.replicated(mesh), step=step,
+                                          frozen_paths=frozen_paths)
     finally:
         ckpt.close()
     return Trained(family, restored.state[field], int(restored.step), params,

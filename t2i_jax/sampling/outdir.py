@@ -24,7 +24,7 @@ files are named .tmp-* and are never read as results; the rerun removes them und
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -84,24 +84,61 @@ def check_job_file(want: dict, outdir: str) -> None:
         files.write_json(path, want)
 
 
-def finished_shards(spec, outdir: str, record_fn=None) -> set:
+def intact(path: str, kind: str, shape: Sequence[int]) -> bool:
+    """Whether output file `path` reads back whole as a `kind` output of `shape` (H, W, C) or
+    (E,): a damaged, truncated or foreign file is not a finished output."""
+    try:
+        if kind == "image":
+            from PIL import Image
+            with Image.open(path) as im:
+                im.load()
+                x = np.asarray(im)
+            return tuple(x.shape if x.ndim == 3 else x.shape + (1,)) == tuple(shape) \
+                and x.dtype == np.uint8
+        x = np.load(path)
+        return tuple(x.shape) == tuple(shape) and bool(np.isfinite(x).all())
+    except Exception:  # noqa: BLE001  (any failure to read it back means: make it again)
+        return False
+
+
+def _shard_of(name: str) -> Optional[int]:
+    """The shard number of a shard file's name (shard_file), or None for any other file."""
+    stem, ext = os.path.splitext(name)
+    if ext == ".jsonl" and stem.isdigit():
+        s = int(stem)
+        return s if name == os.path.basename(shard_file(s)) else None
+    return None
+
+
+def finished_shards(spec, outdir: str, record_fn=None, verify=None, damaged=None) -> set:
     """Shards whose record file holds exactly this job's records (record_fn(i): a stage's, the
-    final records by default) and whose files all exist."""
+    final records by default) and whose files all exist (and pass verify(path), when given:
+    the paths that do not are added to the list `damaged`, and their shards are not done)."""
     record_fn = record_fn or spec.record
     done = set()
-    for s in range(spec.num_shards):
+    try:  # the shard files there are (not every shard's name: a job of any size is cheap)
+        names = os.listdir(os.path.join(outdir, os.path.dirname(shard_file(0))))
+    except OSError:
+        names = []
+    present = sorted(s for s in (_shard_of(n) for n in names) if s is not None
+                     and s < spec.num_shards)
+    for s in present:
         path = os.path.join(outdir, shard_file(s))
-        if not os.path.exists(path):
-            continue
         try:
             rows = files.read_jsonl(path)
         except (ValueError, OSError):
             continue  # unreadable: redo it
         want = [record_fn(i) for i in range(*spec.shard_bounds(s))]
         stripped = [{k: v for k, v in r.items() if k not in EXTRA_KEYS} for r in rows]
-        if stripped == want and all(
-                os.path.exists(os.path.join(outdir, r["file"])) for r in rows):
-            done.add(s)
+        paths = [os.path.join(outdir, r["file"]) for r in rows]
+        if stripped != want or not all(os.path.exists(p) for p in paths):
+            continue
+        bad = [p for p in paths if verify is not None and not verify(p)]
+        if bad:
+            if damaged is not None:
+                damaged.extend(bad)
+            continue
+        done.add(s)
     return done
 
 
@@ -162,6 +199,16 @@ def is_complete(outdir: str) -> bool:
     return os.path.exists(os.path.join(outdir, SAMPLES_FILE))
 
 
+def row_label(spec, record: dict) -> str:
+    """A grid row's label: its prompt (the null condition shown as such), and its guidance
+    weight where the job sweeps several."""
+    prompt = record.get("prompt", "")
+    text = f'"{prompt}"' if prompt else "(no prompt)"
+    if len(spec.guidance) > 1:
+        text = f"w={record.get('guidance')} {text}"
+    return text
+
+
 def assemble(spec, outdir: str, *, npz: bool = False, grid_columns: int = 16,
              scale: int = 1) -> None:
     """samples.jsonl, grid.png and (optionally) samples.npz from the finished shards."""
@@ -172,7 +219,8 @@ def assemble(spec, outdir: str, *, npz: bool = False, grid_columns: int = 16,
     cols = min(spec.num_per_prompt, grid_columns)
     picked = [r for r in rows if r["sample"] < cols][:MAX_GRID_ROWS * cols]
     grid = images.make_grid(np.stack([images.load_png(os.path.join(outdir, r["file"]))
-                                      for r in picked]), rows=len(picked) // cols, scale=scale)
+                                      for r in picked]), rows=len(picked) // cols, scale=scale,
+                            labels=[row_label(spec, r) for r in picked[::cols]])
     images.save_png(os.path.join(outdir, GRID_FILE), grid)
     if npz:
         x = np.stack([images.load_png(os.path.join(outdir, r["file"])) for r in rows])

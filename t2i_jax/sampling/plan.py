@@ -87,6 +87,7 @@ class Plan:
     inpaint: Optional[Inpaint] = None
     candidates: int = 1                 # a prior stage 0's candidates per image
     shared_noise: bool = False          # one noise per prompt row (an interpolation)
+    flags: tuple = ("--guidance", "--thresholding")  # the flags of stage 0's weight, thresholding
 
     @classmethod
     def create(cls, trained: Trained, prompts: Sequence[str], *, num_per_prompt: int,
@@ -200,9 +201,9 @@ class Plan:
         """Every stage as the runner sees it (StageRun), stage 0 with what it alone has;
         place(tree): parameters onto the job's devices."""
         first = StageRun(self.first, self.options, self.guidance, self.aug_level, self.given,
-                         self.inpaint, self.guides, self.best_of(place))
-        return [first] + [StageRun(st.trained, st.options, (st.guidance,), st.aug_level)
-                          for st in self.stages]
+                         self.inpaint, self.guides, self.best_of(place), self.flags)
+        return [first] + [StageRun(st.trained, st.options, (st.guidance,), st.aug_level,
+                                   flags=st.flags) for st in self.stages]
 
     def best_of(self, place) -> Optional[BestOf]:
         """Stage 0's selection among candidates: a prior's, or CLIP reranking (or none)."""
@@ -232,6 +233,7 @@ class StageRun:
     inpaint: Optional[Inpaint] = None
     guides: tuple = ()
     best_of: Optional[BestOf] = None
+    flags: tuple = ("--guidance", "--thresholding")  # what sets its weight and thresholding
 
     @property
     def family(self):

@@ -32,7 +32,7 @@ def build(request: Request, prompts=None) -> Plan:
     the model cannot take, a guide for other data) a ValueError."""
     r = request
     prompts = list(r.all_prompts() if prompts is None else prompts)
-    trained = load_trained(r.workdir, step=r.step, params=r.params)
+    trained = load_trained(r.workdir, step=r.step, params=r.params, frozen_paths=r.frozen_paths)
     family, flag = trained.family, r.unclip_flag
     with _usage():
         _check_workdir(r, trained)
@@ -137,7 +137,7 @@ def _sr_stages(r: Request, trained) -> list:
     """The --sr stages, each checked against the one before it, with its own options."""
     stages, prev = [], trained
     for k, workdir in enumerate(r.sr):
-        st = load_trained(workdir, params=r.params)
+        st = load_trained(workdir, params=r.params, frozen_paths=r.frozen_paths)
         stages_lib.check_follows(prev, st)
         options = stages_lib.stage_options(st, sampler=r.sr_sampler[k], steps=r.sr_steps[k],
                                            thresholding=r.sr_thresholding[k], flag="--sr_steps")
@@ -147,7 +147,8 @@ def _sr_stages(r: Request, trained) -> list:
             w = 0.0
         level = r.sr_aug_level[k] if r.sr_aug_level[k] is not None else \
             st.family.default_aug_level()
-        stages.append(stages_lib.Stage(st, options, float(w), float(level)))
+        stages.append(stages_lib.Stage(st, options, float(w), float(level),
+                                       flags=("--sr_guidance", "--sr_thresholding")))
         prev = st
     return stages
 
@@ -155,7 +156,7 @@ def _sr_stages(r: Request, trained) -> list:
 def _prior_first(r: Request, decoder, options, guidance, prompts, stages, kw) -> tuple:
     """--prior: the prior is stage 0 and the decoder stage 1 (with --guidance, one value, as its
     weight): (first, its options, its weights, the stages after it)."""
-    prior = load_trained(r.prior, params=r.params)
+    prior = load_trained(r.prior, params=r.params, frozen_paths=r.frozen_paths)
     stages_lib.check_prior_decoder(prior, decoder)
     if len(guidance) != 1:
         raise ValueError(f"with --prior, --guidance is the decoder's weight: one value (got "
@@ -168,6 +169,7 @@ def _prior_first(r: Request, decoder, options, guidance, prompts, stages, kw) ->
     log(f"prior: checkpoint {prior.step} of {prior.workdir}, {p_options.sampler} "
         f"{p_options.num_steps} steps, guidance {w_prior:g}, {k} candidate(s) per image.")
     kw["candidates"] = int(k)
+    kw["flags"] = ("--prior_guidance", None)  # a prior's chain draws embeddings: no thresholding
     decoder_stage = stages_lib.Stage(decoder, options, float(guidance[0]), None)
     return prior, p_options, [w_prior], [decoder_stage] + list(stages)
 
@@ -216,7 +218,8 @@ def _guides(r: Request, trained) -> tuple:
             guides_lib.default_scale(c, "classifier")
         out.append(guides_lib.Guide("classifier", c, scale))
     if r.clip:
-        clip = guides_lib.load_guide_model(r.clip, "--clip", trained)
+        clip = guides_lib.load_guide_model(r.clip, "--clip", trained,
+                                           frozen_paths=r.frozen_paths)
         scale = r.clip_scale if r.clip_scale is not None else \
             guides_lib.default_scale(clip, "clip_text")
         out.append(guides_lib.Guide("clip_text", clip, scale))

@@ -24,6 +24,24 @@ THRESHOLDINGS = ("static", "dynamic", "none")
 SR_FLAGS = ("sr_steps", "sr_sampler", "sr_guidance", "sr_aug_level", "sr_thresholding")
 
 
+DASH_VALUES = ("--mask_box",)  # flags whose value may start with "-" (a negative coordinate)
+
+
+def glue_values(argv: list) -> list:
+    """argv with `--mask_box -1,0,4,4` passed as `--mask_box=-1,0,4,4`: argparse would take a
+    value that starts with "-" for an option and say "expected one argument"."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in DASH_VALUES and i + 1 < len(argv) and argv[i + 1][:1] == "-" \
+                and not argv[i + 1].startswith("--"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 @dataclasses.dataclass
 class Request:
     """sample.py's flags (see its --help), one field each."""
@@ -73,6 +91,12 @@ class Request:
     mask_box: object = None                  # "x0,y0,x1,y1" or four ints
     repaint_jumps: int = 0
     repaint_jump_length: int = 10
+    frozen: list = dataclasses.field(default_factory=list)  # --frozen RECORDED=DIR, repeatable
+
+    @property
+    def frozen_paths(self) -> dict:
+        """{recorded workdir: new workdir} of --frozen (checked by check())."""
+        return dict(item.split("=", 1) for item in self.frozen)
 
     def all_prompts(self) -> list:
         """--prompt's prompts, then --prompts_file's."""
@@ -87,6 +111,20 @@ class Request:
     def check(self) -> None:
         """Refuses flags that cannot make a job (ValueError naming them); normalises --guidance
         ("0,1,3" -> floats), --mask_box (four ints) and the --sr_* flags (one value per stage)."""
+        for i, text in enumerate(self.prompts):
+            try:
+                str(text).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"--prompt number {i + 1} is not valid UTF-8 (the shell passed "
+                                 "bytes in another encoding); pass it as UTF-8 text, or use "
+                                 "--prompts_file with a UTF-8 file.") from None
+        for item in self.frozen:
+            old, _, new = str(item).partition("=")
+            if not old or not new:
+                raise ValueError(f"--frozen takes RECORDED=DIR (the path the model recorded, its "
+                                 f"new place), got {item!r}.")
+            if not os.path.isdir(os.path.expanduser(new)):
+                raise ValueError(f"--frozen {item}: {new} is not a directory.")
         for flag, value in (("--classifier_scale", self.classifier_scale),
                             ("--clip_scale", self.clip_scale), ("--image_scale", self.image_scale)):
             if value is not None and not (math.isfinite(value) and value >= 0):
