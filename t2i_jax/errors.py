@@ -135,6 +135,7 @@ class Boundary:
     def run(self, main: Callable[..., Optional[int]], *args, keep_capturing: bool = False) -> int:
         """Calls main(*args); returns its exit code (0 for None) or the code of the fault."""
         restore = self._capture_background()
+        previous_term = self._stop_on_sigterm()
         try:
             return int(main(*args) or 0)
         except KeyboardInterrupt as e:
@@ -150,6 +151,8 @@ class Boundary:
             print(f"{self.prog}: error: {self.describe(e)}", file=sys.stderr)
             return int(getattr(e, "exit_code", 1))
         finally:
+            if previous_term is not None:
+                signal.signal(signal.SIGTERM, previous_term)
             if keep_capturing:
                 import atexit
                 atexit.register(self._flush_late, self.background_count)
@@ -161,6 +164,18 @@ class Boundary:
                 if path:
                     print(f"[t2i_jax] {self.background_count} background error(s) of library "
                           f"threads and callbacks were written to {path}", file=sys.stderr)
+
+    def _stop_on_sigterm(self):
+        """SIGTERM (where nothing else handles it: train.py's loop saves first) stops the command
+        with one line, as Ctrl-C does, instead of a silent exit 143. Returns the handler to put
+        back (None: left alone)."""
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return None
+
+        def term(signum, frame):
+            raise Interrupted(signum, "SIGTERM: " + (self.interrupted or "stopped"))
+        return signal.signal(signal.SIGTERM, term)
 
     def _flush_late(self, seen: int) -> None:
         if self.background_count > seen:
@@ -188,7 +203,9 @@ class Boundary:
     def write_log(self, text: str) -> Optional[str]:
         """Appends `text` to the log; returns its path (None if no directory could take it)."""
         if self.log_path is None:
-            candidates = [d for d in (self.log_dir, tempfile.gettempdir()) if d]
+            # the command's directory only where it exists: a refusal creates no directory
+            candidates = [d for d in (self.log_dir, tempfile.gettempdir())
+                          if d and os.path.isdir(d)]
             for d in candidates:
                 path = os.path.join(os.path.abspath(d), LOG_NAME) if d == self.log_dir else \
                     os.path.join(d, f"t2i_jax-{os.getpid()}-{LOG_NAME}")

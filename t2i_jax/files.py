@@ -112,6 +112,7 @@ class ExclusiveLock:
         if not self.enabled:
             return self
         import fcntl
+        self.made = [p for p in (self.directory, self.path) if not os.path.exists(p)]
         os.makedirs(self.directory, exist_ok=True)
         fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
@@ -126,10 +127,19 @@ class ExclusiveLock:
         self.fd = fd
         return self
 
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)  # releases the lock
-            self.fd = None
+    def __exit__(self, kind, value, tb):
+        if self.fd is None:
+            return False
+        if kind is not None and not isinstance(value, KeyboardInterrupt):
+            # a refusal inside the block leaves nothing behind that this lock made: its lock
+            # file, and its directory if nothing else was written there
+            for path in reversed(self.made):
+                try:
+                    os.remove(path) if path == self.path else os.rmdir(path)
+                except OSError:
+                    pass
+        os.close(self.fd)  # releases the lock
+        self.fd = None
         return False
 
 
