@@ -27,9 +27,10 @@ def to_uint8(x) -> np.ndarray:
 
 
 def make_grid(images: np.ndarray, rows: int, pad: int = 2, scale: int = 1,
-              background: int = 255) -> np.ndarray:
+              background: int = 255, labels=None) -> np.ndarray:
     """Returns one [rows * (H + pad) + pad, cols * (W + pad) + pad, C] uint8 image of `images`
-    [N, H, W, C] (uint8) laid out row by row; each image is magnified `scale` times (nearest)."""
+    [N, H, W, C] (uint8) laid out row by row; each image is magnified `scale` times (nearest).
+    labels: one text per row (what it was asked), drawn in a left margin (t2i_jax/labels.py)."""
     images = np.asarray(images)
     n, h, w, c = images.shape
     if rows < 1 or n % rows:
@@ -42,6 +43,11 @@ def make_grid(images: np.ndarray, rows: int, pad: int = 2, scale: int = 1,
     for i in range(n):
         r, k = divmod(i, cols)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = images[i]
+    if labels is not None:
+        from t2i_jax import labels as labels_lib
+        if len(labels) != rows:
+            raise ValueError(f"{len(labels)} labels for {rows} rows.")
+        grid = labels_lib.label_rows(grid, labels, h, pad, background)
     return grid
 
 

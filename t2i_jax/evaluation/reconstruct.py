@@ -99,11 +99,12 @@ def evaluate(frozen, out: str, *, limit=None, sample: bool = False, seed: int = 
         evaluator_accuracy=ev.accuracy)
     n = min(GRID_IMAGES, len(test))
     per_row = 8
-    rows = []
+    rows, labels = [], []
     for s in range(0, n, per_row):
         rows += [originals[s:s + per_row], recon[s:s + per_row]]
+        labels += [f"test images {s}-{s + len(rows[-1]) - 1}", "their reconstructions"]
     grid = images.make_grid(np.concatenate(rows), rows=len(rows),
-                            scale=max(1, 64 // originals.shape[1]))
+                            scale=max(1, 64 // originals.shape[1]), labels=labels)
     images.save_png(os.path.join(out, "grid.png"), grid)
     files.write_json(os.path.join(out, "reconstruct.json"), res)
     return res

@@ -359,6 +359,7 @@ class _GridSampler:
         if self.lead:
             grid = images.make_grid(images.to_uint8(distributed.to_host(x)),
                                     rows=len(self.prompts),
+                                    labels=[f'"{p}"' if p else "(no prompt)" for p in self.prompts],
                                     scale=max(1, 64 // self.family.output_shape[0]))
             images.save_png(path, grid)
             self.writer.image(step, "samples", grid)

@@ -207,7 +207,9 @@ def _grid(ref, mask, finals, held, n=8):
     shown = np.where(mask[None] > 0.5, ref[idx], 128).astype(np.uint8)
     cols = [ref[idx], shown] + [x[idx] for m, x in finals.items() if "ceiling" not in m]
     tiles = np.stack(cols, axis=1).reshape((-1,) + ref.shape[1:])
-    return images.make_grid(tiles, rows=len(idx), scale=max(1, 64 // ref.shape[1]))
+    labels = [f"{'held-out' if held[i] else 'seen'} test image {i}" for i in idx]
+    return images.make_grid(tiles, rows=len(idx), scale=max(1, 64 // ref.shape[1]),
+                            labels=labels)
 
 
 def markdown(res: dict) -> str:

@@ -212,8 +212,9 @@ def variations_section(ctx: Context, num_images: int, per_image: int) -> dict:
     for i in range(min(8, num_images)):  # the original, then its variations
         grid_rows.extend([x0[i]] + list(x[i]))
     grid = os.path.join(ctx.out, "variations.png")
-    images.save_png(grid, images.make_grid(np.stack(grid_rows), rows=min(8, num_images),
-                                           scale=max(1, 64 // x.shape[2])))
+    images.save_png(grid, images.make_grid(
+        np.stack(grid_rows), rows=min(8, num_images), scale=max(1, 64 // x.shape[2]),
+        labels=[f"image {i}, then {per_image} variations" for i in range(min(8, num_images))]))
     return dict(num_images=num_images, per_image=per_image, read_as_original=float(np.nanmean(read)),
                 rms_to_original=float(np.mean(to_orig)), rms_between=float(np.mean(between)),
                 rms_nearest_training_image=float(np.mean(nn)), eta=1.0, outdir=outdir, grid=grid)
@@ -268,7 +269,9 @@ def interpolations_section(ctx: Context, num_pairs: int, frames: int) -> dict:
     for r, (a, b) in enumerate(pairs[:8]):
         grid_rows.extend([x_ends[2 * r]] + list(x[r * frames:(r + 1) * frames]) + [x_ends[2 * r + 1]])
     grid = images.make_grid(np.stack(grid_rows), rows=min(8, len(pairs)),
-                            scale=max(1, 64 // x.shape[1]))
+                            scale=max(1, 64 // x.shape[1]),
+                            labels=[f"pair {r}: image A, {frames} frames, image B"
+                                    for r in range(min(8, len(pairs)))])
     gpath = os.path.join(ctx.out, "interpolations.png")
     images.save_png(gpath, grid)
     return dict(pairs=len(pairs), frames=frames, changes_once=once / len(pairs),
