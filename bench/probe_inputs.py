@@ -221,8 +221,10 @@ def main():
         lines = [x for x in err.splitlines() if x.strip()]
         trace = bool(TRACE.search(err))
         bug = "a bug" in err
+        # a refusal that left something behind (a job that ran and failed keeps its job.json
+        # and finished shards on purpose: the rerun resumes it)
         left = bool(code not in (0, None) and outdir and "out" in outdir and os.path.exists(outdir)
-                    and not should_work)
+                    and not should_work and not os.path.exists(os.path.join(outdir, "job.json")))
         garbage = code == 0 and not should_work
         for k, v in (("garbage", garbage), ("traceback", trace), ("bug", bug), ("hang", hung),
                      ("left", left), ("over20", len(lines) > 20)):

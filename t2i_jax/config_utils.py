@@ -8,6 +8,8 @@ import os
 
 import ml_collections
 
+from t2i_jax.errors import UsageError
+
 
 def load_config(path: str) -> ml_collections.ConfigDict:
     """Returns get_config() of the config file at `path` (e.g. configs/peer_small.py)."""
@@ -55,7 +57,7 @@ def check_train_config(config) -> None:
     rate, checkpoint_every=0 dividing by zero after compiling): ValueError naming the field."""
     bad = non_finite_keys(config)
     if bad:
-        raise ValueError(f"{bad[0]} is not a finite number; set it to one (e.g. "
+        raise UsageError(f"{bad[0]} is not a finite number; set it to one (e.g. "
                          f"--{bad[0].split('=')[0]}=...).")
     train = config.get("train", {})
     for key, least in _TRAIN_MINIMA.items():
@@ -65,5 +67,5 @@ def check_train_config(config) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             what = " (0 keeps every checkpoint)" if key == "keep_checkpoints" else (
                 " (0: no grids)" if key == "sample_every" else "")
-            raise ValueError(f"config.train.{key} must be an integer >= {least}{what}, got "
+            raise UsageError(f"config.train.{key} must be an integer >= {least}{what}, got "
                              f"{value!r}; set --config.train.{key}=...")

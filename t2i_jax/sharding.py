@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from t2i_jax.errors import UsageError
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -33,11 +35,11 @@ def make_mesh(fsdp: int = 1, devices: Optional[list] = None) -> Mesh:
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
     n, hosts = mesh.devices.size, jax.process_count()
     if global_batch % n:
-        raise ValueError(
+        raise UsageError(
             f"the global batch size {global_batch} does not divide over {n} devices: set "
             f"--config.train.batch_size to a multiple of {n} (e.g. {max(n, global_batch // n * n)}).")
     if global_batch % hosts:
-        raise ValueError(f"the global batch size {global_batch} does not divide over {hosts} hosts.")
+        raise UsageError(f"the global batch size {global_batch} does not divide over {hosts} hosts.")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -8,7 +8,8 @@ inputs, variations and interpolation ends), read as a viewer shows it.
   are converted to `channels`: alpha is composited on white (BACKGROUND), a palette is read as
   its colours, 16-bit levels are scaled to [-1, 1] (u / 65535), never clipped to 8 bits; colour
   becomes grey by ITU-R 601-2 luma (Pillow's "L"), grey becomes colour by repetition.
-- Whatever cannot be read is refused with one line naming the flag, the file and the fix: a
+- Whatever cannot be read is refused with one line (a UsageError: the command line cannot run,
+  exit code 2) naming the flag, the file and the fix: a
   missing file, a directory, not an image, truncated or damaged data, an image larger than
   MAX_PIXELS (checked from the header, before anything is decoded), 32-bit float data.
 - `img.record` is what a job keeps of it: the file's path and sha256, and the sha256 of the
@@ -26,6 +27,7 @@ import warnings
 import numpy as np
 
 from t2i_jax import images
+from t2i_jax.errors import UsageError
 
 MAX_PIXELS = 8192 * 8192  # larger images are refused before decoding (64 Mpx)
 BACKGROUND = 255          # what transparent pixels are composited on: white
@@ -61,11 +63,11 @@ def read(path: str, channels: int, flag: str) -> UserImage:
     ValueError (one line) naming `flag`, the file and what to pass instead."""
     from PIL import Image, ImageOps, UnidentifiedImageError
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}.")
+        raise UsageError(f"channels must be 1 or 3, got {channels}.")
     if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a directory; pass an image file (PNG, JPEG, WebP).")
+        raise UsageError(f"{flag} {path} is a directory; pass an image file (PNG, JPEG, WebP).")
     if not os.path.isfile(path):
-        raise ValueError(f"{flag} {path} does not exist; pass an image file (PNG, JPEG, WebP).")
+        raise UsageError(f"{flag} {path} does not exist; pass an image file (PNG, JPEG, WebP).")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -77,17 +79,17 @@ def read(path: str, channels: int, flag: str) -> UserImage:
                 im = ImageOps.exif_transpose(im)
                 pixels, mode = _to_channels(im, channels, flag, path)
     except _TooLarge as e:
-        raise ValueError(f"{flag} {path} is {e.w}x{e.h} pixels, more than this reader takes "
+        raise UsageError(f"{flag} {path} is {e.w}x{e.h} pixels, more than this reader takes "
                          f"({MAX_PIXELS // 2**20} Mpx); downscale it to the model's size first."
                          ) from None
     except Image.DecompressionBombError:
-        raise ValueError(f"{flag} {path} is larger than this reader takes ({MAX_PIXELS // 2**20} "
+        raise UsageError(f"{flag} {path} is larger than this reader takes ({MAX_PIXELS // 2**20} "
                          "Mpx); downscale it to the model's size first.") from None
     except UnidentifiedImageError:
-        raise ValueError(f"{flag} {path} is not an image Pillow can read; pass a PNG, JPEG or "
+        raise UsageError(f"{flag} {path} is not an image Pillow can read; pass a PNG, JPEG or "
                          "WebP file.") from None
     except (OSError, SyntaxError, EOFError) as e:  # truncated or damaged data
-        raise ValueError(f"{flag} {path} is truncated or damaged ({_first_line(e)}); pass an "
+        raise UsageError(f"{flag} {path} is truncated or damaged ({_first_line(e)}); pass an "
                          "intact image file.") from None
     record = {"path": os.path.abspath(path), "sha256": file_sha256(path),
               "pixels_sha256": pixels_sha256(pixels), "mode": mode}
@@ -116,12 +118,12 @@ def _to_channels(im, channels: int, flag: str, path: str) -> tuple:
     if mode in _GREY16:
         a = np.asarray(im).astype(np.float64)
         if a.min() < 0 or a.max() > 65535:
-            raise ValueError(f"{flag} {path} holds 32-bit integer levels outside 0..65535; save "
+            raise UsageError(f"{flag} {path} holds 32-bit integer levels outside 0..65535; save "
                              "it as an 8- or 16-bit image.")
         level = a / 65535.0                                   # [H, W] in [0, 1]
         return _finish(level[..., None], channels), mode
     if mode == "F":
-        raise ValueError(f"{flag} {path} holds 32-bit float pixels; save it as an 8- or 16-bit "
+        raise UsageError(f"{flag} {path} holds 32-bit float pixels; save it as an 8- or 16-bit "
                          "image.")
     if mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")

@@ -441,7 +441,7 @@ def test_integrity_record_catches_a_flipped_bit_that_orbax_reads_silently(tiny_r
     ("log_every=0", ["--config.train.log_every=0"], 2, ["log_every must be an integer >= 1"]),
     ("learning_rate=nan", ["--config.train.learning_rate=nan"], 2,
      ["config.train.learning_rate=nan is not a finite number"]),
-    ("batch of 12 on 8 devices", ["--config.train.batch_size=12"], 1,
+    ("batch of 12 on 8 devices", ["--config.train.batch_size=12"], 2,
      ["does not divide over 8 devices", "multiple of 8"]),
     ("offline catalog data", ["--config=configs/cifar10.py", "--config.train.batch_size=8"], 1,
      ["'cifar10'", "is not prepared", "tfds build cifar10", "--config.data.data_dir=DIR"]),

@@ -161,20 +161,20 @@ def test_sample_py_refuses_a_guide_of_the_wrong_family_or_an_unreadable_image(
     out = tmp_path / "o"
     base = ["--workdir", tiny_workdir, "--prompt", "3", "--num_per_prompt", "2", "--outdir",
             str(out), "--no_progress"]
-    for extra, words in (
-            (["--classifier", clip_wd], ["holds a contrastive model, not a noisy_classifier",
-                                         "pass it as --clip"]),
-            (["--clip", classifier_wd], ["holds a noisy_classifier model, not a contrastive",
-                                         "pass it as --classifier"]),
-            (["--clip", clip_wd, "--guide_image", str(bad_image)],
-             ["--guide_image", "is not a readable image"]),
-            (["--clip", clip_wd, "--guide_image", str(tmp_path / "missing.png")],
+    for extra, want, words in (  # 2: the command line cannot run; 1: the run failed
+            (["--classifier", clip_wd], 2, ["holds a contrastive model, not a noisy_classifier",
+                                            "pass it as --clip"]),
+            (["--clip", classifier_wd], 2, ["holds a noisy_classifier model, not a contrastive",
+                                            "pass it as --classifier"]),
+            (["--clip", clip_wd, "--guide_image", str(bad_image)], 2,
+             ["--guide_image", "is not an image Pillow can read"]),
+            (["--clip", clip_wd, "--guide_image", str(tmp_path / "missing.png")], 2,
              ["--guide_image", "does not exist"]),
             # a prompt that is not a class name: the classifier has nothing to guide toward
-            (["--classifier", classifier_wd, "--prompt", "seven"],
+            (["--classifier", classifier_wd, "--prompt", "seven"], 1,
              ["['seven'] are not class names", "'0', '1', '2'"])):
         code, err = cli(capfd, sample_cli.run, base + extra)
-        assert code == 1 and all(w in err[-1] for w in words), (extra, err)
+        assert code == want and all(w in err[-1] for w in words), (extra, err)
         assert not (out / "job.json").exists()
     # A guide's workdir where the model to sample from belongs, in sample.py and in reproduce.
     from t2i_jax.evaluation.reproduce.cli import main as reproduce_main
@@ -184,7 +184,7 @@ def test_sample_py_refuses_a_guide_of_the_wrong_family_or_an_unreadable_image(
     rep = tmp_path / "rep"
     code, err = cli(capfd, reproduce_main, ["sdg", "--workdir", classifier_wd, "--clip", clip_wd,
                                              "--out", str(rep), "--no_progress"])
-    assert code == 1 and "holds a noisy_classifier model, which does not generate" in err[-1], err
+    assert code == 2 and "holds a noisy_classifier model, which does not generate" in err[-1], err
     assert not (rep / "samples").exists() and not (rep / "references").exists()
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from t2i_jax import user_images
 from t2i_jax.diffusion import forward
+from t2i_jax.errors import UsageError
 from t2i_jax.sampling.load import Trained, load_trained
 
 KINDS = ("classifier", "clip_text", "clip_image")
@@ -97,7 +98,7 @@ def load_guide_model(workdir: str, flag: str, model: Trained, mesh=None,
     trained = load_trained(workdir, mesh=mesh, frozen_paths=frozen_paths)
     if trained.family.guide_flag != flag:
         other = trained.family.guide_flag
-        raise ValueError(f"{flag} {workdir} holds a {trained.family.name} model, not a "
+        raise UsageError(f"{flag} {workdir} holds a {trained.family.name} model, not a "
                          f"{WANTS[flag]}" + (f"; pass it as {other}" if other else "") + ".")
     check_matches(trained, model, flag)
     return trained

@@ -18,6 +18,7 @@ import ml_collections
 
 from t2i_jax import sharding as mesh_lib
 from t2i_jax.checkpoint import Checkpointer
+from t2i_jax.errors import UsageError
 from t2i_jax.families.base import Family
 from t2i_jax.families.frozen import restore_params
 
@@ -25,7 +26,8 @@ PARAM_KINDS = ("ema", "raw")
 
 
 class NoCheckpointError(FileNotFoundError):
-    pass
+    """No checkpoint where the command line points: it cannot run (exit code 2)."""
+    exit_code = 2
 
 
 @dataclasses.dataclass
@@ -86,6 +88,6 @@ def require_generator(trained: Trained) -> Trained:
     """The trained model itself, or ValueError if its family draws no images (a guide)."""
     if not trained.family.generates:
         hint = trained.family.not_generator_hint(trained.workdir)
-        raise ValueError(f"{trained.workdir} holds a {trained.family.name} model, which does not "
+        raise UsageError(f"{trained.workdir} holds a {trained.family.name} model, which does not "
                          "generate images: pass the --workdir of a diffusion model." + hint)
     return trained

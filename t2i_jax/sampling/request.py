@@ -15,6 +15,8 @@ import dataclasses
 import math
 import os
 import sys
+
+from t2i_jax.errors import UsageError
 from typing import Optional
 
 
@@ -263,7 +265,7 @@ def read_prompts_file(path: str) -> list:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise ValueError(f"cannot read --prompts_file {path}: {e.strerror}.") from None
+        raise UsageError(f"cannot read --prompts_file {path}: {e.strerror}.") from None
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]  # a UTF-8 byte-order mark
     prompts = []
@@ -271,12 +273,12 @@ def read_prompts_file(path: str) -> list:
         try:
             text = line.rstrip(b"\r").decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not valid UTF-8 (byte {e.start + 1} of the line: "
+            raise UsageError(f"{path}, line {n}: not valid UTF-8 (byte {e.start + 1} of the line: "
                              f"{line[e.start:e.start + 1]!r}); save the file as UTF-8.") from None
         if text.strip():
             prompts.append(text)
     if not prompts:
-        raise ValueError(f"{path} holds no prompts (only blank lines).")
+        raise UsageError(f"{path} holds no prompts (only blank lines).")
     return prompts
 
 

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from t2i_jax.errors import UsageError
+
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -50,12 +52,12 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown train.lr_schedule {self.lr_schedule!r}; choose one of "
+            raise UsageError(f"unknown train.lr_schedule {self.lr_schedule!r}; choose one of "
                              f"{LR_SCHEDULES}.")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}.")
+            raise UsageError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}.")
         if self.learning_rate <= 0 or self.warmup_steps < 0 or self.num_steps < 1:
-            raise ValueError("train.learning_rate must be > 0, train.warmup_steps >= 0 and "
+            raise UsageError("train.learning_rate must be > 0, train.warmup_steps >= 0 and "
                              "train.num_steps >= 1.")
 
 

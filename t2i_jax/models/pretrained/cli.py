@@ -74,6 +74,9 @@ def _encode_main(args) -> None:
     if args.max_length is not None and args.max_length < 1:
         raise UsageError(f"--max_length must be at least 1, got {args.max_length}.")
     check_texts(args.text)
+    if not os.path.isdir(args.directory):
+        raise UsageError(f"{args.directory} is not a directory: point it at a local copy of the "
+                         "model in its publisher's layout (config.json, *.safetensors, tokenizer).")
     out = out_path(args.out)  # refused before the model is read
     arrays, said = {}, []
     if args.image:
