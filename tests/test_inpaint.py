@@ -487,6 +487,12 @@ def test_bad_inpainting_input_is_refused_before_anything_is_written(
 
 # --- 8. records, resuming, and another mask in the same OUTDIR -----------------------------
 
+def _pix(path):
+    """The sha256 of the pixels the model sees: the grey PNG's levels in [-1, 1], decoded here."""
+    from t2i_jax.user_images import pixels_sha256
+    return pixels_sha256(images.load_png(path).astype(np.float32) / 127.5 - 1.0)
+
+
 def _mtimes(outdir):
     d = os.path.join(outdir, "images")
     return {f: os.stat(os.path.join(d, f)).st_mtime_ns for f in sorted(os.listdir(d))}
@@ -504,7 +510,8 @@ def test_repaint_records_resume_and_refuse_another_box(tiny_workdir, digit, tmp_
     assert len(rows) == 2
     for r in rows:
         assert r["inpaint"] == {"method": "repaint", "image": os.path.abspath(path),
-                                "image_sha256": _sha(path), "mask_box": [8, 0, 16, 16],
+                                "image_sha256": _sha(path), "image_pixels_sha256": _pix(path),
+                                "mask_box": [8, 0, 16, 16],
                                 "known_fraction": 0.5, "jumps": 1, "jump_length": 2}
     before = _mtimes(str(out))
     capfd.readouterr()
@@ -533,8 +540,10 @@ def test_glide_records_resume_and_refuse_a_changed_mask_file(tiny_inpaint, digit
     x, rows = out_lib.load_images(str(out))
     for r in rows:
         assert r["inpaint"] == {"method": "glide", "image": os.path.abspath(path),
-                                "image_sha256": _sha(path), "mask": os.path.abspath(str(mask_path)),
+                                "image_sha256": _sha(path), "image_pixels_sha256": _pix(path),
+                                "mask": os.path.abspath(str(mask_path)),
                                 "mask_sha256": _sha(str(mask_path)),
+                                "mask_pixels_sha256": _pix(str(mask_path)),
                                 "known_fraction": 0.75}
         assert r["ddpm_variance"] == "learned" and r["sampler"] == "ddpm"
     keep = m[..., 0] == 255

@@ -286,7 +286,13 @@ def test_a_retrained_autoencoder_is_refused_by_its_latent_model(data_dir, tiny_a
     cfg.model.autoencoder = str(ae)
     run(cfg, tmp_path / "ldm")
     run(tiny(data_dir, "autoencoder", train__num_steps=42, train__checkpoint_every=40), ae)
-    with pytest.raises(ValueError, match=r"is not the one this model was trained with"):
+    # Sampling reads the autoencoder's recorded step 40 while it is still in its checkpoints/
+    # (not the newest, 42); once it is gone, the latent model refuses the retrained one.
+    trained = load_trained(str(tmp_path / "ldm"))
+    assert trained.family.autoencoder.step == 40
+    shutil.rmtree(ae / "checkpoints" / "40")
+    with pytest.raises(ValueError, match=r"is not the one this model was trained with .*its "
+                                         r"checkpoint 40 is no longer in"):
         load_trained(str(tmp_path / "ldm"))
     # Resuming its training on the retrained autoencoder is refused too.
     cfg.train.num_steps = 4

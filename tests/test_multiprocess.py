@@ -315,7 +315,7 @@ def test_bad_process_groups_are_refused_in_one_line_within_the_timeout(data_dir,
     assert not (tmp_path / "wd" / "checkpoints").exists()
     # A global batch that does not divide over the 8 devices of the 2 processes.
     job = Launched(base + ["--config.train.batch_size=12"])
-    assert job.wait() == 1
+    assert job.wait() == 2  # the command line cannot run
     assert "global batch size 12 does not divide over 8 devices" in job.text
     assert len(re.findall(r"train.py: error:", job.text)) == 2
     # The launcher's own usage errors.

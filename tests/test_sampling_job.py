@@ -145,9 +145,12 @@ def test_cli_outputs_records_grid_and_npz(workdir, tmp_path, capsys):
         assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (18, 16, 16, 3)
         np.testing.assert_array_equal(z["arr_0"], np.repeat(x, 3, axis=-1))
         np.testing.assert_array_equal(z["arr_1"], [r["prompt_index"] for r in rows])
-    # grid: 2 w x 3 prompts rows of 3 images, each 16 px magnified 4x with 2 px padding
+    # grid: 2 w x 3 prompts rows of 3 images, each 16 px magnified 4x with 2 px padding, after
+    # a margin that labels each row with its w and prompt
     grid = images.load_png(str(out / "grid.png"))
-    assert grid.shape[:2] == (6 * 66 + 2, 3 * 66 + 2)
+    margin = grid.shape[1] - (3 * 66 + 2)
+    assert grid.shape[0] == 6 * 66 + 2 and margin > 0
+    np.testing.assert_array_equal(grid[:, margin:], images.make_grid(x, rows=6, scale=4))
     job = json.loads((out / "job.json").read_text())
     assert job["prompts"] == ["seven", "", long_prompt] and job["guidance"] == [0.0, 2.0]
     # A rerun of the finished job generates nothing; another job in the same outdir is refused.
@@ -164,12 +167,12 @@ def test_cli_outputs_records_grid_and_npz(workdir, tmp_path, capsys):
 def test_cli_bad_input_gives_clear_errors(workdir, tmp_path, capsys):
     out = str(tmp_path / "o")
     assert sample_cli.run(["--workdir", str(tmp_path / "nothing"), "--prompt", "7",
-                           "--outdir", out]) == 1
+                           "--outdir", out]) == 2  # the command line cannot run
     assert "no checkpoint in" in capsys.readouterr().err
 
     bad = tmp_path / "prompts.txt"
     bad.write_bytes("seven\n数字三\nfo\xffo\n".encode("utf-8").replace(b"\xc3\xbf", b"\xff"))
-    assert sample_cli.run(["--workdir", workdir, "--prompts_file", str(bad), "--outdir", out]) == 1
+    assert sample_cli.run(["--workdir", workdir, "--prompts_file", str(bad), "--outdir", out]) == 2
     err = capsys.readouterr().err
     assert "line 3: not valid UTF-8" in err
 

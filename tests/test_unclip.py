@@ -317,7 +317,7 @@ def test_unclip_inputs_that_do_not_fit_are_refused_before_anything_is_written(
     (tmp_path / "notes.png").write_text("not an image")
     args, want = {
         "not_an_image": (["--workdir", dec, "--variations", str(tmp_path / "notes.png")],
-                         "cannot read .*notes.png as an image"),
+                         "--variations .*notes.png is not an image Pillow can read"),
         "one_image": (["--workdir", dec, "--interpolate", a], "takes two images, A and B"),
         "frames_1": (["--workdir", dec, "--interpolate", a, b, "--frames", "1"],
                      "--frames must be >= 2"),
@@ -343,9 +343,12 @@ def test_a_retrained_clip_is_refused_by_its_prior_and_a_prior_on_another_clip_by
         run(cfg, tmp_path / name)
         if name == "prior_a":
             assert load_trained(str(tmp_path / name)).family.clip.workdir == str(clip)
-            # The CLIP retrained since: prior_a's embedding space is gone.
+            # The CLIP retrained since: prior_a reads its recorded step 40 while it is still
+            # in the CLIP's checkpoints/; once it is gone, prior_a's embedding space is gone.
             run(tiny(data_dir, "contrastive", train__num_steps=42, train__checkpoint_every=42),
                 clip)
+            assert load_trained(str(tmp_path / name)).family.clip.step == 40
+            shutil.rmtree(clip / "checkpoints" / "40")
             with pytest.raises(ValueError, match="is not the one this model was trained with"):
                 load_trained(str(tmp_path / name))
     # prior_b is on the retrained CLIP, the decoder on the original: different spaces.
