@@ -64,6 +64,19 @@ def run(sampler, abar_all, ts, x_T, eps_fn, noises=None, eta=0.0, ddpm_variance=
                     d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev_x0
                 x = sigma_s / sigma_t * x - alpha_s * (math.exp(-h) - 1) * d
             prev_x0, prev_lam = x0, lam_t
+        elif sampler in ("euler", "euler_a"):  # k-diffusion's sample_euler(_ancestral), in its
+            # own variables: x_sigma = x / sqrt(abar), sigma = sqrt((1 - abar) / abar)
+            sig_t = math.sqrt((1 - a_t) / a_t)
+            sig_s = math.sqrt((1 - a_s) / a_s)
+            xs = x / math.sqrt(a_t)
+            d = (xs - x0) / sig_t                       # to_d(x, sigma, denoised)
+            if sampler == "euler":
+                xs = xs + d * (sig_s - sig_t)
+            else:                                      # get_ancestral_step(sigma, sigma_next)
+                up = min(sig_s, math.sqrt(sig_s ** 2 * (sig_t ** 2 - sig_s ** 2) / sig_t ** 2))
+                down = math.sqrt(sig_s ** 2 - up ** 2)
+                xs = xs + d * (down - sig_t) + (up * noises[k] if up > 0 else 0.0)
+            x = xs * math.sqrt(a_s)
         else:
             raise ValueError(sampler)
     return x
@@ -88,6 +101,13 @@ def gaussian_chain_moments(sampler, abar_all, ts, mean, var, m_T, v_T, eta=0.0,
             p1 = (1 - beta / math.sqrt(1 - a_t) * c1) / math.sqrt(alpha)
             p0 = -beta / math.sqrt(1 - a_t) * c0 / math.sqrt(alpha)
             noise_var = 0.0 if last else (beta * (1 - a_s) / (1 - a_t) if ddpm_variance == "posterior" else beta)
+        elif sampler == "euler_a":  # x_s = sqrt(a_s) (x / sqrt(a_t) + (down - sig_t) eps + up z)
+            sig_t, sig_s = math.sqrt((1 - a_t) / a_t), math.sqrt((1 - a_s) / a_s)
+            up = math.sqrt(sig_s ** 2 * (sig_t ** 2 - sig_s ** 2) / sig_t ** 2)
+            down = math.sqrt(sig_s ** 2 - up ** 2)
+            p1 = math.sqrt(a_s) * (1 / math.sqrt(a_t) + (down - sig_t) * c1)
+            p0 = math.sqrt(a_s) * (down - sig_t) * c0
+            noise_var = a_s * up ** 2
         else:
             sigma2 = eta ** 2 * (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
             d = math.sqrt(1 - a_s - sigma2)

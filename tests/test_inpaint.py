@@ -65,7 +65,7 @@ def _job(trained, path, outdir, *, options, box=BOX, guidance_weights=(0.0,), nu
 def _zero_eps(schedule):
     """A denoiser whose eps_hat is 0, so x0_hat = x_t / sqrt(abar_t) exactly."""
     def den(x, t):
-        ab = guidance._at(schedule.alphas_cumprod, t, x)
+        ab = schedule.at("alphas_cumprod", t, x.ndim)
         return jnp.zeros_like(x), x / jnp.sqrt(ab)
     return den
 

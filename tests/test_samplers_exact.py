@@ -166,7 +166,7 @@ GAUSS = analytic.GaussianMixture.create([1.0], [GAUSS_MEAN], [GAUSS_VAR])
 @pytest.mark.parametrize("schedule,abar", [(LINEAR, ref.linear_alphas_cumprod(T)),
                                            (COSINE, ref.cosine_alphas_cumprod(T))])
 @pytest.mark.parametrize("sampler,num_steps", [("ddim", 50), ("ddim", 1000), ("dpmpp_2m", 20),
-                                               ("dpmpp_2m", 7)])
+                                               ("dpmpp_2m", 7), ("euler", 30)])
 def test_deterministic_samplers_equal_float64_reference(schedule, abar, sampler, num_steps):
     x_T = np.asarray(jax.random.normal(jax.random.key(6), (64, 3)), np.float64) * 1.3
     got = _run(schedule, analytic.eps_fn(GAUSS, schedule), jnp.asarray(x_T, jnp.float32),
@@ -187,6 +187,7 @@ def test_deterministic_samplers_equal_float64_reference(schedule, abar, sampler,
     ("ddpm", 40, {"ddpm_variance": "posterior"}),
     ("ddim", 100, {"eta": 1.0}),
     ("ddim", 50, {"eta": 0.5}),
+    ("euler_a", 50, {}),
 ])
 def test_stochastic_samplers_match_exact_chain_moments(sampler, num_steps, kw):
     """Every update is affine plus Gaussian noise on Gaussian data, so the chain's output law is

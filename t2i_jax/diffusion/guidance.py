@@ -95,10 +95,10 @@ def resolve_thresholding(thresholding: Union[None, str, ThresholdFn]) -> Optiona
     return named[thresholding]
 
 
-def _at(table: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
-    """table[t] [B] shaped [B, 1, ..., 1] against x (float32 coefficients, like the samplers')."""
-    v = table[t]
-    return v.reshape(v.shape + (1,) * (x.ndim - 1))
+def _at(schedule: Schedule, name: str, t: jax.Array, x: jax.Array) -> jax.Array:
+    """The schedule's field `name` at t [B], shaped [B, 1, ..., 1] against x (float32
+    coefficients, like the samplers'; a fractional t reads between timesteps: Schedule.at)."""
+    return schedule.at(name, t, x.ndim)
 
 
 def like(b: jax.Array, a: jax.Array) -> jax.Array:
@@ -144,7 +144,7 @@ def model_denoiser(denoise_fn: Callable, schedule: Schedule, prediction: str, co
                                 f"expected {c}; a 2 x {c} output holds a learned variance: pass "
                                 "learn_sigma=True."))
         eps_x0 = forward.eps_and_x0(out[..., :c].astype(x.dtype), x,
-                                    _at(schedule.alphas_cumprod, t, x), prediction)
+                                    _at(schedule, "alphas_cumprod", t, x), prediction)
         return eps_x0 + ((out[..., c:],) if learn_sigma else ())
     return denoiser
 
@@ -160,9 +160,9 @@ def gradient_guided(denoiser: Denoiser, schedule: Schedule, guidance_fn: Callabl
     compiler does."""
     def guided(x, t):
         eps, x0, *rest = denoiser(x, t)
-        s1m = _at(schedule.sqrt_one_minus_alphas_cumprod, t, x)
+        s1m = _at(schedule, "sqrt_one_minus_alphas_cumprod", t, x)
         guided_eps = classifier_guidance(eps, x, t, cond, guidance_fn, scale, s1m)
-        abar = _at(schedule.alphas_cumprod, t, x)
+        abar = _at(schedule, "alphas_cumprod", t, x)
         slope = jnp.where(abar > 0, s1m / jnp.sqrt(jnp.where(abar > 0, abar, 1.0)), 0.0)
         return (guided_eps, jnp.where(abar > 0, x0 - slope * (guided_eps - eps), x0), *rest)
     return guided
@@ -178,5 +178,5 @@ def thresholded(denoiser: Denoiser, schedule: Schedule, thresholding) -> Denoise
     def clipped(x, t):
         _, x0, *rest = denoiser(x, t)
         x0 = threshold_fn(x0)
-        return (forward.eps_from_x0(x, x0, _at(schedule.alphas_cumprod, t, x)), x0, *rest)
+        return (forward.eps_from_x0(x, x0, _at(schedule, "alphas_cumprod", t, x)), x0, *rest)
     return clipped

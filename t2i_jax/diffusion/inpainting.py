@@ -88,7 +88,7 @@ def known_region(denoiser: guidance.Denoiser, schedule: Schedule, known: jax.Arr
     def overwritten(x, t):
         _, x0, *rest = denoiser(x, t)
         x0 = mask * known + (1.0 - mask) * x0
-        abar = guidance._at(schedule.alphas_cumprod, t, x)
+        abar = guidance._at(schedule, "alphas_cumprod", t, x)
         return (forward.eps_from_x0(x, x0, abar), x0, *rest)
     return overwritten
 
@@ -125,7 +125,8 @@ def repaint_chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Arra
                   num_steps: int = 50, eta=0.0, prediction: str = "eps",
                   spacing: str = "trailing", ddpm_variance: str = "posterior",
                   sample_ids: Optional[jax.Array] = None, jumps: int = 0,
-                  jump_length: int = 10, paste_known: bool = True) -> jax.Array:
+                  jump_length: int = 10, paste_known: bool = True,
+                  steps: Optional[samplers.Steps] = None) -> jax.Array:
     """Returns x0 [B, ...] of RePaint (Lugmayr et al. 2022, Alg. 1) on `sampler`'s chain: one
     lax.scan over repaint_transitions. known [B, ...] in [-1, 1]; mask [B, ..., 1] (1 = known).
 
@@ -147,9 +148,12 @@ def repaint_chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Arra
                          "--repaint_jumps 0.")
     batch = x_T.shape[0]
     sample_ids = jnp.arange(batch) if sample_ids is None else sample_ids
-    ts = jnp.asarray(samplers.check_chain(schedule, num_steps, spacing, prediction))
-    coeffs = samplers.step_coefficients(schedule, ts)
-    kind, step = repaint_transitions(num_steps, jumps, jump_length)
+    steps = samplers.steps_of(schedule, num_steps, spacing, prediction) if steps is None \
+        else samplers.check_steps(schedule, steps, prediction)  # a diffusers scheduler's (t, s)
+    ts = jnp.asarray(steps.t)
+    coeffs = samplers.step_coefficients(schedule, ts, jnp.asarray(steps.s), steps.final_alpha_bar)
+    x_T = (x_T * steps.x_T_scale).astype(x_T.dtype)
+    kind, step = repaint_transitions(len(steps.t), jumps, jump_length)
     opts = samplers.Options(eta=jnp.asarray(eta, x_T.dtype), ddpm_variance=ddpm_variance)
     step_keys = noise.per_sample_keys(rng, sample_ids, noise.STEP_NOISE)
     known_keys = noise.per_sample_keys(rng, sample_ids, noise.KNOWN_NOISE)

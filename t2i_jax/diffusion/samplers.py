@@ -7,9 +7,17 @@
   ddim      x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z,
             sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(beta_ts) (Song et al. 2021, eq. 12, 16)
   dpmpp_2m  DPM-Solver++(2M), multistep second order in data prediction (Lu et al. 2022, Alg. 2)
+  euler     Euler's method on the probability-flow ODE in k-diffusion's sigma form, x / sqrt(abar)
+            with sigma = sqrt((1 - abar) / abar) (Karras et al. 2022, Alg. 1 without churn;
+            diffusers' EulerDiscreteScheduler): on the same steps it IS DDIM with eta = 0
+  euler_a   k-diffusion's Euler ancestral: the step to sigma_down, then noise of sigma_up
+            (diffusers' EulerAncestralDiscreteScheduler)
 
 Here t is the timestep a step starts from and s the next (less noisy) visited one; after the
-last visited timestep s is the data itself (abar_s = 1), so every sampler ends on x0_hat.
+last visited timestep s is the data itself (abar_s = 1), so every sampler ends on x0_hat. A
+`Steps` given to `chain` states the (t, s) pairs and the final abar explicitly instead, as a
+diffusers scheduler visits them (diffusion/diffusers_scheduler.py: DDIM's s = t - T // S, the
+last step to alphas_cumprod[0] with set_alpha_to_one=False).
 
 `chain` is the loop and knows no guidance method: it calls a denoiser (x_t, t) -> (eps_hat,
 x0_hat) that guidance.py's guides (CFG, gradient guidance, thresholding) have composed.
@@ -61,6 +69,46 @@ def timesteps(schedule: Schedule | int, num_steps: int, spacing: str = "trailing
     return ts.astype(np.int32)  # host array: known at trace time, usable as a static value
 
 
+class Steps(NamedTuple):
+    """The steps of a chain: step k calls the model at t[k] and moves x_t to x_{s[k]}; s[k] = -1
+    is past the last timestep, where abar = final_alpha_bar (1: the data; a diffusers DDIM with
+    set_alpha_to_one=False stops at alphas_cumprod[0]). x_T_scale multiplies the unit noise the
+    chain starts from (diffusers' Euler on "leading" spacing starts at sqrt(1 + sigma_max^2) in
+    its sigma form: 1 here; on "linspace"/"trailing" at sigma_max: sqrt(1 - abar_T) here)."""
+    t: np.ndarray                  # int32 [N] (float32 where a diffusers Euler visits
+    s: np.ndarray                  # fractional timesteps: Schedule.at); s: -1 is the end
+    final_alpha_bar: float = 1.0
+    x_T_scale: float = 1.0
+
+
+def steps_of(schedule: Schedule, num_steps: int, spacing: str = "trailing",
+             prediction: str = "eps") -> Steps:
+    """The project's own chain: the visited timesteps of `check_chain`, each step to the next
+    visited one, the last to the data."""
+    ts = check_chain(schedule, num_steps, spacing, prediction)
+    return Steps(ts, np.append(ts[1:], -1).astype(np.int32))
+
+
+def check_steps(schedule: Schedule, steps: Steps, prediction: str = "eps") -> Steps:
+    """steps, or ValueError for steps a chain cannot run (out of range, an eps model at zero SNR)."""
+    t, s = np.asarray(steps.t), np.asarray(steps.s)
+    T = schedule.num_timesteps
+    if t.ndim != 1 or t.shape != s.shape or t.size < 1:
+        raise ValueError(f"steps.t and steps.s must be 1-D of one length, got {t.shape}, {s.shape}.")
+    if np.any(t < 0) or np.any(t >= T) or np.any(s < -1) or np.any(s >= t):
+        raise ValueError(f"every step must go from a timestep t in 0..{T - 1} to an earlier s "
+                         f"(or -1, the end); got t={t.tolist()}, s={s.tolist()}.")
+    if not 0.0 < steps.final_alpha_bar <= 1.0:
+        raise ValueError(f"final_alpha_bar must be in (0, 1], got {steps.final_alpha_bar}.")
+    if schedule.zero_terminal_snr and prediction == "eps" and np.any(t == T - 1):
+        raise ValueError("the schedule has zero terminal SNR and the chain visits t = T-1, where x0 "
+                         "cannot be recovered from eps: use a v- or x0-predicting model.")
+    whole = np.all(t == np.round(t)) and np.all(s == np.round(s))
+    dtype = np.int32 if whole else np.float32
+    return Steps(t.astype(dtype), s.astype(dtype), float(steps.final_alpha_bar),
+                 float(steps.x_T_scale))
+
+
 class StepCoefficients(NamedTuple):
     """Scalars of one step from timestep t to the next visited s (abar_s = 1 after the last)."""
     alpha_bar_t: jax.Array
@@ -87,27 +135,52 @@ def check_chain(schedule: Schedule, num_steps: int, spacing: str = "trailing",
     return ts
 
 
-def step_coefficients(schedule: Schedule, ts: jax.Array) -> StepCoefficients:
-    """Returns the StepCoefficients of every step of the visited timesteps ts [N], each [N]."""
+def step_coefficients(schedule: Schedule, ts: jax.Array, s: Optional[jax.Array] = None,
+                      final_alpha_bar: float = 1.0) -> StepCoefficients:
+    """Returns the StepCoefficients of every step from ts [N] to s [N] (default: the next entry
+    of ts, the last step to the end), each [N]; at the end (s = -1) abar_s = final_alpha_bar."""
     n = ts.shape[0]
-    s = jnp.append(ts[1:], -1)  # [N]; -1 stands for the data (abar = 1)
+    s = jnp.append(ts[1:], -1) if s is None else jnp.asarray(s)  # [N]; -1 stands for the end
+    if jnp.issubdtype(ts.dtype, jnp.floating):
+        return _between_coefficients(schedule, ts, s, final_alpha_bar)
     last = s < 0
     s_idx = jnp.maximum(s, 0)
-    ab_t, ab_s = schedule.alphas_cumprod[ts], jnp.where(last, 1.0, schedule.alphas_cumprod[s_idx])
+    final = float(final_alpha_bar)
+    ab_t, ab_s = schedule.alphas_cumprod[ts], jnp.where(last, final, schedule.alphas_cumprod[s_idx])
     om_t = jnp.square(schedule.sqrt_one_minus_alphas_cumprod[ts])
-    om_s = jnp.where(last, 0.0, jnp.square(schedule.sqrt_one_minus_alphas_cumprod[s_idx]))
+    om_s = jnp.where(last, 1.0 - final, jnp.square(schedule.sqrt_one_minus_alphas_cumprod[s_idx]))
     # beta_ts = 1 - prod_{s < u <= t} (1 - beta_u) = -expm1(sum log1p(-beta_u)): no cancellation,
     # unlike 1 - abar_t / abar_s in float32 when the two are close (short strides near t = 0).
     u = jnp.arange(schedule.num_timesteps)
     in_window = (u[None, :] > s[:, None]) & (u[None, :] <= ts[:, None])  # [N, T]
     log_alpha_ts = jnp.sum(jnp.where(in_window, jnp.log1p(-schedule.betas)[None, :], 0.0), axis=1)
     beta_ts = jnp.where(s == ts - 1, schedule.betas[ts], -jnp.expm1(log_alpha_ts))  # exact at stride 1
-    beta_ts = jnp.where(last, om_t, beta_ts)
+    # to the end: 1 - abar_t / final (final = 1: om_t; final = abar_0: the window down to u = 1)
+    beta_ts = jnp.where(last, om_t if final == 1.0 else 1.0 - ab_t / final, beta_ts)
+    half_log_snr_end = np.inf if final == 1.0 else 0.5 * np.log(final / (1.0 - final))
     return StepCoefficients(
         alpha_bar_t=ab_t, alpha_bar_s=ab_s, one_minus_alpha_bar_t=om_t, one_minus_alpha_bar_s=om_s,
         beta_ts=beta_ts, half_log_snr_t=0.5 * schedule.log_snr[ts],
-        half_log_snr_s=jnp.where(last, jnp.inf, 0.5 * schedule.log_snr[s_idx]),
+        half_log_snr_s=jnp.where(last, half_log_snr_end, 0.5 * schedule.log_snr[s_idx]),
         is_first=jnp.arange(n) == 0, is_last=last)
+
+
+def _between_coefficients(schedule: Schedule, ts, s, final_alpha_bar: float) -> StepCoefficients:
+    """step_coefficients at fractional timesteps (read between timesteps: Schedule.at)."""
+    last = s < 0
+    s_at = jnp.maximum(s, 0.0)
+    ab = lambda t: schedule.at("alphas_cumprod", t, 1)  # noqa: E731
+    om = lambda t: jnp.square(schedule.at("sqrt_one_minus_alphas_cumprod", t, 1))  # noqa: E731
+    final = float(final_alpha_bar)
+    ab_t, om_t = ab(ts), om(ts)
+    ab_s = jnp.where(last, final, ab(s_at))
+    om_s = jnp.where(last, 1.0 - final, om(s_at))
+    half_log_snr_end = np.inf if final == 1.0 else 0.5 * np.log(final / (1.0 - final))
+    return StepCoefficients(
+        alpha_bar_t=ab_t, alpha_bar_s=ab_s, one_minus_alpha_bar_t=om_t, one_minus_alpha_bar_s=om_s,
+        beta_ts=1.0 - ab_t / ab_s, half_log_snr_t=0.5 * schedule.at("log_snr", ts, 1),
+        half_log_snr_s=jnp.where(last, half_log_snr_end, 0.5 * schedule.at("log_snr", s_at, 1)),
+        is_first=jnp.arange(ts.shape[0]) == 0, is_last=last)
 
 
 class Options(NamedTuple):
@@ -179,6 +252,36 @@ def dpmpp_2m_step(x_t, eps_hat, x0_hat, c, z, state, opts, v=None):
     return x_s, (x0_hat, h)
 
 
+def _sigma(alpha_bar, one_minus_alpha_bar):
+    """k-diffusion's sigma = sqrt((1 - abar) / abar) (0 at abar = 1)."""
+    return jnp.sqrt(one_minus_alpha_bar / alpha_bar)
+
+
+def euler_step(x_t, eps_hat, x0_hat, c, z, state, opts, v=None):
+    """Returns Euler's step of the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma = eps_hat
+    in k-diffusion's variables x / sqrt(abar), sigma = sqrt((1 - abar) / abar) (Karras et al.
+    2022, Alg. 1 without churn): x_s / sqrt(abar_s) = x_t / sqrt(abar_t) + (sigma_s - sigma_t)
+    eps_hat. Since x_t / sqrt(abar_t) = x0_hat + sigma_t eps_hat, this is DDIM's eta = 0 update
+    on the same (t, s), written here as sqrt(abar_s) x0_hat + sqrt(1 - abar_s) eps_hat (no
+    cancellation of two terms of size sigma_t); what makes diffusers' Euler differ from its DDIM
+    is the steps it visits (diffusion/diffusers_scheduler.py)."""
+    del x_t, z, opts, v
+    return jnp.sqrt(c.alpha_bar_s) * x0_hat + jnp.sqrt(c.one_minus_alpha_bar_s) * eps_hat, state
+
+
+def euler_ancestral_step(x_t, eps_hat, x0_hat, c, z, state, opts, v=None):
+    """Returns k-diffusion's Euler ancestral step (sample_euler_ancestral, eta 1): Euler to
+    sigma_down, then fresh noise of sigma_up, with sigma_up^2 = sigma_s^2 (sigma_t^2 - sigma_s^2)
+    / sigma_t^2 and sigma_down^2 = sigma_s^2 - sigma_up^2 (sigma = sqrt((1 - abar) / abar)):
+    x_s = sqrt(abar_s) (x0_hat + sigma_down eps_hat + sigma_up z); none on the last step to the data."""
+    del x_t, opts, v
+    # sqrt(abar_s) sigma_s = sqrt(1 - abar_s); sigma_up / sigma_s = sqrt(1 - sigma_s^2 / sigma_t^2)
+    ratio = (c.one_minus_alpha_bar_s * c.alpha_bar_t) / (c.alpha_bar_s * c.one_minus_alpha_bar_t)
+    up = jnp.sqrt(c.one_minus_alpha_bar_s) * jnp.sqrt(jnp.clip(1.0 - ratio, 0.0, 1.0))
+    down = jnp.sqrt(jnp.maximum(c.one_minus_alpha_bar_s - jnp.square(up), 0.0))
+    return jnp.sqrt(c.alpha_bar_s) * x0_hat + down * eps_hat + up * z, state
+
+
 class Sampler(NamedTuple):
     step: Callable
     init_state: Callable[[jax.Array], Any]
@@ -190,6 +293,8 @@ SAMPLERS = {
     "ddim": Sampler(ddim_step, lambda x: (), stochastic=True),
     "dpmpp_2m": Sampler(dpmpp_2m_step, lambda x: (jnp.zeros_like(x), jnp.ones((), x.dtype)),
                         stochastic=False),
+    "euler": Sampler(euler_step, lambda x: (), stochastic=False),
+    "euler_a": Sampler(euler_ancestral_step, lambda x: (), stochastic=True),
 }
 
 
@@ -269,13 +374,16 @@ def check_variance_output(ddpm_variance: str, rest) -> None:
 def chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Array, *,
           sampler: str = "ddim", num_steps: int = 50, eta=0.0, rng: Optional[jax.Array] = None,
           prediction: str = "eps", spacing: str = "trailing", ddpm_variance: str = "posterior",
-          sample_ids: Optional[jax.Array] = None) -> jax.Array:
+          sample_ids: Optional[jax.Array] = None, steps: Optional[Steps] = None) -> jax.Array:
     """The sampling chain: one lax.scan over the visited timesteps, each step one call of
     denoiser(x_t [B, ...], t int32 [B]) -> (eps_hat, x0_hat[, v]) (guidance.py's model_denoiser
     with any guides applied; v: a learned-variance model's output, read by ddpm_variance
     "learned"), then the sampler's update. Returns the final x0 estimate [B, ...].
 
     prediction: the model's, only to refuse a chain that cannot run (check_chain).
+    steps: the (t, s) pairs, final abar and x_T scale of a chain that is not the project's own
+      (a diffusers scheduler's, diffusion/diffusers_scheduler.py); num_steps and spacing are then
+      unused.
     rng: key for the noise of ddpm and of ddim with eta != 0; sample i's noise at step k comes
       from fold_in(fold_in(fold_in(rng, STEP_NOISE), sample_ids[i]), k) (noise.py; default ids
       0..B-1), so it is the same in any batch and on any number of devices.
@@ -301,15 +409,19 @@ def chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Array, *,
     if noisy and rng is None:
         raise ValueError(f"sampler {sampler!r}" + (" with eta != 0" if sampler == "ddim" else "")
                          + " draws noise: pass rng=jax.random.key(seed).")
-    ts = jnp.asarray(check_chain(schedule, num_steps, spacing, prediction))
-    coeffs = step_coefficients(schedule, ts)
+    steps = steps_of(schedule, num_steps, spacing, prediction) if steps is None \
+        else check_steps(schedule, steps, prediction)
+    ts = jnp.asarray(steps.t)
+    coeffs = step_coefficients(schedule, ts, jnp.asarray(steps.s), steps.final_alpha_bar)
+    if steps.x_T_scale != 1.0:
+        x_T = (x_T * steps.x_T_scale).astype(x_T.dtype)
     opts = Options(eta=jnp.asarray(eta, x_T.dtype), ddpm_variance=ddpm_variance)
     keys = noise.per_sample_keys(rng, sample_ids, noise.STEP_NOISE) if noisy else None
 
     def body(carry, inputs):
         x, state = carry
         i, t, c = inputs
-        eps_hat, x0_hat, *rest = denoiser(x, jnp.full((batch,), t, jnp.int32))
+        eps_hat, x0_hat, *rest = denoiser(x, jnp.full((batch,), t, ts.dtype))
         check_variance_output(ddpm_variance, rest)
         z = noise.batch_normal(keys, x.shape[1:], x.dtype, step=i) if noisy else None  # [B, ...]
         x_s, new_state = spec.step(x, eps_hat, x0_hat, c, z, state, opts, *rest[:1])
@@ -318,5 +430,5 @@ def chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Array, *,
         return (x_s.astype(x.dtype), new_state), None
 
     (x0, _), _ = jax.lax.scan(body, (x_T, spec.init_state(x_T)),
-                              (jnp.arange(num_steps), ts, coeffs))
+                              (jnp.arange(ts.shape[0]), ts, coeffs))
     return x0

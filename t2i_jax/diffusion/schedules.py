@@ -43,9 +43,39 @@ class Schedule:
     zero_terminal_snr: bool = struct.field(pytree_node=False)  # abar_{T-1} == 0 exactly
 
     def at(self, name: str, t: jax.Array, ndim: int) -> jax.Array:
-        """Returns field `name` gathered at t [B], reshaped to [B, 1, ..., 1] (ndim axes)."""
-        values = getattr(self, name)[t]  # [B]
+        """Returns field `name` gathered at t [B], reshaped to [B, 1, ..., 1] (ndim axes).
+
+        A floating t may fall between timesteps (diffusers' Euler on "linspace" spacing calls
+        the model at t = 799.2): then sigma = sqrt((1 - abar) / abar) is read linearly between
+        the two neighbouring timesteps (diffusers' np.interp of its sigmas) and abar = 1 / (1 +
+        sigma^2); only the fields of abar (alphas_cumprod, their square roots, log_snr) have
+        such a reading."""
+        t = jnp.asarray(t)
+        if jnp.issubdtype(t.dtype, jnp.floating):
+            values = self._between(name, t)
+        else:
+            values = getattr(self, name)[t]  # [B]
         return values.reshape(values.shape + (1,) * (ndim - values.ndim))
+
+    def _between(self, name: str, t: jax.Array) -> jax.Array:
+        sigmas = jnp.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)   # [T]
+        lo = jnp.clip(jnp.floor(t).astype(jnp.int32), 0, self.num_timesteps - 1)
+        hi = jnp.minimum(lo + 1, self.num_timesteps - 1)
+        frac = (t - lo).astype(jnp.float32)
+        sigma = (1.0 - frac) * sigmas[lo] + frac * sigmas[hi]
+        # at whole t, the table itself (sigma's round trip would lose float32 digits)
+        whole = frac == 0.0
+        if name == "alphas_cumprod":
+            return jnp.where(whole, self.alphas_cumprod[lo], 1.0 / (1.0 + jnp.square(sigma)))
+        if name == "sqrt_alphas_cumprod":
+            return jnp.where(whole, self.sqrt_alphas_cumprod[lo], jax.lax.rsqrt(1.0 + jnp.square(sigma)))
+        if name == "sqrt_one_minus_alphas_cumprod":
+            return jnp.where(whole, self.sqrt_one_minus_alphas_cumprod[lo],
+                             sigma * jax.lax.rsqrt(1.0 + jnp.square(sigma)))
+        if name == "log_snr":
+            return jnp.where(whole, self.log_snr[lo], -2.0 * jnp.log(sigma))
+        raise ValueError(f"the schedule's {name} has no value between timesteps (t = {t}); "
+                         "only alphas_cumprod, its square roots and log_snr do.")
 
 
 def schedule_from_betas(betas: np.ndarray) -> Schedule:
