@@ -58,7 +58,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m")   # t2i_jax.diffusion.samplers.SAMPLERS (checked below)
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_a")  # t2i_jax.diffusion.samplers.SAMPLERS (checked below)
 THRESHOLDINGS = ("static", "dynamic", "none")
 
 
@@ -68,7 +68,7 @@ def parse_args(argv):
     from t2i_jax.sampling.request import Request, glue_values  # imports no jax
     p = ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="a training workdir (its checkpoints/ is read)")
+    p.add_argument("--workdir", required=True, help="a training workdir (its checkpoints/ is read), or a diffusers Stable Diffusion pipeline folder (model_index.json)")
     p.add_argument("--outdir", required=True, help="where the images, grid and records go")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt (repeatable); '' is the null condition (unconditional samples)")
@@ -170,6 +170,19 @@ def parse_args(argv):
                    help="RePaint's resampling: every --repaint_jump_length steps, go back up that "
                         "many steps and down again, J times (0: plain replacement)")
     i.add_argument("--repaint_jump_length", type=int, default=10, metavar="L")
+    d = p.add_argument_group("negative prompts, img2img and given noise (Stable Diffusion's; any "
+                             "text model)")
+    d.add_argument("--negative_prompt", action="append", metavar="TEXT",
+                   help="read by guidance's unconditional branch in place of the empty prompt: "
+                        "once (every prompt) or once per prompt, in order")
+    d.add_argument("--init_image", metavar="IMAGE",
+                   help="img2img (SDEdit): the image (the model's size), encoded and noised to "
+                        "the chain's step S - int(S x strength); the rest of the chain runs")
+    d.add_argument("--strength", type=float, metavar="S", help="with --init_image, in (0, 1]: "
+                   "the part of the chain that runs (default 0.8, diffusers')")
+    d.add_argument("--init_noise", metavar="FILE.npy",
+                   help="x_T of every image in index order, [N, H, W, C] in the chain's space "
+                        "(latents for a latent model), in place of the seeded noise")
     from t2i_jax import distributed  # imports no jax
     distributed.add_arguments(p)
     args = p.parse_args(glue_values(argv))

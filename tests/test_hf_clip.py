@@ -389,7 +389,11 @@ def _hf_names(tower: str, layers: int, d: int, ff: int) -> dict:
 
 
 def _publisher(pmap) -> dict:
-    assert all(len(names) == 1 for names, _, _ in pmap.values())
+    """{the published name: shape}; a text_model. name may also be read without its prefix
+    (transformers v5's CLIPTextModel), and nothing else."""
+    for names, _, _ in pmap.values():
+        assert names[1:] in ((), (names[0][len("text_model."):],)), names
+        assert len(names) == 1 or names[0].startswith("text_model.")
     return {names[0]: tuple(shape) for names, shape, _ in pmap.values()}
 
 

@@ -12,6 +12,9 @@ sampling:
   "empty_prompt": the tokens of "" ([BOS, EOS]); the model encodes them like any prompt;
   "learned":      the model replaces the text features of null rows by learned ones.
 For class labels the null is the extra label `num_classes` (its own embedding row).
+A negative prompt (sampling only) replaces the null in classifier-free guidance's unconditional
+branch, per row: `negative` holds those rows as a Condition of their own (an empty negative
+prompt is the null row), and the sampler encodes them in place of the null.
 A model on a frozen pretrained text encoder (T5, CLIP) reads `features` / `pooled`, the
 encoder's output for the tokens (computed in the step or read from a cache of the data set's
 captions); its null is the encoding of the empty prompt (families/frozen_text.py).
@@ -46,6 +49,8 @@ class Condition:
     pooled: Optional[jax.Array] = None     # float32 [B, P]: and its pooled vector
     known: Optional[jax.Array] = None      # float32 [B, H, W, C] in [-1, 1]: the image to inpaint
     known_mask: Optional[jax.Array] = None  # float32 [B, H, W, 1]: 1 where known, 0 to regenerate
+    init_image: Optional[jax.Array] = None  # float32 [B, H, W, C] in [-1, 1]: img2img's start
+    negative: Optional["Condition"] = None  # the null branch's rows of CFG: negative prompts
 
     @property
     def batch_size(self) -> int:
@@ -230,10 +235,24 @@ class Conditioning:
                                  f"of {self.dataset} (use one of {list(self.class_names)}, or "
                                  "'' for the null class).")
 
-    def of_prompts(self, prompts: Sequence[str], tokens=None) -> Condition:
+    def of_prompts(self, prompts: Sequence[str], tokens=None,
+                   negative: Optional[Sequence[str]] = None) -> Condition:
         """One Condition row per prompt; an empty prompt is the null row (is_null). tokens: the
-        prompts' Tokens from this model's tokenizer, when they were already tokenized."""
+        prompts' Tokens from this model's tokenizer, when they were already tokenized.
+        negative: one negative prompt per prompt (text models): the rows classifier-free
+        guidance's unconditional branch reads in place of the null ("": the null itself)."""
         prompts = list(prompts)
+        if negative is not None:
+            if self.kind != "text":
+                raise ValueError("a negative prompt needs a text-conditioned model; this one is "
+                                 f"conditioned on {self.kind}.")
+            negative = list(negative)
+            if len(negative) != len(prompts):
+                raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts: "
+                                 "give one for all, or one per prompt.")
+            cond = self.of_prompts(prompts, tokens=tokens)
+            neg = self.of_prompts(negative)
+            return cond.replace(negative=neg.replace(is_null=neg.is_null))
         self.check_prompts(prompts)
         if self.kind == "none":
             return self.null(len(prompts))

@@ -89,6 +89,16 @@ def steps_of(schedule: Schedule, num_steps: int, spacing: str = "trailing",
     return Steps(ts, np.append(ts[1:], -1).astype(np.int32))
 
 
+def truncated(steps: Steps, n: int) -> Steps:
+    """The last n of the steps, started from a given x_t (img2img / SDEdit, Meng et al. 2022:
+    the chain from t_0 = steps.t[-n] on an image noised to it; diffusers' img2img runs the last
+    int(S * strength) of its S steps): no x_T scale, the start is not pure noise."""
+    if not 1 <= n <= len(steps.t):
+        raise ValueError(f"cannot keep {n} of {len(steps.t)} steps.")
+    k = len(steps.t) - n
+    return Steps(steps.t[k:], steps.s[k:], steps.final_alpha_bar, 1.0)
+
+
 def check_steps(schedule: Schedule, steps: Steps, prediction: str = "eps") -> Steps:
     """steps, or ValueError for steps a chain cannot run (out of range, an eps model at zero SNR)."""
     t, s = np.asarray(steps.t), np.asarray(steps.s)

@@ -104,6 +104,11 @@ class Family:
         before it (stage_input): an SR stage's images, a decoder's embeddings."""
         raise ValueError(f"a {self.name} model takes no input from a stage before it.")
 
+    def spacing_of(self, sampler: str):
+        """The timestep spacing `sampler` visits for this model (None: the config's; a diffusers
+        folder: its scheduler class's)."""
+        return None
+
     def default_aug_level(self):
         """An SR stage's noise-conditioning augmentation level (None: it has none)."""
         return None

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from t2i_jax import conditioning
 from t2i_jax.conditioning import Condition, Conditioning
-from t2i_jax.diffusion import forward, inpainting, losses, make_schedule, vlb
+from t2i_jax.diffusion import forward, inpainting, losses, make_schedule, samplers, vlb
 from t2i_jax.diffusion.schedules import Schedule
 from t2i_jax.families.base import (PIXEL_THRESHOLDS, Family, image_shape, quarter_means,
                                    thresholding_refusal)
@@ -266,6 +266,11 @@ class Diffusion(Family):
         """What a sampling record says decoded the chain's output ({}: nothing did)."""
         return {}
 
+    def encode_image(self, inputs, images: jax.Array) -> jax.Array:
+        """The chain's x0 of images [B] + output_shape in [-1, 1] (img2img's start): the images
+        themselves (a latent model: its encoder's posterior mean, scaled)."""
+        return images
+
     @classmethod
     def refuse_pixel_thresholding(cls, thresholding, flag: str) -> None:
         if cls.not_pixels is not None and thresholding in PIXEL_THRESHOLDS:
@@ -291,6 +296,12 @@ class Diffusion(Family):
         if method == "glide" and not self.inpaint:
             raise ValueError("inpaint method 'glide' needs a mask-conditioned model "
                              "(model.inpaint=True); any other model inpaints with 'repaint'.")
+
+    def chain_steps(self, options):
+        """The samplers.Steps of a chain with these options (ValueError for one that cannot run:
+        a step count outside 1..T, an eps model started at zero SNR)."""
+        return samplers.steps_of(self.schedule, options.num_steps, options.spacing,
+                                 self.prediction)
 
     def sampling_condition(self, cond: Condition, rng: jax.Array, sample_ids) -> Condition:
         """The Condition the chain sees, from the one a sampling job built (a stage with a

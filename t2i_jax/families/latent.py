@@ -107,6 +107,9 @@ class LatentDiffusion(Diffusion):
     def to_output(self, inputs, x0: jax.Array) -> jax.Array:
         return self.ae.decode(inputs["autoencoder"], x0 / self.scale_factor)
 
+    def encode_image(self, inputs, images: jax.Array) -> jax.Array:
+        return self.ae.encode(inputs["autoencoder"], images).mean * self.scale_factor
+
     def decoder_record(self) -> dict:
         ident = self.autoencoder.identity()
         return dict(workdir=ident["workdir"], checkpoint_step=ident["step"],

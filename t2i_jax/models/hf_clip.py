@@ -317,7 +317,8 @@ def text_param_map(cfg: CLIPTextConfig) -> ParamMap:
     `text_model.embeddings.{token,position}_embedding.weight`, `text_model.encoder.layers.{i}.`
     (self_attn.{q,k,v,out}_proj, layer_norm1, mlp.fc1, mlp.fc2, layer_norm2),
     `text_model.final_layer_norm` and, with a projection, `text_projection.weight` [P, D] (no
-    bias). torch Linear weights [out, in] are transposed."""
+    bias); each also without the `text_model.` prefix (a CLIPTextModel saved by transformers
+    v5). torch Linear weights [out, in] are transposed."""
     d = cfg.hidden_size
     pmap: ParamMap = {
         "embeddings/token_embedding/embedding": (
@@ -327,6 +328,10 @@ def text_param_map(cfg: CLIPTextConfig) -> ParamMap:
     }
     pmap.update(_layers_map(cfg, "text_model"))
     pmap.update(_norm_map("final_layer_norm", "text_model.final_layer_norm", d))
+    # transformers v5 saves a CLIPTextModel without the text_model. prefix: read both
+    prefix = "text_model."
+    pmap = {path: (names + tuple(n[len(prefix):] for n in names if n.startswith(prefix)), shape, tr)
+            for path, (names, shape, tr) in pmap.items()}
     if cfg.projection_dim is not None:
         pmap["text_projection/kernel"] = (("text_projection.weight",), (cfg.projection_dim, d), "transpose")
     return pmap

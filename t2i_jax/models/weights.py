@@ -5,11 +5,14 @@ Tensors are read with the `safetensors` package into numpy (never torch), one sl
 with a mesh of fsdp > 1, each device reads only its 1/fsdp of each large tensor from the
 memory-mapped file, so a T5-XXL encoder never sits whole on one device (or in host memory).
 
-Each port (models/t5.py, models/hf_clip.py) gives a `param_map(cfg)` (a `ParamMap`): for every
-Flax parameter path, the publisher's tensor name(s), its shape in the publisher's layout, and the
+Each port (models/t5.py, models/hf_clip.py, models/unet2d_condition.py,
+models/autoencoder_kl.py) gives a `param_map(cfg)` (a `ParamMap`): for every Flax parameter path,
+the publisher's tensor name(s) (first present wins), its shape in the publisher's layout, and the
 transform from that layout to Flax's ("none", "transpose" for torch Linear [out, in] ->
 [in, out], "conv" for OIHW -> HWIO). A missing, misnamed or misshapen tensor is named in the
-error. models/pretrained reads a whole publisher directory with it.
+error. models/pretrained reads a whole publisher directory with it; diffusers' folders
+(diffusion_pytorch_model[.fp16].safetensors, or shards with their index) go through the same
+`weight_files`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -116,13 +120,56 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 # the files besides the weights that decide an encoder's output (part of its content hash)
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "vocab.json", "merges.txt",
                    "tokenizer_config.json", "special_tokens_map.json")
+_SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")
 
 
-def weight_files(directory: str) -> Dict[str, str]:
-    """{tensor name: file} of a directory's safetensors weights (one file, or the shards that
-    model.safetensors.index.json lists)."""
-    index = os.path.join(directory, WEIGHTS_INDEX)
-    if os.path.isfile(index):
+def _variant(filename: str) -> Optional[str]:
+    """The variant a weight file's name carries, as diffusers names them: None for
+    `model.safetensors`, `model-00001-of-00002.safetensors`, `x.safetensors.index.json`; "fp16"
+    for `x.fp16.safetensors`, `x.fp16-00001-of-00002.safetensors`,
+    `x.safetensors.index.fp16.json`."""
+    if ".safetensors.index" in filename:
+        middle = filename.split(".safetensors.index", 1)[1][:-len(".json")]  # "" or ".fp16"
+        return middle[1:] or None
+    stem = _SHARD_SUFFIX.sub("", filename[:-len(".safetensors")])
+    return stem.split(".", 1)[1] if "." in stem else None
+
+
+def weight_files(directory: str, variant: Optional[str] = None) -> Dict[str, str]:
+    """{tensor name: file} of a directory's safetensors weights: one file, or the shards that its
+    index (`*.safetensors.index.json`: transformers' `model.`, diffusers'
+    `diffusion_pytorch_model.`) lists.
+
+    variant: the files of that variant (diffusers' `*.fp16.safetensors`, `*.safetensors.index.fp16
+    .json`). None reads the files without a variant, or, where every file has the same one (a
+    folder holding only `*.fp16.safetensors`), those; a folder holding several is refused unless
+    `variant` picks one, so two copies of the weights are never mixed."""
+    names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.safetensors"))
+                   + glob.glob(os.path.join(directory, "*.safetensors.index*.json")))
+    by_variant: Dict[Optional[str], list] = {}
+    for name in names:
+        by_variant.setdefault(_variant(name), []).append(name)
+    if not names:
+        found = [os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.bin"))]
+        hint = (f" (it has {found}: PyTorch pickles, which this loader does not read; convert "
+                "them to safetensors)") if found else ""
+        raise ValueError(f"{directory} has no *.safetensors weights{hint}: the loader reads "
+                         "model.safetensors, or sharded *.safetensors with "
+                         f"{WEIGHTS_INDEX} (diffusers: diffusion_pytorch_model[.fp16].safetensors "
+                         "or its shards with their index).")
+    if variant is None and None not in by_variant and len(by_variant) == 1:
+        variant = next(iter(by_variant))
+    if variant not in by_variant:
+        held = sorted(by_variant, key=lambda v: v or "")
+        raise ValueError(f"{directory} holds the weight variants {held} (None: files without "
+                         f"one), not {variant!r}: pass variant= one of them.")
+    chosen = by_variant[variant]
+    indexes = [n for n in chosen if n.endswith(".json")]
+    if len(indexes) > 1:
+        raise ValueError(f"{directory} has several safetensors indexes {indexes}: keep the one "
+                         "of the checkpoint to read.")
+    if indexes:
+        index = os.path.join(directory, indexes[0])
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -133,19 +180,12 @@ def weight_files(directory: str) -> Dict[str, str]:
             raise ValueError(f"{index} lists shards that are not in {directory}: {missing}; "
                              "copy every shard of the checkpoint.")
         return {k: os.path.join(directory, v) for k, v in weight_map.items()}
-    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-    if not files:
-        found = [os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.bin"))]
-        hint = (f" (it has {found}: PyTorch pickles, which this loader does not read; convert "
-                "them to safetensors)") if found else ""
-        raise ValueError(f"{directory} has no *.safetensors weights{hint}: the loader reads "
-                         "model.safetensors, or sharded *.safetensors with "
-                         f"{WEIGHTS_INDEX}.")
-    names = {}
-    for path in files:
+    tensors = {}
+    for name in chosen:
+        path = os.path.join(directory, name)
         with _open(path) as f:
-            names.update({k: path for k in f.keys()})
-    return names
+            tensors.update({k: path for k in f.keys()})
+    return tensors
 
 
 def _open(path: str):
@@ -203,14 +243,16 @@ def _publisher_index(index: tuple, transform: str) -> tuple:
     return (o, i, kh, kw)
 
 
-def load_params(directory: str, pmap: ParamMap, *, mesh=None, dtype="float32"):
+def load_params(directory: str, pmap: ParamMap, *, mesh=None, dtype="float32",
+                variant: Optional[str] = None):
     """{"params": ...} of a port from a directory's safetensors weights, cast to dtype.
 
     mesh None: host numpy arrays. With a mesh: jax.Arrays laid out by sharding.leaf_sharding
     (split over "fsdp" along the largest divisible axis with fsdp > 1), each device's piece read
     from the memory-mapped file on its own, so no tensor is ever whole on one device.
-    A missing, misnamed or misshapen tensor is named in the error (all of them at once)."""
-    reader = _Reader(weight_files(directory))
+    A missing, misnamed or misshapen tensor is named in the error (all of them at once).
+    variant: which weight files to read where a folder holds several (see `weight_files`)."""
+    reader = _Reader(weight_files(directory, variant))
     target = np.dtype(jax_dtype(dtype))
     try:
         chosen, problems = {}, []
@@ -258,7 +300,7 @@ def jax_dtype(name: str):
     return jnp.dtype(name)
 
 
-def content_sha256(directory: str) -> str:
+def content_sha256(directory: str, variant: Optional[str] = None) -> str:
     """A hash of what decides the encoder's output: config.json, the tokenizer files and every
     weight file's bytes (file names included). Weight files are hashed once per (path, size,
     mtime) and remembered in ~/.cache/t2i_jax/sha256.json ($T2I_JAX_CACHE), since a T5-XXL's are
@@ -266,7 +308,7 @@ def content_sha256(directory: str) -> str:
     h = hashlib.sha256()
     names = ["config.json"] + [n for n in TOKENIZER_FILES
                                if os.path.isfile(os.path.join(directory, n))]
-    weights = sorted(set(weight_files(directory).values()))
+    weights = sorted(set(weight_files(directory, variant).values()))
     memo = _HashMemo()
     for name in names:
         with open(os.path.join(directory, name), "rb") as f:

@@ -36,6 +36,8 @@ class SampleOptions:
     inpaint: Optional[str] = None     # "repaint" (any model) or "glide" (a mask model); None: no
     repaint_jumps: int = 0            # RePaint's resampling: extra passes over each segment
     repaint_jump_length: int = 10     # and the segment's length in steps
+    strength: Optional[float] = None  # img2img / SDEdit: start from the image noised to the
+                                      # chain's step S - int(S * strength) (diffusers' rule)
 
     @classmethod
     def from_config(cls, sample) -> "SampleOptions":
@@ -92,6 +94,21 @@ class SampleOptions:
                 or self.num_steps < 1:
             raise ValueError(f"the number of sampling steps must be an integer >= 1, got "
                              f"{self.num_steps!r}.")
+        if self.strength is not None:
+            try:
+                strength = float(self.strength)
+            except (TypeError, ValueError):
+                strength = float("nan")
+            if not 0.0 < strength <= 1.0:
+                raise ValueError(f"--strength must be in (0, 1] (1: from pure noise, as "
+                                 f"text-to-image), got {self.strength}.")
+            if int(self.num_steps * strength) < 1:
+                raise ValueError(f"--strength {strength:g} of --steps {self.num_steps} runs "
+                                 f"int({self.num_steps} x {strength:g}) = 0 steps of the chain "
+                                 "(diffusers' rule): raise --steps or --strength.")
+            if self.inpaint is not None:
+                raise ValueError("--init_image (img2img) and --inpaint do not combine: inpainting "
+                                 "keeps the known region, img2img redraws the whole image.")
         if self.repaint_jumps and self.num_steps <= self.repaint_jump_length:
             raise ValueError(f"RePaint jumps back --repaint_jump_length {self.repaint_jump_length} "
                              f"steps before the chain's end, and a chain of {self.num_steps} steps "
@@ -102,7 +119,7 @@ class SampleOptions:
 def make_generate_fn(family, options: SampleOptions, guided: bool = True,
                      guides: Sequence = ()) -> Callable:
     """Returns generate(params, cond [B], rng, guidance_weight, sample_ids [B], guide_params=(),
-    guide_rows=(), guide_scales=()) -> x0 [B, H, W, C] in [-1, 1] (clipped; NaN where the chain
+    guide_rows=(), guide_scales=(), x_T=None) -> x0 [B, H, W, C] in [-1, 1] (clipped; NaN where the chain
     produced a non-finite value) for a diffusion family (families/diffusion.py); a latent
     model's x0 is decoded to pixels ([B] + family.output_shape).
 
@@ -110,6 +127,8 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
     and combines eps~ = (1 + w) eps(x, y) - w eps(x, null), w = guidance_weight ([] or [B]);
     unguided (or a model without a condition to drop), one evaluation on the condition alone
     (guidance_weight is ignored: w = 0), half the work.
+    x_T: the chain's start [B] + image_shape in place of each sample's seeded noise (the unit
+    noise a diffusers pipeline takes as `latents`; the chain scales it as its scheduler does).
     guides: sampling/guides.py Guides; their parameters, per-image rows [B, ...] and scales [G]
     are arguments (traced: new scales or guide checkpoints of the same shapes reuse the program).
     """
@@ -117,20 +136,31 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
         raise ValueError(f"a {family.name} model does not generate images; pass the --workdir "
                          "of a diffusion model.")
     guided = guided and family.conditioning.guidable
-    samplers.check_chain(family.schedule, options.num_steps, options.spacing,
-                         family.prediction)  # fails here, not in jit
+    steps = family.chain_steps(options)  # the (t, s) it visits: fails here, not in jit
+    if options.strength is not None:  # img2img: the chain's last int(S * strength) steps
+        steps = samplers.truncated(steps, int(options.num_steps * options.strength))
     family.check_options(options)  # a latent model refuses pixel thresholding
     null = family.null() if guided else None
     total = guides_lib.guide_fn(guides) if guides else None
 
     def generate(params, inputs, cond: Condition, rng, guidance_weight, sample_ids,
-                 guide_params=(), guide_rows=(), guide_scales=()):
+                 guide_params=(), guide_rows=(), guide_scales=(), x_T=None):
         cond = family.sampling_condition(cond, rng, sample_ids)  # an SR stage augments its input
+        negative, init_image = cond.negative, cond.init_image  # read here, not by the encoder
+        cond = cond.replace(negative=None, init_image=None)
         enc = family.encode(params, cond, inputs)
-        # The null row drops the text (or label), never an SR stage's low-resolution image.
-        null_enc = None if null is None else keep_undropped(family.encode(params, null, inputs), enc)
+        # The null row drops the text (or label), never an SR stage's low-resolution image; with
+        # negative prompts, each row's negative prompt stands in for the null.
+        null_enc = None if null is None else keep_undropped(
+            family.encode(params, null if negative is None else negative, inputs), enc)
         shape = (cond.batch_size,) + tuple(family.image_shape)  # the chain's x_t
-        x_T = noise.initial_noise(rng, shape, sample_ids)
+        if x_T is None:  # sample i's own noise; given (--init_noise): the rows of a file
+            x_T = noise.initial_noise(rng, shape, sample_ids)
+        if init_image is not None:  # img2img (SDEdit): q(x_t0 | x0 = the encoded image)
+            t0, nd, sch = jnp.full((cond.batch_size,), steps.t[0], steps.t.dtype), x_T.ndim, \
+                family.schedule  # t0 may be fractional (Euler on linspace): Schedule.at
+            x_T = (sch.at("sqrt_alphas_cumprod", t0, nd) * family.encode_image(inputs, init_image)
+                   + sch.at("sqrt_one_minus_alphas_cumprod", t0, nd) * x_T)
         # The chain's denoiser: the network with CFG, then the gradient guides, then thresholding.
         denoiser = guidance.model_denoiser(
             family.denoise_fn(params), family.schedule, family.prediction, enc, null_enc,
@@ -149,7 +179,7 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
         denoiser = guidance.thresholded(denoiser, family.schedule, threshold)
         chain_args = dict(sampler=options.sampler, num_steps=options.num_steps, eta=options.eta,
                           rng=rng, prediction=family.prediction, spacing=options.spacing,
-                          ddpm_variance=options.ddpm_variance, sample_ids=sample_ids)
+                          ddpm_variance=options.ddpm_variance, sample_ids=sample_ids, steps=steps)
         if options.inpaint == "glide":  # the known pixels overwrite x0_hat at every step
             denoiser = inpainting.known_region(denoiser, family.schedule, cond.known,
                                                cond.known_mask)

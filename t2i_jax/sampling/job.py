@@ -235,6 +235,8 @@ def _run_stage(spec, run, k: int, done: set, c: _StageSetup) -> tuple:
                                         known_mask=put(np.ascontiguousarray(run.inpaint.mask[p])))
                 args = (put(run.weights(g)), put(sid.astype(np.int32)), c.guide_params,
                         tuple(rows_of(r) for r in c.guide_rows), guide_scales)
+                if run.init_noise is not None:  # --init_noise: each image's own row
+                    args = args + (put(np.ascontiguousarray(run.init_noise.array[full])),)
                 x = c.gen(c.params, cond, c.rng, *args)
                 if run.best_of is not None:
                     x, won, best = run.best_of.select(

@@ -1,4 +1,5 @@
-"""A trained model from a training workdir: its family, stored config and parameters.
+"""A trained model from a training workdir (its family, stored config and parameters), or the
+pretrained models of a diffusers pipeline folder (model_index.json: families/stable_diffusion.py).
 
     trained = load_trained(workdir)                  # newest checkpoint, EMA parameters
     trained = load_trained(workdir, step=2000, params="raw")
@@ -54,7 +55,20 @@ def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema
     --frozen), checked against their recorded content hashes."""
     if params not in PARAM_KINDS:
         raise ValueError(f"params must be one of {PARAM_KINDS}, got {params!r}.")
+    from t2i_jax.models.pretrained.pipeline import is_pipeline_folder
+    if is_pipeline_folder(workdir):  # a diffusers pipeline folder: its pretrained models
+        from t2i_jax.families.stable_diffusion import StableDiffusion
+        if step is not None:
+            raise UsageError(f"--step {step}: {workdir} is a diffusers pipeline folder, which has "
+                             "no training steps; leave --step out.")
+        return StableDiffusion.load_trained(workdir, mesh=mesh)
     directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory) and all(os.path.isdir(os.path.join(workdir, sub))
+                                             for sub in ("unet", "vae", "text_encoder")):
+        raise NoCheckpointError(
+            f"{workdir} has no model_index.json: it is a diffusers pipeline folder without its "
+            "index (unet/, vae/, text_encoder/ are there); copy model_index.json from the "
+            "publisher's files, then pass the folder again.")
     if not os.path.isdir(directory) and os.path.isfile(os.path.join(workdir, "config.json")):
         raise NoCheckpointError(
             f"{workdir} holds a pretrained model in its publisher's layout (config.json), not a "

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from t2i_jax.errors import UsageError
 from t2i_jax.sampling.best_of import PRIOR_STREAM, RERANK_STREAM, BestOf
 from t2i_jax.sampling.generate import SampleOptions
 from t2i_jax.sampling.guides import clip_score_fn, text_rows
@@ -69,6 +70,39 @@ class Inpaint:
 
 
 @dataclasses.dataclass(frozen=True)
+class InitNoise:
+    """x_T of every image of the job, in index order: float32 [N] + the chain's shape (latents
+    for a latent model), with its record (path, sha256 of the array, shape)."""
+    array: np.ndarray
+    record: dict
+
+    @classmethod
+    def read(cls, path: str, flag: str = "--init_noise") -> "InitNoise":
+        import hashlib
+        import os
+        try:
+            a = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{flag} {path} is not a readable .npy array ({e}).") from None
+        if not isinstance(a, np.ndarray) or not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"{flag} {path} holds {getattr(a, 'dtype', type(a).__name__)}, not a "
+                             "float array [N, H, W, C].")
+        a = np.ascontiguousarray(a, np.float32)
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{flag} {path} holds NaN or Inf.")
+        return cls(a, {"path": os.path.abspath(path), "shape": list(a.shape),
+                       "sha256": hashlib.sha256(a.tobytes()).hexdigest()})
+
+
+@dataclasses.dataclass(frozen=True)
+class InitImage:
+    """img2img's start: float32 [P, H, W, C] in [-1, 1] (one image for every prompt row, or one
+    per row) with its record (user_images': path, sha256, pixels_sha256; and the strength)."""
+    image: np.ndarray
+    record: dict
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """One sampling job: stage 0 (`first`) with its options and inputs, then `stages`."""
     first: Trained
@@ -88,6 +122,9 @@ class Plan:
     candidates: int = 1                 # a prior stage 0's candidates per image
     shared_noise: bool = False          # one noise per prompt row (an interpolation)
     flags: tuple = ("--guidance", "--thresholding")  # the flags of stage 0's weight, thresholding
+    negative: tuple = ()                # stage 0's negative prompt per prompt row (() : none)
+    init_noise: Optional[InitNoise] = None  # x_T of every image (--init_noise)
+    init_image: Optional[InitImage] = None  # img2img's start (--init_image, options.strength)
 
     @classmethod
     def create(cls, trained: Trained, prompts: Sequence[str], *, num_per_prompt: int,
@@ -153,6 +190,34 @@ class Plan:
         if self.inpaint is not None and self.inpaint.image.shape[0] != n_prompts:
             raise ValueError(f"{self.inpaint.image.shape[0]} images to inpaint for {n_prompts} "
                              "prompts.")
+        if self.negative and len(self.negative) != n_prompts:
+            raise ValueError(f"{len(self.negative)} negative prompts for {n_prompts} prompts: give "
+                             "one for all, or one per prompt.")
+        if self.init_noise is not None:
+            want = (len(self.guidance) * n_prompts * self.num_per_prompt,) + tuple(fam.image_shape)
+            got = tuple(self.init_noise.array.shape)
+            if got != want:
+                raise UsageError(
+                    f"--init_noise {self.init_noise.record['path']} has shape {list(got)}, but "
+                    f"this job starts {want[0]} chains ({len(self.guidance)} guidance weight(s) x "
+                    f"{n_prompts} prompt(s) x {self.num_per_prompt}) of shape {list(want[1:])}"
+                    + (" (latents of the model's decoder)" if fam.latent else "")
+                    + f": give an array of shape {list(want)}, in index order.")
+            if self.rerank > 1 or self.candidates > 1:
+                raise ValueError("--init_noise fixes each image's x_T: candidates (--rerank, "
+                                 "--prior_candidates) would all start from it.")
+        if (self.init_image is None) != (self.options.strength is None):
+            raise ValueError("img2img needs both the image and options.strength.")
+        if self.init_image is not None:
+            want = tuple(fam.output_shape)
+            got = tuple(self.init_image.image.shape)
+            if got[1:] != want or got[0] not in (1, n_prompts):
+                raise UsageError(f"--init_image {self.init_image.record.get('path')} is "
+                                 f"{got[1]}x{got[2]}x{got[3]}, but {first.workdir} draws "
+                                 f"{want[0]}x{want[1]}x{want[2]} images: resize it to its size.")
+            if fam.stage_input is not None:
+                raise ValueError(f"--init_image (img2img) needs a model that draws from noise; "
+                                 f"{first.workdir} takes inputs from a stage before it.")
 
     @functools.cached_property
     def spec(self) -> JobSpec:
@@ -177,7 +242,11 @@ class Plan:
             decoder=tuple(fam.decoder_record().items()),
             embedding=freeze(embedding) if embedding else (), candidates=int(self.candidates),
             shared_noise=bool(self.shared_noise),
-            inpaint=freeze(self.inpaint.record) if self.inpaint is not None else ())
+            inpaint=freeze(self.inpaint.record) if self.inpaint is not None else (),
+            negative_prompts=tuple(self.negative),
+            init_noise=freeze(self.init_noise.record) if self.init_noise is not None else (),
+            img2img=freeze(dict(self.init_image.record, strength=float(o.strength)))
+            if self.init_image is not None else ())
 
     @functools.cached_property
     def prompt_tokens(self):
@@ -188,10 +257,17 @@ class Plan:
 
     @functools.cached_property
     def conditions(self) -> list:
-        """Each stage's Condition rows [P] of the prompts (an empty prompt: the null row)."""
-        return [m.family.conditioning.of_prompts(self.prompts,
-                                                 tokens=self.prompt_tokens if k == 0 else None)
-                for k, m in enumerate(self.models)]
+        """Each stage's Condition rows [P] of the prompts (an empty prompt: the null row); stage
+        0's with its negative prompts and img2img image."""
+        conds = [m.family.conditioning.of_prompts(
+            self.prompts, tokens=self.prompt_tokens if k == 0 else None,
+            negative=list(self.negative) if k == 0 and self.negative else None)
+            for k, m in enumerate(self.models)]
+        if self.init_image is not None:
+            image = np.broadcast_to(self.init_image.image,
+                                    (len(self.prompts),) + self.init_image.image.shape[1:])
+            conds[0] = conds[0].replace(init_image=np.ascontiguousarray(image))
+        return conds
 
     @property
     def models(self) -> list:
@@ -201,7 +277,8 @@ class Plan:
         """Every stage as the runner sees it (StageRun), stage 0 with what it alone has;
         place(tree): parameters onto the job's devices."""
         first = StageRun(self.first, self.options, self.guidance, self.aug_level, self.given,
-                         self.inpaint, self.guides, self.best_of(place), self.flags)
+                         self.inpaint, self.guides, self.best_of(place), self.flags,
+                         self.init_noise)
         return [first] + [StageRun(st.trained, st.options, (st.guidance,), st.aug_level,
                                    flags=st.flags) for st in self.stages]
 
@@ -234,6 +311,7 @@ class StageRun:
     guides: tuple = ()
     best_of: Optional[BestOf] = None
     flags: tuple = ("--guidance", "--thresholding")  # what sets its weight and thresholding
+    init_noise: Optional[InitNoise] = None
 
     @property
     def family(self):

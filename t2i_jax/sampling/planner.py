@@ -46,8 +46,10 @@ def build(request: Request, prompts=None) -> Plan:
             trained, sampler=r.sampler, steps=r.steps, eta=r.eta, thresholding=r.thresholding,
             ddpm_variance=r.ddpm_variance, inpaint=method,
             repaint_jumps=r.repaint_jumps if r.inpaint else 0,
-            repaint_jump_length=r.repaint_jump_length)
+            repaint_jump_length=r.repaint_jump_length,
+            strength=r.strength if r.init_image else None)
         kw = dict(shard_size=r.shard_size)
+        _given_sd_inputs(r, trained, prompts, kw)
         if r.inpaint:
             x, m, record = load_inpaint(r.inpaint, family.image_shape, mask=r.mask,
                                         box=r.mask_box, method=method, jumps=r.repaint_jumps,
@@ -78,6 +80,30 @@ def build(request: Request, prompts=None) -> Plan:
                        rerank=r.rerank, reranker=clip if r.rerank > 1 else None, **kw)
     _report_truncation(plan)
     return plan
+
+
+def _given_sd_inputs(r: Request, trained, prompts: list, kw: dict) -> None:
+    """--negative_prompt (once, or one per prompt), --init_noise and --init_image into kw."""
+    from t2i_jax import user_images
+    from t2i_jax.sampling.plan import InitImage, InitNoise
+    if r.negative_prompt:
+        neg = list(r.negative_prompt)
+        if len(neg) == 1:
+            neg = neg * len(prompts)
+        if len(neg) != len(prompts):
+            raise ValueError(f"--negative_prompt was given {len(r.negative_prompt)} times for "
+                             f"{len(prompts)} prompts: give it once, or once per prompt.")
+        if trained.family.conditioning.kind != "text":
+            raise ValueError(f"--negative_prompt needs a text-conditioned model; {trained.workdir} "
+                             f"is conditioned on {trained.family.conditioning.kind}.")
+        trained.family.conditioning.check_prompts(neg)
+        kw["negative"] = tuple(neg)
+    if r.init_noise:
+        kw["init_noise"] = InitNoise.read(r.init_noise)
+    if r.init_image:
+        c = int(trained.family.output_shape[-1])
+        img = user_images.read(r.init_image, c, "--init_image")
+        kw["init_image"] = InitImage(img.pixels[None], dict(img.record))
 
 
 @contextlib.contextmanager

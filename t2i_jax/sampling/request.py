@@ -23,6 +23,7 @@ from typing import Optional
 from t2i_jax import files
 
 THRESHOLDINGS = ("static", "dynamic", "none")
+DEFAULT_STRENGTH = 0.8  # diffusers' StableDiffusionImg2ImgPipeline default
 SR_FLAGS = ("sr_steps", "sr_sampler", "sr_guidance", "sr_aug_level", "sr_thresholding")
 
 
@@ -94,6 +95,10 @@ class Request:
     repaint_jumps: int = 0
     repaint_jump_length: int = 10
     frozen: list = dataclasses.field(default_factory=list)  # --frozen RECORDED=DIR, repeatable
+    negative_prompt: Optional[list] = None   # once (every prompt) or once per prompt
+    init_image: Optional[str] = None         # img2img's start
+    strength: Optional[float] = None         # with init_image (default 0.8, diffusers')
+    init_noise: Optional[str] = None         # x_T of every image, [N, H, W, C] .npy
 
     @property
     def frozen_paths(self) -> dict:
@@ -148,6 +153,7 @@ class Request:
         self._check_cascade()
         self._check_unclip()
         self._check_inpaint()
+        self._check_img2img()
         if self.prompts_file is None and not self.prompts and not (self.variations or
                                                                    self.interpolate):
             raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
@@ -171,6 +177,33 @@ class Request:
                 raise ValueError(f"--guidance takes finite numbers (e.g. --guidance 0 1 3 or "
                                  f"0,1,3), got {given}.")
         files.check_output_dir(self.outdir, "--outdir")
+
+    def _check_img2img(self) -> None:
+        if self.strength is not None and not self.init_image:
+            raise ValueError("--strength is img2img's: it needs --init_image IMAGE.")
+        if self.init_image:
+            if self.strength is None:
+                self.strength = DEFAULT_STRENGTH
+            if not 0.0 < self.strength <= 1.0:  # NaN fails too
+                raise ValueError(f"--strength must be in (0, 1] (the part of the chain that runs "
+                                 f"from the noised image; 1: all of it), got {self.strength}.")
+            for flag, given in (("--inpaint", self.inpaint), ("--low_res", self.low_res),
+                                ("--variations", self.variations), ("--prior", self.prior),
+                                ("--interpolate", self.interpolate)):
+                if given:
+                    raise ValueError(f"--init_image (img2img) does not combine with {flag}.")
+        for flag, path in (("--init_image", self.init_image), ("--init_noise", self.init_noise)):
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{flag} {path} is not a file.")
+        if self.init_noise is not None and (self.rerank > 1 or (self.prior_candidates or 1) > 1):
+            raise ValueError("--init_noise fixes each image's x_T, so --rerank / "
+                             "--prior_candidates would draw the same candidate again: leave "
+                             "them out.")
+        if self.negative_prompt and self.prompts_file is None and \
+                len(self.negative_prompt) not in (1, len(self.prompts)):
+            raise ValueError(f"--negative_prompt was given {len(self.negative_prompt)} times for "
+                             f"{len(self.prompts)} prompts: give it once (every prompt) or once "
+                             "per --prompt, in order.")
 
     def _check_cascade(self) -> None:
         for v in (self.sr_aug_level or []) + ([self.aug_level] if self.aug_level is not None else []):

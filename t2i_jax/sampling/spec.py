@@ -55,6 +55,9 @@ class JobSpec:
     candidates: int = 1    # a prior stage 0's samples per image, the closest to the text kept
     shared_noise: bool = False  # every image of a prompt row starts from one noise (slerps)
     inpaint: tuple = ()    # stage 0's inpainting: the items of sampling/inpaint.py's record
+    negative_prompts: tuple = ()  # stage 0's negative prompt per prompt row
+    init_noise: tuple = ()  # the given x_T's record: (("path", ..), ("shape", ..), ("sha256", ..))
+    img2img: tuple = ()     # the image's record (path, sha256, pixels_sha256) and the strength
 
     @property
     def options(self) -> SampleOptions:
@@ -63,7 +66,8 @@ class JobSpec:
                              self.spacing, self.ddpm_variance,
                              0.995 if self.percentile is None else self.percentile,
                              inpaint=paint.get("method"), repaint_jumps=paint.get("jumps", 0),
-                             repaint_jump_length=paint.get("jump_length", 10))
+                             repaint_jump_length=paint.get("jump_length", 10),
+                             strength=thaw(self.img2img)["strength"] if self.img2img else None)
 
     @property
     def num_stages(self) -> int:
@@ -109,6 +113,10 @@ class JobSpec:
                 **({"prior_candidates": self.candidates} if self.candidates > 1 else {}),
                 **({"shared_noise": True} if self.shared_noise else {}),
                 **({"inpaint": dict(thaw(self.inpaint))} if self.inpaint else {}),
+                **({"negative_prompt": self.negative_prompts[p]} if self.negative_prompts else {}),
+                **({"init_noise": dict(thaw(self.init_noise), row=int(index))}
+                   if self.init_noise else {}),
+                **({"img2img": dict(thaw(self.img2img))} if self.img2img else {}),
                 **({"stages": [dict(st) for st in self.stages],
                     "stage_files": [out_lib.stage_dir(k, self.num_stages) + "/" + (
                         out_lib.embedding_file(index) if k == 0 and self.prior_first else
@@ -156,7 +164,8 @@ class JobSpec:
         # Jobs without stages, levels or given inputs keep the identity they had before.
         for key, empty in (("stages", ()), ("aug_level", None), ("low_res", ()),
                            ("percentile", None), ("decoder", ()), ("embedding", ()),
-                           ("candidates", 1), ("shared_noise", False), ("inpaint", ())):
+                           ("candidates", 1), ("shared_noise", False), ("inpaint", ()),
+                           ("negative_prompts", ()), ("init_noise", ()), ("img2img", ())):
             if getattr(self, key) == empty:
                 del d[key]
         if self.stages:
@@ -167,6 +176,11 @@ class JobSpec:
             d["decoder"] = dict(self.decoder)
         if self.embedding:
             d["embedding"] = thaw(self.embedding)
+        if self.negative_prompts:
+            d["negative_prompts"] = list(self.negative_prompts)
+        for key in ("init_noise", "img2img"):
+            if getattr(self, key):
+                d[key] = thaw(getattr(self, key))
         if self.inpaint:
             d["inpaint"] = thaw(self.inpaint)
         return d

@@ -112,7 +112,7 @@ def check_prior_decoder(prior: Trained, decoder: Trained, flag: str = "--prior")
 
 def stage_options(trained: Trained, *, sampler=None, steps=None, eta=None, thresholding=None,
                   ddpm_variance=None, flag: str = "--steps", inpaint=None, repaint_jumps: int = 0,
-                  repaint_jump_length: int = 10) -> SampleOptions:
+                  repaint_jump_length: int = 10, strength=None) -> SampleOptions:
     """A stage's options: the given ones, else its own config's (config.sample); ValueError
     naming `flag` for a step count outside 1..T."""
     cfg = trained.config
@@ -122,11 +122,14 @@ def stage_options(trained: Trained, *, sampler=None, steps=None, eta=None, thres
     if not 1 <= n <= T:
         raise ValueError(f"{flag} {n} is outside 1..{T}: {trained.workdir} was trained with "
                          f"T = {T} timesteps, and a sampler visits at most all of them.")
+    sampler = sampler or base.sampler
     options = SampleOptions(
-        sampler=sampler or base.sampler, num_steps=n, eta=base.eta if eta is None else eta,
-        thresholding=thresholding or base.thresholding or "none", spacing=base.spacing,
+        sampler=sampler, num_steps=n, eta=base.eta if eta is None else eta,
+        thresholding=thresholding or base.thresholding or "none",
+        spacing=trained.family.spacing_of(sampler) or base.spacing,
         ddpm_variance=ddpm_variance or base.ddpm_variance, percentile=base.percentile,
-        inpaint=inpaint, repaint_jumps=repaint_jumps, repaint_jump_length=repaint_jump_length)
+        inpaint=inpaint, repaint_jumps=repaint_jumps, repaint_jump_length=repaint_jump_length,
+        strength=strength)
     trained.family.check_options(options, flag.replace("steps", "thresholding"))
     return options
 

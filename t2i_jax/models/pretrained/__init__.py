@@ -129,12 +129,17 @@ class TextEncoder:
 
 
 def load(directory: str, *, kind: Optional[str] = None, max_length: Optional[int] = None,
-         mesh=None, dtype: str = "float32") -> TextEncoder:
+         mesh=None, dtype: str = "float32", tokenizer_dir: Optional[str] = None,
+         mask_padding: bool = True) -> TextEncoder:
     """The text encoder of a local publisher directory (config.json, safetensors, tokenizer).
 
     kind: "t5" or "clip" (None: from config.json's model_type; given, it must agree).
     max_length: the tokenizer's row length (default: 128 for T5, the position table's for CLIP).
     mesh: place the parameters sharded on it (see weights.load_params); None keeps host arrays.
+    tokenizer_dir: where the tokenizer files are (default: `directory`; a diffusers pipeline
+    keeps them in tokenizer/ beside text_encoder/).
+    mask_padding: False runs CLIP as diffusers' Stable Diffusion pipelines do, with no attention
+    mask (positions after the EOS see the padding; models/hf_clip.py).
     Every problem is a ValueError that names the file, the tensor or the config field."""
     directory = os.path.abspath(os.path.expanduser(str(directory)))
     hf = read_hf_config(directory)
@@ -155,9 +160,10 @@ def load(directory: str, *, kind: Optional[str] = None, max_length: Optional[int
     if found == "clip" and max_length > cfg.max_position_embeddings:
         raise ValueError(f"max_length {max_length} exceeds this CLIP's "
                          f"max_position_embeddings={cfg.max_position_embeddings}.")
-    tokenizer = tokenizer_cls.from_dir(directory, max_length, cfg.vocab_size)
+    tokenizer = tokenizer_cls.from_dir(tokenizer_dir or directory, max_length, cfg.vocab_size)
     params = load_params(directory, pmap_fn(cfg), mesh=mesh, dtype="float32")
-    return TextEncoder(found, directory, hf, cfg, module_cls(cfg), params, tokenizer)
+    module = module_cls(cfg) if found == "t5" else module_cls(cfg, mask_padding=mask_padding)
+    return TextEncoder(found, directory, hf, cfg, module, params, tokenizer)
 
 
 @dataclasses.dataclass
