@@ -5,6 +5,7 @@ Euler, negative prompts and img2img at strength 0.6, on tiny random pipelines in
 2.x's shapes (tests/fixtures/sd: written by diffusers' save_pretrained; the outputs by its own
 pipelines, make_fixtures.py). Then the job's invariances and the folder's refusals."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -232,3 +233,88 @@ def test_the_folder_s_tokenizer_and_text_encoder_equal_transformers(v):
     for got, key in ((feats.tokens, "last_hidden_state"), (feats.pooled, "pooler_output")):
         want = mods[f"{v}.text.{key}"]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+# --- inpainting: RePaint in latent space ----------------------------------------------------
+
+def test_latent_mask_is_the_min_pool_of_the_pixel_mask():
+    from t2i_jax.diffusion.inpainting import latent_mask
+    rng = np.random.default_rng(0)
+    mask = (rng.random((2, 16, 24, 1)) > 0.1).astype(np.float32)
+    got = np.asarray(latent_mask(mask, 8))
+    want = np.array([[[[mask[b, 8 * i:8 * i + 8, 8 * j:8 * j + 8].min()] for j in range(3)]
+                      for i in range(2)] for b in range(2)])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_repaint_in_latent_space_keeps_the_encoded_known_latents_and_runs_from_sample_py(tmp_path):
+    """The chain runs on latents: the image's encoded latents (VAE posterior mean x
+    scaling_factor) where every pixel of a latent cell is known, the model's elsewhere; the last
+    x0 holds exactly the known latents there (RePaint's final paste). Read before the decoder."""
+    import jax
+    import jax.numpy as jnp
+    from t2i_jax.diffusion.inpainting import box_mask
+    from t2i_jax.sampling.generate import SampleOptions, make_generate_fn
+    from t2i_jax.sampling.load import load_trained
+    trained = load_trained(_folder("sd1"))
+    fam = trained.family
+    image = np.asarray(Image.open(os.path.join(HERE, "init.png")).convert("RGB"),
+                       np.float32) / 127.5 - 1.0
+    mask = box_mask(64, 64, (0, 0, 36, 20))[None].astype(np.float32)       # [1, 64, 64, 1]
+    cond = fam.conditioning.of_prompts(["a red circle"]).replace(
+        known=jnp.asarray(image[None]), known_mask=jnp.asarray(mask))
+    opts = SampleOptions("ddim", 6, thresholding=None, inpaint="repaint")
+    latents = dataclasses.replace(fam)            # the same family, its decoder left out
+    latents.to_output = lambda inputs, x0: x0
+    x0 = make_generate_fn(latents, opts)(trained.params, cond, jax.random.key(0),
+                                         jnp.asarray([6.5]), jnp.arange(1))
+    known = np.asarray(jax.jit(fam.encode_image)(fam.sampling_inputs(), image[None]))
+    cells = np.asarray(mask).reshape(1, 8, 8, 8, 8, 1).min(axis=(2, 4))[..., 0] > 0   # [1, 8, 8]
+    assert 0 < cells.sum() < 64
+    np.testing.assert_array_equal(np.asarray(x0)[cells], known[cells])
+    assert np.abs(np.asarray(x0)[~cells] - known[~cells]).mean() > 0.1
+    out = tmp_path / "paint"
+    assert sample_cli.run(["--workdir", _folder("sd1"), "--outdir", str(out), "--prompt", "a",
+                           "--num_per_prompt", "1", "--steps", "4", "--sampler", "ddim",
+                           "--inpaint", os.path.join(HERE, "init.png"), "--mask_box",
+                           "0,0,36,20", "--no_progress"]) == 0
+    assert json.load(open(out / "job.json"))["inpaint"]["method"] == "repaint"
+
+
+@pytest.mark.slow
+def test_a_folder_job_is_the_same_on_1_and_8_devices_any_batch_and_resumed(tmp_path):
+    """The folder as a stage keeps the job's guarantees: a CFG sweep (w = 0, 6.5) and a
+    negative prompt in one compilation, the same PNGs on 8 devices with batch 1 and on 1 device
+    with batch 7 up to float32 rounding (XLA's CPU reductions over a short last axis sum in
+    another order for another batch: a row sum of 32 values moves by ~3e-6 between batch 1 and
+    7, which the ports' LayerNorms and softmaxes carry to at most 1 grey level of a few pixels),
+    and a job whose last shard was lost finishes to the same bytes."""
+    import jax
+    from t2i_jax.sampling import job as job_lib
+    from t2i_jax.sampling import outdir as out_lib
+    from t2i_jax.sampling import planner
+    from t2i_jax.sampling.request import Request
+    request = Request(workdir=_folder("sd2"), outdir=str(tmp_path / "unused"),
+                      prompts=["a red circle", "a yellow triangle"], num_per_prompt=3,
+                      guidance=[0, 6.5], steps=4, sampler="dpmpp_2m", shard_size=5,
+                      negative_prompt=["a green square"])
+    request.check()
+    plan = planner.build(request)
+    runs, compiled = {}, []
+    for name, devices, batch in (("8dev_b1", None, 1), ("1dev_b7", jax.devices()[:1], 7)):
+        res = job_lib.run_job(plan, str(tmp_path / name), batch_size=batch, devices=devices,
+                              progress=False)
+        compiled.append(res.compilations)
+        runs[name] = out_lib.load_images(str(tmp_path / name))
+    assert compiled == [1, 1]
+    (a, rows), (b, _) = runs["8dev_b1"], runs["1dev_b7"]
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+    assert rows[0]["negative_prompt"] == "a green square" and len(rows) == 12
+    assert np.abs(a[:6].astype(int) - a[6:].astype(int)).max() > 8    # w changes the images
+    out = str(tmp_path / "8dev_b1")
+    os.remove(os.path.join(out, out_lib.shard_file(2)))                # the last shard lost
+    os.remove(os.path.join(out, "images", "000011.png"))
+    res = job_lib.run_job(plan, out, batch_size=4, progress=False)
+    assert res.generated == 2
+    np.testing.assert_array_equal(out_lib.load_images(out)[0], a)

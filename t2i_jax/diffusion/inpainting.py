@@ -120,6 +120,17 @@ def repaint_transitions(num_steps: int, jumps: int, jump_length: int) -> tuple:
     return np.asarray(kind, np.int32), np.asarray(step, np.int32)
 
 
+def latent_mask(mask: jax.Array, factor: int) -> jax.Array:
+    """A pixel mask [B, H, W, 1] (1 = known) at the latents' resolution [B, H/f, W/f, 1]: a
+    latent is known only where every pixel it covers is (a min-pool over f x f blocks), so no
+    pixel to regenerate is held fixed by RePaint in latent space."""
+    b, h, w, c = mask.shape
+    if h % factor or w % factor:
+        raise ValueError(f"a {h}x{w} mask does not divide into {factor}x{factor} latent cells.")
+    blocks = mask.reshape(b, h // factor, factor, w // factor, factor, c)
+    return jnp.min(blocks, axis=(2, 4))
+
+
 def repaint_chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Array,
                   known: jax.Array, mask: jax.Array, *, rng: jax.Array, sampler: str = "ddpm",
                   num_steps: int = 50, eta=0.0, prediction: str = "eps",

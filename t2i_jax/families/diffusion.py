@@ -284,7 +284,7 @@ class Diffusion(Family):
                              "(diffusion.learn_sigma=True, IDDPM's L_hybrid); this model's variance "
                              "is fixed: use --ddpm_variance posterior (beta~) or beta.")
         method = getattr(options, "inpaint", None)
-        if method is not None and self.not_pixels is not None:
+        if method is not None and self.not_pixels is not None and not self.latent:
             raise ValueError(f"inpainting keeps and regenerates pixels, and this is "
                              f"{self.not_pixels[0]}: its x_t is not an image to paste the known "
                              "pixels into. Inpaint with a pixel model (any text-to-image "

@@ -184,8 +184,13 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
             denoiser = inpainting.known_region(denoiser, family.schedule, cond.known,
                                                cond.known_mask)
         if options.inpaint == "repaint":
-            x0 = inpainting.repaint_chain(denoiser, family.schedule, x_T, cond.known,
-                                          cond.known_mask, jumps=options.repaint_jumps,
+            known, known_mask = cond.known, cond.known_mask
+            if family.latent:  # RePaint in latent space: the encoded image, the mask min-pooled
+                known = family.encode_image(inputs, known)
+                known_mask = inpainting.latent_mask(
+                    known_mask, known_mask.shape[1] // family.image_shape[0])
+            x0 = inpainting.repaint_chain(denoiser, family.schedule, x_T, known,
+                                          known_mask, jumps=options.repaint_jumps,
                                           jump_length=options.repaint_jump_length, **chain_args)
         else:
             x0 = samplers.chain(denoiser, family.schedule, x_T, **chain_args)

@@ -51,13 +51,13 @@ def build(request: Request, prompts=None) -> Plan:
         kw = dict(shard_size=r.shard_size)
         _given_sd_inputs(r, trained, prompts, kw)
         if r.inpaint:
-            x, m, record = load_inpaint(r.inpaint, family.image_shape, mask=r.mask,
+            x, m, record = load_inpaint(r.inpaint, family.output_shape, mask=r.mask,
                                         box=r.mask_box, method=method, jumps=r.repaint_jumps,
                                         jump_length=r.repaint_jump_length)
     if flag in ("--variations", "--interpolate") and not prompts:
         prompts = [""]  # no caption: the embedding alone (the decoder's text is the null)
     if r.inpaint:
-        kw["inpaint"] = Inpaint.create(x, m, record, family.image_shape, len(prompts))
+        kw["inpaint"] = Inpaint.create(x, m, record, family.output_shape, len(prompts))
     guidance = r.guidance if r.guidance is not None else [float(trained.config.sample.guidance_weight)]
     for i, prompt in enumerate(prompts):
         if not prompt and family.conditioning.guidable and not flag:
