@@ -451,8 +451,6 @@ CASES = {
     "jumps_without_room": ("base", ["--mask_box", "8,0,16,16", "--sampler", "ddpm",
                                     "--repaint_jumps", "2", "--repaint_jump_length", "2"],
                            r"a chain of 2 steps has no such point"),
-    "latent_model": ("latent", ["--mask_box", "8,0,16,16"],
-                     r"inpainting keeps and regenerates pixels, and this is a latent model"),
     "no_region": ("base", [], r"--inpaint needs the region to regenerate"),
     "jumps_with_multistep": ("base", ["--mask_box", "8,0,16,16", "--sampler", "dpmpp_2m",
                                       "--repaint_jumps", "2"],
