@@ -58,7 +58,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_a")  # t2i_jax.diffusion.samplers.SAMPLERS (checked below)
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_a", "pndm")  # samplers.SAMPLERS
 THRESHOLDINGS = ("static", "dynamic", "none")
 
 

@@ -27,8 +27,34 @@ def gaussian_eps(x, abar, mean, var):
     return math.sqrt(1 - abar) * (x - math.sqrt(abar) * mean) / (abar * var + 1 - abar)
 
 
+def run_plms(abar_all, ts, x_T, eps_fn):
+    """PLMS (PNDM eq. 12 with the DDIM transfer, diffusers' step_plms) over visited timesteps
+    ts, each step to the next, the last to the data; the first step redone with the average of
+    its eps and the eps at its end; float64."""
+    def transfer(x, a_t, a_s, e):
+        return math.sqrt(a_s) * (x - math.sqrt(1 - a_t) * e) / math.sqrt(a_t) + math.sqrt(1 - a_s) * e
+    abar = lambda k: 1.0 if k >= len(ts) else abar_all[ts[k]]  # noqa: E731
+    x = np.asarray(x_T, np.float64)
+    e0 = eps_fn(x, abar(0))
+    history = [e0]
+    x1 = transfer(x, abar(0), abar(1), e0)
+    if len(ts) == 1:
+        return x1
+    e1 = eps_fn(x1, abar(1))
+    x = transfer(x, abar(0), abar(1), 0.5 * (e0 + e1))
+    coefs = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12],
+             4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+    for k in range(1, len(ts)):
+        history = ([eps_fn(x, abar(k))] + history)[:4]
+        e = sum(c * h for c, h in zip(coefs[len(history)], history))
+        x = transfer(x, abar(k), abar(k + 1), e)
+    return x
+
+
 def run(sampler, abar_all, ts, x_T, eps_fn, noises=None, eta=0.0, ddpm_variance="posterior"):
     """Runs a sampler over visited timesteps ts (decreasing), ending at the data; float64."""
+    if sampler == "pndm":
+        return run_plms(abar_all, ts, x_T, eps_fn)
     x = np.asarray(x_T, np.float64)
     prev_x0, prev_lam = None, None
     for k, t in enumerate(ts):

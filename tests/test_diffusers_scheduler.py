@@ -53,8 +53,8 @@ def _config(**overrides):
     return dict(base, **overrides)
 
 
-def test_the_folder_names_its_sampler_and_pndm_runs_as_dpm_solver():
-    assert DiffusersScheduler.from_config(_config()).default_sampler == "dpmpp_2m"
+def test_the_folder_names_its_sampler():
+    assert DiffusersScheduler.from_config(_config()).default_sampler == "pndm"
     assert DiffusersScheduler.from_config(_config(_class_name="DDIMScheduler")).default_sampler == "ddim"
     assert DiffusersScheduler.from_config(
         _config(_class_name="EulerAncestralDiscreteScheduler")).default_sampler == "euler_a"
@@ -83,6 +83,17 @@ def test_a_switch_that_is_off_is_not_refused_and_another_samplers_fields_are_ign
     sched.steps("ddim", 10)
     with pytest.raises(ValueError, match="solver_order=3"):
         sched.steps("dpmpp_2m", 10)
+
+
+def test_pndm_with_its_runge_kutta_warm_up_or_a_v_model_is_refused():
+    with pytest.raises(ValueError, match="skip_prk_steps=False"):
+        DiffusersScheduler.from_config(_config(skip_prk_steps=False))
+    with pytest.raises(ValueError, match="prediction_type='v_prediction' is not followed by pndm"):
+        DiffusersScheduler.from_config(_config(prediction_type="v_prediction"))
+    v_ddim = DiffusersScheduler.from_config(_config(_class_name="DDIMScheduler",
+                                                    prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="is not followed by pndm"):
+        v_ddim.steps("pndm", 10)
 
 
 def test_set_alpha_to_one_false_ends_the_chain_at_alphas_cumprod_0():

@@ -19,7 +19,7 @@ import sample as sample_cli
 HERE = os.path.join(os.path.dirname(__file__), "fixtures", "sd")
 PIPE = dict(np.load(os.path.join(HERE, "pipelines.npz")))
 SAMPLER = {"DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpmpp_2m",
-           "EulerDiscreteScheduler": "euler"}
+           "EulerDiscreteScheduler": "euler", "PNDMScheduler": "pndm"}
 
 
 def _folder(v):
@@ -71,6 +71,7 @@ def _assert_within_two_levels(got, want):
     ("sd1", ["sd1_ddim", "sd1_ddim_negative"]),   # a negative prompt in the second pair of rows
     ("sd1", ["sd1_dpmpp_2m"]),
     ("sd1", ["sd1_euler"]),                        # SD 1.5's config: linspace, t = 799.2, ...
+    ("sd1", ["sd1_pndm"]),                         # the folder's own PLMS
     ("sd2", ["sd2_ddim"]),                         # v-prediction, fp16 files, linear proj_in
     ("sd2", ["sd2_dpmpp_2m"]),
     ("sd2", ["sd2_euler"]),

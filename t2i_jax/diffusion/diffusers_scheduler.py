@@ -24,8 +24,11 @@ spacing, DDIM, DDPM and PNDM to "leading"). What each class visits (diffusers 0.
             interpolates its sigmas); each step to the next, the last to sigma 0. The chain starts at
             init_noise_sigma: sqrt(1 + sigma_max^2) in the sigma form on "leading" (x_T = the unit
             noise here), sigma_max on the others (x_T = sqrt(1 - abar_t0) times it)
-PNDM (SD 1.5's folder) is mapped to dpmpp_2m read with DPMSolverMultistepScheduler's rules: see
-SAMPLER_OF_CLASS. A field or value the chain cannot follow is refused, naming it.
+  pndm      PLMS: t as DDIM's (+ steps_offset on "leading"; "trailing" and "linspace" as
+            PNDMScheduler makes them), each step t -> t - T // S, the first done twice (the
+            second model call at the next visited t1, its step from the first call's x as if
+            from t1 + T // S to t1), the last to final_alpha_cumprod
+A field or value the chain cannot follow is refused, naming it.
 """
 
 from __future__ import annotations
@@ -38,21 +41,19 @@ import numpy as np
 
 from t2i_jax.diffusion import samplers, schedules
 
-# diffusers class -> the project's sampler. PNDMScheduler (PLMS with skip_prk_steps, the
-# default of SD 1.x folders) has no exact counterpart here: it is run as DPM-Solver++(2M), the
-# second-order multistep solver diffusers itself recommends in its place (same model calls
-# per step, no warm-up step at a repeated timestep); pass --sampler to choose another.
+# diffusers class -> the project's sampler (PNDMScheduler: PLMS with skip_prk_steps, the
+# default of SD 1.x folders; its Runge-Kutta warm-up, skip_prk_steps false, is refused).
 SAMPLER_OF_CLASS = {
     "DDIMScheduler": "ddim",
     "DDPMScheduler": "ddpm",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
     "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler_a",
-    "PNDMScheduler": "dpmpp_2m",
+    "PNDMScheduler": "pndm",
 }
 CLASS_OF_SAMPLER = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler",
                     "dpmpp_2m": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
-                    "euler_a": "EulerAncestralDiscreteScheduler"}
+                    "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler"}
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 DEFAULT_SPACING = {"DDIMScheduler": "leading", "DDPMScheduler": "leading",
@@ -71,11 +72,11 @@ FIELDS = {
     "beta_schedule": (_ALL, _ANY), "trained_betas": (_ALL, _ANY),
     "prediction_type": (_ALL, _ANY), "timestep_spacing": (_ALL, _ANY),
     "steps_offset": (_ALL, _ANY), "rescale_betas_zero_snr": (_ALL, _ANY),
-    "set_alpha_to_one": (("DDIMScheduler",), _ANY),
+    "set_alpha_to_one": (("DDIMScheduler", "PNDMScheduler"), _ANY),
     "clip_sample": (("DDIMScheduler", "DDPMScheduler"), (False,)),
     "thresholding": (("DDIMScheduler", "DDPMScheduler") + _DPM, (False,)),
     "clip_sample_range": ((), _ANY), "sample_max_value": ((), _ANY),
-    "dynamic_thresholding_ratio": ((), _ANY), "skip_prk_steps": ((), _ANY),
+    "dynamic_thresholding_ratio": ((), _ANY), "skip_prk_steps": (("PNDMScheduler",), (True,)),
     "variance_type": (("DDPMScheduler",) + _DPM, (None, "fixed_small", "fixed_large")),
     "solver_order": (_DPM, (2,)), "algorithm_type": (_DPM, ("dpmsolver++",)),
     "solver_type": (_DPM, ("midpoint",)), "lower_order_final": (_DPM, _ANY),
@@ -150,6 +151,12 @@ class DiffusersScheduler:
             if target in readers and allowed is not _ANY and value not in allowed:
                 raise _refuse(field, value, f"is not followed by this project's {sampler} sampler "
                               f"(diffusers' {target}); it follows {list(allowed)}.")
+        if target == "PNDMScheduler" and self.prediction != "eps":
+            raise _refuse("prediction_type", self.get("prediction_type"),
+                          "is not followed by pndm: diffusers' PNDMScheduler combines a "
+                          "v-model's raw outputs across steps before converting them to eps, "
+                          "which this project's PLMS (on eps) does not; use --sampler ddim, "
+                          "dpmpp_2m or euler.")
         if target == "DDPMScheduler" and self.get("variance_type", "fixed_small") not in (
                 "fixed_small", "fixed_large"):
             raise _refuse("variance_type", self.get("variance_type"), "is not followed by ddpm.")
@@ -203,6 +210,10 @@ class DiffusersScheduler:
                 t = (np.arange(S + 1) * (T // (S + 1))).round()[::-1][:-1] + offset
             else:
                 t = np.arange(T, 0, -T / S).round() - 1
+        elif target == "PNDMScheduler" and spacing == "trailing":
+            t = np.round(np.arange(T, 0, -T / S)) - 1
+        elif target == "PNDMScheduler" and spacing == "linspace":
+            t = np.linspace(0, T - 1, S).round()[::-1]
         elif spacing == "leading":
             t = (np.arange(S) * (T // S)).round()[::-1] + offset
         elif spacing == "trailing":
@@ -221,7 +232,7 @@ class DiffusersScheduler:
             raise ValueError(f"{S} steps with timestep_spacing {spacing!r} visit a timestep twice "
                              f"({t.tolist()}): use fewer steps.")
         final, scale = 1.0, 1.0
-        if target == "DDIMScheduler":
+        if target in ("DDIMScheduler", "PNDMScheduler"):
             s = t - T // S
             if not self.get("set_alpha_to_one", True):
                 schedule = schedule or self.schedule()
@@ -229,6 +240,9 @@ class DiffusersScheduler:
         else:
             s = np.append(t[1:], -1)
         s = np.where(s < 0, -1, s)
+        if target == "PNDMScheduler":  # the redone first step: t[1] + T // S -> t[1]
+            second = (t[1] + T // S, t[1]) if len(t) > 1 else None
+            return samplers.plms_steps(t, s, final, second)
         if target in _EULER and spacing != "leading":  # init_noise_sigma = sigma_max
             schedule = schedule or self.schedule()
             scale = float(np.sqrt(1.0 - np.asarray(schedule.alphas_cumprod, np.float64)[

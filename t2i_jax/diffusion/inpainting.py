@@ -159,10 +159,11 @@ def repaint_chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Arra
                          "--repaint_jumps 0.")
     batch = x_T.shape[0]
     sample_ids = jnp.arange(batch) if sample_ids is None else sample_ids
-    steps = samplers.steps_of(schedule, num_steps, spacing, prediction) if steps is None \
+    steps = samplers.steps_of(schedule, num_steps, spacing, prediction, sampler) if steps is None \
         else samplers.check_steps(schedule, steps, prediction)  # a diffusers scheduler's (t, s)
     ts = jnp.asarray(steps.t)
-    coeffs = samplers.step_coefficients(schedule, ts, jnp.asarray(steps.s), steps.final_alpha_bar)
+    coeffs = samplers.step_coefficients(schedule, jnp.asarray(steps.starts), jnp.asarray(steps.s),
+                                        steps.final_alpha_bar)
     x_T = (x_T * steps.x_T_scale).astype(x_T.dtype)
     kind, step = repaint_transitions(len(steps.t), jumps, jump_length)
     opts = samplers.Options(eta=jnp.asarray(eta, x_T.dtype), ddpm_variance=ddpm_variance)

@@ -12,6 +12,10 @@
             diffusers' EulerDiscreteScheduler): on the same steps it IS DDIM with eta = 0
   euler_a   k-diffusion's Euler ancestral: the step to sigma_down, then noise of sigma_up
             (diffusers' EulerAncestralDiscreteScheduler)
+  pndm      PLMS (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models", eq. 12 with
+            the DDIM transfer, eq. 11): a linear multistep method of order up to 4 on eps, its
+            first step a Heun-like pair (the model called again at the step's end, the two eps
+            averaged: diffusers' PNDMScheduler with skip_prk_steps, SD 1.x's default)
 
 Here t is the timestep a step starts from and s the next (less noisy) visited one; after the
 last visited timestep s is the data itself (abar_s = 1), so every sampler ends on x0_hat. A
@@ -79,20 +83,48 @@ class Steps(NamedTuple):
     s: np.ndarray                  # fractional timesteps: Schedule.at); s: -1 is the end
     final_alpha_bar: float = 1.0
     x_T_scale: float = 1.0
+    t_from: Optional[np.ndarray] = None  # where step k moves x from, when it is not t[k] (PLMS's
+                                         # second call: the model at t1, the step from t0)
+
+    @property
+    def starts(self) -> np.ndarray:
+        """Where each step moves x from: t_from, or t."""
+        return np.asarray(self.t if self.t_from is None else self.t_from)
 
 
 def steps_of(schedule: Schedule, num_steps: int, spacing: str = "trailing",
-             prediction: str = "eps") -> Steps:
+             prediction: str = "eps", sampler: str = "ddim") -> Steps:
     """The project's own chain: the visited timesteps of `check_chain`, each step to the next
-    visited one, the last to the data."""
+    visited one, the last to the data (PLMS: `plms_steps` of them)."""
     ts = check_chain(schedule, num_steps, spacing, prediction)
+    if sampler == "pndm":
+        return plms_steps(ts, np.append(ts[1:], -1))
     return Steps(ts, np.append(ts[1:], -1).astype(np.int32))
+
+
+def plms_steps(ts: np.ndarray, s: np.ndarray, final_alpha_bar: float = 1.0,
+               second: Optional[tuple] = None) -> Steps:
+    """PLMS's calls for steps ts[k] -> s[k]: N + 1 model calls, the second at ts[1] redoing the
+    first step (its eps averaged with the first's), then one per step. second: that redone
+    step's (from, to), default (ts[0], s[0]); diffusers' PNDMScheduler takes (ts[1] + T // S,
+    ts[1]), the same on "leading" spacing, not on the others."""
+    ts, s = np.asarray(ts), np.asarray(s)
+    if len(ts) == 1:
+        return Steps(ts.astype(np.int32), s.astype(np.int32), final_alpha_bar)
+    t_from, to = (ts[0], s[0]) if second is None else second
+    t = np.concatenate([ts[:1], ts[1:2], ts[1:]])
+    starts = np.concatenate([ts[:1], [t_from], ts[1:]])
+    return Steps(t.astype(np.int32), np.concatenate([s[:1], [to], s[1:]]).astype(np.int32),
+                 final_alpha_bar, 1.0, starts.astype(np.int32))
 
 
 def truncated(steps: Steps, n: int) -> Steps:
     """The last n of the steps, started from a given x_t (img2img / SDEdit, Meng et al. 2022:
     the chain from t_0 = steps.t[-n] on an image noised to it; diffusers' img2img runs the last
     int(S * strength) of its S steps): no x_T scale, the start is not pure noise."""
+    if steps.t_from is not None:
+        raise ValueError("img2img starts a chain part-way, which PLMS's warm-up pair at its "
+                         "first step does not allow: use --sampler ddim, dpmpp_2m or euler.")
     if not 1 <= n <= len(steps.t):
         raise ValueError(f"cannot keep {n} of {len(steps.t)} steps.")
     k = len(steps.t) - n
@@ -101,11 +133,13 @@ def truncated(steps: Steps, n: int) -> Steps:
 
 def check_steps(schedule: Schedule, steps: Steps, prediction: str = "eps") -> Steps:
     """steps, or ValueError for steps a chain cannot run (out of range, an eps model at zero SNR)."""
-    t, s = np.asarray(steps.t), np.asarray(steps.s)
+    t, s, t_from = np.asarray(steps.t), np.asarray(steps.s), steps.starts
     T = schedule.num_timesteps
-    if t.ndim != 1 or t.shape != s.shape or t.size < 1:
-        raise ValueError(f"steps.t and steps.s must be 1-D of one length, got {t.shape}, {s.shape}.")
-    if np.any(t < 0) or np.any(t >= T) or np.any(s < -1) or np.any(s >= t):
+    if t.ndim != 1 or t.shape != s.shape or t.shape != t_from.shape or t.size < 1:
+        raise ValueError(f"steps.t, steps.s (and t_from) must be 1-D of one length, got "
+                         f"{t.shape}, {s.shape}, {t_from.shape}.")
+    if np.any(t < 0) or np.any(t_from >= T) or np.any(t >= T) or np.any(s < -1) \
+            or np.any(s >= t_from):
         raise ValueError(f"every step must go from a timestep t in 0..{T - 1} to an earlier s "
                          f"(or -1, the end); got t={t.tolist()}, s={s.tolist()}.")
     if not 0.0 < steps.final_alpha_bar <= 1.0:
@@ -116,7 +150,8 @@ def check_steps(schedule: Schedule, steps: Steps, prediction: str = "eps") -> St
     whole = np.all(t == np.round(t)) and np.all(s == np.round(s))
     dtype = np.int32 if whole else np.float32
     return Steps(t.astype(dtype), s.astype(dtype), float(steps.final_alpha_bar),
-                 float(steps.x_T_scale))
+                 float(steps.x_T_scale),
+                 None if steps.t_from is None else t_from.astype(dtype))
 
 
 class StepCoefficients(NamedTuple):
@@ -292,6 +327,27 @@ def euler_ancestral_step(x_t, eps_hat, x0_hat, c, z, state, opts, v=None):
     return jnp.sqrt(c.alpha_bar_s) * x0_hat + down * eps_hat + up * z, state
 
 
+def plms_step(x_t, eps_hat, x0_hat, c, z, state, opts, v=None):
+    """Returns PLMS's update (PNDM eqs. 11-12; diffusers' PNDMScheduler.step_plms): call n = 0
+    steps with e0 and keeps x_t; call 1 (the model at the first step's end) redoes that step
+    from the kept x_t with (e1 + e0) / 2; then Adams-Bashforth of order 2, 3, 4 over the eps of
+    the calls (call 1's excepted), newest first e, e1, e2, e3: (3 e - e1) / 2,
+    (23 e - 16 e1 + 5 e2) / 12, (55 e - 59 e1 + 37 e2 - 9 e3) / 24. The transfer is DDIM's
+    (eta 0) with that eps."""
+    del x0_hat, z, opts, v
+    ets, n, kept = state   # ets[0] the newest eps kept
+    new = jnp.where(n != 1, jnp.concatenate([eps_hat[None], ets[:-1]]), ets)
+    e = jnp.where(n == 0, eps_hat,
+        jnp.where(n == 1, 0.5 * (eps_hat + ets[0]),
+        jnp.where(n == 2, 1.5 * new[0] - 0.5 * new[1],
+        jnp.where(n == 3, (23.0 * new[0] - 16.0 * new[1] + 5.0 * new[2]) / 12.0,
+                  (55.0 * new[0] - 59.0 * new[1] + 37.0 * new[2] - 9.0 * new[3]) / 24.0))))
+    x = jnp.where(n == 1, kept, x_t)
+    x0 = (x - jnp.sqrt(c.one_minus_alpha_bar_t) * e) / jnp.sqrt(c.alpha_bar_t)
+    x_s = jnp.sqrt(c.alpha_bar_s) * x0 + jnp.sqrt(c.one_minus_alpha_bar_s) * e
+    return x_s, (new, n + 1, jnp.where(n == 0, x_t, kept))
+
+
 class Sampler(NamedTuple):
     step: Callable
     init_state: Callable[[jax.Array], Any]
@@ -305,6 +361,9 @@ SAMPLERS = {
                         stochastic=False),
     "euler": Sampler(euler_step, lambda x: (), stochastic=False),
     "euler_a": Sampler(euler_ancestral_step, lambda x: (), stochastic=True),
+    "pndm": Sampler(plms_step, lambda x: (jnp.zeros((4,) + x.shape, x.dtype),
+                                          jnp.zeros((), jnp.int32), jnp.zeros_like(x)),
+                    stochastic=False),
 }
 
 
@@ -419,10 +478,11 @@ def chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Array, *,
     if noisy and rng is None:
         raise ValueError(f"sampler {sampler!r}" + (" with eta != 0" if sampler == "ddim" else "")
                          + " draws noise: pass rng=jax.random.key(seed).")
-    steps = steps_of(schedule, num_steps, spacing, prediction) if steps is None \
+    steps = steps_of(schedule, num_steps, spacing, prediction, sampler) if steps is None \
         else check_steps(schedule, steps, prediction)
     ts = jnp.asarray(steps.t)
-    coeffs = step_coefficients(schedule, ts, jnp.asarray(steps.s), steps.final_alpha_bar)
+    coeffs = step_coefficients(schedule, jnp.asarray(steps.starts), jnp.asarray(steps.s),
+                               steps.final_alpha_bar)
     if steps.x_T_scale != 1.0:
         x_T = (x_T * steps.x_T_scale).astype(x_T.dtype)
     opts = Options(eta=jnp.asarray(eta, x_T.dtype), ddpm_variance=ddpm_variance)

@@ -301,7 +301,7 @@ class Diffusion(Family):
         """The samplers.Steps of a chain with these options (ValueError for one that cannot run:
         a step count outside 1..T, an eps model started at zero SNR)."""
         return samplers.steps_of(self.schedule, options.num_steps, options.spacing,
-                                 self.prediction)
+                                 self.prediction, options.sampler)
 
     def sampling_condition(self, cond: Condition, rng: jax.Array, sample_ids) -> Condition:
         """The Condition the chain sees, from the one a sampling job built (a stage with a
