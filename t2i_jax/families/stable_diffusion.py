@@ -2,7 +2,7 @@
 diffusion family's stage (text encoder, UNet on latents, then the VAE's decoder) with the
 folder's pretrained models (models/pretrained/pipeline.py) in place of trained ones.
 
-    trained = StableDiffusion.load_trained("/data/stable-diffusion-v1-5")   # sampling/load.Trained
+    family = StableDiffusion.from_folder("/data/stable-diffusion-v1-5")   # sampling/load.py wraps it
 
 The chain is the folder's: betas, prediction and the steps each sampler visits come from
 scheduler/scheduler_config.json (diffusion/diffusers_scheduler.py), its `_class_name` the
@@ -69,14 +69,6 @@ class StableDiffusion(Diffusion):
                    schedule=sched.schedule(),
                    loss_cfg=LossConfig(prediction=sched.prediction, p_uncond=0.0),
                    frozen_text=frozen, folder=folder)
-
-    @classmethod
-    def load_trained(cls, directory: str, mesh=None):
-        """The folder as a sampling stage: Trained(family, the UNet's parameters, step 0,
-        params "pretrained", the folder)."""
-        from t2i_jax.sampling.load import Trained
-        family = cls.from_folder(directory, mesh=mesh)
-        return Trained(family, family.folder.unet[1], 0, "pretrained", family.folder.directory)
 
     @property
     def inpaint(self) -> bool:

@@ -61,7 +61,8 @@ def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema
         if step is not None:
             raise UsageError(f"--step {step}: {workdir} is a diffusers pipeline folder, which has "
                              "no training steps; leave --step out.")
-        return StableDiffusion.load_trained(workdir, mesh=mesh)
+        family = StableDiffusion.from_folder(workdir, mesh=mesh)
+        return Trained(family, family.folder.unet[1], 0, "pretrained", family.folder.directory)
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory) and all(os.path.isdir(os.path.join(workdir, sub))
                                              for sub in ("unet", "vae", "text_encoder")):
