@@ -106,6 +106,10 @@ class SampleOptions:
                 raise ValueError(f"--strength {strength:g} of --steps {self.num_steps} runs "
                                  f"int({self.num_steps} x {strength:g}) = 0 steps of the chain "
                                  "(diffusers' rule): raise --steps or --strength.")
+            if self.sampler == "pndm":
+                raise ValueError("img2img starts the chain part-way, which PLMS's warm-up pair "
+                                 "at its first step does not allow: pass --sampler ddim, "
+                                 "dpmpp_2m or euler.")
             if self.inpaint is not None:
                 raise ValueError("--init_image (img2img) and --inpaint do not combine: inpainting "
                                  "keeps the known region, img2img redraws the whole image.")
