@@ -120,6 +120,18 @@ def test_euler_on_leading_spacing_of_an_edited_folder_and_its_new_identity(tmp_p
     assert sorted(os.listdir(os.path.join(out, "images"))) == before
 
 
+def test_weights_are_read_in_the_files_dtype_and_computed_in_float32():
+    """An fp16 folder (tiny_sd2's .fp16. files) is held in fp16 (half the memory), fp32 in fp32;
+    either is computed in float32 (its pipeline equality: test_sample_py_writes_diffusers_images)."""
+    import jax
+    from t2i_jax.models.pretrained import pipeline
+    for v, want in (("sd1", np.float32), ("sd2", np.float16)):
+        folder = pipeline.load(_folder(v))
+        for tree in (folder.unet[1], folder.vae[1]):
+            assert {np.dtype(a.dtype) for a in jax.tree_util.tree_leaves(tree)} == {np.dtype(want)}
+        assert folder.unet[0].dtype == "float32"
+
+
 # --- bad input: one line naming the file and the field, nothing written --------------------
 
 def _edit(tmp_path, edit):

@@ -253,7 +253,8 @@ def load_params(directory: str, pmap: ParamMap, *, mesh=None, dtype="float32",
     A missing, misnamed or misshapen tensor is named in the error (all of them at once).
     variant: which weight files to read where a folder holds several (see `weight_files`)."""
     reader = _Reader(weight_files(directory, variant))
-    target = np.dtype(jax_dtype(dtype))
+    target = None if dtype == "auto" else np.dtype(jax_dtype(dtype))  # "auto": the file's
+    cast = lambda a: a if target is None or a.dtype == target else a.astype(target)  # noqa: E731
     try:
         chosen, problems = {}, []
         for path, (names, shape, transform) in pmap.items():
@@ -277,14 +278,14 @@ def load_params(directory: str, pmap: ParamMap, *, mesh=None, dtype="float32",
         for path, (name, transform) in chosen.items():
             shape = flax_shape(pmap[path][1], transform)
             if mesh is None:
-                flat[path] = to_flax_layout(reader.read(name), transform).astype(target)
+                flat[path] = cast(to_flax_layout(reader.read(name), transform))
                 continue
             import jax
             from t2i_jax import sharding as mesh_lib
 
             def piece(index, name=name, transform=transform):
                 a = reader.read(name, _publisher_index(index, transform))
-                return to_flax_layout(a, transform).astype(target)
+                return cast(to_flax_layout(a, transform))
 
             flat[path] = jax.make_array_from_callback(
                 shape, mesh_lib.leaf_sharding(shape, mesh), piece)

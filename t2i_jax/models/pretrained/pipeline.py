@@ -138,9 +138,11 @@ def folder_sha256(directory: str) -> str:
 
 
 def load(directory: str, *, mesh=None, dtype: str = "float32",
-         param_dtype: str = "float32") -> PipelineFolder:
+         param_dtype: str = "auto") -> PipelineFolder:
     """The pipeline folder's models read onto `mesh` (None: host arrays); dtype: the computation
-    dtype of the UNet, the VAE and the text encoder; param_dtype: their parameters'."""
+    dtype of the UNet, the VAE and the text encoder; param_dtype: the UNet's and VAE's
+    parameters' ("auto": as the files hold them, so an fp16 folder takes half the memory;
+    computed in `dtype` all the same, its values exact in float32)."""
     from t2i_jax.models import autoencoder_kl, unet2d_condition
     from t2i_jax.models.pretrained import load as load_text
     directory = os.path.abspath(os.path.expanduser(str(directory)))
