@@ -110,7 +110,7 @@ def _pump(stream, out, prefix: bytes, crash: Optional[_CrashFilter] = None) -> N
     once), prefixing lines of processes > 0, dropping gloo's connection notices, and (`crash`)
     keeping a crash report's stack trace off the terminal."""
     crash = crash or _CrashFilter("the process")
-    buf, fresh = b"", True
+    buf, fresh, gloo = b"", True, False
     while True:
         chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
         if not chunk:
@@ -121,7 +121,14 @@ def _pump(stream, out, prefix: bytes, crash: Optional[_CrashFilter] = None) -> N
             if cut < 0:
                 break
             segment, buf = buf[:cut + 1], buf[cut + 1:]
-            if b"[Gloo]" in segment or b"peer ranks" in segment or not crash.passes(segment):
+            if b"[Gloo]" in segment or b"peer ranks" in segment:
+                gloo = True
+                continue
+            # gloo writes each notice in pieces from several threads at once, so the count
+            # that ends one ("... peer ranks is : 7") can arrive on a line of its own
+            if gloo and segment.strip().isdigit():
+                continue
+            if not crash.passes(segment):
                 continue
             out.write((prefix if fresh and prefix else b"") + segment)
             out.flush()

@@ -390,3 +390,18 @@ def test_a_crashed_process_s_stack_trace_stays_off_the_terminal(tmp_path):
     assert m and int(m.group(1)) >= 13, text
     assert "Fatal Python error" in open(m.group(2)).read()
     assert len(text.splitlines()) <= 8, text
+
+
+def test_gloo_notices_are_dropped_even_when_their_threads_interleave():
+    """gloo prints "[Gloo] Rank r is connected to n peer ranks. Expected number of connected
+    peer ranks is : n" in pieces from several threads, so a count can land on a line of its own
+    (seen once in a cold suite run as "[process 1] 7"): the launcher drops those too, and
+    nothing else."""
+    import io
+    from t2i_jax import launch
+    notice = b"[Gloo] Rank 1 is connected to 7 peer ranks. Expected number of connected peer ranks is : "
+    stream = io.BufferedReader(io.BytesIO(
+        notice + notice + b"7\n" + b"7\n" + b"real output 7\n"))
+    out = io.BytesIO()
+    launch._pump(stream, out, b"[process 1] ")
+    assert out.getvalue() == b"[process 1] real output 7\n"

@@ -334,12 +334,13 @@ def test_a_folder_job_is_the_same_on_1_and_8_devices_any_batch_and_resumed(tmp_p
     np.testing.assert_array_equal(out_lib.load_images(out)[0], a)
 
 
-def test_a_folder_read_onto_a_mesh_is_split_over_fsdp_and_computes_the_same():
+def test_a_folder_read_onto_a_mesh_is_split_over_fsdp_and_computes_the_same(monkeypatch):
     """pipeline.load(mesh=) reads each tensor one slice per device (weights.load_params): with
-    fsdp = 4 the large UNet tensors are split over "fsdp", and the UNet gives what the host
-    copy gives."""
+    fsdp = 4 the large UNet tensors are split over "fsdp" (the tiny UNet's too, with the size
+    below which tensors stay whole lowered), and the UNet gives what the host copy gives."""
     import jax
     from t2i_jax import sharding as mesh_lib
+    monkeypatch.setattr(mesh_lib, "MIN_SHARDED_SIZE", 256)
     from t2i_jax.models.pretrained import pipeline
     from t2i_jax.models.unet2d_condition import UNet2DConditionModel
     host = pipeline.load(_folder("sd1"))
