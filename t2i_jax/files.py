@@ -173,8 +173,12 @@ def write_jsonl(path: str, rows) -> None:
 
 
 def read_json(path: str) -> Any:
+    """The JSON file's value; ValueError naming the file when it is not valid JSON."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}).") from None
 
 
 def read_jsonl(path: str) -> list:

@@ -25,12 +25,11 @@ from typing import Any, Optional, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from t2i_jax.models.layers import ATTENTION_IMPLS
 from t2i_jax.models.diffusers_blocks import (ACTIVATIONS, Attention, Downsample2D, ResnetBlock2D,
-                                             Upsample2D, check_fields, conv, conv_map, dense_map,
-                                             group_norm, norm_map, read_config, refuse,
-                                             resnet_map)
-from t2i_jax.models.weights import ParamMap, jax_dtype, load_params
+                                             Upsample2D, check_blocks, check_fields, conv,
+                                             conv_map, dense_map, group_norm, norm_map,
+                                             read_config, refuse, resnet_map)
+from t2i_jax.models.weights import ParamMap, load_params
 
 EPS = 1e-6  # diffusers' Encoder and Decoder pass resnet_eps=1e-6 and GroupNorm eps=1e-6
 _VAE_FIELDS = frozenset("""
@@ -61,13 +60,7 @@ class AutoencoderKLConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
-        for c in self.block_out_channels:
-            if c % self.norm_num_groups:
-                raise ValueError(f"block_out_channels {c} is not divisible by norm_num_groups "
-                                 f"{self.norm_num_groups}.")
-        jax_dtype(self.dtype)
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl {self.attention_impl!r}: one of {ATTENTION_IMPLS}.")
+        check_blocks(self)
 
     @classmethod
     def from_diffusers(cls, config: dict, **overrides) -> "AutoencoderKLConfig":

@@ -8,7 +8,6 @@ load, norms' weight -> scale).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Optional
@@ -18,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2i_jax.models.layers import attention
-from t2i_jax.models.weights import ParamMap
+from t2i_jax import files
+from t2i_jax.models.layers import ATTENTION_IMPLS, attention
+from t2i_jax.models.weights import ParamMap, jax_dtype
 
 ACTIVATIONS = ("silu", "swish")  # the same function in diffusers' get_activation
 
@@ -32,11 +32,19 @@ def read_config(directory: str) -> dict:
         raise ValueError(f"{directory} has no config.json: point at a diffusers model folder "
                          "(a pipeline's unet/ or vae/ subfolder: config.json + "
                          "diffusion_pytorch_model[.fp16].safetensors).")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}).") from e
+    return files.read_json(path)
+
+
+def check_blocks(cfg) -> None:
+    """ValueError for a port config whose channels do not split into its norm groups, or whose
+    dtype or attention implementation is unknown (the checks both ports share)."""
+    for c in cfg.block_out_channels:
+        if c % cfg.norm_num_groups:
+            raise ValueError(f"block_out_channels {c} is not divisible by norm_num_groups "
+                             f"{cfg.norm_num_groups}.")
+    jax_dtype(cfg.dtype)
+    if cfg.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl {cfg.attention_impl!r}: one of {ATTENTION_IMPLS}.")
 
 
 def check_fields(model: str, config: dict, known: frozenset) -> None:

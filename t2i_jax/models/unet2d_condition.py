@@ -30,12 +30,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t2i_jax.models.layers import ATTENTION_IMPLS
 from t2i_jax.models.diffusers_blocks import (ACTIVATIONS, Attention, Downsample2D, ResnetBlock2D,
-                                             Upsample2D, check_fields, conv, conv_map, dense_map,
-                                             group_norm, norm_map, read_config, refuse,
-                                             resnet_map, timestep_embedding)
-from t2i_jax.models.weights import ParamMap, jax_dtype, load_params
+                                             Upsample2D, check_blocks, check_fields, conv,
+                                             conv_map, dense_map, group_norm, norm_map,
+                                             read_config, refuse, resnet_map, timestep_embedding)
+from t2i_jax.models.weights import ParamMap, load_params
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -116,13 +115,7 @@ class UNet2DConditionConfig:
         if bad:
             raise ValueError(f"block types {bad} are not ported: down blocks {DOWN_BLOCKS}, up "
                              f"blocks {UP_BLOCKS}.")
-        for c in self.block_out_channels:
-            if c % self.norm_num_groups:
-                raise ValueError(f"block_out_channels {c} is not divisible by norm_num_groups "
-                                 f"{self.norm_num_groups}.")
-        jax_dtype(self.dtype)
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl {self.attention_impl!r}: one of {ATTENTION_IMPLS}.")
+        check_blocks(self)
 
     @property
     def time_embed_dim(self) -> int:

@@ -69,9 +69,10 @@ def check_job_file(want: dict, outdir: str) -> None:
     if os.path.exists(path):
         try:
             have = files.read_json(path)
-        except (ValueError, OSError) as e:
-            raise JobMismatchError(f"{path} is unreadable ({e}); delete {outdir} to start "
-                                   "afresh, or use another --outdir.") from None
+        except (ValueError, OSError) as e:  # ValueError: files.read_json names the file
+            reason = str(e).rstrip(".") if isinstance(e, ValueError) else f"{path} is unreadable ({e})"
+            raise JobMismatchError(f"{reason}; delete {outdir} to start afresh, or use another "
+                                   "--outdir.") from None
         diffs = [f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in sorted(set(have) | set(want))
                  if have.get(k) != want.get(k)]
         if diffs:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t2i_jax import files
 from t2i_jax.conditioning import CLIPTokenizer, T5Tokenizer
 from t2i_jax.models import hf_clip, hf_clip_vision, t5
 from t2i_jax.models.weights import content_sha256, load_params
@@ -45,11 +46,7 @@ def read_hf_config(directory: str) -> dict:
                          "Hugging Face layout (config.json + model.safetensors + tokenizer files). "
                          "Point it at the folder that holds config.json (for Stable Diffusion, "
                          "its text_encoder/ subfolder).")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}).") from e
+    return files.read_json(path)
 
 
 def kind_of(hf_config: dict, directory: str = "") -> str:

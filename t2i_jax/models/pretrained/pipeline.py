@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
-from typing import Any, Optional
+from typing import Any
 
+from t2i_jax import files
 from t2i_jax.diffusion.diffusers_scheduler import DiffusersScheduler
 
 MODEL_INDEX = "model_index.json"
@@ -40,21 +40,13 @@ def is_pipeline_folder(directory: str) -> bool:
     return bool(directory) and os.path.isfile(os.path.join(directory, MODEL_INDEX))
 
 
-def _json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}).") from None
-
-
 def read_index(directory: str) -> dict:
     """model_index.json, checked: a pipeline this reader follows, with each component it needs."""
     path = os.path.join(directory, MODEL_INDEX)
     if not os.path.isfile(path):
         raise ValueError(f"{directory} has no {MODEL_INDEX}: it is not a diffusers pipeline folder "
                          "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
-    index = _json(path)
+    index = files.read_json(path)
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise ValueError(f"{path}: _class_name={name!r} is a pipeline this project does not read; "
@@ -151,7 +143,7 @@ def load(directory: str, *, mesh=None, dtype: str = "float32",
     if not os.path.isfile(sched_path):
         raise ValueError(f"{directory}/scheduler has no scheduler_config.json.")
     try:
-        scheduler = DiffusersScheduler.from_config(_json(sched_path))
+        scheduler = DiffusersScheduler.from_config(files.read_json(sched_path))
     except ValueError as e:
         raise ValueError(f"{sched_path}: {e}") from None
     ports = {}
