@@ -68,6 +68,8 @@ def test_the_folder_names_its_sampler():
     (dict(_class_name="DPMSolverMultistepScheduler", use_karras_sigmas=True), "use_karras_sigmas=True"),
     (dict(_class_name="EulerDiscreteScheduler", timestep_type="continuous"), "timestep_type='continuous'"),
     (dict(prediction_type="flow"), "prediction_type='flow'"),
+    (dict(_class_name="DDPMScheduler", variance_type="fixed_large"),
+     "variance_type='fixed_large' is not followed"),
     (dict(beta_schedule="exp"), "beta_schedule='exp'"),
     (dict(shift_terminal=0.5), "shift_terminal=0.5 is a field this project does not know"),
 ])

@@ -250,9 +250,8 @@ class Conditioning:
             if len(negative) != len(prompts):
                 raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts: "
                                  "give one for all, or one per prompt.")
-            cond = self.of_prompts(prompts, tokens=tokens)
-            neg = self.of_prompts(negative)
-            return cond.replace(negative=neg.replace(is_null=neg.is_null))
+            return self.of_prompts(prompts, tokens=tokens).replace(
+                negative=self.of_prompts(negative))
         self.check_prompts(prompts)
         if self.kind == "none":
             return self.null(len(prompts))

@@ -77,7 +77,9 @@ FIELDS = {
     "thresholding": (("DDIMScheduler", "DDPMScheduler") + _DPM, (False,)),
     "clip_sample_range": ((), _ANY), "sample_max_value": ((), _ANY),
     "dynamic_thresholding_ratio": ((), _ANY), "skip_prk_steps": (("PNDMScheduler",), (True,)),
-    "variance_type": (("DDPMScheduler",) + _DPM, (None, "fixed_small", "fixed_large")),
+    # fixed_small is the posterior variance the ddpm sampler draws (fixed_large, beta, is not
+    # what a folder's stage options ask for: refused rather than silently not followed)
+    "variance_type": (("DDPMScheduler",) + _DPM, (None, "fixed_small")),
     "solver_order": (_DPM, (2,)), "algorithm_type": (_DPM, ("dpmsolver++",)),
     "solver_type": (_DPM, ("midpoint",)), "lower_order_final": (_DPM, _ANY),
     "euler_at_final": (_DPM, (False,)), "final_sigmas_type": (_SIGMAS, ("zero",)),
@@ -157,9 +159,6 @@ class DiffusersScheduler:
                           "v-model's raw outputs across steps before converting them to eps, "
                           "which this project's PLMS (on eps) does not; use --sampler ddim, "
                           "dpmpp_2m or euler.")
-        if target == "DDPMScheduler" and self.get("variance_type", "fixed_small") not in (
-                "fixed_small", "fixed_large"):
-            raise _refuse("variance_type", self.get("variance_type"), "is not followed by ddpm.")
 
     def betas(self) -> np.ndarray:
         """beta_t [T] as diffusers makes them (float64 here: the Schedule derives in float64)."""

@@ -23,6 +23,14 @@ from t2i_jax.diffusion import guidance, inpainting, noise, samplers
 from t2i_jax.sampling import guides as guides_lib
 
 
+def _number(value) -> float:
+    """value as a float, NaN where it is none (so every range check refuses it)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
     sampler: str = "ddim"
@@ -53,11 +61,7 @@ class SampleOptions:
         if self.thresholding not in (None, "static", "dynamic"):
             raise ValueError(f"unknown thresholding {self.thresholding!r}; choose static, dynamic "
                              "or none.")
-        try:
-            p = float(self.percentile)
-        except (TypeError, ValueError):
-            p = float("nan")
-        if not 0.0 < p <= 1.0:
+        if not 0.0 < _number(self.percentile) <= 1.0:
             raise ValueError(f"the dynamic-thresholding percentile must be in (0, 1] (Imagen: "
                              f"0.995), got {self.percentile}.")
         if self.ddpm_variance not in samplers.DDPM_VARIANCES:
@@ -66,11 +70,7 @@ class SampleOptions:
         if self.sampler not in samplers.SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of "
                              f"{sorted(samplers.SAMPLERS)}.")
-        try:
-            eta = float(self.eta)
-        except (TypeError, ValueError):
-            eta = float("nan")
-        if not 0.0 <= eta <= 1.0:  # NaN fails too
+        if not 0.0 <= _number(self.eta) <= 1.0:  # NaN fails too
             raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: as much "
                              f"noise as DDPM), got {self.eta}.")
         if self.inpaint not in (None,) + inpainting.METHODS:
@@ -95,10 +95,7 @@ class SampleOptions:
             raise ValueError(f"the number of sampling steps must be an integer >= 1, got "
                              f"{self.num_steps!r}.")
         if self.strength is not None:
-            try:
-                strength = float(self.strength)
-            except (TypeError, ValueError):
-                strength = float("nan")
+            strength = _number(self.strength)
             if not 0.0 < strength <= 1.0:
                 raise ValueError(f"--strength must be in (0, 1] (1: from pure noise, as "
                                  f"text-to-image), got {self.strength}.")
@@ -161,10 +158,11 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
         if x_T is None:  # sample i's own noise; given (--init_noise): the rows of a file
             x_T = noise.initial_noise(rng, shape, sample_ids)
         if init_image is not None:  # img2img (SDEdit): q(x_t0 | x0 = the encoded image)
-            t0, nd, sch = jnp.full((cond.batch_size,), steps.t[0], steps.t.dtype), x_T.ndim, \
-                family.schedule  # t0 may be fractional (Euler on linspace): Schedule.at
-            x_T = (sch.at("sqrt_alphas_cumprod", t0, nd) * family.encode_image(inputs, init_image)
-                   + sch.at("sqrt_one_minus_alphas_cumprod", t0, nd) * x_T)
+            # t0 may be fractional (Euler on linspace): Schedule.at reads between timesteps
+            t0 = jnp.full((cond.batch_size,), steps.t[0], steps.t.dtype)
+            at = lambda name: family.schedule.at(name, t0, x_T.ndim)  # noqa: E731
+            x_T = (at("sqrt_alphas_cumprod") * family.encode_image(inputs, init_image)
+                   + at("sqrt_one_minus_alphas_cumprod") * x_T)
         # The chain's denoiser: the network with CFG, then the gradient guides, then thresholding.
         denoiser = guidance.model_denoiser(
             family.denoise_fn(params), family.schedule, family.prediction, enc, null_enc,
