@@ -36,6 +36,15 @@ ENCODER = dict(out_channels=1, channels=8, channel_mult=(1, 2), num_res_blocks=1
                attention_levels=(), mid_attention=False, num_heads=2, num_groups=4, dropout=0.0)
 
 
+SD_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sd", "tiny_sd1")
+
+
+def sd_config():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+    import sd_finetune
+    return sd_finetune.get_config()
+
+
 def get_config(name="diffusion"):
     config = tiny_config.get_config()
     if name == "uncond":
@@ -111,6 +120,22 @@ def get_config(name="diffusion"):
         config.model.inpaint = True
         config.sample.sampler = "ddpm"
         config.sample.ddpm_variance = "learned"
+    elif name in ("sd_finetune", "sd_lora"):
+        # the tiny SD 1.x folder (tests/fixtures/sd) fine-tuned on the digits as 64x64 RGB:
+        # full (bf16 compute, remat, the VAE and CLIP frozen in the step) or LoRA (rank 2)
+        sd = sd_config()
+        for key in ("data", "model", "sample"):
+            sd[key].update(config[key].to_dict() if key == "data" else {})
+        sd.data.update(dict(name="digits", image_size=64, channels=3, data_dir=None))
+        sd.model.pretrained = SD_FOLDER
+        sd.train.update({k: config.train[k] for k in (
+            "batch_size", "num_steps", "learning_rate", "warmup_steps", "lr_schedule",
+            "checkpoint_every", "log_every", "sample_every", "samples_per_prompt")})
+        sd.sample.num_steps = 3
+        if name == "sd_lora":
+            sd.train.lora.rank = 2
+            sd.train.lora.alpha = 3.0
+        return sd
     elif name != "diffusion":
         raise ValueError(name)
     return config

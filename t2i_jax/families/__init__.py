@@ -12,6 +12,8 @@ autoencoder       latent diffusion's KL autoencoder (L1 NLL + KL, optional patch
 latent_diffusion  the diffusion family on a frozen autoencoder's scaled latents (LDM / SD)
 prior             unCLIP's prior: diffusion over a frozen CLIP's image embeddings given text (x0)
 decoder           unCLIP's decoder: the diffusion family conditioned on a CLIP image embedding
+stable_diffusion  a diffusers Stable Diffusion folder's UNet fine-tuned (full or LoRA) on its
+                  frozen VAE's latents and CLIP text features (config.model.pretrained)
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from t2i_jax.families.diffusion import Diffusion
 from t2i_jax.families.latent import LatentDiffusion
 from t2i_jax.families.noisy_classifier import NoisyClassifierFamily
 from t2i_jax.families.prior import Prior
+from t2i_jax.families.stable_diffusion import StableDiffusion
 from t2i_jax.families.super_resolution import SuperResolution
 
 FAMILIES = {"diffusion": Diffusion, "noisy_classifier": NoisyClassifierFamily,
             "contrastive": Contrastive, "super_resolution": SuperResolution,
             "autoencoder": AutoencoderFamily, "latent_diffusion": LatentDiffusion,
-            "prior": Prior, "decoder": Decoder}
+            "prior": Prior, "decoder": Decoder, "stable_diffusion": StableDiffusion}
 
 
 def name_of(config) -> str:

@@ -49,6 +49,21 @@ class Family:
         encoder's features), or None."""
         return None
 
+    def latent_cache(self):
+        """Precomputed per-example batch fields the data pipeline adds by record index (a frozen
+        VAE's posterior moments), or None."""
+        return None
+
+    def pretrained_params(self):
+        """Initial parameters read from elsewhere (a pretrained model's), placed by the loop
+        as they are; None: init_params draws them."""
+        return None
+
+    def sampling_params(self, params):
+        """The parameters sampling runs from a checkpoint's (a LoRA's factors merged into its
+        base); the identity for most families."""
+        return params
+
     # --- what a family must supply -------------------------------------------------------
     def init_params(self, key: jax.Array):
         raise NotImplementedError

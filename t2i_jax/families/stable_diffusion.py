@@ -11,7 +11,24 @@ a padding mask (as StableDiffusionPipeline runs it), every position of the 77 at
 null is the empty prompt's encoding, padded like a prompt. Images are decoded from z0 /
 scaling_factor + shift_factor (vae/config.json). diffusers' guidance_scale g is w = g - 1 here.
 The job records the folder's path and content hash (`decoder_record`), so a rerun of a job
-against other weights is refused. Nothing trains here: fine-tuning is a later family.
+against other weights is refused.
+
+Fine-tuning (`config.family = "stable_diffusion"`, `config.model.pretrained = FOLDER`:
+configs/sd_finetune.py) trains the folder's UNet with the one training loop. The VAE and the
+text encoder are frozen: their parameters are hparams (placed once, passed to every step), never
+in the TrainState or the optimizer. Per step, as diffusers' train_text_to_image.py:
+  z0 = (z - shift_factor) * scaling_factor, z ~ q(z | x) of the VAE (or of the latent cache's
+       stored posterior moments: train.latent_cache), held fixed;
+  t ~ U{0..T-1} on the scheduler config's betas, z_t = q_sample(z0, t, eps), the target its
+  prediction_type's (eps, or v for 2.x-v), the text the CLIP features of the caption (or of the
+  text cache: train.text_cache), a row dropped to the null (the encoding of "") with
+  probability train.p_uncond; loss = MSE (train.loss_weighting="min_snr": Hang et al.'s weights).
+The UNet computes in model.dtype (bfloat16) with float32 master weights, blocks rematerialised
+(model.remat), its parameters split over the fsdp axis like the project's own models.
+LoRA (`train.lora.rank > 0`, models/lora.py): the trained parameters are the low-rank factors
+alone; the folder's UNet is a frozen hparam and W + (alpha / r) A B is formed inside the step,
+so a checkpoint holds megabytes. Sampling merges the factors into the weights once at load
+(`sampling_params`): the chain then runs the base model's program at the base model's cost.
 """
 
 from __future__ import annotations
@@ -30,6 +47,15 @@ from t2i_jax.families.diffusion import Diffusion, LossConfig
 from t2i_jax.families.frozen_text import FrozenText, TextEncoderConfig
 from t2i_jax.families.latent import LatentDiffusion
 
+
+
+def _lora():
+    from t2i_jax.models import lora
+    return lora
+
+
+_POSTERIOR = 8   # stream of the step's key: z ~ q(z | x) (as the latent diffusion family)
+FLAG = "config.model.pretrained"
 DEFAULT_GUIDANCE_SCALE = 7.5   # StableDiffusionPipeline's guidance_scale (w = 6.5 here)
 DEFAULT_STEPS = 50             # and its num_inference_steps
 
@@ -37,15 +63,22 @@ DEFAULT_STEPS = 50             # and its num_inference_steps
 @dataclasses.dataclass
 class StableDiffusion(Diffusion):
     folder: Any = None        # models.pretrained.pipeline.PipelineFolder
+    lora: Any = None          # models.lora.LoraConfig when train.lora.rank > 0, else None
+    compute_dtype: str = "float32"   # the UNet's computation dtype in the training step
+    remat: bool = False
 
     name = "stable_diffusion"
+    batch_keys = Diffusion.batch_keys + ("latent_mean", "latent_logvar")
     latent = True
     not_pixels = LatentDiffusion.not_pixels
 
     @classmethod
     def from_folder(cls, directory: str, mesh=None, dtype: str = "float32") -> "StableDiffusion":
         from t2i_jax.models.pretrained import pipeline
-        folder = pipeline.load(directory, mesh=mesh, dtype=dtype)
+        return cls.from_folder_loaded(pipeline.load(directory, mesh=mesh, dtype=dtype), dtype)
+
+    @classmethod
+    def from_folder_loaded(cls, folder, dtype: str = "float32") -> "StableDiffusion":
         text = folder.text
         feats, _ = text.encode([""])
         frozen = FrozenText(TextEncoderConfig(kind="clip", path=text.directory,
@@ -134,15 +167,185 @@ class StableDiffusion(Diffusion):
     def frozen_identity(self) -> dict:
         return {"pipeline": self.folder.identity()}
 
-    # --- nothing trains here -----------------------------------------------------------
-    def init_params(self, key):
-        raise ValueError("a diffusers pipeline folder is sampled, not trained, by this family.")
+    # --- fine-tuning -------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config) -> "StableDiffusion":
+        """The family of a fine-tuning config (config.model.pretrained: a diffusers folder), or
+        of a fine-tuned workdir's stored config (the folder it recorded, checked by hash)."""
+        from t2i_jax.models.pretrained import pipeline
+        m, tr = config.model, config.train
+        directory = _pretrained_dir(config)
+        folder = pipeline.load(directory, param_dtype="float32")
+        rec = (config.get("frozen", None) or {}).get("pipeline", None) or {}
+        if rec.get("sha256") and rec["sha256"] != folder.identity()["sha256"]:
+            raise ValueError(
+                f"{FLAG}={folder.directory} is not the folder this model was fine-tuned from "
+                f"(sha256 {folder.identity()['sha256'][:12]}, recorded {rec['sha256'][:12]}): "
+                "its weights would be read against another base. Restore that folder, or point "
+                "sample.py --frozen RECORDED=DIR at a copy of it.")
+        base = cls.from_folder_loaded(folder)
+        f = folder.vae_scale_factor
+        size, channels = int(config.data.image_size), int(config.data.channels)
+        halvings = 2 ** (len(folder.unet[0].block_out_channels) - 1)
+        if channels != int(folder.vae[0].in_channels):
+            raise ValueError(f"data.channels={channels}, but the folder's VAE reads "
+                             f"{folder.vae[0].in_channels}-channel images: set "
+                             f"--config.data.channels={folder.vae[0].in_channels}.")
+        if size % (f * halvings):
+            raise ValueError(f"data.image_size={size} must be a multiple of {f * halvings} (the "
+                             f"VAE's factor {f} times the UNet's {halvings}x downsampling).")
+        if not 0.0 <= tr.p_uncond <= 1.0:
+            raise ValueError(f"train.p_uncond must be in [0, 1], got {tr.p_uncond}.")
+        lora = lora_config(tr.get("lora", None))
+        if lora is not None:  # refused now, naming the targets, if they match no layer
+            _lora().targets_of(folder.unet[1], lora, base.unet_param_map)
+        sample = dict(base.config.sample)
+        for k, v in dict(config.get("sample", {})).items():
+            if v is not None and k != "spacing":
+                sample[k] = v
+        if sample["sampler"] in CLASS_OF_SAMPLER:
+            sample["spacing"] = folder.scheduler.spacing(sample["sampler"])
+        cfg = ml_collections.ConfigDict(config.to_dict())
+        cfg.sample = ml_collections.ConfigDict(sample)
+        loss_cfg = LossConfig(prediction=folder.scheduler.prediction,
+                              weighting=tr.get("loss_weighting", "uniform"),
+                              min_snr_gamma=float(tr.get("min_snr_gamma", 5.0)),
+                              p_uncond=float(tr.p_uncond))
+        return dataclasses.replace(
+            base, config=cfg, image_shape=(size // f, size // f, int(folder.unet[0].in_channels)),
+            conditioning=Conditioning("text", tokenizer=folder.text.tokenizer,
+                                      dataset=config.data.name),
+            loss_cfg=loss_cfg, lora=lora, compute_dtype=str(m.get("dtype", "float32")),
+            remat=bool(m.get("remat", False)))
 
-    def loss(self, params, batch, key, hp):
-        raise ValueError("a diffusers pipeline folder is sampled, not trained, by this family.")
+    @property
+    def unet_param_map(self):
+        from t2i_jax.models.unet2d_condition import param_map
+        return param_map(self.folder.unet[0])
+
+    @property
+    def training_unet(self):
+        from t2i_jax.models.unet2d_condition import UNet2DConditionModel
+        return UNet2DConditionModel(dataclasses.replace(
+            self.folder.unet[0], dtype=self.compute_dtype, remat=self.remat))
+
+    def init_params(self, key):
+        """The trained parameters' initial values: the folder's UNet (float32 master weights),
+        or LoRA's factors (A random, B = 0: the base model exactly)."""
+        base = self.folder.unet[1]
+        if self.lora is not None:
+            return _lora().init_factors(key, base, self.lora, self.unet_param_map)
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), base)
+
+    def pretrained_params(self):
+        """The initial parameters read from the folder (the loop places them rather than compile
+        them into its init program), or None where init_params draws them (LoRA)."""
+        if self.lora is not None:
+            return None
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), self.folder.unet[1])
+
+    @property
+    def latent_cached(self) -> bool:
+        return bool(self.config.train.get("latent_cache", False))
+
+    def hparams(self) -> dict:
+        hp = super().hparams()
+        if not self.latent_cached:
+            hp["vae"] = self.folder.vae[1]
+        if self.lora is not None:
+            hp["unet"] = self.folder.unet[1]
+        return hp
+
+    def unet_params(self, params, base):
+        """The UNet's parameters from the trained ones (LoRA: W + (alpha / r) A B)."""
+        if self.lora is None:
+            return params
+        return _lora().merge(base, params, self.lora.scale)
+
+    def sampling_params(self, params):
+        """What the sampling chain reads from a checkpoint's parameters: LoRA's factors merged
+        into the folder's weights once (one matmul per adapted layer, then the base model's cost
+        per step); a full fine-tune's as they are."""
+        if self.lora is None:
+            return params
+        return jax.jit(lambda b, p: _lora().merge(b, p, self.lora.scale))(
+            self.folder.unet[1], params)
+
+    def posterior_moments(self, vae_params, images):
+        """(mean, logvar) [B, h, w, c] of the VAE's q(z | x) for images [B, H, W, 3] in [-1, 1]."""
+        return self.vae.apply(vae_params, images, method="encode")
+
+    def latents(self, mean, logvar, posterior_noise):
+        """z0 = (z - shift) * scaling_factor, z = mean + exp(logvar / 2) * noise: diffusers'
+        latent_dist.sample() * vae.config.scaling_factor, held fixed."""
+        cfg = self.folder.vae[0]
+        z = mean + jnp.exp(0.5 * logvar) * posterior_noise
+        return jax.lax.stop_gradient((z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor)
+
+    def diffusion_data(self, batch: dict, key: jax.Array, hp: dict) -> jax.Array:
+        if "latent_mean" in batch:  # the latent cache's moments of this example
+            mean, logvar = batch["latent_mean"], batch["latent_logvar"]
+        else:
+            mean, logvar = self.posterior_moments(hp["vae"], batch["image"])
+        noise = jax.random.normal(jax.random.fold_in(key, _POSTERIOR), mean.shape, mean.dtype)
+        return self.latents(mean, logvar, noise)                       # [B, h, w, c]
+
+    def apply_model(self, params, x_t, t, cond: Condition, dropout_key, hp: dict):
+        return self.training_unet.apply(self.unet_params(params, hp.get("unet")), x_t, t,
+                                        cond.features)
+
+    def latent_cache(self):
+        """The cache of the training split's posterior moments (train.latent_cache), built on
+        first use; None when the step encodes the images itself."""
+        if not self.latent_cached:
+            return None
+        from t2i_jax.families.latent_cache import open_latent_cache
+        return open_latent_cache(self, self.config.data,
+                                 self.config.train.get("latent_cache_dir", None))
 
     def grid_prompts(self) -> list:
+        if self.folder is not None and not self.config.data.name.startswith("diffusers:"):
+            return Diffusion.grid_prompts(self)  # a fine-tune: its data's (or train.grid_prompts)
         return ["a photograph of an astronaut riding a horse"]
 
     def next_command(self, workdir: str) -> str:
-        return f"python sample.py --workdir {workdir} --prompt 'a photograph of an astronaut'"
+        import shlex
+        return (f"python sample.py --workdir {shlex.quote(workdir)} --prompt "
+                f"{shlex.quote(self.grid_prompts()[0])}")
+
+
+def lora_config(section):
+    """models.lora.LoraConfig of train.lora, or None for full fine-tuning (rank 0 or no section);
+    alpha 0 (or absent) means alpha = rank (scale 1)."""
+    section = dict(section or {})
+    if int(section.get("rank", 0) or 0) == 0:
+        return None
+    if not section.get("alpha"):
+        section.pop("alpha", None)
+    if "targets" in section:
+        section["targets"] = tuple(section["targets"])
+    return _lora().LoraConfig.from_config(section)
+
+
+def _pretrained_dir(config) -> str:
+    """The folder of config.model.pretrained; a stored model's recorded one where it still
+    exists (a sampler run from another directory), checked by its hash all the same."""
+    from t2i_jax.models.pretrained.pipeline import is_pipeline_folder
+    rec = (config.get("frozen", None) or {}).get("pipeline", None) or {}
+    if rec.get("workdir") and os.path.isdir(rec["workdir"]):
+        return rec["workdir"]
+    path = config.model.get("pretrained", None)
+    if rec.get("workdir") and not (path and os.path.isdir(os.path.expanduser(path))):
+        from t2i_jax.families.frozen import moved_message
+        raise ValueError(moved_message("pipeline folder", rec))
+    if not path:
+        raise ValueError(f"{FLAG} is not set: name a diffusers Stable Diffusion folder "
+                         f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), "
+                         f"--{FLAG}=DIR.")
+    path = os.path.abspath(os.path.expanduser(path))
+    if not is_pipeline_folder(path):
+        what = "does not exist" if not os.path.exists(path) else "has no model_index.json"
+        raise ValueError(f"{FLAG}={path} {what}: it must name a diffusers Stable Diffusion "
+                         "folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+                         "scheduler/).")
+    return path

@@ -99,6 +99,7 @@ class UNet2DConditionConfig:
     sample_size: Any = None                   # the latent size it was trained at (int or [h, w])
     dtype: str = "float32"
     attention_impl: str = "einsum"            # layers.attention: "einsum" or "dot_product"
+    remat: bool = False                       # rematerialise each block in the backward pass
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -301,6 +302,7 @@ class _UNetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, emb, context, skips=(), size=None):
+        # (size: the static output size of an up block's upsampler; remat's argument 5)
         cfg, blk = self.cfg, self.block
         dtype = jnp.dtype(cfg.dtype)
         scale = cfg.mid_block_scale_factor if self.kind == "mid" else 1.0
@@ -360,18 +362,21 @@ class UNet2DConditionModel(nn.Module):
         emb = nn.Dense(ted, dtype=dtype, name="time_embedding_linear_2")(nn.silu(emb))  # [B, T]
         context = encoder_hidden_states.astype(dtype)                                    # [B, L, D]
         x = conv(c0, 3, dtype, "conv_in")(x.astype(dtype))
+        # remat: each block's activations are recomputed in the backward pass (training memory
+        # ~ one block's, not the network's); the parameter tree is the same either way.
+        block = nn.remat(_UNetBlock, static_argnums=(5,)) if cfg.remat else _UNetBlock
         skips = [x]
         for i, blk in enumerate(down_blocks(cfg)):
-            x, outs = _UNetBlock(cfg, blk, "down", name=f"down_blocks_{i}")(x, emb, context)
+            x, outs = block(cfg, blk, "down", name=f"down_blocks_{i}")(x, emb, context, (), None)
             skips += outs
         last = down_blocks(cfg)[-1]
         mid = _Block(True, (last.out, last.out), last.out, last.heads, last.cross_dim, False)
-        x = _UNetBlock(cfg, mid, "mid", name="mid_block")(x, emb, context)
+        x = block(cfg, mid, "mid", name="mid_block")(x, emb, context, (), None)
         for i, blk in enumerate(up_blocks(cfg)):
             n = len(blk.resnet_in)
             mine, skips = skips[-n:], skips[:-n]
             size = skips[-1].shape[1:3] if blk.resample else None  # the next skip's size
-            x = _UNetBlock(cfg, blk, "up", name=f"up_blocks_{i}")(x, emb, context, mine, size)
+            x = block(cfg, blk, "up", name=f"up_blocks_{i}")(x, emb, context, tuple(mine), size)
         x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out")(x))
         return conv(cfg.out_channels, 3, dtype, "conv_out")(x.astype(dtype)).astype(jnp.float32)
 

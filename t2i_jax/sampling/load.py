@@ -49,8 +49,10 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema",
-                 mesh=None, frozen_paths: Optional[dict] = None) -> Trained:
+                 mesh=None, frozen_paths: Optional[dict] = None, merge: bool = True) -> Trained:
     """Restores a checkpoint of `workdir` (the newest restorable one unless `step`);
+    merge: the parameters sampling runs (`family.sampling_params`: LoRA's factors merged into
+    its base), else the checkpoint's as stored;
     frozen_paths {recorded workdir: new one}: its frozen models that moved (sample.py
     --frozen), checked against their recorded content hashes."""
     if params not in PARAM_KINDS:
@@ -95,8 +97,9 @@ def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema
                                           frozen_paths=frozen_paths)
     finally:
         ckpt.close()
-    return Trained(family, restored.state[field], int(restored.step), params,
-                   os.path.abspath(workdir))
+    stored = restored.state[field]
+    return Trained(family, family.sampling_params(stored) if merge else stored,
+                   int(restored.step), params, os.path.abspath(workdir))
 
 
 def require_generator(trained: Trained) -> Trained:

@@ -132,6 +132,7 @@ def train(config, workdir: str, *, devices: Optional[list] = None, progress: boo
     iterator = data_lib.make_train_iterator(
         config.data, seed=config.seed, global_batch_size=tcfg.batch_size,
         tokenizer=run.family.tokenizer, text_cache=run.family.text_cache(),
+        latent_cache=run.family.latent_cache(),
         process_index=jax.process_index(),
         process_count=jax.process_count())
     with distributed.lead_holds(files.ExclusiveLock(workdir, "training", enabled=lead, hint=(
@@ -177,7 +178,13 @@ def _train_locked(run: Run, config_dict: dict, workdir: str, mesh, iterator, lea
         ckpt.close()
         raise
     if restored is None:
-        state = jax.jit(run.create_state, out_shardings=shardings)(root)
+        pretrained = family.pretrained_params()
+        if pretrained is None:
+            state = jax.jit(run.create_state, out_shardings=shardings)(root)
+        else:  # read from a folder: placed as arguments, never compiled in as constants
+            params = jax.tree_util.tree_map(mesh_lib.put, pretrained, shardings.params)
+            state = jax.jit(lambda p, k: init_state(p, run.tx, jax.random.split(k)[1]),
+                            out_shardings=shardings)(params, root)
         start = 0
     else:
         start, state, data_state = restored.step, restored.state, restored.data_state

@@ -56,8 +56,9 @@ class OptimConfig:
                              f"{LR_SCHEDULES}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UsageError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}.")
-        if self.learning_rate <= 0 or self.warmup_steps < 0 or self.num_steps < 1:
-            raise UsageError("train.learning_rate must be > 0, train.warmup_steps >= 0 and "
+        if self.learning_rate < 0 or self.warmup_steps < 0 or self.num_steps < 1:
+            raise UsageError("train.learning_rate must be >= 0 (0 changes nothing: a fine-tune "
+                             "that samples its base), train.warmup_steps >= 0 and "
                              "train.num_steps >= 1.")
 
 
@@ -92,7 +93,9 @@ def ema_decay(cfg: OptimConfig, step: jax.Array) -> jax.Array:
 
 
 def ema_update(ema, params, decay: jax.Array):
-    return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+    """ema + (1 - decay) (params - ema): decay * ema + (1 - decay) * params, written so that an
+    average equal to the parameters stays bit-identical (a learning rate of 0 changes nothing)."""
+    return jax.tree_util.tree_map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)
 
 
 def init_state(params, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:

@@ -1,0 +1,124 @@
+"""Fine-tuning a Stable Diffusion folder (families/stable_diffusion.py, configs/sd_finetune.py):
+one step's loss and gradient against diffusers' train_text_to_image.py step on the same tiny
+pipeline, batch, noises and timesteps (tests/fixtures/sd/finetune_step.npz, made with torch by
+make_finetune_step.py); learning rate 0 and LoRA at B = 0 sample the base folder bit for bit;
+a LoRA checkpoint holds the factors alone."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t2i_jax import families
+from t2i_jax.diffusion import forward, losses
+from t2i_jax.models.weights import to_flax_layout
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tiny_families  # noqa: E402
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sd")
+STEP = os.path.join(FIXTURES, "finetune_step.npz")
+
+
+def nhwc(a):
+    return np.transpose(np.asarray(a), (0, 2, 3, 1))
+
+
+def sd_family(version="sd1", **train):
+    config = tiny_families.get_config("sd_finetune")
+    config.model.pretrained = os.path.join(FIXTURES, f"tiny_{version}")
+    config.model.dtype = "float32"
+    config.train.update(train)
+    return families.build(config)
+
+
+@pytest.fixture(scope="module")
+def step_fixture():
+    return np.load(STEP)
+
+
+@pytest.mark.parametrize("version", ["sd1", "sd2"])
+def test_one_step_loss_and_gradient_equal_diffusers_training_step(step_fixture, version):
+    ref = {k[len(version) + 1:]: step_fixture[k] for k in step_fixture.files
+           if k.startswith(version + ".")}
+    family = sd_family(version)
+    assert family.prediction == {"epsilon": "eps", "v_prediction": "v"}[str(ref["prediction_type"])]
+    hp = family.hparams()
+    # the frozen VAE's posterior and the scaled latents
+    mean, logvar = family.posterior_moments(hp["vae"], jnp.asarray(nhwc(ref["pixel_values"])))
+    np.testing.assert_allclose(mean, nhwc(ref["latent_mean"]), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(logvar, nhwc(ref["latent_logvar"]), atol=2e-5, rtol=1e-5)
+    z0 = family.latents(mean, logvar, jnp.asarray(nhwc(ref["posterior_noise"])))
+    np.testing.assert_allclose(z0, nhwc(ref["latents"]), atol=2e-5, rtol=1e-5)
+    # the caption's tokens and CLIP features ("" is the null row: the encoding of "")
+    prompts = [str(p) for p in ref["prompts"]]
+    cond = family.conditioning.of_prompts(prompts)
+    np.testing.assert_array_equal(np.asarray(cond.tokens), ref["input_ids"])
+    cond = family.with_text_features(hp["text_encoder"], cond)
+    np.testing.assert_allclose(cond.features, ref["encoder_hidden_states"], atol=2e-5, rtol=1e-5)
+    t = jnp.asarray(ref["timesteps"], jnp.int32)
+    noise = jnp.asarray(nhwc(ref["noise"]))
+    z0 = jnp.asarray(nhwc(ref["latents"]))
+    x_t = forward.q_sample(family.schedule, z0, t, noise)
+    np.testing.assert_allclose(x_t, nhwc(ref["noisy_latents"]), atol=2e-5, rtol=1e-5)
+    feats = cond.replace(features=jnp.asarray(ref["encoder_hidden_states"]))
+
+    def loss(params, weighting):
+        out = family.apply_model(params, x_t, t, feats, None, hp)
+        per = losses.per_example_loss(family.schedule, out, z0, t, noise,
+                                      prediction=family.prediction, weighting=weighting,
+                                      min_snr_gamma=float(ref["snr_gamma"]))
+        return jnp.mean(per)
+
+    params = family.pretrained_params()
+    value, grads = jax.value_and_grad(loss)(params, "uniform")
+    np.testing.assert_allclose(value, ref["loss"], rtol=2e-5)
+    value_snr, grads_snr = jax.value_and_grad(loss)(params, "min_snr")
+    np.testing.assert_allclose(value_snr, ref["loss_min_snr"], rtol=2e-5)
+    flat = {"/".join(str(k.key) for k in path[1:]): g for path, g in
+            jax.tree_util.tree_flatten_with_path(grads)[0]}
+    flat_snr = {"/".join(str(k.key) for k in path[1:]): g for path, g in
+                jax.tree_util.tree_flatten_with_path(grads_snr)[0]}
+    pmap = family.unet_param_map
+    assert len(pmap) == len(flat) == sum(k.startswith(f"{version}.grad.") for k in step_fixture.files)
+    subset = set(str(n) for n in step_fixture["meta.subset"])
+    worst = 0.0
+    for path, (names, _, transform) in pmap.items():
+        want = to_flax_layout(step_fixture[f"{version}.grad.{names[0]}"], transform)
+        scale = np.abs(want).max() + 1e-12
+        worst = max(worst, float(np.abs(np.asarray(flat[path]) - want).max() / scale))
+        if names[0] in subset:
+            want = to_flax_layout(step_fixture[f"{version}.grad_min_snr.{names[0]}"], transform)
+            np.testing.assert_allclose(flat_snr[path], want, atol=1e-4 * np.abs(want).max() + 1e-9)
+    assert worst < 1e-4, worst
+
+
+def test_remat_and_bf16_keep_the_gradient(step_fixture):
+    """Rematerialised blocks give the same gradient; bf16 compute (float32 master weights)
+    stays within bf16's precision of it."""
+    ref = {k[4:]: step_fixture[k] for k in step_fixture.files if k.startswith("sd1.")}
+    t = jnp.asarray(ref["timesteps"], jnp.int32)
+    z0, noise = jnp.asarray(nhwc(ref["latents"])), jnp.asarray(nhwc(ref["noise"]))
+    feats = jnp.asarray(ref["encoder_hidden_states"])
+    grads = {}
+    for dtype, remat in (("float32", False), ("float32", True), ("bfloat16", True)):
+        family = sd_family("sd1")
+        family.compute_dtype, family.remat = dtype, remat
+        x_t = forward.q_sample(family.schedule, z0, t, noise)
+
+        def loss(params):
+            out = family.training_unet.apply(params, x_t, t, feats)
+            return jnp.mean(losses.per_example_loss(family.schedule, out, z0, t, noise,
+                                                    prediction="eps"))
+        params = family.pretrained_params()
+        grads[dtype, remat] = jax.grad(loss)(params)
+        assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(grads[dtype, remat]))
+    a, b, c = (jax.tree_util.tree_leaves(g) for g in grads.values())
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5)
+    num = sum(float(jnp.sum((x - z) ** 2)) for x, z in zip(a, c))
+    den = sum(float(jnp.sum(x ** 2)) for x in a)
+    assert np.sqrt(num / den) < 0.05   # bf16 has 8 bits of mantissa
