@@ -30,7 +30,9 @@ FAMILIES = ("diffusion", "noisy_classifier", "contrastive", "super_resolution", 
 # Options of a family that change what its loop carries (a frozen text encoder in the step's
 # inputs; a learned variance's L_hybrid with GLIDE's random masks): the shared tests hold for
 # them too.
-SHARED = FAMILIES + ("frozen_t5", "learned_sigma_inpaint")
+# A Stable Diffusion folder fine-tuned in full (bf16 compute, remat, the VAE and CLIP frozen in
+# the step) and with LoRA (the factors alone in the state, the folder's UNet a frozen input).
+SHARED = FAMILIES + ("frozen_t5", "learned_sigma_inpaint", "sd_finetune", "sd_lora")
 
 
 def _from_step_2(wd4, tmp_path, name):

@@ -122,3 +122,82 @@ def test_remat_and_bf16_keep_the_gradient(step_fixture):
     num = sum(float(jnp.sum((x - z) ** 2)) for x, z in zip(a, c))
     den = sum(float(jnp.sum(x ** 2)) for x in a)
     assert np.sqrt(num / den) < 0.05   # bf16 has 8 bits of mantissa
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuned workdirs: learning rate 0 and LoRA at B = 0 sample the base; LoRA checkpoints; export
+
+def _sample(workdir, out, *extra):
+    import sample as sample_cli
+    argv = ["--workdir", str(workdir), "--outdir", str(out), "--prompt", "seven",
+            "--prompt", "a handwritten digit three", "--num_per_prompt", "1", "--steps", "4",
+            "--no_progress", *extra]
+    assert sample_cli.run(argv) == 0
+    from PIL import Image
+    return np.stack([np.asarray(Image.open(os.path.join(out, "images", f"{i:06d}.png")))
+                     for i in range(2)])
+
+
+@pytest.fixture(scope="module")
+def zero_lr_runs(data_dir, tmp_path_factory):
+    """A full fine-tune and a LoRA run of 2 steps at learning rate 0 (no warm-up)."""
+    from runs import run, tiny
+    root = tmp_path_factory.mktemp("zero_lr")
+    for name in ("sd_finetune", "sd_lora"):
+        run(tiny(data_dir, name, train__learning_rate=0.0, train__warmup_steps=0,
+                 train__num_steps=2), root / name)
+    return root
+
+
+@pytest.mark.slow
+def test_learning_rate_0_and_lora_at_b_0_sample_the_base_folder_bit_for_bit(zero_lr_runs, tmp_path):
+    base = _sample(tiny_families.SD_FOLDER, tmp_path / "base")
+    for name in ("sd_finetune", "sd_lora"):
+        got = _sample(zero_lr_runs / name, tmp_path / name)
+        np.testing.assert_array_equal(got, base)
+
+
+@pytest.mark.slow
+def test_a_lora_checkpoint_holds_only_the_factors_and_the_base_is_read_from_the_folder(
+        zero_lr_runs):
+    from t2i_jax.checkpoint import Checkpointer
+    from t2i_jax.sampling.load import load_trained
+    trained = load_trained(str(zero_lr_runs / "sd_lora"), merge=False)
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(trained.params)[0]]
+    assert paths and all(p.endswith(("['lora_a']", "['lora_b']")) for p in paths)
+    # the attention projections of every transformer: q, k, v, out of attn1 and attn2
+    n_attn = sum(1 for k in trained.family.unet_param_map if k.endswith("attn1/to_q/kernel"))
+    assert len(paths) == 2 * 4 * 2 * n_attn
+    lora_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(trained.params))
+    unet_bytes = sum(np.asarray(a).nbytes for a in
+                     jax.tree_util.tree_leaves(trained.family.folder.unet[1]))
+    assert lora_bytes < unet_bytes / 10
+    # the stored state: the factors, their EMA and Adam moments; no copy of the base UNet
+    ckpt = Checkpointer(str(zero_lr_runs / "sd_lora" / "checkpoints"), read_only=True)
+    state_dir = os.path.join(ckpt.directory, "2", "state")
+    stored = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(state_dir) for f in fs)
+    assert stored < unet_bytes, (stored, unet_bytes)
+    ckpt.close()
+
+
+@pytest.mark.slow
+def test_export_round_trips_the_base_and_samples_what_the_workdir_samples(
+        zero_lr_runs, straight_runs, tmp_path):
+    from safetensors.numpy import load_file
+    from t2i_jax import export
+    # learning rate 0: the exported unet holds the folder's tensors exactly, names and all
+    out = tmp_path / "zero"
+    export.export(str(zero_lr_runs / "sd_finetune"), str(out))
+    got = load_file(str(out / "unet" / export.UNET_WEIGHTS))
+    want = load_file(os.path.join(tiny_families.SD_FOLDER, "unet", export.UNET_WEIGHTS))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    # a trained workdir (full and LoRA merged): sample.py on the export equals it on the workdir
+    for name, extra in (("sd_finetune", ()), ("sd_lora", ("--full",))):
+        _, wd = straight_runs[name]
+        folder = tmp_path / f"{name}_export"
+        export.export(str(wd), str(folder), full=True)
+        np.testing.assert_array_equal(_sample(folder, tmp_path / f"{name}_a"),
+                                      _sample(wd, tmp_path / f"{name}_b"))

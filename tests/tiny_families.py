@@ -132,6 +132,10 @@ def get_config(name="diffusion"):
             "batch_size", "num_steps", "learning_rate", "warmup_steps", "lr_schedule",
             "checkpoint_every", "log_every", "sample_every", "samples_per_prompt")})
         sd.sample.num_steps = 3
+        # float32 and no remat: the shared tests' properties do not depend on them, and they
+        # cost compile time here (test_sd_finetune.py checks bf16 and remat's gradients)
+        sd.model.dtype = "float32"
+        sd.model.remat = False
         if name == "sd_lora":
             sd.train.lora.rank = 2
             sd.train.lora.alpha = 3.0
