@@ -180,6 +180,11 @@ def parse_args(argv):
                         "the chain's step S - int(S x strength); the rest of the chain runs")
     d.add_argument("--strength", type=float, metavar="S", help="with --init_image, in (0, 1]: "
                    "the part of the chain that runs (default 0.8, diffusers')")
+    d.add_argument("--lora", metavar="FILE",
+                   help="a LoRA file (diffusers/PEFT pytorch_lora_weights.safetensors, older "
+                        "diffusers or kohya names) merged into a diffusers folder's UNet")
+    d.add_argument("--lora_scale", type=float, metavar="S", help="with --lora: the factor on "
+                   "its alpha / rank (default 1, diffusers' cross_attention_kwargs scale)")
     d.add_argument("--init_noise", metavar="FILE.npy",
                    help="x_T of every image in index order, [N, H, W, C] in the chain's space "
                         "(latents for a latent model), in place of the seeded noise")

@@ -201,3 +201,37 @@ def test_export_round_trips_the_base_and_samples_what_the_workdir_samples(
         export.export(str(wd), str(folder), full=True)
         np.testing.assert_array_equal(_sample(folder, tmp_path / f"{name}_a"),
                                       _sample(wd, tmp_path / f"{name}_b"))
+
+
+@pytest.mark.parametrize("case", ["full", "lora"])
+def test_diffusers_samples_an_exported_folder_and_lora_file_as_sample_py_does(tmp_path, case):
+    """tests/fixtures/sd/finetuned: a fine-tuned UNet and a LoRA file (rank 2, alpha 3) as
+    t2i_jax.export wrote them; export_oracle.npz: diffusers' StableDiffusionPipeline on the
+    folder (and `load_lora_weights` of the file) from the same x_T (make_export_fixtures.py)."""
+    import shutil
+    oracle = np.load(os.path.join(FIXTURES, "finetuned", "export_oracle.npz"))
+    folder, extra = tiny_families.SD_FOLDER, []
+    if case == "full":  # the exported folder: the base with the fine-tuned unet weights
+        folder = tmp_path / "exported"
+        shutil.copytree(tiny_families.SD_FOLDER, folder)
+        shutil.copy(os.path.join(FIXTURES, "finetuned", "unet_diffusion_pytorch_model.safetensors"),
+                    folder / "unet" / "diffusion_pytorch_model.safetensors")
+    else:
+        extra = ["--lora", os.path.join(FIXTURES, "finetuned", "pytorch_lora_weights.safetensors")]
+    noise = tmp_path / "noise.npy"
+    np.save(noise, nhwc(oracle[f"{case}.noise"]).astype(np.float32))
+    assert [str(p) for p in oracle[f"{case}.prompts"]] == ["seven", "a handwritten digit three"]
+    got = _sample(folder, tmp_path / "out", "--guidance",
+                  str(float(oracle[f"{case}.guidance_scale"]) - 1.0), "--sampler", "pndm",
+                  "--steps", str(int(oracle[f"{case}.num_inference_steps"])),
+                  "--init_noise", str(noise), *extra).astype(np.float64)
+    want = oracle[f"{case}.images"] * 255.0
+    diff = np.abs(got - want)
+    assert diff.max() <= 2.0, diff.max()
+    base = oracle["base.images"] * 255.0
+    if case == "full":  # the fine-tune is visible: far from the base's images
+        assert np.abs(want - base).max() > 50
+    if case == "lora":
+        import json
+        row = json.loads(open(tmp_path / "out" / "samples.jsonl").readline())
+        assert row["decoder"]["lora"]["rank"] == 2 and row["decoder"]["lora"]["alpha"] == 3.0

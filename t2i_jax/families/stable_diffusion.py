@@ -162,7 +162,8 @@ class StableDiffusion(Diffusion):
         cfg = self.folder.vae[0]
         return dict(workdir=ident["workdir"], kind="diffusers", sha256=ident["sha256"],
                     scale_factor=float(cfg.scaling_factor),
-                    **({"shift_factor": float(cfg.shift_factor)} if cfg.shift_factor else {}))
+                    **({"shift_factor": float(cfg.shift_factor)} if cfg.shift_factor else {}),
+                    **({"lora": self.lora_file} if getattr(self, "lora_file", None) else {}))
 
     def frozen_identity(self) -> dict:
         return {"pipeline": self.folder.identity()}
@@ -270,6 +271,20 @@ class StableDiffusion(Diffusion):
             return params
         return jax.jit(lambda b, p: _lora().merge(b, p, self.lora.scale))(
             self.folder.unet[1], params)
+
+    def with_lora_file(self, path: str, scale: float = 1.0):
+        """The folder's UNet parameters with a LoRA file merged in (sample.py --lora): its
+        alpha / rank times `scale`; the file's path, hash and scale join decoder_record, so the
+        job's identity (and every samples.jsonl row) names it."""
+        import hashlib
+        factors, cfg = _lora().load(path, self.folder.unet[0], self.unet_param_map)
+        with open(path, "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+        self.lora_file = dict(file=os.path.abspath(path), sha256=sha, rank=cfg.rank,
+                              alpha=float(cfg.alpha if cfg.alpha is not None else cfg.rank),
+                              scale=float(scale))
+        return jax.jit(lambda b, p: _lora().merge(b, p, cfg.scale * scale))(
+            self.folder.unet[1], factors)
 
     def posterior_moments(self, vae_params, images):
         """(mean, logvar) [B, h, w, c] of the VAE's q(z | x) for images [B, H, W, 3] in [-1, 1]."""

@@ -49,10 +49,12 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema",
-                 mesh=None, frozen_paths: Optional[dict] = None, merge: bool = True) -> Trained:
+                 mesh=None, frozen_paths: Optional[dict] = None, merge: bool = True,
+                 lora: Optional[str] = None, lora_scale: Optional[float] = None) -> Trained:
     """Restores a checkpoint of `workdir` (the newest restorable one unless `step`);
     merge: the parameters sampling runs (`family.sampling_params`: LoRA's factors merged into
-    its base), else the checkpoint's as stored;
+    its base), else the checkpoint's as stored; lora: a LoRA file merged into a diffusers
+    folder's UNet (its alpha / rank times lora_scale), recorded in the job's identity;
     frozen_paths {recorded workdir: new one}: its frozen models that moved (sample.py
     --frozen), checked against their recorded content hashes."""
     if params not in PARAM_KINDS:
@@ -64,7 +66,14 @@ def load_trained(workdir: str, *, step: Optional[int] = None, params: str = "ema
             raise UsageError(f"--step {step}: {workdir} is a diffusers pipeline folder, which has "
                              "no training steps; leave --step out.")
         family = StableDiffusion.from_folder(workdir, mesh=mesh)
-        return Trained(family, family.folder.unet[1], 0, "pretrained", family.folder.directory)
+        params = family.folder.unet[1]
+        if lora:
+            params = family.with_lora_file(lora, 1.0 if lora_scale is None else lora_scale)
+        return Trained(family, params, 0, "pretrained", family.folder.directory)
+    if lora:
+        raise UsageError(f"--lora merges a LoRA file into a diffusers folder's UNet, and {workdir} "
+                         "is a training workdir (a LoRA workdir's own factors are merged "
+                         "already): pass the folder as --workdir.")
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory) and all(os.path.isdir(os.path.join(workdir, sub))
                                              for sub in ("unet", "vae", "text_encoder")):

@@ -32,7 +32,8 @@ def build(request: Request, prompts=None) -> Plan:
     the model cannot take, a guide for other data) a ValueError."""
     r = request
     prompts = list(r.all_prompts() if prompts is None else prompts)
-    trained = load_trained(r.workdir, step=r.step, params=r.params, frozen_paths=r.frozen_paths)
+    trained = load_trained(r.workdir, step=r.step, params=r.params, frozen_paths=r.frozen_paths,
+                           lora=r.lora, lora_scale=r.lora_scale)
     family, flag = trained.family, r.unclip_flag
     with _usage():
         _check_workdir(r, trained)

@@ -99,6 +99,8 @@ class Request:
     init_image: Optional[str] = None         # img2img's start
     strength: Optional[float] = None         # with init_image (default 0.8, diffusers')
     init_noise: Optional[str] = None         # x_T of every image, [N, H, W, C] .npy
+    lora: Optional[str] = None               # a LoRA file merged into a folder's UNet
+    lora_scale: Optional[float] = None       # with lora: the factor on its alpha / rank
 
     @property
     def frozen_paths(self) -> dict:
@@ -132,6 +134,13 @@ class Request:
                                  f"new place), got {item!r}.")
             if not os.path.isdir(os.path.expanduser(new)):
                 raise ValueError(f"--frozen {item}: {new} is not a directory.")
+        if self.lora_scale is not None and not self.lora:
+            raise ValueError("--lora_scale scales a --lora file; give the file with --lora FILE.")
+        if self.lora_scale is not None and not math.isfinite(self.lora_scale):
+            raise ValueError(f"--lora_scale must be a finite number, got {self.lora_scale}.")
+        if self.lora and not os.path.isfile(os.path.expanduser(self.lora)):
+            raise ValueError(f"--lora {self.lora}: no such file (pass a .safetensors LoRA file, "
+                             "e.g. DIR/pytorch_lora_weights.safetensors).")
         for flag, value in (("--classifier_scale", self.classifier_scale),
                             ("--clip_scale", self.clip_scale), ("--image_scale", self.image_scale)):
             if value is not None and not (math.isfinite(value) and value >= 0):
