@@ -15,12 +15,21 @@ def get_config():
     # "contrastive" (a CLIP for SDG guidance and scoring); one training loop trains each.
     config.family = "diffusion"
 
-    # t2i_jax/data: embedded "digits" / "shapes" or a TFDS catalog name (needs a network once).
+    # t2i_jax/data: embedded "digits" / "shapes", a TFDS catalog name (needs a network once), or
+    # your own images: "imagefolder" / "webdataset" read from `path`, prepared once into data_dir
+    # (python -m t2i_jax.data.prepare --config ... --config.data.path=DIR; data/user_data.py)
     config.data = ml_collections.ConfigDict(dict(
         name="shapes", image_size=32, channels=3,
         data_dir=config_dict.placeholder(str),  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
         random_flip=False,
-        caption="random"))
+        caption="random",
+        # imagefolder: a folder of images + metadata.jsonl/csv (file_name, caption column);
+        # webdataset: a folder of .tar shards, one .tar, DIR/part-{00000..00099}.tar or a glob
+        path=config_dict.placeholder(str),
+        caption_key=config_dict.placeholder(str),     # None: "text" / webdataset's json "caption"
+        min_image_size=config_dict.placeholder(int),  # smaller images are skipped; None: image_size
+        max_bad_fraction=0.05,    # more bad records (undecodable, uncaptioned, small): refused
+        test_fraction=0.05))      # held out by a hash of the key (grids' prompts come from them)
 
     config.model = ml_collections.ConfigDict(dict(
         unet=dict(
@@ -63,6 +72,9 @@ def get_config():
         log_every=50,             # metrics.jsonl / TensorBoard / progress bar
         sample_every=1000,        # PNG grid from the EMA parameters, and at the end (0: none)
         samples_per_prompt=8,
+        # the grids' prompts, e.g. --config.train.grid_prompts="('a red car', 'a cat')";
+        # None: the data's sample_prompts
+        grid_prompts=config_dict.placeholder(tuple),
         # a frozen text encoder's features of every training caption, computed once (Imagen)
         text_cache=False, text_cache_dir=config_dict.placeholder(str)))
 

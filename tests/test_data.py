@@ -1,4 +1,5 @@
-"""t2i_jax.data: embedded data sets, catalog errors, and the grain pipeline's order and state."""
+"""t2i_jax.data: embedded data sets, catalog errors, and the grain pipeline's order and state (the
+guarantees also over a user source, a prepared webdataset: tests/test_user_data.py has the rest)."""
 
 import json
 import os
@@ -17,6 +18,26 @@ def cfg(data_dir, **kw):
                 caption="random")
     base.update(kw)
     return ml_collections.ConfigDict(base)
+
+
+@pytest.fixture(scope="session")
+def tiny_webdataset(tmp_path_factory):
+    """(brace pattern, data_dir): 40 captioned images in 2 webdataset shards, prepared once."""
+    from user_data_fixtures import records, write_webdataset
+    root = tmp_path_factory.mktemp("tiny_webdataset")
+    path = write_webdataset(root / "shards", records(40), shards=2)
+    d = str(root / "tfds")
+    data.split_size(cfg(d, name="webdataset", path=path, image_size=16, channels=3))
+    return path, d
+
+
+@pytest.fixture(params=["digits", "webdataset"])
+def source(request, data_dir):
+    """cfg(**overrides) of the embedded digits, or of a user source (a prepared webdataset)."""
+    if request.param == "digits":
+        return lambda **kw: cfg(data_dir, **kw)
+    path, d = request.getfixturevalue("tiny_webdataset")
+    return lambda **kw: cfg(d, **{"name": "webdataset", "path": path, "channels": 3, **kw})
 
 
 def take(it, n):
@@ -234,11 +255,18 @@ def global_batches(c, seed, B, pc, steps, max_length=32):
     return out
 
 
-def test_global_batch_is_independent_of_process_count(data_dir):
-    c = cfg(data_dir, random_flip=True)
+def test_global_batch_is_independent_of_process_count(source):
+    c = source(random_flip=True)
     ref = global_batches(c, 5, 8, 1, 3)
     for pc in (2, 4):
         assert_batches_equal(global_batches(c, 5, 8, pc, 3), ref)
+    # two processes: each reads its own contiguous half of every global batch, disjoint
+    its = [data.make_train_iterator(c, seed=5, global_batch_size=8, max_length=32,
+                                    process_index=p, process_count=2) for p in range(2)]
+    for want in ref:
+        a, b = (next(it)["index"] for it in its)
+        assert not set(a) & set(b)
+        np.testing.assert_array_equal(np.concatenate([a, b]), want["index"])
 
 
 def test_epochs_are_permutations_and_differ(data_dir):
@@ -286,8 +314,8 @@ def test_per_example_choices_are_seeded_by_epoch_and_example(data_dir):
     assert all(c.startswith("数字") for c in detokenize(next(fixed)["tokens"]))
 
 
-def test_resume_from_state_gives_the_same_batches(data_dir):
-    c = cfg(data_dir, random_flip=True)
+def test_resume_from_state_gives_the_same_batches(source):
+    c = source(random_flip=True)
     it = data.make_train_iterator(c, seed=4, global_batch_size=8, max_length=32,
                                   process_index=0, process_count=1)
     take(it, 3)

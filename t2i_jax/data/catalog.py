@@ -5,6 +5,10 @@ Embedded (prepared locally, offline, no TensorFlow): "digits", "shapes". "shapes
 natively at any size (`Spec.native_size`): `open_split(..., image_size=S)` opens its builder of
 size S (prepared on first use), so the pipeline does not resize it; "digits" is always the 8x8
 scans (the pipeline upscales them).
+Your own images: "imagefolder", "webdataset" (data.path; user_data.py, user_sources.py),
+prepared once into TFDS array_record files named by a hash of the source and the options. Their
+Spec is bound to the data config (`bind`; pipeline.DataSettings.spec does it) so that open_split
+and prompts read that source; prompts are up to 8 held-out captions.
 TFDS catalog: "mnist", "fashion_mnist", "cifar10", "oxford_flowers102", "coco_captions". These
 are read from array_record files already in data_dir (`DIR/<tfds name>/<version>/`). Preparing
 them needs a network (to download) and TensorFlow (TFDS's catalog builders use it to prepare);
@@ -25,7 +29,13 @@ from typing import Callable, Optional, Sequence
 
 from t2i_jax.data import digits as digits_lib
 from t2i_jax.data import shapes as shapes_lib
-from t2i_jax.data.prepare import default_data_dir
+
+
+def default_data_dir(data_dir: Optional[str] = None) -> str:
+    """prepare.default_data_dir, imported on use: `python -m t2i_jax.data.prepare` runs that
+    module, which importing t2i_jax.data must not have imported first."""
+    from t2i_jax.data import prepare
+    return prepare.default_data_dir(data_dir)
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -46,6 +56,8 @@ class Spec:
     builder: Optional[Callable] = None  # embedded: data_dir[, image_size] -> prepared TFDS builder
     native_size: bool = False      # embedded and rendered at any size: builder(data_dir, image_size)
     extras: Callable = lambda record: {}  # record -> per-example arrays load_split returns too
+    user: bool = False             # read from data.path (imagefolder, webdataset): see `bind`
+    source: Optional[Callable] = None   # a bound user source: split -> random-access source
 
 
 def _text(x):
@@ -115,6 +127,18 @@ def _fixed(fn):
     return lambda data_dir=None: fn
 
 
+def _user_convert(record):
+    return record["image"], [_text(record["caption"])], -1
+
+
+def _user_spec(name: str) -> Spec:
+    def unbound(style=None):
+        raise ValueError(f"the prompts of data.name={name!r} are its held-out captions: bind its "
+                         "spec to the data config first (pipeline.settings(config.data).spec).")
+    return Spec(name, f"t2i_{name}", ("train", "test"), _fixed(_user_convert), (), None, unbound,
+                extras=lambda r: {"key": r["key"]}, user=True)
+
+
 SPECS = {
     "digits": Spec("digits", digits_lib.NAME, digits_lib.SPLITS, _fixed(digits_lib.convert),
                    digits_lib.CAPTION_STYLES, lambda d=None: digits_lib.CLASS_NAMES,
@@ -144,6 +168,8 @@ SPECS = {
     "coco_captions": Spec("coco_captions", "coco_captions", ("train", "val", "test"),
                           _fixed(_coco_convert), ("first",), None,
                           lambda style=None: list(COCO_PROMPTS)),
+    "imagefolder": _user_spec("imagefolder"),
+    "webdataset": _user_spec("webdataset"),
 }
 NAMES = tuple(SPECS)
 
@@ -153,6 +179,18 @@ def get_spec(name: str) -> Spec:
         raise ValueError(f"unknown data set {name!r}; known data sets: {', '.join(NAMES)} "
                          "(set data.name).")
     return SPECS[name]
+
+
+def bind(spec: Spec, data_config) -> Spec:
+    """A user source's Spec bound to its data config (a ConfigDict or pipeline.DataSettings:
+    data.path, caption_key, ...): open_split and prompts then read that source, prepared on
+    first use. Other specs are returned as they are."""
+    if not spec.user:
+        return spec
+    from t2i_jax.data import user_data
+    return dataclasses.replace(
+        spec, source=lambda split: user_data.open_split(data_config, split),
+        prompts=lambda style=None: user_data.sample_prompts(data_config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +242,12 @@ def open_split(spec: Spec, split: str, data_dir: Optional[str] = None,
     (None: the builder's default); ignored by the others (their stored size is what it is)."""
     if split not in spec.splits:
         raise ValueError(f"data set {spec.name!r} has splits {spec.splits}, not {split!r}.")
+    if spec.user:
+        if spec.source is None:
+            raise ValueError(f"data.name={spec.name!r} is read from data.path: open it through "
+                             "its data config (catalog.bind(spec, config.data), or "
+                             "pipeline.settings(config.data).spec).")
+        return spec.source(split)
     if spec.embedded:
         if spec.native_size and image_size is not None:
             return spec.builder(data_dir, image_size=int(image_size)).as_data_source(split=split)

@@ -15,7 +15,8 @@ needs no resize), flip horizontally with probability 1/2 if data.random_flip, sc
 tokenize. The random choices use numpy's default_rng([seed, epoch, record index, salt]).
 
 State. `get_state()` is {"step": k, ...} plus what fixes the order (data set, size, seed, global
-batch size); `set_state` refuses a state from a different order and otherwise resumes at step k,
+batch size; for imagefolder / webdataset the prepared set's hash, so changed data is refused);
+`set_state` refuses a state from a different order and otherwise resumes at step k,
 also on a different number of processes.
 """
 
@@ -59,10 +60,17 @@ class DataSettings:
     resize: str
     num_threads: int
     prefetch: int
+    # imagefolder / webdataset (user_data.py): where the images are and how they are prepared
+    path: Optional[str] = None
+    caption_key: Optional[str] = None      # None: "text" (imagefolder), "caption" (webdataset)
+    min_image_size: Optional[int] = None   # None: image_size (nothing is upscaled)
+    max_bad_fraction: float = 0.05
+    test_fraction: float = 0.05
 
     @property
     def spec(self) -> catalog.Spec:
-        return catalog.get_spec(self.name)
+        """The data set's Spec (a user source's bound to these settings: catalog.bind)."""
+        return catalog.bind(catalog.get_spec(self.name), self)
 
 
 def settings(data_config) -> DataSettings:
@@ -77,7 +85,15 @@ def settings(data_config) -> DataSettings:
         caption=str(_get(data_config, "caption", "random")),
         resize=str(_get(data_config, "resize", "bilinear")),
         num_threads=int(_get(data_config, "num_threads", 2)),
-        prefetch=int(_get(data_config, "prefetch", 2)))
+        prefetch=int(_get(data_config, "prefetch", 2)),
+        path=_get(data_config, "path", None),
+        caption_key=_get(data_config, "caption_key", None),
+        min_image_size=_get(data_config, "min_image_size", None),
+        max_bad_fraction=float(_get(data_config, "max_bad_fraction", 0.05)),
+        test_fraction=float(_get(data_config, "test_fraction", 0.05)))
+    if spec.user:  # data.path set, fractions and sizes in range (UsageError); nothing read yet
+        from t2i_jax.data.user_sources import Options
+        Options.of(s)
     if s.channels not in (1, 3):
         raise ValueError(f"data.channels must be 1 (grey) or 3 (RGB), got {s.channels}.")
     if s.image_size < 1:
@@ -146,12 +162,14 @@ def choose_caption(captions, style: str, caption_styles, rng: Optional[np.random
 class _Process:
     """The grain map: (epoch, record index) -> one example's arrays."""
 
-    def __init__(self, s: DataSettings, source, seed: int, tokenizer, text_cache=None):
+    def __init__(self, s: DataSettings, source, seed: int, tokenizer, text_cache=None,
+                 latent_cache=None):
         # tokenizer None: the model reads no text; byte tokens of a default length, no warning.
         self._warn = tokenizer is not None
         self._tokenizer = _byte_tokenizer(16) if tokenizer is None else tokenizer
         self._s, self._source, self._seed = s, source, seed
         self._cache = text_cache
+        self._latents = latent_cache
         self._convert = s.spec.converter(s.data_dir)
         self._styles = s.spec.caption_styles
         self._warned = False
@@ -180,6 +198,8 @@ class _Process:
                "label": np.int32(label), "index": np.int64(index)}
         if self._cache is not None:  # a frozen encoder's features of this caption, precomputed
             out.update(self._cache.lookup(caption))
+        if self._latents is not None:  # a frozen VAE's posterior moments of this record
+            out.update(self._latents.lookup(index))
         return out
 
 
@@ -269,7 +289,7 @@ class TrainIterator(grain.DatasetIterator):
 
 def make_train_iterator(data_config, *, seed: int, global_batch_size: int,
                         max_length: Optional[int] = None, tokenizer=None, text_cache=None,
-                        process_index: Optional[int] = None,
+                        latent_cache=None, process_index: Optional[int] = None,
                         process_count: Optional[int] = None) -> TrainIterator:
     """The training batches of this process: dicts of numpy arrays
       image  float32 [b, H, W, C] in [-1, 1]     tokens int32 [b, L]     mask bool [b, L]
@@ -278,8 +298,9 @@ def make_train_iterator(data_config, *, seed: int, global_batch_size: int,
     whatever process_count is. Captions are tokenized by `tokenizer` (conditioning/tokenizers.py; or
     bytes to max_length); neither: a model that reads no text (byte tokens of length 16, no
     truncation warning). text_cache (families/frozen_text.TextCache): each example also gets
-    its caption's precomputed text_features [L, D] and text_pooled [P]. Prepares an embedded
-    data set on first use."""
+    its caption's precomputed text_features [L, D] and text_pooled [P]. latent_cache
+    (families/latent_cache.LatentCache): each example also gets its record's latent_mean and
+    latent_logvar [h, w, c]. Prepares an embedded data set on first use."""
     s = settings(data_config)
     if process_index is None or process_count is None:
         import jax
@@ -303,12 +324,18 @@ def make_train_iterator(data_config, *, seed: int, global_batch_size: int,
     if n == 0:
         raise ValueError(f"the {train_split!r} split of {s.name!r} is empty.")
     share = _ProcessShare(global_order(n, int(seed)), n, global_batch_size, b, process_index)
-    ds = share.map(_Process(s, source, int(seed), tokenizer, text_cache)).batch(b, drop_remainder=True)
+    if latent_cache is not None and s.random_flip:
+        raise ValueError("train.latent_cache stores each image's latents once, unflipped, and "
+                         "data.random_flip=True would flip the image the latents no longer see: "
+                         "set one of them False.")
+    ds = share.map(_Process(s, source, int(seed), tokenizer, text_cache, latent_cache)).batch(
+        b, drop_remainder=True)
     options = grain.ReadOptions(num_threads=max(0, s.num_threads), prefetch_buffer_size=max(0, s.prefetch))
     inner = iter(ds.to_iter_dataset(options))
     meta = {"dataset": s.name, "split": train_split, "num_examples": n, "seed": int(seed),
             "global_batch_size": int(global_batch_size), "caption": s.caption,
             "random_flip": s.random_flip}
+    meta.update(getattr(source, "state_meta", {}))  # a user source: its prepared set's hash
     return TrainIterator(inner, meta, b)
 
 
@@ -318,9 +345,19 @@ def make_train_iterator(data_config, *, seed: int, global_batch_size: int,
 
 def sample_prompts(data_config) -> list:
     """Fixed prompts for progress grids (digits: the ten digits in mixed phrasings; shapes:
-    a handful including held-out colour+shape pairs)."""
+    a handful including held-out colour+shape pairs; imagefolder / webdataset: up to 8 held-out
+    captions)."""
     s = settings(data_config)
     return list(s.spec.prompts(None if s.caption in ("random", "first") else s.caption))
+
+
+def data_identity(data_config) -> dict:
+    """What names the records beyond data_config's fields: a user source's prepared-set hash
+    ({"data_hash": ...}, prepared on first use), {} for the embedded and catalog data sets. A
+    cache of per-record or per-caption features keys on it too."""
+    s = settings(data_config)
+    source = catalog.open_split(s.spec, s.spec.splits[0], s.data_dir, s.image_size)
+    return dict(getattr(source, "state_meta", {}))
 
 
 def split_size(data_config, split: Optional[str] = None) -> int:
@@ -386,3 +423,17 @@ def load_split(data_config, split: str, *, max_examples: Optional[int] = 50_000,
            "label": np.asarray(labels, np.int32), "index": np.arange(n, dtype=np.int64)}
     out.update({k: np.stack(v) for k, v in extras.items()})
     return out
+
+
+def iter_images(data_config, split: Optional[str] = None, batch_size: int = 64):
+    """(record indices int64 [n], images float32 [n, H, W, C]) of a split (default the training
+    split) in record order, batch_size at a time, processed like training data without flips:
+    what a cache of a frozen encoder's outputs per record is built from."""
+    s = settings(data_config)
+    split = split or s.spec.splits[0]
+    source = catalog.open_split(s.spec, split, s.data_dir, s.image_size)
+    convert = s.spec.converter(s.data_dir)
+    for start in range(0, len(source), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(source)), dtype=np.int64)
+        yield idx, np.stack([process_image(convert(source[int(i)])[0], s.image_size, s.channels,
+                                           s.resize) for i in idx])

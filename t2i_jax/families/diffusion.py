@@ -348,7 +348,8 @@ class Diffusion(Family):
         if self.inpaint:
             return list(self.grid_examples()["caption"])
         if kind == "text":
-            return list(data_lib.sample_prompts(self.config.data))
+            override = self.config.get("train", {}).get("grid_prompts")  # config.train.grid_prompts
+            return list(override) if override else list(data_lib.sample_prompts(self.config.data))
         if kind == "label":
             return list(self.conditioning.class_names)
         return [""] * 4  # unconditional: 4 rows of different draws

@@ -127,7 +127,8 @@ class FrozenText:
             v=CACHE_VERSION, sha256=ident["sha256"], L=self.tokenizer.max_length,
             dtype=self.cfg.dtype, data=data_config.name,
             data_dir=data_lib.default_data_dir(s.data_dir),
-            examples=data_lib.split_size(data_config)), sort_keys=True).encode()).hexdigest()
+            examples=data_lib.split_size(data_config),
+            **data_lib.data_identity(data_config)), sort_keys=True).encode()).hexdigest()
         from t2i_jax.models.weights import cache_root
         return os.path.join(cache_root(cache_dir), "text_features", f"{data_config.name}-{key[:16]}")
 

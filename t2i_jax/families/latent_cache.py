@@ -6,7 +6,7 @@ trains on the same distribution of latents as one that encodes in the step (not 
 sample per image, which some scripts cache). The images are processed like training data, without
 flips (data.random_flip is refused with the cache). The cache is keyed by the VAE's content hash
 and every data setting that changes the images (data set, path, size, channels, resize, record
-count), and written whole or not at all (a temporary directory renamed into place), so a killed
+count, a user source's content hash), and written whole or not at all (a temporary directory renamed into place), so a killed
 build is never mistaken for a cache and another VAE or image size never reads a stale one.
 """
 
@@ -35,7 +35,8 @@ def cache_path(family, data_config, cache_dir: Optional[str] = None) -> str:
     key = hashlib.sha256(json.dumps(dict(
         v=CACHE_VERSION, vae=weights.content_sha256(os.path.join(family.folder.directory, "vae")),
         data=fields, data_dir=data_lib.default_data_dir(s.data_dir),
-        examples=data_lib.split_size(data_config)), sort_keys=True, default=str).encode()).hexdigest()
+        examples=data_lib.split_size(data_config), **data_lib.data_identity(data_config)),
+        sort_keys=True, default=str).encode()).hexdigest()
     return os.path.join(weights.cache_root(cache_dir), "latents", f"{s.name}-{key[:16]}")
 
 
