@@ -92,7 +92,7 @@ def export(workdir: str, out: str, *, full: Optional[bool] = None, step: Optiona
     parent = files.check_writable_dir(os.path.dirname(out), "--out's parent directory")
     trained = load_trained(workdir, step=step, params=params, merge=False)
     family = trained.family
-    if family.name != "stable_diffusion" or trained.kind == "pretrained":
+    if not family.diffusers_export or trained.kind == "pretrained":
         raise UsageError(f"{workdir} is not a fine-tuned Stable Diffusion workdir (its family is "
                          f"{family.name}{', a folder itself' if trained.kind == 'pretrained' else ''})"
                          ": export writes one trained with configs/sd_finetune.py.")
@@ -112,9 +112,9 @@ def export(workdir: str, out: str, *, full: Optional[bool] = None, step: Optiona
             write_unet(os.path.join(tmp, "unet"), family.folder.unet[0], unet,
                        os.path.join(base, "unet"), dtype)
         else:
-            from t2i_jax.models import lora as lora_lib
+            from t2i_jax.models import lora_files
             os.makedirs(tmp)
-            lora_lib.save(os.path.join(tmp, lora_lib.WEIGHT_NAME), trained.params, family.lora,
+            lora_files.save(os.path.join(tmp, lora_files.WEIGHT_NAME), trained.params, family.lora,
                           family.unet_param_map)
         os.replace(tmp, out)
     finally:

@@ -25,7 +25,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from t2i_jax.models import lora
+from t2i_jax.models import lora, lora_files
 from t2i_jax.models import unet2d_condition as unet_lib
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "sd")
@@ -262,7 +262,7 @@ def test_unet_with_lora_matches_diffusers(unet, oracle):
 def test_load_reads_diffusers_file(unet):
     cfg_u, _, pmap, _ = unet
     _, want = _raw(pmap)
-    factors, cfg = lora.load(DIFFUSERS_FILE, cfg_u, pmap)
+    factors, cfg = lora_files.load(DIFFUSERS_FILE, cfg_u, pmap)
     _assert_trees_equal(factors, want)
     assert cfg == lora.LoraConfig(rank=2, alpha=3.0, targets=(
         "ff.net.2", "time_embedding.linear_1", "to_k", "to_out.0", "to_q", "to_v"))
@@ -275,7 +275,7 @@ def test_save_writes_diffusers_layout(unet, tmp_path):
     _, factors = _raw(pmap)
     cfg = lora.LoraConfig(rank=2, alpha=3, targets=("to_q", "to_k", "to_v", "to_out_0", "ff.net.2",
                                                     "time_embedding.linear_1"))
-    path = lora.save(str(tmp_path), factors, cfg, pmap)
+    path = lora_files.save(str(tmp_path), factors, cfg, pmap)
     assert path == str(tmp_path / "pytorch_lora_weights.safetensors")
     ours, theirs = load_file(path), load_file(DIFFUSERS_FILE)
     assert sorted(ours) == sorted(theirs)
@@ -302,12 +302,12 @@ def test_save_load_round_trip(unet, tmp_path, rank, alpha, targets, where):
     cfg = lora.LoraConfig(rank=rank, alpha=alpha, targets=targets)
     factors = _random_b(lora.init_factors(jax.random.PRNGKey(3), params, cfg, pmap))
     path = str(tmp_path / "a.safetensors") if where == "file" else str(tmp_path)
-    written = lora.save(path, factors, cfg, pmap)
-    got, got_cfg = lora.load(path, cfg_u)           # the param map from the UNet's config
+    written = lora_files.save(path, factors, cfg, pmap)
+    got, got_cfg = lora_files.load(path, cfg_u)           # the param map from the UNet's config
     _assert_trees_equal(got, factors)
     assert got_cfg == lora.LoraConfig(rank=rank, alpha=alpha, targets=tuple(
         t.replace("to_out_0", "to_out.0") for t in targets))
-    assert written == (path if where == "file" else str(tmp_path / lora.WEIGHT_NAME))
+    assert written == (path if where == "file" else str(tmp_path / lora_files.WEIGHT_NAME))
 
 
 def test_older_layouts_read_to_the_same_factors(unet, oracle, tmp_path):
@@ -316,7 +316,7 @@ def test_older_layouts_read_to_the_same_factors(unet, oracle, tmp_path):
     such a file confirms: unet.out_old)."""
     cfg_u, params, pmap, apply = unet
     raw, factors = _raw(pmap)
-    want_cfg = lora.load(DIFFUSERS_FILE, cfg_u, pmap)[1]
+    want_cfg = lora_files.load(DIFFUSERS_FILE, cfg_u, pmap)[1]
     kohya, new, old = {}, {}, {}
     for name, (a, b) in raw.items():
         stem = "lora_unet_" + name.replace(".", "_")
@@ -331,14 +331,14 @@ def test_older_layouts_read_to_the_same_factors(unet, oracle, tmp_path):
                         f"{attn}.processor.{p}_lora.up.weight": b})
     for layout, tensors in (("kohya", kohya), ("new", new), ("old", old)):
         save_file(tensors, str(tmp_path / f"{layout}.safetensors"))
-    got, cfg = lora.load(str(tmp_path / "kohya.safetensors"), cfg_u, pmap)
+    got, cfg = lora_files.load(str(tmp_path / "kohya.safetensors"), cfg_u, pmap)
     f16 = jax.tree_util.tree_map(lambda x: x.astype(np.float16).astype(np.float32), factors)
     _assert_trees_equal(got, f16)
     assert (cfg.rank, cfg.alpha) == (2, 3.0) and set(cfg.targets) == set(want_cfg.targets)
-    got, cfg = lora.load(str(tmp_path / "new.safetensors"), cfg_u, pmap)
+    got, cfg = lora_files.load(str(tmp_path / "new.safetensors"), cfg_u, pmap)
     _assert_trees_equal(got, factors)
     assert (cfg.rank, cfg.alpha, set(cfg.targets)) == (2, 2.0, set(want_cfg.targets))
-    got, cfg = lora.load(str(tmp_path / "old.safetensors"), cfg_u, pmap)
+    got, cfg = lora_files.load(str(tmp_path / "old.safetensors"), cfg_u, pmap)
     keep = {k: v for k, v in traverse_util.flatten_dict(factors, sep="/").items()
             if k.split("/")[-2] in ("to_q", "to_k", "to_v", "to_out_0")}
     _assert_trees_equal(got, traverse_util.unflatten_dict(keep, sep="/"))
@@ -385,7 +385,7 @@ def test_bad_files_are_refused_naming_the_file(unet, tmp_path, tensors, match):
     elif tensors != "absent":
         save_file({k: np.asarray(v, np.float32) for k, v in tensors.items()}, str(path))
     with pytest.raises(ValueError, match=match) as e:
-        lora.load(str(path), cfg_u, pmap)
+        lora_files.load(str(path), cfg_u, pmap)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
@@ -396,7 +396,7 @@ def test_text_encoder_keys_skipped_on_request(unet, tmp_path):
                ".weight": np.zeros((2, 32), np.float32)}, path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        factors, cfg = lora.load(path, cfg_u, pmap, skip_text_encoder=True)
+        factors, cfg = lora_files.load(path, cfg_u, pmap, skip_text_encoder=True)
     assert any("1 text-encoder LoRA keys skipped" in str(w.message) for w in caught)
     assert cfg.targets == ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",)
     assert lora.targets_of(unet[1], cfg, pmap) == [
@@ -409,4 +409,4 @@ def test_metadata_alpha_that_lora_cannot_represent_is_refused(unet, tmp_path):
     save_file(_unet_pair(Q), path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(
         {"unet.r": 2, "unet.lora_alpha": 4, "unet.use_rslora": True})})
     with pytest.raises(ValueError, match="sets use_rslora, which is not supported"):
-        lora.load(path, cfg_u, pmap)
+        lora_files.load(path, cfg_u, pmap)

@@ -34,7 +34,7 @@ from t2i_jax.data import shapes as shapes_lib
 def default_data_dir(data_dir: Optional[str] = None) -> str:
     """prepare.default_data_dir, imported on use: `python -m t2i_jax.data.prepare` runs that
     module, which importing t2i_jax.data must not have imported first."""
-    from t2i_jax.data import prepare
+    from t2i_jax.data import builders as prepare
     return prepare.default_data_dir(data_dir)
 
 

@@ -120,7 +120,7 @@ def builder_class():
 
 def builder(data_dir=None):
     """The prepared TFDS builder (prepared into data_dir on first use)."""
-    from t2i_jax.data.prepare import prepared_builder
+    from t2i_jax.data.builders import prepared_builder
     return prepared_builder(builder_class(), data_dir)
 
 

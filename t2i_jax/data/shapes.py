@@ -261,7 +261,7 @@ def _builder_class(image_size: int):
 
 def builder(data_dir=None, image_size: int = IMAGE_SIZE):
     """The prepared TFDS builder of size image_size (prepared into data_dir on first use)."""
-    from t2i_jax.data.prepare import prepared_builder
+    from t2i_jax.data.builders import prepared_builder
     return prepared_builder(builder_class(int(image_size)), data_dir)
 
 

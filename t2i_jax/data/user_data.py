@@ -6,7 +6,7 @@ every other data set (no TensorFlow).
     p = prepare(config.data)            # what training does on first use (once, then reused)
     open_split(config.data, "train")    # len, [i] -> {"image" uint8 [S, S, C], "caption", "key"}
 
-The prepared set. A TFDS builder `t2i_<kind>_<hash16>` in data.data_dir (prepare.default_data_dir)
+The prepared set. A TFDS builder `t2i_<kind>_<hash16>` in data.data_dir (builders.default_data_dir)
 with features image (PNG, S x S x C), caption (text), key (text), splits "train" and "test" (a split
 with no record is left out: reading it gives an empty source). hash16 starts the sha256 of the
 source's listing (each file's name relative to the source's folder, size and mtime) and of every
@@ -32,7 +32,7 @@ decoded, resized and PNG-encoded (user_staging) into `DATA_DIR/<name>.staging/pa
 (the JSON, renamed into place last, says the part is complete, so a preparation killed half-way
 resumes from the parts it finished). Then one process (the lead) checks the summary, lists the source again (a
 source that changed meanwhile is refused), and writes the TFDS files
-from the parts, in unit order, through the builder (prepare.prepared_builder: an fcntl lock
+from the parts, in unit order, through the builder (builders.prepared_builder: an fcntl lock
 `DATA_DIR/<name>.lock`, leftovers of an interrupted write removed). `workers` > 1 decodes units in
 a local pool of spawned processes. The command's --process_index p --process_count P splits the
 units between P processes (unit u is process u % P's): each stages its parts, process 0 waits
@@ -160,9 +160,9 @@ def prepare(data_config, *, workers: int = 1, process_index: int = 0, process_co
     """The prepared set of data_config's user source, prepared first if it is not (see the module
     doc for workers and processes). Returns None in a process other than 0 of several (it staged
     its parts; process 0 writes). progress None: a bar where stderr is a terminal."""
-    from t2i_jax.data import prepare as prepare_lib
+    from t2i_jax.data import builders as prepare_lib
     opts = Options.of(data_config)
-    prepare_lib._quiet_tfds_logs()
+    prepare_lib.quiet_tfds_logs()
     if process_count < 1 or not 0 <= process_index < process_count:
         raise UsageError(f"--process_index {process_index} is not in [0, --process_count "
                          f"{process_count}).")

@@ -54,7 +54,7 @@ class Options:
     min_image_size: int        # data.min_image_size, or S (no upscaling)
     test_fraction: float       # held out by the key's hash
     max_bad_fraction: float    # more bad records than this: refused
-    data_dir: Optional[str]    # where the TFDS files go (None: prepare.default_data_dir)
+    data_dir: Optional[str]    # where the TFDS files go (None: builders.default_data_dir)
 
     @classmethod
     def of(cls, cfg) -> "Options":

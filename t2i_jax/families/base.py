@@ -98,6 +98,7 @@ class Family:
     low_res_shape = None     # (h, w, C) of the images a stage_input "image" model takes
     guide_flag = None        # the sample.py flag that takes it as a gradient guide
     latent = False           # its chain's x_t is a latent, decoded by to_output
+    diffusers_export = False  # a fine-tuned diffusers folder: t2i_jax.export writes it back
     learn_sigma = False      # it predicts IDDPM's variance interpolation too (2C outputs)
     inpaint = False          # GLIDE's mask-conditioned model
     # (what, why) for a model whose chain's x0 is not pixels (a latent, an embedding): pixel

@@ -43,6 +43,7 @@ import ml_collections
 
 from t2i_jax.conditioning import Condition, Conditioning
 from t2i_jax.diffusion.diffusers_scheduler import CLASS_OF_SAMPLER
+from t2i_jax.errors import UsageError
 from t2i_jax.families.diffusion import Diffusion, LossConfig
 from t2i_jax.families.frozen_text import FrozenText, TextEncoderConfig
 from t2i_jax.families.latent import LatentDiffusion
@@ -68,6 +69,7 @@ class StableDiffusion(Diffusion):
     remat: bool = False
 
     name = "stable_diffusion"
+    diffusers_export = True
     batch_keys = Diffusion.batch_keys + ("latent_mean", "latent_logvar")
     latent = True
     not_pixels = LatentDiffusion.not_pixels
@@ -199,7 +201,10 @@ class StableDiffusion(Diffusion):
             raise ValueError(f"train.p_uncond must be in [0, 1], got {tr.p_uncond}.")
         lora = lora_config(tr.get("lora", None))
         if lora is not None:  # refused now, naming the targets, if they match no layer
-            _lora().targets_of(folder.unet[1], lora, base.unet_param_map)
+            try:
+                _lora().targets_of(folder.unet[1], lora, base.unet_param_map)
+            except ValueError as e:
+                raise UsageError(f"config.train.lora.targets: {e}") from None
         sample = dict(base.config.sample)
         for k, v in dict(config.get("sample", {})).items():
             if v is not None and k != "spacing":
@@ -277,7 +282,8 @@ class StableDiffusion(Diffusion):
         alpha / rank times `scale`; the file's path, hash and scale join decoder_record, so the
         job's identity (and every samples.jsonl row) names it."""
         import hashlib
-        factors, cfg = _lora().load(path, self.folder.unet[0], self.unet_param_map)
+        from t2i_jax.models import lora_files
+        factors, cfg = lora_files.load(path, self.folder.unet[0], self.unet_param_map)
         with open(path, "rb") as f:
             sha = hashlib.sha256(f.read()).hexdigest()
         self.lora_file = dict(file=os.path.abspath(path), sha256=sha, rank=cfg.rank,
@@ -352,15 +358,15 @@ def _pretrained_dir(config) -> str:
     path = config.model.get("pretrained", None)
     if rec.get("workdir") and not (path and os.path.isdir(os.path.expanduser(path))):
         from t2i_jax.families.frozen import moved_message
-        raise ValueError(moved_message("pipeline folder", rec))
+        raise UsageError(moved_message("pipeline folder", rec))
     if not path:
-        raise ValueError(f"{FLAG} is not set: name a diffusers Stable Diffusion folder "
+        raise UsageError(f"{FLAG} is not set: name a diffusers Stable Diffusion folder "
                          f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), "
                          f"--{FLAG}=DIR.")
     path = os.path.abspath(os.path.expanduser(path))
     if not is_pipeline_folder(path):
         what = "does not exist" if not os.path.exists(path) else "has no model_index.json"
-        raise ValueError(f"{FLAG}={path} {what}: it must name a diffusers Stable Diffusion "
+        raise UsageError(f"{FLAG}={path} {what}: it must name a diffusers Stable Diffusion "
                          "folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
                          "scheduler/).")
     return path
