@@ -235,3 +235,17 @@ def test_diffusers_samples_an_exported_folder_and_lora_file_as_sample_py_does(tm
         import json
         row = json.loads(open(tmp_path / "out" / "samples.jsonl").readline())
         assert row["decoder"]["lora"]["rank"] == 2 and row["decoder"]["lora"]["alpha"] == 3.0
+
+
+@pytest.mark.slow
+def test_fsdp_splits_the_unet_and_trains_what_the_replicated_run_trains(
+        data_dir, straight_runs, tmp_path, monkeypatch):
+    from runs import assert_trees_close, run, tiny
+    from t2i_jax import sharding as mesh_lib
+    monkeypatch.setattr(mesh_lib, "MIN_SHARDED_SIZE", 256)   # the tiny UNet's kernels split too
+    state4, _ = straight_runs["sd_finetune"]
+    split = run(tiny(data_dir, "sd_finetune", train__fsdp=2), tmp_path / "fsdp2")
+    kernel = split.params["params"]["conv_in"]["kernel"]                  # [3, 3, 4, 8]
+    assert "fsdp" in str(kernel.sharding.spec), kernel.sharding
+    assert "fsdp" in str(split.opt_state[1][0].mu["params"]["conv_in"]["kernel"].sharding.spec)
+    assert_trees_close(split.params, state4.params, atol=2e-6)
