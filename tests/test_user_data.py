@@ -212,6 +212,7 @@ def test_held_out_split_is_stable_and_about_test_fraction(tmp_path, dd):
     assert set(stored(c2, "test")) == {k for k in test if int(k[-3:]) % 2 == 0}
     prompts = data.sample_prompts(c)
     assert 1 <= len(prompts) <= 8 and set(prompts) <= {v[1] for v in test.values()}
+    assert len(set(prompts)) == len(prompts) == min(8, len({v[1] for v in test.values()}))
     assert data.sample_prompts(c) == prompts and data.class_names(c) is None
     assert sorted(data.all_captions(c)) == sorted(v[1] for v in stored(c).values())
     assert data.split_size(c) + data.split_size(c, "test") == 60

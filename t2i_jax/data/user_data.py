@@ -318,14 +318,21 @@ def open_split(data_config, split: str) -> UserSource:
 
 
 def sample_prompts(data_config) -> list:
-    """Up to NUM_PROMPTS held-out captions, evenly spaced in the test split's record order (the
-    training split's where nothing is held out): fixed prompts for progress grids."""
+    """Up to NUM_PROMPTS distinct held-out captions, the first of each in a fixed stride through
+    the test split's record order (the training split's where nothing is held out): fixed
+    prompts for progress grids, each a row once."""
     src = open_split(data_config, "test")
     if len(src) == 0:
         src = open_split(data_config, "train")
     n = len(src)
-    idx = sorted(set(np.linspace(0, n - 1, min(NUM_PROMPTS, n)).round().astype(int).tolist()))
-    return [_text(src[i]["caption"]) for i in idx]
+    stride = max(1, n // NUM_PROMPTS)
+    seen: dict = {}
+    for start in range(stride):  # every stride-th record, then the ones between, until enough
+        for i in range(start, n, stride):
+            seen.setdefault(_text(src[i]["caption"]), None)
+            if len(seen) == NUM_PROMPTS:
+                return list(seen)
+    return list(seen)
 
 
 def _text(x) -> str:
