@@ -44,18 +44,8 @@ def _unknown_override(argv: list, path: str) -> str:
         config = load_config(path)
     except Exception as e:  # noqa: BLE001: the config file itself is broken
         return f"cannot load the config file {path}: {type(e).__name__}: {e}"
-    for a in argv:
-        if not a.startswith("--config."):
-            continue
-        dotted = a[len("--config."):].split("=", 1)[0]
-        node, seen = config, "config"
-        for part in dotted.split("."):
-            keys = list(node.keys()) if hasattr(node, "keys") else []
-            if part not in keys:
-                return (f"unknown config key {seen}.{part} (in {a}); {seen} has: "
-                        f"{', '.join(sorted(keys)) or 'no fields'} (see {path}).")
-            node, seen = node[part], f"{seen}.{part}"
-    return "an override names a key the config does not have."
+    from t2i_jax.config_utils import unknown_override
+    return unknown_override(argv, config, path)
 
 
 def parse(argv: list):

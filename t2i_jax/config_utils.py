@@ -69,3 +69,21 @@ def check_train_config(config) -> None:
                 " (0: no grids)" if key == "sample_every" else "")
             raise UsageError(f"config.train.{key} must be an integer >= {least}{what}, got "
                              f"{value!r}; set --config.train.{key}=...")
+
+
+def unknown_override(argv: list, config, path: str = "") -> str:
+    """The message for the first --config.X override in argv whose key `config` lacks (path:
+    the config file, named in the message)."""
+    for a in argv:
+        if not a.startswith("--config."):
+            continue
+        node, seen = config, "config"
+        for part in a[len("--config."):].split("=", 1)[0].split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                return (f"unknown config key {seen}.{part} (in {a}); {seen} has: "
+                        f"{', '.join(sorted(keys)) or 'no fields'}"
+                        + (f" (see {path})." if path else "."))
+            node, seen = node[part], f"{seen}.{part}"
+    return "an override names a key the config does not have."
+

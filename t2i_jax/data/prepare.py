@@ -25,27 +25,12 @@ the work between P processes or hosts sharing data_dir (t2i_jax/data/user_data.p
 # The command
 
 
-def _unknown_override(argv: list, config) -> str:
-    """The message for the first --config.X override whose key the config lacks."""
-    for a in argv:
-        if not a.startswith("--config."):
-            continue
-        node, seen = config, "config"
-        for part in a[len("--config."):].split("=", 1)[0].split("."):
-            keys = list(node.keys()) if hasattr(node, "keys") else []
-            if part not in keys:
-                return (f"unknown config key {seen}.{part} (in {a}); {seen} has: "
-                        f"{', '.join(sorted(keys)) or 'no fields'}.")
-            node, seen = node[part], f"{seen}.{part}"
-    return "an override names a key the config does not have."
-
-
 def parse(argv: list):
     """(config, workers, process_index, process_count, progress) from the command line;
     UsageError (one line) where it is wrong."""
     from absl import flags
     from ml_collections import config_flags
-    from t2i_jax.config_utils import load_config
+    from t2i_jax.config_utils import load_config, unknown_override
     from t2i_jax.errors import UsageError
     fv = flags.FlagValues()
     flags.DEFINE_integer("workers", 1, "local processes decoding images (imagefolder, webdataset)",
@@ -76,7 +61,7 @@ def parse(argv: list):
     except flags.Error as e:
         raise UsageError(f"{str(e).splitlines()[0]} (see --help).") from None
     except (AttributeError, KeyError):
-        raise UsageError(_unknown_override(argv, load_config(path))) from None
+        raise UsageError(unknown_override(argv, load_config(path), path)) from None
     except (IOError, SyntaxError, ImportError) as e:
         raise UsageError(f"cannot load the config file {path}: {str(e).splitlines()[-1]}") from None
     if len(rest) > 1:
