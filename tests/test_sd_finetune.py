@@ -96,6 +96,7 @@ def test_one_step_loss_and_gradient_equal_diffusers_training_step(step_fixture, 
     assert worst < 1e-4, worst
 
 
+@pytest.mark.slow
 def test_remat_and_bf16_keep_the_gradient(step_fixture):
     """Rematerialised blocks give the same gradient; bf16 compute (float32 master weights)
     stays within bf16's precision of it."""
