@@ -250,3 +250,17 @@ def test_fsdp_splits_the_unet_and_trains_what_the_replicated_run_trains(
     assert "fsdp" in str(kernel.sharding.spec), kernel.sharding
     assert "fsdp" in str(split.opt_state[1][0].mu["params"]["conv_in"]["kernel"].sharding.spec)
     assert_trees_close(split.params, state4.params, atol=2e-6)
+
+
+@pytest.mark.slow
+def test_the_text_and_latent_caches_change_the_cost_not_the_training(data_dir, straight_runs,
+                                                                     tmp_path):
+    """With both caches the step reads the CLIP features and the VAE posterior's moments from
+    the batch instead of computing them, and draws z with the same key: the same run."""
+    from runs import assert_trees_close, run, tiny
+    state4, _ = straight_runs["sd_finetune"]
+    cached = run(tiny(data_dir, "sd_finetune", train__text_cache=True, train__latent_cache=True,
+                      train__text_cache_dir=str(tmp_path / "cache"),
+                      train__latent_cache_dir=str(tmp_path / "cache")), tmp_path / "cached")
+    assert_trees_close(cached.params, state4.params, atol=2e-5)
+    assert os.listdir(tmp_path / "cache" / "latents") and os.listdir(tmp_path / "cache" / "text_features")

@@ -14,7 +14,7 @@ Randomness: `loss` gets the step's key, fold_in(root, step); a family folds in i
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,9 @@ class Family:
     name = "?"
     # The batch entries the loss reads (the data pipeline may give more; a cache of a frozen
     # text encoder's features adds text_features and text_pooled, which the loss reads too).
-    batch_keys: tuple = ("image", "tokens", "mask", "label", "text_features", "text_pooled")
+    # A class attribute, not a dataclass field: a family's own tuple is the one the loop reads.
+    batch_keys: ClassVar[tuple] = ("image", "tokens", "mask", "label", "text_features",
+                                   "text_pooled")
 
     @property
     def max_length(self) -> int:
