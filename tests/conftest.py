@@ -233,9 +233,25 @@ def tiny_t5(tmp_path_factory):
     return d
 
 
-# The frozen models a tiny family's config reads (through the variable its fixture sets).
+@pytest.fixture(scope="session")
+def tiny_webdataset_source(tmp_path_factory):
+    """A user's data for the shared family tests: 48 captioned images in 3 webdataset shards
+    (tests/user_data_fixtures.py), its brace pattern in $T2I_TEST_WEBDATASET."""
+    from user_data_fixtures import records, write_webdataset
+    made = {}
+
+    def make(p):
+        made["path"] = write_webdataset(p / "shards", records(48), shards=3)
+        (p / "pattern.txt").write_text(made["path"])
+    d = _made_once(tmp_path_factory, "tiny_webdataset_source", make)
+    os.environ["T2I_TEST_WEBDATASET"] = (d / "pattern.txt").read_text()
+    return os.environ["T2I_TEST_WEBDATASET"]
+
+
+# The frozen models (or the data) a tiny family's config reads (through the variable its
+# fixture sets).
 FROZEN_OF = {"latent_diffusion": "tiny_autoencoder", "prior": "tiny_clip", "decoder": "tiny_clip",
-             "frozen_t5": "tiny_t5"}
+             "frozen_t5": "tiny_t5", "webdataset": "tiny_webdataset_source"}
 
 
 @pytest.fixture(scope="session")

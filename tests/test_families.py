@@ -32,7 +32,9 @@ FAMILIES = ("diffusion", "noisy_classifier", "contrastive", "super_resolution", 
 # them too.
 # A Stable Diffusion folder fine-tuned in full (bf16 compute, remat, the VAE and CLIP frozen in
 # the step) and with LoRA (the factors alone in the state, the folder's UNet a frozen input).
-SHARED = FAMILIES + ("frozen_t5", "learned_sigma_inpaint", "sd_finetune", "sd_lora")
+# "webdataset": the tiny diffusion model reading a user's webdataset shards, so that the data
+# iterator's exact resume (kill -9 included) is shown for a user source too.
+SHARED = FAMILIES + ("frozen_t5", "learned_sigma_inpaint", "sd_finetune", "sd_lora", "webdataset")
 
 
 def _from_step_2(wd4, tmp_path, name):

@@ -140,6 +140,11 @@ def get_config(name="diffusion"):
             sd.train.lora.rank = 2
             sd.train.lora.alpha = 3.0
         return sd
+    elif name == "webdataset":
+        # the tiny diffusion model on a user's webdataset shards ($T2I_TEST_WEBDATASET, the
+        # tiny_webdataset_source fixture): the data iterator's guarantees for a user source
+        config.data.name = "webdataset"
+        config.data.path = os.environ.get("T2I_TEST_WEBDATASET", "")
     elif name != "diffusion":
         raise ValueError(name)
     return config
