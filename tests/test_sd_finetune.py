@@ -141,12 +141,13 @@ def _sample(workdir, out, *extra):
 
 @pytest.fixture(scope="module")
 def zero_lr_runs(data_dir, tmp_path_factory):
-    """A full fine-tune and a LoRA run of 2 steps at learning rate 0 (no warm-up)."""
+    """A full fine-tune and a LoRA run of 2 steps at learning rate 0 (no warm-up), each with its
+    progress grid at the end."""
     from runs import run, tiny
     root = tmp_path_factory.mktemp("zero_lr")
     for name in ("sd_finetune", "sd_lora"):
         run(tiny(data_dir, name, train__learning_rate=0.0, train__warmup_steps=0,
-                 train__num_steps=2), root / name)
+                 train__num_steps=2, train__sample_every=2), root / name)
     return root
 
 
@@ -156,6 +157,9 @@ def test_learning_rate_0_and_lora_at_b_0_sample_the_base_folder_bit_for_bit(zero
     for name in ("sd_finetune", "sd_lora"):
         got = _sample(zero_lr_runs / name, tmp_path / name)
         np.testing.assert_array_equal(got, base)
+    # the training grids (LoRA's drawn from its factors merged into the folder's UNet) agree
+    grid = lambda name: (zero_lr_runs / name / "samples" / "step_0000002.png").read_bytes()  # noqa: E731
+    assert grid("sd_lora") == grid("sd_finetune")
 
 
 @pytest.mark.slow

@@ -361,7 +361,9 @@ class _GridSampler:
         self.generate = make_generate_fn(family, options, guided)
 
     def __call__(self, state: TrainState, step: int) -> str:
-        x = self.generate(state.ema_params, self.cond, self.rng, self.w, self.ids)
+        # what sampling runs from the EMA parameters (a LoRA's factors merged into its base)
+        params = self.family.sampling_params(state.ema_params)
+        x = self.generate(params, self.cond, self.rng, self.w, self.ids)
         path = os.path.join(self.dir, f"step_{step:07d}.png")
         if self.lead:
             grid = images.make_grid(images.to_uint8(distributed.to_host(x)),
