@@ -206,6 +206,13 @@ def test_export_round_trips_the_base_and_samples_what_the_workdir_samples(
         export.export(str(wd), str(folder), full=True)
         np.testing.assert_array_equal(_sample(folder, tmp_path / f"{name}_a"),
                                       _sample(wd, tmp_path / f"{name}_b"))
+    # a LoRA workdir's own file: the base folder with sample.py --lora samples the workdir
+    _, wd = straight_runs["sd_lora"]
+    out = export.export(str(wd), str(tmp_path / "lora_file"))
+    np.testing.assert_array_equal(
+        _sample(tiny_families.SD_FOLDER, tmp_path / "lora_a", "--lora",
+                os.path.join(out, "pytorch_lora_weights.safetensors")),
+        _sample(wd, tmp_path / "lora_b"))
 
 
 @pytest.mark.parametrize("case", ["full", "lora"])
