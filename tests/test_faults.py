@@ -445,6 +445,13 @@ def test_integrity_record_catches_a_flipped_bit_that_orbax_reads_silently(tiny_r
      ["does not divide over 8 devices", "multiple of 8"]),
     ("offline catalog data", ["--config=configs/cifar10.py", "--config.train.batch_size=8"], 1,
      ["'cifar10'", "is not prepared", "tfds build cifar10", "--config.data.data_dir=DIR"]),
+    ("pretrained: not a diffusers folder", ["--config=configs/sd_finetune.py",
+                                            "--config.model.pretrained=configs"], 2,
+     ["config.model.pretrained=", "has no model_index.json", "diffusers Stable Diffusion folder"]),
+    ("LoRA targets matching no layer", [
+        "--config=configs/sd_finetune.py", "--config.model.pretrained=tests/fixtures/sd/tiny_sd1",
+        "--config.train.lora.rank=2", "--config.train.lora.targets=('to_z',)"], 2,
+     ["config.train.lora.targets", "'to_z' matches no layer", "to_q"]),
 ])
 def test_10_train_mistakes_get_one_line_and_write_nothing(data_dir, tmp_path, capfd, case, extra,
                                                           code, words):
