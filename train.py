@@ -37,23 +37,12 @@ def _config_path(argv: list) -> str:
     return DEFAULT_CONFIG
 
 
-def _unknown_override(argv: list, path: str) -> str:
-    """The message for the first --config.X override whose key the config lacks."""
-    from t2i_jax.config_utils import load_config
-    try:
-        config = load_config(path)
-    except Exception as e:  # noqa: BLE001: the config file itself is broken
-        return f"cannot load the config file {path}: {type(e).__name__}: {e}"
-    from t2i_jax.config_utils import unknown_override
-    return unknown_override(argv, config, path)
-
-
 def parse(argv: list):
     """(config, workdir, process group, progress) from the command line; UsageError if it is
     wrong."""
     from absl import flags
-    from ml_collections import config_flags
     from t2i_jax import distributed
+    from t2i_jax.config_utils import config_from_flags
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and samples",
                         flag_values=fv)
@@ -73,20 +62,7 @@ def parse(argv: list):
     if not os.path.isfile(path):
         raise UsageError(f"no config file {path}; pass --config configs/NAME.py (configs/ has "
                          f"{', '.join(sorted(f for f in os.listdir(os.path.dirname(DEFAULT_CONFIG)) if f.endswith('.py') and f != 'base.py'))}).")
-    try:
-        # config_flags reads the overrides from sys_argv as soon as the flag is defined.
-        holder = config_flags.DEFINE_config_file(
-            "config", DEFAULT_CONFIG, "experiment config file; override fields with "
-            "--config.train.batch_size=...", flag_values=fv, lock_config=True,
-            sys_argv=["train.py"] + list(argv))
-        rest = fv(["train.py"] + list(argv))
-        config = holder.value
-    except flags.Error as e:
-        raise UsageError(f"{str(e).splitlines()[0]} (see --help).") from None
-    except (AttributeError, KeyError):
-        raise UsageError(_unknown_override(argv, path)) from None
-    except (IOError, SyntaxError, ImportError) as e:
-        raise UsageError(f"cannot load the config file {path}: {str(e).splitlines()[-1]}") from None
+    config, rest = config_from_flags(fv, argv, path, "train.py")
     if len(rest) > 1:
         raise UsageError(f"unexpected arguments {rest[1:]}; options look like --workdir=DIR.")
     if not fv["workdir"].value:

@@ -87,3 +87,29 @@ def unknown_override(argv: list, config, path: str = "") -> str:
             node, seen = node[part], f"{seen}.{part}"
     return "an override names a key the config does not have."
 
+
+def config_from_flags(fv, argv: list, path: str, prog: str) -> tuple:
+    """(config, the remaining argv) of a command line whose --config=PATH (and --config.x=...
+    overrides) absl's FlagValues `fv` reads with ml_collections' config_flags; UsageError in one
+    line for an unparsable flag, an override naming no key, or a config file that cannot load."""
+    from absl import flags
+    from ml_collections import config_flags
+    try:
+        # config_flags reads the overrides from sys_argv as soon as the flag is defined.
+        holder = config_flags.DEFINE_config_file(
+            "config", path, "experiment config file", flag_values=fv, lock_config=True,
+            sys_argv=[prog] + list(argv))
+        rest = fv([prog] + list(argv))
+        return holder.value, rest
+    except flags.Error as e:
+        raise UsageError(f"{str(e).splitlines()[0]} (see --help).") from None
+    except (AttributeError, KeyError):
+        try:
+            config = load_config(path)
+        except Exception as e:  # noqa: BLE001: the config file itself is broken
+            raise UsageError(f"cannot load the config file {path}: {type(e).__name__}: {e}") \
+                from None
+        raise UsageError(unknown_override(argv, config, path)) from None
+    except (IOError, SyntaxError, ImportError) as e:
+        raise UsageError(f"cannot load the config file {path}: {str(e).splitlines()[-1]}") from None
+

@@ -28,55 +28,36 @@ import numpy as np
 
 from t2i_jax import files
 from t2i_jax.errors import ArgumentParser, Boundary, UsageError
+from t2i_jax.models.weights import from_flax_layout, write_safetensors
 
 PROG = "python -m t2i_jax.export"
-UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+UNET_STEM = "diffusion_pytorch_model"
+UNET_WEIGHTS = UNET_STEM + ".safetensors"
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def from_flax_layout(a: np.ndarray, transform: str) -> np.ndarray:
-    """The inverse of models.weights.to_flax_layout: Flax's layout back to the publisher's."""
-    if transform == "none":
-        return a
-    if transform == "transpose":
-        return a.T
-    if transform == "conv":   # [kh, kw, I, O] -> [O, I, kh, kw]
-        return np.transpose(a, (3, 2, 0, 1))
-    raise ValueError(f"unknown transform {transform!r}.")
-
-
 def unet_tensors(unet_cfg, params, dtype: str = "float32") -> dict:
-    """{diffusers name: torch-layout array} of a ported UNet's {"params": ...}."""
+    """{diffusers name: torch-layout array of `dtype`} of a ported UNet's {"params": ...}."""
     import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
     from t2i_jax.models.unet2d_condition import param_map
-    flat = {"/".join(str(k.key) for k in path[1:]): np.asarray(jax.device_get(leaf))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = traverse_util.flatten_dict(jax.device_get(params["params"]), sep="/")
     pmap = param_map(unet_cfg)
     missing = sorted(set(pmap) - set(flat))
     if missing or len(flat) != len(pmap):
         raise ValueError(f"the parameters do not fit the folder's UNet: missing {missing[:3]}, "
                          f"{len(flat)} leaves for {len(pmap)} tensors.")
-    target = np.dtype(dtype) if dtype != "bfloat16" else None
-    out = {}
-    for path, (names, _, transform) in pmap.items():
-        a = np.ascontiguousarray(from_flax_layout(flat[path].astype(np.float32), transform))
-        if target is not None:
-            a = a.astype(target)
-        else:
-            import ml_dtypes
-            a = a.astype(ml_dtypes.bfloat16)
-        out[names[0]] = a
-    return out
+    target = jnp.dtype(dtype)
+    return {names[0]: from_flax_layout(np.asarray(flat[path], np.float32), transform).astype(target)
+            for path, (names, _, transform) in pmap.items()}
 
 
 def write_unet(directory: str, unet_cfg, params, base_unet_dir: str, dtype: str) -> None:
     """unet/: the base's config.json, the parameters as diffusion_pytorch_model.safetensors."""
-    from safetensors.numpy import save
     os.makedirs(directory, exist_ok=True)
     shutil.copy2(os.path.join(base_unet_dir, "config.json"), os.path.join(directory, "config.json"))
-    tensors = unet_tensors(unet_cfg, params, dtype)
-    with files.atomic_open(os.path.join(directory, UNET_WEIGHTS), "wb") as f:
-        f.write(save(tensors, metadata={"format": "pt"}))
+    write_safetensors(directory, unet_tensors(unet_cfg, params, dtype), stem=UNET_STEM)
 
 
 def export(workdir: str, out: str, *, full: Optional[bool] = None, step: Optional[int] = None,

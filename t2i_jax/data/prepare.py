@@ -29,8 +29,7 @@ def parse(argv: list):
     """(config, workers, process_index, process_count, progress) from the command line;
     UsageError (one line) where it is wrong."""
     from absl import flags
-    from ml_collections import config_flags
-    from t2i_jax.config_utils import load_config, unknown_override
+    from t2i_jax.config_utils import config_from_flags
     from t2i_jax.errors import UsageError
     fv = flags.FlagValues()
     flags.DEFINE_integer("workers", 1, "local processes decoding images (imagefolder, webdataset)",
@@ -52,18 +51,7 @@ def parse(argv: list):
                          "(e.g. --config configs/sd_finetune.py --config.data.path=DIR).")
     if not os.path.isfile(path):
         raise UsageError(f"no config file {path}; pass --config configs/NAME.py.")
-    try:
-        holder = config_flags.DEFINE_config_file(
-            "config", path, "experiment config file", flag_values=fv, lock_config=True,
-            sys_argv=["prepare"] + list(argv))
-        rest = fv(["prepare"] + list(argv))
-        config = holder.value
-    except flags.Error as e:
-        raise UsageError(f"{str(e).splitlines()[0]} (see --help).") from None
-    except (AttributeError, KeyError):
-        raise UsageError(unknown_override(argv, load_config(path), path)) from None
-    except (IOError, SyntaxError, ImportError) as e:
-        raise UsageError(f"cannot load the config file {path}: {str(e).splitlines()[-1]}") from None
+    config, rest = config_from_flags(fv, argv, path, "prepare")
     if len(rest) > 1:
         raise UsageError(f"unexpected arguments {rest[1:]}; options look like --workers=4.")
     if fv["workers"].value < 1:

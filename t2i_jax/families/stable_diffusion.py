@@ -47,13 +47,7 @@ from t2i_jax.errors import UsageError
 from t2i_jax.families.diffusion import Diffusion, LossConfig
 from t2i_jax.families.frozen_text import FrozenText, TextEncoderConfig
 from t2i_jax.families.latent import LatentDiffusion
-
-
-
-def _lora():
-    from t2i_jax.models import lora
-    return lora
-
+from t2i_jax.models import lora as lora_lib
 
 _POSTERIOR = 8   # stream of the step's key: z ~ q(z | x) (as the latent diffusion family)
 FLAG = "config.model.pretrained"
@@ -202,7 +196,7 @@ class StableDiffusion(Diffusion):
         lora = lora_config(tr.get("lora", None))
         if lora is not None:  # refused now, naming the targets, if they match no layer
             try:
-                _lora().targets_of(folder.unet[1], lora, base.unet_param_map)
+                lora_lib.targets_of(folder.unet[1], lora, base.unet_param_map)
             except ValueError as e:
                 raise UsageError(f"config.train.lora.targets: {e}") from None
         sample = dict(base.config.sample)
@@ -238,10 +232,9 @@ class StableDiffusion(Diffusion):
     def init_params(self, key):
         """The trained parameters' initial values: the folder's UNet (float32 master weights),
         or LoRA's factors (A random, B = 0: the base model exactly)."""
-        base = self.folder.unet[1]
         if self.lora is not None:
-            return _lora().init_factors(key, base, self.lora, self.unet_param_map)
-        return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), base)
+            return lora_lib.init_factors(key, self.folder.unet[1], self.lora, self.unet_param_map)
+        return self.pretrained_params()
 
     def pretrained_params(self):
         """The initial parameters read from the folder (the loop places them rather than compile
@@ -266,7 +259,7 @@ class StableDiffusion(Diffusion):
         """The UNet's parameters from the trained ones (LoRA: W + (alpha / r) A B)."""
         if self.lora is None:
             return params
-        return _lora().merge(base, params, self.lora.scale)
+        return lora_lib.merge(base, params, self.lora.scale)
 
     def sampling_params(self, params):
         """What the sampling chain reads from a checkpoint's parameters: LoRA's factors merged
@@ -274,8 +267,13 @@ class StableDiffusion(Diffusion):
         per step); a full fine-tune's as they are."""
         if self.lora is None:
             return params
-        return jax.jit(lambda b, p: _lora().merge(b, p, self.lora.scale))(
-            self.folder.unet[1], params)
+        return self.merged(params, self.lora.scale)
+
+    def merged(self, factors, scale: float):
+        """The folder's UNet with LoRA factors merged in at `scale` (one program per family:
+        every training grid and load reuses it, the scale traced)."""
+        merge = self.program("lora_merge", lambda: jax.jit(lora_lib.merge))
+        return merge(self.folder.unet[1], factors, jnp.float32(scale))
 
     def with_lora_file(self, path: str, scale: float = 1.0):
         """The folder's UNet parameters with a LoRA file merged in (sample.py --lora): its
@@ -289,8 +287,7 @@ class StableDiffusion(Diffusion):
         self.lora_file = dict(file=os.path.abspath(path), sha256=sha, rank=cfg.rank,
                               alpha=float(cfg.alpha if cfg.alpha is not None else cfg.rank),
                               scale=float(scale))
-        return jax.jit(lambda b, p: _lora().merge(b, p, cfg.scale * scale))(
-            self.folder.unet[1], factors)
+        return self.merged(factors, cfg.scale * scale)
 
     def posterior_moments(self, vae_params, images):
         """(mean, logvar) [B, h, w, c] of the VAE's q(z | x) for images [B, H, W, 3] in [-1, 1]."""
@@ -345,7 +342,7 @@ def lora_config(section):
         section.pop("alpha", None)
     if "targets" in section:
         section["targets"] = tuple(section["targets"])
-    return _lora().LoraConfig.from_config(section)
+    return lora_lib.LoraConfig.from_config(section)
 
 
 def _pretrained_dir(config) -> str:

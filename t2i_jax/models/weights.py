@@ -91,9 +91,22 @@ def params_from_tensors(pmap: ParamMap, tensors: Dict[str, np.ndarray]) -> dict:
     return {"params": _nest(flat)}
 
 
-def write_safetensors(directory: str, tensors: Dict[str, np.ndarray], shards: int = 1) -> None:
+def from_flax_layout(a: np.ndarray, transform: str) -> np.ndarray:
+    """The inverse of to_flax_layout: a Flax parameter back in the publisher's layout."""
+    if transform == "none":
+        return a
+    if transform == "transpose":
+        return a.T
+    if transform == "conv":  # [kh, kw, I, O] -> [O, I, kh, kw]
+        return np.transpose(a, (3, 2, 0, 1))
+    raise ValueError(f"unknown transform {transform!r}; one of {TRANSFORMS}.")
+
+
+def write_safetensors(directory: str, tensors: Dict[str, np.ndarray], shards: int = 1,
+                      stem: str = "model") -> None:
     """Writes tensors as the publisher does: `model.safetensors`, or with shards > 1
-    `model-0000i-of-0000N.safetensors` and `model.safetensors.index.json` (its weight_map)."""
+    `model-0000i-of-0000N.safetensors` and `model.safetensors.index.json` (its weight_map);
+    stem: the file names' ("diffusion_pytorch_model" in a diffusers folder)."""
     from safetensors.numpy import save
 
     def write(file, part):  # atomically, with the usual file mode (not safetensors' 0600)
@@ -103,16 +116,16 @@ def write_safetensors(directory: str, tensors: Dict[str, np.ndarray], shards: in
     os.makedirs(directory, exist_ok=True)
     names = sorted(tensors)
     if shards <= 1:
-        write("model.safetensors", {n: np.ascontiguousarray(tensors[n]) for n in names})
+        write(f"{stem}.safetensors", {n: np.ascontiguousarray(tensors[n]) for n in names})
         return
     weight_map, total = {}, 0
     for s in range(shards):
-        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        file = f"{stem}-{s + 1:05d}-of-{shards:05d}.safetensors"
         part = {n: np.ascontiguousarray(tensors[n]) for n in names[s::shards]}
         write(file, part)
         weight_map.update({n: file for n in part})
         total += sum(a.nbytes for a in part.values())
-    with files.atomic_open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    with files.atomic_open(os.path.join(directory, f"{stem}.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
