@@ -96,18 +96,26 @@ def _get(d: dict, dotted: str):
 
 # Model options added after checkpoints existed, at the value those checkpoints meant: a
 # section holding one at this value compares equal to one written before the option existed.
-LATER_OPTIONS = {"model": {"inpaint": False}, "diffusion": {"learn_sigma": False, "lambda_vlb": 0.001}}
+LATER_OPTIONS = {"model": {"inpaint": False, "backbone": "unet"},
+                 "diffusion": {"learn_sigma": False, "lambda_vlb": 0.001, "process": "vp",
+                               "flow_time": "logit_normal", "flow_logit_mean": 0.0,
+                               "flow_logit_std": 1.0, "shift": 1.0}}
 
 
 def _section(config: dict, key: str):
     """config[key], without the options of LATER_OPTIONS at their old meaning, and (model) without
-    a text_encoder section of kind "trained" (the jointly trained encoder, as before it existed)."""
+    a text_encoder section of kind "trained" (the jointly trained encoder, as before it existed)
+    or the options of the backbone it does not use (model.backbone: "unet" or "dit")."""
     section = _get(config, key) if isinstance(config, dict) else None
     if not isinstance(section, dict):
         return section
     defaults = dict(LATER_OPTIONS.get(key, {}))
     if key == "model" and (section.get("text_encoder") or {}).get("kind") == "trained":
         defaults["text_encoder"] = section["text_encoder"]
+    if key == "model" and section.get("backbone", "unet") == "unet" and "dit" in section:
+        defaults["dit"] = section["dit"]  # a UNet model's unused DiT options (and the reverse)
+    if key == "model" and section.get("backbone") == "dit" and "unet" in section:
+        defaults["unet"] = section["unet"]
     return {k: v for k, v in section.items() if not (k in defaults and v == defaults[k])}
 
 

@@ -148,7 +148,7 @@ def _call(**overrides):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(sampler="heun"), r"unknown sampler 'heun'; choose one of \('ddpm', 'ddim', 'dpmpp_2m', 'euler', 'euler_a', 'pndm'\)"),
+    (dict(sampler="lms"), r"unknown sampler 'lms'; choose one of \('ddpm', 'ddim', 'dpmpp_2m', 'euler', 'euler_a', 'heun', 'pndm'\)"),
     (dict(num_steps=0), r"num_steps must be an int in 1..T = 1..1000, got 0"),
     (dict(num_steps=1001), r"num_steps must be an int in 1..T = 1..1000, got 1001"),
     (dict(eta=-0.5, rng=jax.random.key(0)), r"eta must be >= 0"),

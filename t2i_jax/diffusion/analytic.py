@@ -99,8 +99,23 @@ class GaussianMixture:
 
 
 def _flat_alpha(schedule: Schedule, x_t, t):
+    """x_t flattened [B, D], abar [B] and 1 - abar [B] at t (fractional t: Schedule.at)."""
     flat = x_t.reshape(x_t.shape[0], -1)
-    return flat, schedule.alphas_cumprod[t], jnp.square(schedule.sqrt_one_minus_alphas_cumprod[t])
+    return (flat, schedule.at("alphas_cumprod", t, 1),
+            jnp.square(schedule.at("sqrt_one_minus_alphas_cumprod", t, 1)))
+
+
+def flow_fn(mixture: GaussianMixture, schedule: Schedule):
+    """Returns denoise_fn(x_tau [B, ...], t [B], label) -> the exact flow-matching velocity
+    u* = E[eps - x0 | x_tau] at the flow path's point x_tau = (1 - tau) x0 + tau eps, the
+    x_t / n of the VP variables (forward.model_input): finite for every tau in [0, 1]."""
+    def denoise(x_tau, t, label):
+        flat, ab, om = _flat_alpha(schedule, x_tau, t)
+        x_t = flat * (jnp.sqrt(ab) + jnp.sqrt(om))[:, None]  # back to the VP variables
+        score, x0_mean = mixture.denoise(x_t, ab, om, label)
+        eps = -jnp.sqrt(om)[:, None] * score
+        return (eps - x0_mean).reshape(x_tau.shape)
+    return denoise
 
 
 def eps_fn(mixture: GaussianMixture, schedule: Schedule):

@@ -3,6 +3,11 @@
 x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps                          (DDPM eq. 4)
 v   = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0                           (Salimans & Ho 2022)
 
+A "flow" model (flow matching, diffusion/flow.py) predicts u = eps - x_0 from the path's own
+point (1 - tau) x_0 + tau eps = x_t / n, n = sqrt(abar) + sqrt(1 - abar), tau = sqrt(1 - abar) / n:
+`model_input` scales x_t to it, and `eps_and_x0` reads (eps_hat, x0_hat) back, so every sampler
+and guide, written on (eps_hat, x0_hat) at abar, runs a flow model unchanged.
+
 Conversions take `alpha_bar` as an array broadcastable against x ([B, 1, ..., 1]), not t, so
 samplers can use them at any point of a respaced chain, including abar = 1 after the last step.
 """
@@ -14,7 +19,7 @@ import jax.numpy as jnp
 
 from t2i_jax.diffusion.schedules import Schedule
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v", "flow")
 
 
 def check_timesteps(x: jax.Array, t: jax.Array, name: str = "x") -> None:
@@ -80,14 +85,33 @@ def eps_from_v(x_t, v, alpha_bar):
     return jnp.sqrt(1.0 - alpha_bar) * x_t + jnp.sqrt(alpha_bar) * v
 
 
+def flow_scale(alpha_bar):
+    """Returns (1 / n, tau): the flow path's point is x_t / n, n = sqrt(abar) + sqrt(1 - abar),
+    at flow time tau = sqrt(1 - abar) / n (1 at zero SNR, 0 at the data)."""
+    a, b = jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
+    return 1.0 / (a + b), b / (a + b)
+
+
+def model_input(x_t, alpha_bar, prediction: str):
+    """What the network reads for x_t at abar: x_t itself, or a flow model's point x_t / n."""
+    if prediction != "flow":
+        return x_t
+    return x_t * flow_scale(alpha_bar)[0].astype(x_t.dtype)
+
+
 def check_prediction(prediction: str) -> None:
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction type {prediction!r}; choose one of {PREDICTIONS}.")
 
 
 def eps_and_x0(output: jax.Array, x_t: jax.Array, alpha_bar: jax.Array, prediction: str):
-    """Returns (eps_hat, x0_hat) from a model output that predicts `prediction` (eps, x0 or v)."""
+    """Returns (eps_hat, x0_hat) from a model output that predicts `prediction` (eps, x0, v, or
+    flow's u = eps - x0 at the point x = x_t / n: eps = x + (1 - tau) u, x0 = x - tau u)."""
     check_prediction(prediction)
+    if prediction == "flow":
+        inv_n, tau = flow_scale(alpha_bar)
+        x = x_t * inv_n
+        return x + (1.0 - tau) * output, x - tau * output
     if prediction == "eps":
         return output, x0_from_eps(x_t, output, alpha_bar)
     if prediction == "x0":
@@ -102,4 +126,6 @@ def prediction_target(x0: jax.Array, eps: jax.Array, alpha_bar: jax.Array, predi
         return eps
     if prediction == "x0":
         return x0
+    if prediction == "flow":
+        return eps - x0
     return v_from_x0_eps(x0, eps, alpha_bar)

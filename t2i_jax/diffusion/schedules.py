@@ -8,6 +8,7 @@ alpha_t = 1 - beta_t, alphas_cumprod[t] = abar_t = prod_{s <= t} alpha_s.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-SCHEDULE_KINDS = ("linear", "cosine", "sigmoid")
+SCHEDULE_KINDS = ("linear", "cosine", "sigmoid", "flow")
 
 MAX_BETA = 0.999  # Improved DDPM clips betas here to avoid a singularity at t = T.
 
@@ -41,6 +42,15 @@ class Schedule:
     posterior_mean_coef2: jax.Array  # multiplies x_t
     num_timesteps: int = struct.field(pytree_node=False)
     zero_terminal_snr: bool = struct.field(pytree_node=False)  # abar_{T-1} == 0 exactly
+    # "flow": the linear path of flow matching (diffusion/flow.py), timestep t at flow time
+    # tau = (t + 1) / T, read in closed form between timesteps; "vp": a beta schedule
+    process: str = struct.field(pytree_node=False, default="vp")
+
+    def time(self, t: jax.Array) -> jax.Array:
+        """The chain's time in [0, 1] of timestep t (1: pure noise): flow's tau = (t + 1) / T,
+        t / T for a VP schedule (the guidance interval's t)."""
+        offset = 1.0 if self.process == "flow" else 0.0
+        return (jnp.asarray(t, jnp.float32) + offset) / self.num_timesteps
 
     def at(self, name: str, t: jax.Array, ndim: int) -> jax.Array:
         """Returns field `name` gathered at t [B], reshaped to [B, 1, ..., 1] (ndim axes).
@@ -51,7 +61,9 @@ class Schedule:
         sigma^2); only the fields of abar (alphas_cumprod, their square roots, log_snr) have
         such a reading."""
         t = jnp.asarray(t)
-        if jnp.issubdtype(t.dtype, jnp.floating):
+        if jnp.issubdtype(t.dtype, jnp.floating) and self.process == "flow":
+            values = flow_field(name, (t + 1.0) / self.num_timesteps)
+        elif jnp.issubdtype(t.dtype, jnp.floating):
             values = self._between(name, t)
         else:
             values = getattr(self, name)[t]  # [B]
@@ -76,6 +88,31 @@ class Schedule:
             return jnp.where(whole, self.log_snr[lo], -2.0 * jnp.log(sigma))
         raise ValueError(f"the schedule's {name} has no value between timesteps (t = {t}); "
                          "only alphas_cumprod, its square roots and log_snr do.")
+
+
+def flow_field(name: str, tau: jax.Array) -> jax.Array:
+    """Field `name` of the flow path x = (1 - tau) x0 + tau eps seen as a VP process, at flow
+    time tau [B] in [0, 1]: with n = sqrt((1 - tau)^2 + tau^2), x / n = sqrt(abar) x0 +
+    sqrt(1 - abar) eps, sqrt(abar) = (1 - tau) / n, sqrt(1 - abar) = tau / n (closed form)."""
+    tau = jnp.asarray(tau, jnp.float32)
+    a, b = 1.0 - tau, tau
+    n2 = jnp.square(a) + jnp.square(b)
+    if name == "alphas_cumprod":
+        return jnp.square(a) / n2
+    if name == "sqrt_alphas_cumprod":
+        return a * jax.lax.rsqrt(n2)
+    if name == "sqrt_one_minus_alphas_cumprod":
+        return b * jax.lax.rsqrt(n2)
+    if name == "log_snr":
+        return 2.0 * (jnp.log(a) - jnp.log(b))
+    raise ValueError(f"the flow schedule's {name} has no value between timesteps; only "
+                     "alphas_cumprod, its square roots and log_snr do.")
+
+
+def flow_alpha_bar(tau: np.ndarray) -> np.ndarray:
+    """abar(tau) = (1 - tau)^2 / ((1 - tau)^2 + tau^2) of the flow path (float64, NumPy)."""
+    tau = np.asarray(tau, np.float64)
+    return (1.0 - tau) ** 2 / ((1.0 - tau) ** 2 + tau ** 2)
 
 
 def schedule_from_betas(betas: np.ndarray) -> Schedule:
@@ -160,7 +197,8 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 
 def make_schedule(kind: str, num_timesteps: int, *, zero_terminal_snr: bool = False,
                   **kwargs) -> Schedule:
-    """Returns the Schedule named `kind` ("linear", "cosine" or "sigmoid") with T = num_timesteps.
+    """Returns the Schedule named `kind` ("linear", "cosine", "sigmoid", or "flow": flow matching's
+    linear path at tau = (t + 1) / T, t = 0..T-1) with T = num_timesteps.
 
     kwargs go to the schedule's alpha_bar function (cosine: offset; sigmoid: start, end, tau).
     zero_terminal_snr: rescale so that abar_{T-1} = 0 (Lin et al. 2023); use it with a v- or
@@ -170,6 +208,15 @@ def make_schedule(kind: str, num_timesteps: int, *, zero_terminal_snr: bool = Fa
         raise ValueError(f"unknown schedule kind {kind!r}; choose one of {SCHEDULE_KINDS}.")
     if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}.")
+    if kind == "flow":
+        if kwargs or zero_terminal_snr:
+            raise ValueError("the flow schedule takes no options: its path reaches pure noise at "
+                             "tau = 1 (zero terminal SNR) by construction.")
+        tau = np.arange(1, num_timesteps + 1, dtype=np.float64) / num_timesteps
+        abar = flow_alpha_bar(tau)
+        betas = 1.0 - abar / np.append(1.0, abar[:-1])
+        betas[-1] = 1.0
+        return dataclasses.replace(schedule_from_betas(betas), process="flow")
     if kind == "linear":
         if kwargs:
             raise ValueError(f"the linear schedule takes no options, got {sorted(kwargs)}.")

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t2i_jax.diffusion import flow
 from t2i_jax.diffusion.schedules import Schedule
 
 SPACINGS = ("trailing", "leading", "linspace")
@@ -69,13 +70,47 @@ class Steps(NamedTuple):
 
 
 def steps_of(schedule: Schedule, num_steps: int, spacing: str = "trailing",
-             prediction: str = "eps", sampler: str = "ddim") -> Steps:
+             prediction: str = "eps", sampler: str = "ddim", shift: float = 1.0) -> Steps:
     """The project's own chain: the visited timesteps of `check_chain`, each step to the next
-    visited one, the last to the data (PLMS: `plms_steps` of them)."""
+    visited one, the last to the data (PLMS: `plms_steps` of them; Heun: `heun_steps`). On a
+    flow Schedule, the flow times flow.time_grid(num_steps, shift) at t = tau T - 1 (float32;
+    `spacing` is a VP chain's)."""
+    if schedule.process == "flow":
+        return _flow_steps(schedule.num_timesteps, num_steps, shift, sampler)
+    if shift != 1.0:
+        raise ValueError("a time shift is flow matching's (diffusion.process='flow'); this is a "
+                         "VP model: leave the shift at 1.")
     ts = check_chain(schedule, num_steps, spacing, prediction)
     if sampler == "pndm":
         return plms_steps(ts, np.append(ts[1:], -1))
+    if sampler == "heun":
+        return heun_steps(ts, np.append(ts[1:], -1).astype(np.int32))
     return Steps(ts, np.append(ts[1:], -1).astype(np.int32))
+
+
+def _flow_steps(num_timesteps: int, num_steps: int, shift: float, sampler: str) -> Steps:
+    if not shift > 0:
+        raise ValueError(f"the flow time shift must be > 0 (1: none; SD3 uses 3.0), got {shift}.")
+    if sampler == "pndm":
+        raise ValueError("PLMS (--sampler pndm) is written for a VP model's discrete timesteps; "
+                         "a flow model samples with euler, heun, ddim, dpmpp_2m, ddpm or euler_a.")
+    tau = flow.time_grid(num_steps, shift)
+    t = (tau * num_timesteps - 1.0).astype(np.float32)  # [N]
+    s = np.append(t[1:], -1.0).astype(np.float32)
+    return heun_steps(t, s) if sampler == "heun" else Steps(t, s)
+
+
+def heun_steps(ts: np.ndarray, s: np.ndarray, final_alpha_bar: float = 1.0) -> Steps:
+    """Heun's calls for steps ts[k] -> s[k] (Karras et al. 2022, Alg. 1): two per step, the
+    model at ts[k] (Euler's predictor) then at s[k] (the corrector), both moving x from ts[k];
+    the last step, to the data (s = -1), is Euler's alone: 2N - 1 calls."""
+    ts, s = np.asarray(ts), np.asarray(s)
+    inner = s[:-1] if s[-1] < 0 else s
+    t = np.empty(len(ts) + len(inner), ts.dtype)
+    t[0::2], t[1::2] = ts, inner
+    starts = np.repeat(ts, 2)[:len(t)]
+    to = np.repeat(s, 2)[:len(t)]
+    return Steps(t, to.astype(ts.dtype), final_alpha_bar, 1.0, starts)
 
 
 def plms_steps(ts: np.ndarray, s: np.ndarray, final_alpha_bar: float = 1.0,
@@ -99,8 +134,9 @@ def truncated(steps: Steps, n: int) -> Steps:
     the chain from t_0 = steps.t[-n] on an image noised to it; diffusers' img2img runs the last
     int(S * strength) of its S steps): no x_T scale, the start is not pure noise."""
     if steps.t_from is not None:
-        raise ValueError("img2img starts a chain part-way, which PLMS's warm-up pair at its "
-                         "first step does not allow: use --sampler ddim, dpmpp_2m or euler.")
+        raise ValueError("img2img starts a chain part-way, which the paired calls of PLMS's "
+                         "warm-up and of Heun's steps do not allow: use --sampler ddim, "
+                         "dpmpp_2m or euler.")
     if not 1 <= n <= len(steps.t):
         raise ValueError(f"cannot keep {n} of {len(steps.t)} steps.")
     k = len(steps.t) - n
@@ -114,8 +150,9 @@ def check_steps(schedule: Schedule, steps: Steps, prediction: str = "eps") -> St
     if t.ndim != 1 or t.shape != s.shape or t.shape != t_from.shape or t.size < 1:
         raise ValueError(f"steps.t, steps.s (and t_from) must be 1-D of one length, got "
                          f"{t.shape}, {s.shape}, {t_from.shape}.")
-    if np.any(t < 0) or np.any(t_from >= T) or np.any(t >= T) or np.any(s < -1) \
-            or np.any(s >= t_from):
+    low = -1 if schedule.process == "flow" else 0  # flow: t in (-1, T-1], tau in (0, 1]
+    if np.any(t <= low - 1) or (low == 0 and np.any(t < 0)) or np.any(t_from >= T) \
+            or np.any(t >= T) or np.any(s < -1) or np.any(s >= t_from):
         raise ValueError(f"every step must go from a timestep t in 0..{T - 1} to an earlier s "
                          f"(or -1, the end); got t={t.tolist()}, s={s.tolist()}.")
     if not 0.0 < steps.final_alpha_bar <= 1.0:
@@ -187,8 +224,9 @@ def step_coefficients(schedule: Schedule, ts: jax.Array, s: Optional[jax.Array] 
 
 
 def _between_coefficients(schedule: Schedule, ts, s, final_alpha_bar: float) -> StepCoefficients:
-    """step_coefficients at fractional timesteps (read between timesteps: Schedule.at)."""
-    last = s < 0
+    """step_coefficients at fractional timesteps (read between timesteps: Schedule.at; a flow
+    Schedule's in closed form, where t in (-1, 0) is a time before its first timestep)."""
+    last = s <= -1
     s_at = jnp.maximum(s, 0.0)
     ab = lambda t: schedule.at("alphas_cumprod", t, 1)  # noqa: E731
     om = lambda t: jnp.square(schedule.at("sqrt_one_minus_alphas_cumprod", t, 1))  # noqa: E731

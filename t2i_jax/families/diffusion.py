@@ -2,7 +2,7 @@
 draws, with classifier-free guidance's condition dropout (Ho et al. 2020; Ho & Salimans 2022).
 
 Its condition is text, a class label or nothing (`config.model`: text=None and
-unet.num_classes=None make an unconditional model, as ADM and SDG guide). Text goes through the
+model.<backbone>.num_classes=None make an unconditional model, as ADM and SDG guide). Text goes through the
 byte-level encoder trained with the UNet (GLIDE), or a frozen pretrained T5 or CLIP
 (`config.model.text_encoder`, families/frozen_text.py: Imagen, Stable Diffusion).
 
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from t2i_jax import conditioning
 from t2i_jax.conditioning import Condition, Conditioning
-from t2i_jax.diffusion import forward, inpainting, losses, make_schedule, samplers, vlb
+from t2i_jax.diffusion import flow, forward, inpainting, losses, make_schedule, samplers, vlb
 from t2i_jax.diffusion.schedules import Schedule
 from t2i_jax.families.base import (PIXEL_THRESHOLDS, Family, image_shape, quarter_means,
                                    thresholding_refusal)
@@ -50,10 +50,53 @@ class LossConfig:
     lambda_vlb: float = vlb.LAMBDA_VLB
 
 
+PROCESSES = ("vp", "flow")
+
+
 def schedule_of(config) -> Schedule:
-    """The diffusion schedule of `config.diffusion` (shared with the guides trained for it)."""
+    """The diffusion schedule of `config.diffusion` (shared with the guides trained for it):
+    the flow path's (diffusion.process="flow"), or a VP beta schedule."""
     d = config.diffusion
+    if d.get("process", "vp") == "flow":
+        return make_schedule("flow", d.num_timesteps)
     return make_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowConfig:
+    """Flow matching's training time (diffusion/flow.py): sampling, logit-normal's mean and
+    std, and the time shift (training and sampling)."""
+    time: str = "logit_normal"
+    mean: float = 0.0
+    std: float = 1.0
+    shift: float = 1.0
+
+    @classmethod
+    def from_config(cls, d) -> "FlowConfig | None":
+        process = d.get("process", "vp")
+        if process not in PROCESSES:
+            raise ValueError(f"unknown diffusion.process {process!r}; choose one of {PROCESSES}.")
+        shift = float(d.get("shift", 1.0))
+        if process != "flow":
+            if shift != 1.0:
+                raise ValueError(f"diffusion.shift={shift:g} is flow matching's time shift: set "
+                                 "diffusion.process='flow', or leave the shift at 1.")
+            return None
+        cfg = cls(d.get("flow_time", "logit_normal"), float(d.get("flow_logit_mean", 0.0)),
+                  float(d.get("flow_logit_std", 1.0)), shift)
+        if cfg.time not in flow.TIME_SAMPLINGS:
+            raise ValueError(f"unknown diffusion.flow_time {cfg.time!r}; choose one of "
+                             f"{flow.TIME_SAMPLINGS}.")
+        if not (cfg.std > 0 and cfg.shift > 0):
+            raise ValueError(f"diffusion.flow_logit_std ({cfg.std:g}) and diffusion.shift "
+                             f"({cfg.shift:g}) must be > 0.")
+        if d.get("learn_sigma", False):
+            raise ValueError("diffusion.learn_sigma is IDDPM's variance of a VP chain; a flow "
+                             "model's sampler is an ODE: drop one of the two.")
+        if d.get("prediction", "eps") not in ("eps", "flow"):
+            raise ValueError(f"diffusion.prediction={d.prediction!r} is a VP model's target; flow "
+                             "matching predicts u = eps - x0: leave diffusion.prediction unset.")
+        return cfg
 
 
 def conditioning_of(model_cfg: ModelConfig, data_cfg, tokenizer=None) -> Conditioning:
@@ -64,10 +107,10 @@ def conditioning_of(model_cfg: ModelConfig, data_cfg, tokenizer=None) -> Conditi
         if tokenizer is not None:
             return Conditioning("text", tokenizer=tokenizer, dataset=data_cfg.name)
         return Conditioning("text", max_length=model_cfg.text.max_length, dataset=data_cfg.name)
-    if model_cfg.unet.num_classes is not None:
+    if model_cfg.num_classes is not None:
         names = tuple(data_lib.class_names(data_cfg) or ())
-        if names and len(names) != model_cfg.unet.num_classes:
-            raise ValueError(f"model.unet.num_classes={model_cfg.unet.num_classes} but "
+        if names and len(names) != model_cfg.num_classes:
+            raise ValueError(f"model.{model_cfg.backbone}.num_classes={model_cfg.num_classes} but "
                              f"{data_cfg.name} has {len(names)} classes.")
         return Conditioning("label", class_names=names, dataset=data_cfg.name)
     return Conditioning("none", dataset=data_cfg.name)
@@ -79,6 +122,7 @@ class Diffusion(Family):
     schedule: Schedule = None
     loss_cfg: LossConfig = None
     frozen_text: FrozenText = None  # a frozen pretrained text encoder (None: trained or none)
+    flow_cfg: FlowConfig = None     # flow matching's (diffusion.process="flow"); None: VP
 
     name = "diffusion"
     generates = True
@@ -106,14 +150,20 @@ class Diffusion(Family):
                              "diffusion.zero_terminal_snr an eps model's x0_hat at t = T-1 is "
                              "eps / sqrt(alpha_bar) = inf: use diffusion.prediction='v' (or 'x0'), "
                              "or drop zero_terminal_snr.")
-        loss_cfg = LossConfig(prediction=d.prediction, weighting=t.loss_weighting,
+        flow_cfg = FlowConfig.from_config(d)
+        if flow_cfg is not None and t.loss_weighting != "uniform":
+            raise ValueError(f"train.loss_weighting={t.loss_weighting!r} weighs a VP model's "
+                             "timesteps by SNR; flow matching's time density is diffusion."
+                             "flow_time: use loss_weighting='uniform'.")
+        loss_cfg = LossConfig(prediction="flow" if flow_cfg else d.prediction,
+                              weighting=t.loss_weighting,
                               min_snr_gamma=t.min_snr_gamma, p_uncond=t.p_uncond,
                               learn_sigma=learn_sigma, lambda_vlb=lambda_vlb)
         want = shape[-1] * (2 if learn_sigma else 1)
-        if model.cfg.unet.out_channels != want:
+        if model.cfg.out_channels != want:
             what = ("data.channels" if shape == image_shape(config) else
                     "the autoencoder's latent channels")
-            raise ValueError(f"model.unet.out_channels={model.cfg.unet.out_channels} must equal "
+            raise ValueError(f"model.{model.cfg.backbone}.out_channels={model.cfg.out_channels} must equal "
                              + (f"2 x {what} = {want} with diffusion.learn_sigma (the "
                                 "prediction, then the variance output v)" if learn_sigma else
                                 f"{what}={shape[-1]}") + ".")
@@ -124,7 +174,7 @@ class Diffusion(Family):
         tokenizer = None if frozen_text is None else frozen_text.tokenizer
         return cls(config=config, conditioning=conditioning_of(model.cfg, config.data, tokenizer),
                    image_shape=shape, model=model, schedule=schedule_of(config),
-                   loss_cfg=loss_cfg, frozen_text=frozen_text)
+                   loss_cfg=loss_cfg, frozen_text=frozen_text, flow_cfg=flow_cfg)
 
     @property
     def prediction(self) -> str:
@@ -194,11 +244,13 @@ class Diffusion(Family):
     def loss(self, params, batch: dict, key: jax.Array, hp: dict):
         x0 = self.diffusion_data(batch, key, hp)                   # [B, H, W, C]
         n, T = x0.shape[0], self.schedule.num_timesteps
-        t = jax.random.randint(jax.random.fold_in(key, _T), (n,), 0, T)
         noise = jax.random.normal(jax.random.fold_in(key, _NOISE), x0.shape, x0.dtype)
-        x_t = forward.q_sample(self.schedule, x0, t, noise)
         cond = self.training_condition(batch, key, hp)
         cond = self.drop(cond, jax.random.fold_in(key, _DROP), hp)
+        if self.flow_cfg is not None:
+            return self.flow_loss(params, x0, noise, cond, key, hp)
+        t = jax.random.randint(jax.random.fold_in(key, _T), (n,), 0, T)
+        x_t = forward.q_sample(self.schedule, x0, t, noise)
         out = self.apply_model(params, x_t, t, cond, jax.random.fold_in(key, _DROPOUT), hp)
         c = self.loss_cfg
         mean_out, v = vlb.split_output(out, c.learn_sigma)  # v: the learned variance's output
@@ -213,12 +265,30 @@ class Diffusion(Family):
             per_example = per_example + vb
         metrics = quarter_means(per_example, t, T, "loss")
         metrics.update(extra)
+        return per_example, self.condition_metrics(metrics, cond)
+
+    def flow_loss(self, params, x0, noise, cond: Condition, key: jax.Array, hp: dict):
+        """Flow matching's loss: |u_hat(x_tau, t) - (eps - x0)|^2 at tau ~ the config's time
+        density, x_tau = (1 - tau) x0 + tau eps, t = tau T - 1 (diffusion/flow.py)."""
+        f, T = self.flow_cfg, self.schedule.num_timesteps
+        tau = flow.sample_time(jax.random.fold_in(key, _T), x0.shape[0], f.time, f.mean, f.std,
+                               f.shift)  # [B]
+        x_tau = flow.interpolate(x0, noise, tau)
+        out = self.apply_model(params, x_tau, flow.model_time(tau, T), cond,
+                               jax.random.fold_in(key, _DROPOUT), hp)
+        per_example = flow.per_example_loss(out, x0, noise)  # [B]
+        quarter = jnp.minimum(jnp.floor(tau * T), T - 1).astype(jnp.int32)
+        return per_example, self.condition_metrics(quarter_means(per_example, quarter, T, "loss"),
+                                                   cond)
+
+    def condition_metrics(self, metrics: dict, cond: Condition) -> dict:
+        """metrics with the fraction of rows CFG's dropout (and unCLIP's) made null."""
         if self.conditioning.guidable:
             metrics["null_fraction"] = jnp.mean(cond.is_null.astype(jnp.float32))
         if cond.embedding is not None:  # an unCLIP decoder's embedding, dropped on its own
             metrics["embedding_null_fraction"] = jnp.mean(
                 jnp.all(cond.embedding == 0, axis=-1).astype(jnp.float32))
-        return per_example, metrics
+        return metrics
 
     def diffusion_data(self, batch: dict, key: jax.Array, hp: dict) -> jax.Array:
         """The x0 the chain is trained on: the batch's images (a latent model's latents)."""
@@ -301,7 +371,8 @@ class Diffusion(Family):
         """The samplers.Steps of a chain with these options (ValueError for one that cannot run:
         a step count outside 1..T, an eps model started at zero SNR)."""
         return samplers.steps_of(self.schedule, options.num_steps, options.spacing,
-                                 self.prediction, options.sampler)
+                                 self.prediction, options.sampler,
+                                 1.0 if self.flow_cfg is None else self.flow_cfg.shift)
 
     def sampling_condition(self, cond: Condition, rng: jax.Array, sample_ids) -> Condition:
         """The Condition the chain sees, from the one a sampling job built (a stage with a
