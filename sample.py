@@ -4,6 +4,8 @@
         --num_per_prompt 16 --guidance 3 --sampler ddim --steps 50 --seed 0 --outdir out/digits
     python sample.py --workdir runs/digits --prompts_file prompts.txt --guidance 0 1 3 \\
         --num_per_prompt 100 --npz --outdir out/sweep          # a sweep over w: one compilation
+    python sample.py --workdir runs/digits --prompt "seven" --guidance 9 --guidance_rescale 0.7 \
+        --guidance_interval 0.1 0.9 --apg --apg_momentum -0.5 --outdir out/apg  # after CFG
 
 Writes OUTDIR/grid.png (rows = prompts; with several w, the rows of w[0] first),
 OUTDIR/images/*.png, OUTDIR/samples.jsonl (one object per image: file, prompt, index, seed,
@@ -58,7 +60,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_a", "pndm")  # samplers.SAMPLERS
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_a", "heun", "pndm")  # samplers.SAMPLERS
 THRESHOLDINGS = ("static", "dynamic", "none")
 
 
@@ -100,6 +102,32 @@ def parse_args(argv):
     p.add_argument("--frozen", action="append", default=[], metavar="RECORDED=DIR",
                    help="a frozen model (autoencoder, CLIP, T5) that moved: its recorded path, "
                         "its new one (the content is checked against the recorded hash)")
+    a = p.add_argument_group("guidance after classifier-free guidance (t2i_jax/diffusion/cfg.py): how "
+                             "stage 0's conditional and null predictions combine; values are "
+                             "traced (a sweep compiles once), and each needs --guidance W != 0")
+    a.add_argument("--guidance_rescale", type=float, default=0.0, metavar="PHI",
+                   help="guidance rescale (Lin et al. 2023, eqs. 15-17) in [0, 1] on the model's "
+                        "CFG prediction: phi x_cfg std(x_pos) / std(x_cfg) + (1 - phi) x_cfg "
+                        "(the paper: 0.7; default 0: off)")
+    a.add_argument("--guidance_interval", nargs=2, type=float, metavar=("LO", "HI"),
+                   help="guidance only where the chain's time (0: data, 1: pure noise) lies in "
+                        "[LO, HI], the conditional prediction alone elsewhere (Kynkaanniemi et "
+                        "al. 2024); default 0 1: every step")
+    a.add_argument("--guidance_interval_sigma", nargs=2, type=float, metavar=("LO", "HI"),
+                   help="the same in the paper's terms: guidance where sigma = sqrt((1 - abar) / "
+                        "abar) lies in (LO, HI] (the paper's SD-XL: 0.28 5.42)")
+    a.add_argument("--apg", action="store_true",
+                   help="adaptive projected guidance (Sadat et al. 2024, Alg. 1) on x0_hat in "
+                        "place of CFG's rule: the update's part parallel to x0(y) weighted by "
+                        "--apg_eta, clipped, with momentum")
+    a.add_argument("--apg_eta", type=float, metavar="ETA",
+                   help="with --apg: the parallel part's weight (default 0, the paper's; 1 with "
+                        "no threshold and no momentum is CFG)")
+    a.add_argument("--apg_norm_threshold", type=float, metavar="R",
+                   help="with --apg: the update's norm clipped to R (default 0: no threshold)")
+    a.add_argument("--apg_momentum", type=float, metavar="BETA",
+                   help="with --apg: running = update + BETA running (default 0: none; the paper "
+                        "uses negative BETA, e.g. -0.5)")
     g = p.add_argument_group("gradient guides (sampling/guides.py): eps~ = eps - sqrt(1 - abar_t) "
                              "* scale * grad_x f(x_t, t), after classifier-free guidance")
     g.add_argument("--classifier", metavar="DIR",
@@ -237,6 +265,8 @@ def main(argv=None, boundary=None) -> int:
               f"{len(spec.guidance)} guidance weight(s), {o.sampler} {o.num_steps} steps"
               + (f", {distributed.process_count()} processes"
                  if distributed.process_count() > 1 else "") + ".", file=sys.stderr)
+        if spec.rule_record():  # stage 0's CFG rule (diffusion/cfg.py)
+            print(f"[t2i_jax] guidance after CFG: {spec.rule_record()}.", file=sys.stderr)
         for k, st in enumerate(plan.stages, start=1):
             so, level = st.options, st.aug_level
             print(f"[t2i_jax] stage {k}: checkpoint {st.trained.step} of {st.trained.workdir}, "

@@ -181,9 +181,9 @@ def test_cli_bad_input_gives_clear_errors(workdir, tmp_path, capsys):
     assert "--steps 5000 is outside 1..1000" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as e:
-        sample_cli.run(["--workdir", workdir, "--prompt", "7", "--sampler", "heun", "--outdir", out])
+        sample_cli.run(["--workdir", workdir, "--prompt", "7", "--sampler", "lms", "--outdir", out])
     assert e.value.code == 2
-    assert "invalid choice: 'heun'" in capsys.readouterr().err
+    assert "invalid choice: 'lms'" in capsys.readouterr().err
 
     with pytest.raises(SystemExit):
         sample_cli.run(["--workdir", workdir, "--outdir", out])

@@ -7,8 +7,15 @@ A denoiser is what the chain calls each step: (x_t [B, ...], t int32 [B]) -> (ep
 or (eps_hat, x0_hat, v) for a learned-variance model (v: its variance output, IDDPM eq. 15),
 which every guide passes on unchanged.
 `model_denoiser` makes one from a network (with CFG's paired call when a null condition is
-given); `gradient_guided` and `thresholded` change one. Scales are traced values: a sweep over
-them reuses one compiled program.
+given, its two rows combined by a rule of diffusion/cfg.py: CFG, guidance rescale, a guidance
+interval, APG); `gradient_guided` and `thresholded` change one. Scales are traced values: a
+sweep over them reuses one compiled program.
+
+A denoiser may carry state across the chain's steps (APG's momentum): it is then a `Stateful`,
+whose init_state(x_T) gives the state (leaves [B, ...], one row per example) and whose
+step(x_t, t, state) returns ((eps_hat, x0_hat[, v]), state); samplers.chain threads it through
+its lax.scan (`initial_state`, `call`). A plain (x_t, t) function is a denoiser with no state, as
+before. A guide written with `map_outputs` wraps either kind.
 
 Guidance weight convention (the CFG paper's): eps~ = (1 + w) eps(x, y) - w eps(x, null).
 w = 0 is plain conditional sampling, w = -1 unconditional. The "guidance scale" s of other
@@ -17,36 +24,18 @@ tools (GLIDE, diffusers' guidance_scale) is s = 1 + w: s = 7.5 there is w = 6.5 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
-from t2i_jax.diffusion import forward
+from t2i_jax.diffusion import cfg, forward
+from t2i_jax.diffusion.cfg import cfg_combine, per_example  # noqa: F401  (their home was here)
 from t2i_jax.diffusion.schedules import Schedule
 
 ThresholdFn = Callable[[jax.Array], jax.Array]
 Denoiser = Callable[[jax.Array, jax.Array], tuple]  # (x_t, t [B]) -> (eps_hat, x0_hat[, v])
-
-
-def per_example(value, x: jax.Array) -> jax.Array:
-    """Returns a scalar or [B] value reshaped to broadcast against x [B, ...] as [B, 1, ..., 1]."""
-    value = jnp.asarray(value, dtype=x.dtype)
-    if value.ndim == 0:
-        return value
-    if value.ndim != 1 or value.shape[0] != x.shape[0]:
-        raise ValueError(f"a per-example value must be a scalar or have shape [B] = [{x.shape[0]}], "
-                         f"got shape {value.shape}.")
-    return value.reshape(value.shape + (1,) * (x.ndim - 1))
-
-
-def cfg_combine(out_cond: jax.Array, out_null: jax.Array, w) -> jax.Array:
-    """Returns (1 + w) out_cond - w out_null (Ho & Salimans 2022, eq. 6); w is [] or [B].
-
-    The combination is linear, so it gives the same eps whether the model predicts eps, x0 or v.
-    """
-    w = per_example(w, out_cond)
-    return out_cond + w * (out_cond - out_null)
 
 
 def classifier_guidance(eps: jax.Array, x_t: jax.Array, t: jax.Array, cond,
@@ -116,37 +105,94 @@ def interleave(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
 
 
+@dataclasses.dataclass(frozen=True)
+class Stateful:
+    """A denoiser that carries state across the chain's steps (APG's momentum): init_state(x_T
+    [B, ...]) -> state (leaves [B, ...], one row per example), step(x_t, t, state) ->
+    ((eps_hat, x0_hat[, v]), new state). samplers.chain threads the state; a guide wraps it
+    with `map_outputs`."""
+    init_state: Callable
+    step: Callable
+
+    def __call__(self, x, t):
+        raise TypeError("this denoiser carries state across the chain's steps (APG's momentum): "
+                        "run it with samplers.chain, which threads the state, or call "
+                        ".step(x_t, t, state); a guide that wraps it must use "
+                        "guidance.map_outputs.")
+
+
+def initial_state(denoiser, x_T: jax.Array):
+    """The state a denoiser carries from x_T [B, ...]: () for a plain (x_t, t) function."""
+    return denoiser.init_state(x_T) if isinstance(denoiser, Stateful) else ()
+
+
+def call(denoiser, x_t: jax.Array, t: jax.Array, state) -> tuple:
+    """((eps_hat, x0_hat[, v]), new state) of one step of any denoiser."""
+    if isinstance(denoiser, Stateful):
+        return denoiser.step(x_t, t, state)
+    return denoiser(x_t, t), state
+
+
+def map_outputs(denoiser, fn: Callable):
+    """The denoiser whose outputs are fn(x_t, t, (eps_hat, x0_hat[, v])): a guide that changes
+    the outputs, written once for plain and Stateful denoisers (the state passes through)."""
+    if isinstance(denoiser, Stateful):
+        def step(x, t, state):
+            out, state = denoiser.step(x, t, state)
+            return fn(x, t, out), state
+        return Stateful(denoiser.init_state, step)
+    return lambda x, t: fn(x, t, denoiser(x, t))
+
+
+def _check_channels(out: jax.Array, c: int, learn_sigma: bool) -> None:
+    if out.shape[-1] != c * (2 if learn_sigma else 1):
+        raise ValueError(f"the model outputs {out.shape[-1]} channels for {c}-channel x_t; "
+                         + (f"a learned variance needs 2 x {c} (the prediction, then v): was "
+                            "it trained with diffusion.learn_sigma?" if learn_sigma else
+                            f"expected {c}; a 2 x {c} output holds a learned variance: pass "
+                            "learn_sigma=True."))
+
+
 def model_denoiser(denoise_fn: Callable, schedule: Schedule, prediction: str, cond: Any = None,
-                   null_cond: Any = None, guidance_weight=0.0, learn_sigma: bool = False) -> Denoiser:
+                   null_cond: Any = None, guidance_weight=0.0, learn_sigma: bool = False,
+                   rule: Any = None) -> Denoiser:
     """The denoiser of a network denoise_fn(x_t [N, ...], t [N], cond) -> output predicting
-    `prediction` (eps, x0 or v). With null_cond (leaves with a leading axis B or 1), classifier-
-    free guidance: ONE call on 2B rows (each sample's conditional and null rows side by side),
-    combined as (1 + w) out(cond) - w out(null), w = guidance_weight ([] or [B]).
+    `prediction` (eps, x0, v or flow; a flow model reads forward.model_input). With null_cond
+    (leaves with a leading axis B or 1), classifier-free guidance: ONE call on 2B rows (each
+    sample's conditional and null rows side by side), combined by `rule` with w =
+    guidance_weight ([] or [B]).
+    rule: diffusion/cfg.py's Rule (None: Rule(), CFG's (1 + w) out(cond) - w out(null) on the
+      model's output), with guidance rescale, a guidance interval or APG, or any object with
+      its protocol; a stateful rule (APG's momentum) makes the denoiser a `Stateful`. Without
+      null_cond there is nothing to combine and the rule is not used.
     learn_sigma: the output's last axis holds 2C channels, the prediction then the variance
-    output v; CFG combines the predictions, and v is the conditional row's (GLIDE)."""
+    output v; the rule combines the predictions, and v is the conditional row's (GLIDE)."""
     forward.check_prediction(prediction)
+    rule = cfg.Rule() if rule is None else rule
     if null_cond is not None:  # loop-invariant: paired once, reused at every step
         paired = jax.tree_util.tree_map(lambda c, n: interleave(c, like(n, c)), cond, null_cond)
 
-    def denoiser(x, t):
+    def step(x, t, state):
         c = x.shape[-1]  # the prediction's channels; a learned variance's v follows them
+        alpha_bar = _at(schedule, "alphas_cumprod", t, x)
+        x_in = forward.model_input(x, alpha_bar, prediction)  # a flow model's own point
         if null_cond is None:
-            out = denoise_fn(x, t, cond)
+            out = denoise_fn(x_in, t, cond)
+            _check_channels(out, c, learn_sigma)
+            eps_x0 = forward.eps_and_x0(out[..., :c].astype(x.dtype), x, alpha_bar, prediction)
         else:
-            out = denoise_fn(interleave(x, x), jnp.repeat(t, 2), paired)
-            out = out.reshape((x.shape[0], 2) + out.shape[1:])
-            out = jnp.concatenate([cfg_combine(out[:, 0, ..., :c], out[:, 1, ..., :c],
-                                               guidance_weight), out[:, 0, ..., c:]], axis=-1)
-        if out.shape[-1] != c * (2 if learn_sigma else 1):
-            raise ValueError(f"the model outputs {out.shape[-1]} channels for {c}-channel x_t; "
-                             + (f"a learned variance needs 2 x {c} (the prediction, then v): was "
-                                "it trained with diffusion.learn_sigma?" if learn_sigma else
-                                f"expected {c}; a 2 x {c} output holds a learned variance: pass "
-                                "learn_sigma=True."))
-        eps_x0 = forward.eps_and_x0(out[..., :c].astype(x.dtype), x,
-                                    _at(schedule, "alphas_cumprod", t, x), prediction)
-        return eps_x0 + ((out[..., c:],) if learn_sigma else ())
-    return denoiser
+            out = denoise_fn(interleave(x_in, x_in), jnp.repeat(t, 2), paired)
+            _check_channels(out, c, learn_sigma)
+            out = out.reshape((x.shape[0], 2) + out.shape[1:])       # [B, 2, ...]: cond, null
+            rows = cfg.Rows(out[:, 0, ..., :c], out[:, 1, ..., :c], x, t, alpha_bar, prediction,
+                            schedule)
+            eps_x0, state = rule.combine(rows, guidance_weight, state)
+            out = out[:, 0]  # a learned variance's v: the conditional row's
+        return tuple(eps_x0) + ((out[..., c:],) if learn_sigma else ()), state
+
+    if null_cond is not None and rule.stateful:
+        return Stateful(rule.init_state, step)
+    return lambda x, t: step(x, t, ())[0]
 
 
 def gradient_guided(denoiser: Denoiser, schedule: Schedule, guidance_fn: Callable, scale=1.0,
@@ -158,14 +204,14 @@ def gradient_guided(denoiser: Denoiser, schedule: Schedule, guidance_fn: Callabl
     x0_hat moves by the change of eps times d x0 / d eps = -sqrt(1 - abar) / sqrt(abar) (the same
     as recomputing it from eps~), so a zero scale returns (eps, x0) bit for bit whatever the
     compiler does."""
-    def guided(x, t):
-        eps, x0, *rest = denoiser(x, t)
+    def guided(x, t, outputs):
+        eps, x0, *rest = outputs
         s1m = _at(schedule, "sqrt_one_minus_alphas_cumprod", t, x)
         guided_eps = classifier_guidance(eps, x, t, cond, guidance_fn, scale, s1m)
         abar = _at(schedule, "alphas_cumprod", t, x)
         slope = jnp.where(abar > 0, s1m / jnp.sqrt(jnp.where(abar > 0, abar, 1.0)), 0.0)
         return (guided_eps, jnp.where(abar > 0, x0 - slope * (guided_eps - eps), x0), *rest)
-    return guided
+    return map_outputs(denoiser, guided)
 
 
 def thresholded(denoiser: Denoiser, schedule: Schedule, thresholding) -> Denoiser:
@@ -175,8 +221,8 @@ def thresholded(denoiser: Denoiser, schedule: Schedule, thresholding) -> Denoise
     if threshold_fn is None:
         return denoiser
 
-    def clipped(x, t):
-        _, x0, *rest = denoiser(x, t)
+    def clipped(x, t, outputs):
+        _, x0, *rest = outputs
         x0 = threshold_fn(x0)
         return (forward.eps_from_x0(x, x0, _at(schedule, "alphas_cumprod", t, x)), x0, *rest)
-    return clipped
+    return map_outputs(denoiser, clipped)

@@ -52,6 +52,7 @@ initial_noise = noise.initial_noise  # re-exported: x_T for sample(), drawn per 
 class Options(NamedTuple):
     eta: jax.Array          # DDIM's eta (traced)
     ddpm_variance: str      # "posterior" (beta~_ts), "beta" (beta_ts) or "learned" (the model's)
+    ode: str = "sigma"      # Heun's variables: "sigma" (k-diffusion's) or "flow" (the flow path's)
 
 
 def learned_variance(c: StepCoefficients, v: jax.Array) -> jax.Array:
@@ -164,6 +165,36 @@ def plms_step(x_t, eps_hat, x0_hat, c, z, state, opts, v=None):
     return x_s, (new, n + 1, jnp.where(n == 0, x_t, kept))
 
 
+def ode_variables(alpha_bar, ode: str):
+    """Returns (c, a, b) with c x_t = a x0 + b eps the ODE's state and b its time: k-diffusion's
+    x / sqrt(abar) = x0 + sigma eps (c = 1 / sqrt(abar), a = 1, b = sigma), or the flow path's
+    (1 - tau) x0 + tau eps (c = 1 / (sqrt(abar) + sqrt(1 - abar)), a = 1 - tau, b = tau)."""
+    root, root_m = jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
+    if ode == "flow":
+        c = 1.0 / (root + root_m)
+        return c, root * c, root_m * c
+    return 1.0 / root, jnp.ones_like(root), root_m / root
+
+
+def heun_step(x_t, eps_hat, x0_hat, c, z, state, opts, v=None):
+    """Returns Heun's step (Karras et al. 2022, Alg. 1 without churn) over calls paired by
+    steps.heun_steps: call 2k (the model at t) takes Euler's step to s, which is DDIM's eta = 0
+    update, and keeps y_t and the slope d; call 2k + 1 (the model at s, on that x) returns
+    y_s = y_t + (b_s - b_t) (d + d') / 2, in the ODE's variables (ode_variables: k-diffusion's
+    sigma form, d = eps_hat; the flow path's, d = eps_hat - x0_hat, rectified flow's u)."""
+    del z, v
+    y_kept, d_kept, n = state
+    _, a_t, b_t = ode_variables(c.alpha_bar_t, opts.ode)
+    c_s, _, b_s = ode_variables(c.alpha_bar_s, opts.ode)
+    d = eps_hat if opts.ode == "sigma" else eps_hat - x0_hat
+    corrector = (n % 2) == 1
+    euler = jnp.sqrt(c.alpha_bar_s) * x0_hat + jnp.sqrt(c.one_minus_alpha_bar_s) * eps_hat
+    heun = (y_kept + (b_s - b_t) * 0.5 * (d_kept + d)) / c_s
+    x_s = jnp.where(corrector, heun, euler)
+    y_t = a_t * x0_hat + b_t * eps_hat  # the predictor's own y_t (x_t's, on the ODE)
+    return x_s, (jnp.where(corrector, y_kept, y_t), jnp.where(corrector, d_kept, d), n + 1)
+
+
 class Sampler(NamedTuple):
     step: Callable
     init_state: Callable[[jax.Array], Any]
@@ -177,6 +208,8 @@ SAMPLERS = {
                         stochastic=False),
     "euler": Sampler(euler_step, lambda x: (), stochastic=False),
     "euler_a": Sampler(euler_ancestral_step, lambda x: (), stochastic=True),
+    "heun": Sampler(heun_step, lambda x: (jnp.zeros_like(x), jnp.zeros_like(x),
+                                          jnp.zeros((), jnp.int32)), stochastic=False),
     "pndm": Sampler(plms_step, lambda x: (jnp.zeros((4,) + x.shape, x.dtype),
                                           jnp.zeros((), jnp.int32), jnp.zeros_like(x)),
                     stochastic=False),
@@ -206,7 +239,8 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
            eta=0.0, rng: Optional[jax.Array] = None, thresholding=None,
            guidance_fn: Optional[Callable] = None, classifier_scale=1.0,
            prediction: str = "eps", spacing: str = "trailing", ddpm_variance: str = "posterior",
-           sample_ids: Optional[jax.Array] = None, learn_sigma: bool = False) -> jax.Array:
+           sample_ids: Optional[jax.Array] = None, learn_sigma: bool = False,
+           guidance_rule: Any = None) -> jax.Array:
     """Returns the final x0 estimate [B, ...] of a reverse diffusion from x_T [B, ...]: the
     common guides composed (guidance.py: the network with CFG, then gradient guidance, then
     thresholding) and checked, then `chain`. Other compositions call `chain` themselves.
@@ -218,6 +252,8 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
       null_cond given, each step makes ONE denoise_fn call on 2B rows (each sample's conditional
       and null rows side by side) and combines (1 + w) out(cond) - w out(null), w =
       guidance_weight ([] or [B]; w = 0 is conditional sampling; "scale" s = 1 + w).
+    guidance_rule: how the two rows combine (diffusion/cfg.py's Rule: guidance rescale, a
+      guidance interval, APG; its values may be traced); None is CFG's rule above.
     guidance_fn(x_t, t, cond) -> [B]: a differentiable log p(y | x_t) or similarity; adds
       eps -= sqrt(1 - abar_t) * classifier_scale * grad (ADM). classifier_scale is [] or [B].
     thresholding: None, "static", "dynamic" or a function x0 -> x0, applied to x0_hat each step
@@ -239,8 +275,12 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
         if w_static is None or np.any(w_static != 0):
             raise ValueError("guidance_weight needs null_cond: pass the null condition (the empty "
                              "prompt or the learned null embedding) to use classifier-free guidance.")
+        if guidance_rule is not None:
+            raise ValueError("guidance_rule combines the conditional and null rows of "
+                             "classifier-free guidance: pass null_cond too, or leave it out.")
     denoiser = guidance.model_denoiser(denoise_fn, schedule, prediction, cond, null_cond,
-                                       guidance_weight, learn_sigma=learn_sigma)
+                                       guidance_weight, learn_sigma=learn_sigma,
+                                       rule=guidance_rule)
     if guidance_fn is not None:
         denoiser = guidance.gradient_guided(denoiser, schedule, guidance_fn, classifier_scale, cond)
     denoiser = guidance.thresholded(denoiser, schedule, thresholding)
@@ -264,6 +304,8 @@ def chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Array, *,
     denoiser(x_t [B, ...], t int32 [B]) -> (eps_hat, x0_hat[, v]) (guidance.py's model_denoiser
     with any guides applied; v: a learned-variance model's output, read by ddpm_variance
     "learned"), then the sampler's update. Returns the final x0 estimate [B, ...].
+    A guidance.Stateful denoiser (APG's momentum) has its state carried in the scan beside the
+    sampler's, from its init_state(x_T); a plain one carries none.
 
     prediction: the model's, only to refuse a chain that cannot run (check_chain).
     steps: the (t, s) pairs, final abar and x_T scale of a chain that is not the project's own
@@ -296,25 +338,34 @@ def chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Array, *,
                          + " draws noise: pass rng=jax.random.key(seed).")
     steps = steps_of(schedule, num_steps, spacing, prediction, sampler) if steps is None \
         else check_steps(schedule, steps, prediction)
+    if sampler == "heun" and schedule.process != "flow" and schedule.zero_terminal_snr \
+            and np.any(np.asarray(steps.t) >= schedule.num_timesteps - 1):
+        raise ValueError("Heun in k-diffusion's sigma form cannot start at zero SNR (sigma = "
+                         "inf at t = T-1): use --sampler euler, dpmpp_2m or ddim, or "
+                         "--spacing leading.")
     ts = jnp.asarray(steps.t)
     coeffs = step_coefficients(schedule, jnp.asarray(steps.starts), jnp.asarray(steps.s),
                                steps.final_alpha_bar)
     if steps.x_T_scale != 1.0:
         x_T = (x_T * steps.x_T_scale).astype(x_T.dtype)
-    opts = Options(eta=jnp.asarray(eta, x_T.dtype), ddpm_variance=ddpm_variance)
+    opts = Options(eta=jnp.asarray(eta, x_T.dtype), ddpm_variance=ddpm_variance,
+                   ode="flow" if schedule.process == "flow" else "sigma")
     keys = noise.per_sample_keys(rng, sample_ids, noise.STEP_NOISE) if noisy else None
 
     def body(carry, inputs):
-        x, state = carry
+        x, state, guide_state = carry
         i, t, c = inputs
-        eps_hat, x0_hat, *rest = denoiser(x, jnp.full((batch,), t, ts.dtype))
+        (eps_hat, x0_hat, *rest), new_guide_state = guidance.call(
+            denoiser, x, jnp.full((batch,), t, ts.dtype), guide_state)
         check_variance_output(ddpm_variance, rest)
         z = noise.batch_normal(keys, x.shape[1:], x.dtype, step=i) if noisy else None  # [B, ...]
         x_s, new_state = spec.step(x, eps_hat, x0_hat, c, z, state, opts, *rest[:1])
         # Coefficients are float32; a bfloat16 / float16 chain keeps its own dtype.
-        new_state = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), new_state, state)
-        return (x_s.astype(x.dtype), new_state), None
+        new_state, new_guide_state = (
+            jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), new, old)
+            for new, old in ((new_state, state), (new_guide_state, guide_state)))
+        return (x_s.astype(x.dtype), new_state, new_guide_state), None
 
-    (x0, _), _ = jax.lax.scan(body, (x_T, spec.init_state(x_T)),
-                              (jnp.arange(ts.shape[0]), ts, coeffs))
+    carry = (x_T, spec.init_state(x_T), guidance.initial_state(denoiser, x_T))
+    (x0, _, _), _ = jax.lax.scan(body, carry, (jnp.arange(ts.shape[0]), ts, coeffs))
     return x0

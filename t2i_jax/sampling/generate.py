@@ -1,9 +1,10 @@
 """From conditions to images with a diffusion family: encode once, then samplers.sample.
 
 `make_generate_fn` returns ONE jitted function of (params, cond, rng, guidance_weight,
-sample_ids, guide parameters, rows and scales); new prompts, seeds, guidance weights and guide
-scales reuse its compilation. The chain's denoiser is composed here from diffusion/guidance.py's
-guides (CFG, the gradient guides, thresholding); samplers.chain only runs it. Sample i's noise
+sample_ids, guide parameters, rows and scales, and CFG's combination rule); new prompts, seeds,
+guidance weights, guide scales and the rule's values reuse its compilation. The chain's
+denoiser is composed here from diffusion/guidance.py's guides (CFG with diffusion/cfg.py's rule,
+the gradient guides, thresholding); samplers.chain only runs it. Sample i's noise
 comes from its global index sample_ids[i] (t2i_jax/diffusion/noise.py), so an image does not
 depend on the batch it was drawn in or on the number of devices.
 """
@@ -103,10 +104,10 @@ class SampleOptions:
                 raise ValueError(f"--strength {strength:g} of --steps {self.num_steps} runs "
                                  f"int({self.num_steps} x {strength:g}) = 0 steps of the chain "
                                  "(diffusers' rule): raise --steps or --strength.")
-            if self.sampler == "pndm":
-                raise ValueError("img2img starts the chain part-way, which PLMS's warm-up pair "
-                                 "at its first step does not allow: pass --sampler ddim, "
-                                 "dpmpp_2m or euler.")
+            if self.sampler in ("pndm", "heun"):
+                raise ValueError("img2img starts the chain part-way, which the paired calls of "
+                                 "PLMS's warm-up and of Heun's steps do not allow: pass "
+                                 "--sampler ddim, dpmpp_2m or euler.")
             if self.inpaint is not None:
                 raise ValueError("--init_image (img2img) and --inpaint do not combine: inpainting "
                                  "keeps the known region, img2img redraws the whole image.")
@@ -120,14 +121,18 @@ class SampleOptions:
 def make_generate_fn(family, options: SampleOptions, guided: bool = True,
                      guides: Sequence = ()) -> Callable:
     """Returns generate(params, cond [B], rng, guidance_weight, sample_ids [B], guide_params=(),
-    guide_rows=(), guide_scales=(), x_T=None) -> x0 [B, H, W, C] in [-1, 1] (clipped; NaN where the chain
-    produced a non-finite value) for a diffusion family (families/diffusion.py); a latent
-    model's x0 is decoded to pixels ([B] + family.output_shape).
+    guide_rows=(), guide_scales=(), x_T=None, rule=None) -> x0 [B, H, W, C] in [-1, 1]
+    (clipped; NaN where the chain produced a non-finite value) for a diffusion family
+    (families/diffusion.py); a latent model's x0 is decoded to pixels ([B] + family.output_shape).
 
     guided: each step evaluates the model on the condition and on the family's null condition
     and combines eps~ = (1 + w) eps(x, y) - w eps(x, null), w = guidance_weight ([] or [B]);
     unguided (or a model without a condition to drop), one evaluation on the condition alone
-    (guidance_weight is ignored: w = 0), half the work.
+    (guidance_weight and rule are ignored: w = 0), half the work.
+    rule: how the guided program combines the two rows (diffusion/cfg.py's Rule: guidance
+    rescale, a guidance interval, APG), None for CFG's; an argument like the weight: its values
+    are traced (a sweep over them is one compilation), which methods are on (its None fields)
+    picks the program.
     x_T: the chain's start [B] + image_shape in place of each sample's seeded noise (the unit
     noise a diffusers pipeline takes as `latents`; the chain scales it as its scheduler does).
     guides: sampling/guides.py Guides; their parameters, per-image rows [B, ...] and scales [G]
@@ -145,7 +150,7 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
     total = guides_lib.guide_fn(guides) if guides else None
 
     def generate(params, inputs, cond: Condition, rng, guidance_weight, sample_ids,
-                 guide_params=(), guide_rows=(), guide_scales=(), x_T=None):
+                 guide_params=(), guide_rows=(), guide_scales=(), x_T=None, rule=None):
         cond = family.sampling_condition(cond, rng, sample_ids)  # an SR stage augments its input
         negative, init_image = cond.negative, cond.init_image  # read here, not by the encoder
         cond = cond.replace(negative=None, init_image=None)
@@ -163,10 +168,15 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
             at = lambda name: family.schedule.at(name, t0, x_T.ndim)  # noqa: E731
             x_T = (at("sqrt_alphas_cumprod") * family.encode_image(inputs, init_image)
                    + at("sqrt_one_minus_alphas_cumprod") * x_T)
-        # The chain's denoiser: the network with CFG, then the gradient guides, then thresholding.
+        # The chain's denoiser: the network with CFG (and the rule's methods after it), then the
+        # gradient guides, then thresholding.
+        rule = None if null is None else rule
+        if rule is not None and rule.stateful and options.inpaint is not None:
+            raise ValueError("APG carries its momentum along one samplers.chain; inpainting "
+                             f"({options.inpaint}) does not thread it: leave APG out.")
         denoiser = guidance.model_denoiser(
             family.denoise_fn(params), family.schedule, family.prediction, enc, null_enc,
-            0.0 if null is None else guidance_weight, learn_sigma=family.learn_sigma)
+            0.0 if null is None else guidance_weight, learn_sigma=family.learn_sigma, rule=rule)
         if total is not None:
             # clip_image's x'_t: the reference's own fixed noise, per image (any batch, any device)
             noise_ref = noise.initial_noise(

@@ -212,6 +212,8 @@ def _run_stage(spec, run, k: int, done: set, c: _StageSetup) -> tuple:
     per_call = math.ceil(min(c.batch_size, max(n_todo, 1)) / n_dev) * n_dev
     record_fn = spec.stage_record_fn(k, c.kind)
     guide_scales = np.asarray([g.scale for g in run.guides], np.float32)
+    rule = run.rule_args()  # the CFG rule's values: traced, like the weights
+    kw = {} if rule is None else {"rule": rule}  # plain CFG: the very call it always was
     extras: dict = {}
     bar = tqdm(total=total, initial=total - n_todo, unit="img",
                desc="sample" if spec.num_stages == 1 else f"stage {k}", dynamic_ncols=True,
@@ -237,10 +239,10 @@ def _run_stage(spec, run, k: int, done: set, c: _StageSetup) -> tuple:
                         tuple(rows_of(r) for r in c.guide_rows), guide_scales)
                 if run.init_noise is not None:  # --init_noise: each image's own row
                     args = args + (put(np.ascontiguousarray(run.init_noise.array[full])),)
-                x = c.gen(c.params, cond, c.rng, *args)
+                x = c.gen(c.params, cond, c.rng, *args, **kw)
                 if run.best_of is not None:
                     x, won, best = run.best_of.select(
-                        lambda key: c.gen(c.params, cond, key, *args), cond, rows_of,
+                        lambda key: c.gen(c.params, cond, key, *args, **kw), cond, rows_of,
                         c.rng, x)
                     won, best = distributed.to_host((won, best))
                     for i, rec in zip(idx, run.best_of.records(won[:len(idx)], best[:len(idx)])):

@@ -22,8 +22,10 @@ import dataclasses
 import functools
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
 
+from t2i_jax.diffusion import cfg
 from t2i_jax.errors import UsageError
 from t2i_jax.sampling.best_of import PRIOR_STREAM, RERANK_STREAM, BestOf
 from t2i_jax.sampling.generate import SampleOptions
@@ -125,11 +127,15 @@ class Plan:
     negative: tuple = ()                # stage 0's negative prompt per prompt row (() : none)
     init_noise: Optional[InitNoise] = None  # x_T of every image (--init_noise)
     init_image: Optional[InitImage] = None  # img2img's start (--init_image, options.strength)
+    guidance_rule: Optional[cfg.Rule] = None  # stage 0's CFG rule: rescale, interval, APG
 
     @classmethod
     def create(cls, trained: Trained, prompts: Sequence[str], *, num_per_prompt: int,
                guidance: Sequence[float], seed: int, options: SampleOptions, **kw) -> "Plan":
-        """The plan, refused (ValueError naming the problem and the fix) unless it is whole."""
+        """The plan, refused (ValueError naming the problem and the fix) unless it is whole. A
+        guidance_rule's methods at their no-op values (phi = 0, the interval [0, 1]) are off:
+        such a plan is plain CFG's job, with its identity and its program."""
+        kw["guidance_rule"] = simplified(kw.get("guidance_rule"))
         plan = cls(trained, tuple(prompts), num_per_prompt, tuple(float(w) for w in guidance),
                    seed, options, **kw)
         plan.check()
@@ -156,6 +162,7 @@ class Plan:
             raise ValueError(f"this model is unconditional: there is no condition for "
                              f"classifier-free guidance to drop, so the guidance weight must be 0 "
                              f"(got {[w for w in self.guidance if w]}). Pass --guidance 0.")
+        self._check_rule()
         last = self.stages[-1].trained if self.stages else first
         if last.family.output_kind != "image":
             raise ValueError(f"{last.workdir} holds a {last.family.name}, which writes CLIP "
@@ -219,6 +226,26 @@ class Plan:
                 raise ValueError(f"--init_image (img2img) needs a model that draws from noise; "
                                  f"{first.workdir} takes inputs from a stage before it.")
 
+    def _check_rule(self) -> None:
+        """Refuses a guidance rule with no classifier-free guidance to act on, or bad values."""
+        rule, fam = self.guidance_rule, self.first.family
+        if rule is None:
+            return
+        rule.check()
+        flags = " / ".join(rule_flags(rule))
+        if not fam.conditioning.guidable:
+            raise ValueError(f"{flags} act on classifier-free guidance, which {self.first.workdir} "
+                             "does not have (an unconditional model: no null condition): leave "
+                             "them out.")
+        if all(w == 0.0 for w in self.guidance):
+            raise ValueError(f"{flags} act on classifier-free guidance, but every guidance weight "
+                             f"is 0 ({self.flags[0]} 0: conditional sampling, nothing to combine):"
+                             f" pass {self.flags[0]} W with W != 0, or leave them out.")
+        if rule.apg is not None and self.options.inpaint is not None:
+            raise ValueError("--apg carries its momentum along one chain, which inpainting "
+                             "(GLIDE's known region, RePaint's chain) does not thread yet: leave "
+                             "--apg out with --inpaint.")
+
     @functools.cached_property
     def spec(self) -> JobSpec:
         """The job's identity (OUTDIR/job.json) and its records."""
@@ -246,7 +273,7 @@ class Plan:
             negative_prompts=tuple(self.negative),
             init_noise=freeze(self.init_noise.record) if self.init_noise is not None else (),
             img2img=freeze(dict(self.init_image.record, strength=float(o.strength)))
-            if self.init_image is not None else ())
+            if self.init_image is not None else (), **rule_fields(self.guidance_rule))
 
     @functools.cached_property
     def prompt_tokens(self):
@@ -278,7 +305,7 @@ class Plan:
         place(tree): parameters onto the job's devices."""
         first = StageRun(self.first, self.options, self.guidance, self.aug_level, self.given,
                          self.inpaint, self.guides, self.best_of(place), self.flags,
-                         self.init_noise)
+                         self.init_noise, self.guidance_rule)
         return [first] + [StageRun(st.trained, st.options, (st.guidance,), st.aug_level,
                                    flags=st.flags) for st in self.stages]
 
@@ -312,10 +339,17 @@ class StageRun:
     best_of: Optional[BestOf] = None
     flags: tuple = ("--guidance", "--thresholding")  # what sets its weight and thresholding
     init_noise: Optional[InitNoise] = None
+    guidance_rule: Optional[cfg.Rule] = None  # how its guided program combines the two rows
 
     @property
     def family(self):
         return self.trained.family
+
+    def rule_args(self) -> Optional[cfg.Rule]:
+        """The guidance rule as the program's traced argument (float32 values), or None."""
+        if self.guidance_rule is None or not self.guided:
+            return None
+        return jax.tree_util.tree_map(np.float32, self.guidance_rule)
 
     @property
     def guided(self) -> bool:
@@ -325,3 +359,47 @@ class StageRun:
         """float32 [B]: the guidance weight of each row (its slot g of the sweep)."""
         w = np.asarray(self.guidance, np.float32)
         return w[g] if len(w) > 1 else np.full(np.shape(g), w[0], np.float32)
+
+
+def simplified(rule: Optional[cfg.Rule]) -> Optional[cfg.Rule]:
+    """The rule with its methods at their no-op values off (phi = 0; an interval [0, 1] of the
+    chain's time), its values Python floats; None when only CFG is left. APG stays on: even at
+    eta = 1 it equals CFG only up to float rounding."""
+    if rule is None:
+        return None
+    try:
+        pair = lambda b: None if b is None else tuple(float(v) for v in b)  # noqa: E731
+        rescale = None if rule.rescale is None or float(rule.rescale) == 0.0 \
+            else float(rule.rescale)
+        interval = pair(rule.interval)
+        apg = None if rule.apg is None else cfg.APG(*(float(v) for v in rule.apg))
+    except (TypeError, ValueError):
+        raise ValueError(f"a plan's guidance rule takes one number per value (a sweep over them "
+                         f"is one job each, sharing one program), got {rule}.") from None
+    rule = cfg.Rule(rescale, None if interval == (0.0, 1.0) else interval,
+                    pair(rule.sigma_interval), apg)
+    return None if rule == cfg.Rule() else rule
+
+
+def rule_flags(rule: cfg.Rule) -> list:
+    """The sample.py flags that set the rule's methods."""
+    return [flag for flag, v in (("--guidance_rescale", rule.rescale),
+                                 ("--guidance_interval", rule.interval),
+                                 ("--guidance_interval_sigma", rule.sigma_interval),
+                                 ("--apg", rule.apg)) if v is not None]
+
+
+def rule_fields(rule: Optional[cfg.Rule]) -> dict:
+    """The JobSpec fields of a (simplified) guidance rule: none for plain CFG."""
+    if rule is None:
+        return {}
+    out = {}
+    if rule.rescale is not None:
+        out["guidance_rescale"] = rule.rescale
+    for field, name in (("guidance_interval", "interval"),
+                        ("guidance_interval_sigma", "sigma_interval")):
+        if getattr(rule, name) is not None:
+            out[field] = tuple(getattr(rule, name))
+    if rule.apg is not None:
+        out["apg"] = freeze(rule.apg._asdict())
+    return out

@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 
 from t2i_jax import images
+from t2i_jax.diffusion import cfg
 from t2i_jax.errors import UsageError
 from t2i_jax.sampling import guides as guides_lib
 from t2i_jax.sampling import stages as stages_lib
@@ -78,9 +79,19 @@ def build(request: Request, prompts=None) -> Plan:
     guides, clip = _guides(r, trained)
     plan = Plan.create(first, prompts, num_per_prompt=n, guidance=guidance, seed=r.seed,
                        options=options, stages=tuple(stages), guides=tuple(guides),
-                       rerank=r.rerank, reranker=clip if r.rerank > 1 else None, **kw)
+                       rerank=r.rerank, reranker=clip if r.rerank > 1 else None,
+                       guidance_rule=guidance_rule(r), **kw)
     _report_truncation(plan)
     return plan
+
+
+def guidance_rule(r: Request) -> cfg.Rule:
+    """Stage 0's CFG rule from the flags (Plan.create turns the no-op values off)."""
+    apg = None if not r.apg else cfg.APG(
+        cfg.DEFAULT_APG_ETA if r.apg_eta is None else r.apg_eta,
+        r.apg_norm_threshold or 0.0, r.apg_momentum or 0.0)
+    return cfg.Rule(r.guidance_rescale, r.guidance_interval and tuple(r.guidance_interval),
+                    r.guidance_interval_sigma and tuple(r.guidance_interval_sigma), apg)
 
 
 def _given_sd_inputs(r: Request, trained, prompts: list, kw: dict) -> None:

@@ -101,6 +101,13 @@ class Request:
     init_noise: Optional[str] = None         # x_T of every image, [N, H, W, C] .npy
     lora: Optional[str] = None               # a LoRA file merged into a folder's UNet
     lora_scale: Optional[float] = None       # with lora: the factor on its alpha / rank
+    guidance_rescale: float = 0.0            # stage 0's CFG rule (diffusion/cfg.py): phi
+    guidance_interval: Optional[list] = None  # [LO, HI] of the chain's time (None: [0, 1])
+    guidance_interval_sigma: Optional[list] = None  # (LO, HI] of sigma
+    apg: bool = False                        # APG in place of CFG's linear rule
+    apg_eta: Optional[float] = None          # with apg (default: cfg.DEFAULT_APG_ETA, 0)
+    apg_norm_threshold: Optional[float] = None  # with apg (default 0: none)
+    apg_momentum: Optional[float] = None     # with apg (default 0: none)
 
     @property
     def frozen_paths(self) -> dict:
@@ -163,6 +170,7 @@ class Request:
         self._check_unclip()
         self._check_inpaint()
         self._check_img2img()
+        self._check_after_cfg()
         if self.prompts_file is None and not self.prompts and not (self.variations or
                                                                    self.interpolate):
             raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
@@ -186,6 +194,42 @@ class Request:
                 raise ValueError(f"--guidance takes finite numbers (e.g. --guidance 0 1 3 or "
                                  f"0,1,3), got {given}.")
         files.check_output_dir(self.outdir, "--outdir")
+
+    def _check_after_cfg(self) -> None:
+        """The CFG rule's flags: values in range, APG's options only with --apg, stage 0 a
+        model that draws with --guidance (not --prior's)."""
+        if not 0.0 <= self.guidance_rescale <= 1.0:  # NaN fails too
+            raise ValueError(f"--guidance_rescale must be in [0, 1] (Lin et al. 2023 use 0.7; 0: "
+                             f"off), got {self.guidance_rescale}.")
+        for flag, bounds, top in (("--guidance_interval", self.guidance_interval, 1.0),
+                                  ("--guidance_interval_sigma", self.guidance_interval_sigma,
+                                   math.inf)):
+            if bounds is None:
+                continue
+            lo, hi = bounds
+            if not (0.0 <= lo < hi <= top and math.isfinite(hi)):
+                raise ValueError(f"{flag} takes LO HI with 0 <= LO < HI"
+                                 + (" <= 1 (the chain's time, 1: pure noise; default 0 1)"
+                                    if top == 1.0 else " (finite sigmas, e.g. 0.28 5.42)")
+                                 + f", got {lo:g} {hi:g}.")
+        for name in ("eta", "norm_threshold", "momentum"):
+            value = getattr(self, "apg_" + name)
+            if value is not None and not self.apg:
+                raise ValueError(f"--apg_{name} is adaptive projected guidance's: it needs --apg.")
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"--apg_{name} must be a finite number, got {value}.")
+        if self.apg_norm_threshold is not None and self.apg_norm_threshold < 0:
+            raise ValueError(f"--apg_norm_threshold must be >= 0 (0: no threshold), got "
+                             f"{self.apg_norm_threshold}.")
+        given = [f for f, on in (("--guidance_rescale", self.guidance_rescale != 0.0),
+                                 ("--guidance_interval", self.guidance_interval is not None),
+                                 ("--guidance_interval_sigma",
+                                  self.guidance_interval_sigma is not None),
+                                 ("--apg", self.apg)) if on]
+        if given and self.prior:
+            raise ValueError(f"{' and '.join(given)} act on stage 0's classifier-free guidance; "
+                             "with --prior stage 0 is the prior, and the decoder's guidance takes "
+                             "plain CFG: leave them out.")
 
     def _check_img2img(self) -> None:
         if self.strength is not None and not self.init_image:

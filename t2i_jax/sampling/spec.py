@@ -58,6 +58,11 @@ class JobSpec:
     negative_prompts: tuple = ()  # stage 0's negative prompt per prompt row
     init_noise: tuple = ()  # the given x_T's record: (("path", ..), ("shape", ..), ("sha256", ..))
     img2img: tuple = ()     # the image's record (path, sha256, pixels_sha256) and the strength
+    # stage 0's CFG rule (diffusion/cfg.py), each at its "off" value when not used
+    guidance_rescale: float = 0.0       # phi (Lin et al. 2023)
+    guidance_interval: tuple = ()       # (lo, hi) of the chain's time (Kynkaanniemi et al. 2024)
+    guidance_interval_sigma: tuple = ()  # (lo, hi] of sigma
+    apg: tuple = ()         # APG's (eta, norm_threshold, momentum) as frozen items (Sadat et al.)
 
     @property
     def options(self) -> SampleOptions:
@@ -117,11 +122,24 @@ class JobSpec:
                 **({"init_noise": dict(thaw(self.init_noise), row=int(index))}
                    if self.init_noise else {}),
                 **({"img2img": dict(thaw(self.img2img))} if self.img2img else {}),
+                **self.rule_record(),
                 **({"stages": [dict(st) for st in self.stages],
                     "stage_files": [out_lib.stage_dir(k, self.num_stages) + "/" + (
                         out_lib.embedding_file(index) if k == 0 and self.prior_first else
                         out_lib.image_file(index)) for k in range(self.num_stages - 1)]}
                    if self.stages else {})}
+
+    def rule_record(self) -> dict:
+        """The CFG rule's items of job.json and of every image's record ({} for plain CFG)."""
+        out = {}
+        if self.guidance_rescale:
+            out["guidance_rescale"] = self.guidance_rescale
+        for key in ("guidance_interval", "guidance_interval_sigma"):
+            if getattr(self, key):
+                out[key] = list(getattr(self, key))
+        if self.apg:
+            out["apg"] = thaw(self.apg)
+        return out
 
     def stage_record_fn(self, k: int, kind: str = "image"):
         """Stage k's per-image records: the job's, marked with the stage for the earlier stages
@@ -165,9 +183,12 @@ class JobSpec:
         for key, empty in (("stages", ()), ("aug_level", None), ("low_res", ()),
                            ("percentile", None), ("decoder", ()), ("embedding", ()),
                            ("candidates", 1), ("shared_noise", False), ("inpaint", ()),
-                           ("negative_prompts", ()), ("init_noise", ()), ("img2img", ())):
+                           ("negative_prompts", ()), ("init_noise", ()), ("img2img", ()),
+                           ("guidance_rescale", 0.0), ("guidance_interval", ()),
+                           ("guidance_interval_sigma", ()), ("apg", ())):
             if getattr(self, key) == empty:
                 del d[key]
+        d.update(self.rule_record())
         if self.stages:
             d["stages"] = [dict(st) for st in self.stages]
         if self.low_res:
