@@ -37,6 +37,13 @@ def get_config():
             attention_levels=(1, 2), mid_attention=True, num_heads=8, head_dim=None,
             num_groups=32, dropout=0.0, num_classes=None, attention_impl="einsum",
             dtype="float32", remat=False),
+        # "unet" (above) or "dit": a Diffusion Transformer with adaLN-Zero blocks and
+        # cross-attention to the text (Peebles & Xie 2023; PixArt-alpha; models/dit.py)
+        backbone="unet",
+        dit=dict(
+            out_channels=3, patch_size=2, width=384, depth=12, num_heads=6, mlp_ratio=4.0,
+            num_classes=None, freq_dim=256, dropout=0.0, attention_impl="einsum",
+            dtype="float32", remat=False, scan=True),
         text=dict(max_length=16, width=128, num_layers=2, num_heads=4, mlp_ratio=4,
                   attention_impl="einsum", dtype="float32"),
         null="empty_prompt",      # or "learned": see t2i_jax/conditioning/
@@ -52,6 +59,13 @@ def get_config():
     ))
 
     config.diffusion = ml_collections.ConfigDict(dict(
+        # "vp": DDPM's process on `schedule`, predicting `prediction`; "flow": flow matching's
+        # linear path x = (1 - tau) x0 + tau eps, predicting u = eps - x0, tau drawn by
+        # `flow_time` ("logit_normal" (SD3): sigmoid(N(flow_logit_mean, flow_logit_std)), or
+        # "uniform") and shifted by `shift` in training and sampling (SD3's resolution shift;
+        # t2i_jax/diffusion/flow.py); schedule, zero_terminal_snr and prediction are then unused
+        process="vp", flow_time="logit_normal", flow_logit_mean=0.0, flow_logit_std=1.0,
+        shift=1.0,
         schedule="linear", num_timesteps=1000, zero_terminal_snr=False, prediction="eps",
         # Improved DDPM's learned variance (2C output channels: set model.unet.out_channels), trained
         # with L_hybrid = L_simple + lambda_vlb L_vlb (t2i_jax/diffusion/vlb.py)

@@ -4,7 +4,8 @@ One Mesh over all devices (all hosts) with axes ("data", "fsdp"):
   - the batch is split over both axes (every device holds batch / device_count examples);
   - parameters, EMA and optimizer state are replicated over "data" and, with fsdp > 1, split over
     "fsdp" along the largest dimension that divides evenly (FSDP / ZeRO-3 style; XLA inserts the
-    all-gathers and reduce-scatters).
+    all-gathers and reduce-scatters), never the leading layer axis of a module run by nn.scan
+    (STACK_SUFFIX).
 The axes are Auto (GSPMD propagation), which is what the models are written for.
 """
 
@@ -53,14 +54,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 MIN_SHARDED_SIZE = 2 ** 14  # smaller leaves stay replicated: splitting them costs more than it saves
 
+# A module run by nn.scan (models/dit.py's "block_stack") stacks its layers' parameters on a
+# leading [depth] axis. Each scan iteration reads one layer: split along a weight axis, it
+# all-gathers that layer's slice (FSDP); split along the layer axis, the stack would be gathered
+# whole before the loop or per iteration, and depth may well be the largest dimension of a small,
+# deep model. Such modules are named "*_stack", and that axis is never the one split.
+STACK_SUFFIX = "_stack"
 
-def leaf_sharding(shape, mesh: Mesh) -> NamedSharding:
+
+def leaf_sharding(shape, mesh: Mesh, stacked: bool = False) -> NamedSharding:
     """Replicated, or with fsdp > 1 split over "fsdp" along the largest evenly divisible axis
-    (leaves under MIN_SHARDED_SIZE elements stay replicated)."""
+    (leaves under MIN_SHARDED_SIZE elements stay replicated; `stacked`: not axis 0)."""
     k = mesh.shape["fsdp"]
     if k == 1 or not shape or int(np.prod(shape)) < MIN_SHARDED_SIZE:
         return replicated(mesh)
-    candidates = [(d, i) for i, d in enumerate(shape) if d % k == 0 and d >= k]
+    candidates = [(d, i) for i, d in enumerate(shape) if d % k == 0 and d >= k
+                  and not (stacked and i == 0)]
     if not candidates:
         return replicated(mesh)
     _, axis = max(candidates)
@@ -69,9 +78,15 @@ def leaf_sharding(shape, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
+def is_stacked(path) -> bool:
+    """Whether a leaf's tree path runs through a scanned module's stack (leading [depth] axis)."""
+    return any(str(getattr(p, "key", "")).endswith(STACK_SUFFIX) for p in path)
+
+
 def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
     """Sharding of every leaf of a (shape-only) state pytree: one rule for params, EMA, moments."""
-    return jax.tree_util.tree_map(lambda x: leaf_sharding(x.shape, mesh), abstract_state)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: leaf_sharding(x.shape, mesh, is_stacked(path)), abstract_state)
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:

@@ -34,7 +34,10 @@ FAMILIES = ("diffusion", "noisy_classifier", "contrastive", "super_resolution", 
 # the step) and with LoRA (the factors alone in the state, the folder's UNet a frozen input).
 # "webdataset": the tiny diffusion model reading a user's webdataset shards, so that the data
 # iterator's exact resume (kill -9 included) is shown for a user source too.
-SHARED = FAMILIES + ("frozen_t5", "learned_sigma_inpaint", "sd_finetune", "sd_lora", "webdataset")
+# "dit": the diffusion family on the DiT backbone (its blocks scanned) in place of the UNet,
+# trained with flow matching (diffusion.process="flow").
+SHARED = FAMILIES + ("frozen_t5", "learned_sigma_inpaint", "sd_finetune", "sd_lora", "webdataset",
+                     "dit")
 
 
 def _from_step_2(wd4, tmp_path, name):

@@ -3,7 +3,7 @@ every family must pass (tests/test_families.py) and the guide tests (tests/test_
 
     get_config("diffusion" | "uncond" | "noisy_classifier" | "contrastive" | "super_resolution"
                | "base8" | "autoencoder" | "latent_diffusion" | "prior" | "decoder"
-               | "frozen_t5" | "learned_sigma_inpaint")
+               | "frozen_t5" | "learned_sigma_inpaint" | "flow" | "dit")
 
 "base8" is the tiny diffusion model on the 8x8 digits (the scans' own size), the base of the
 tiny cascade: "super_resolution" takes its 8x8 images to 16x16.
@@ -21,6 +21,11 @@ the step.
 
 "learned_sigma_inpaint" is the tiny diffusion model with IDDPM's learned variance (L_hybrid, 2C
 output channels) and GLIDE's mask-conditioned input (random boxes and strokes), both at once.
+
+"dit" is the tiny diffusion model with a DiT backbone (models/dit.py: 2 scanned blocks of width
+64, cross-attention to the text) in place of the UNet; wide enough that fsdp splits its stack.
+It trains with flow matching (diffusion/flow.py, shift 2), so the shared tests cover both.
+"flow" is the tiny UNet model with flow matching alone.
 """
 
 import os
@@ -113,6 +118,12 @@ def get_config(name="diffusion"):
         config.train.p_text = 0.5
         config.train.p_image = 0.1
         config.sample.guidance_weight = 1.0
+    elif name == "flow":
+        # flow matching (diffusion/flow.py): logit-normal time, shifted, Euler's sampler
+        config.diffusion.process = "flow"
+        config.diffusion.shift = 2.0
+        config.sample.sampler = "euler"
+        config.sample.thresholding = "none"
     elif name == "learned_sigma_inpaint":
         # IDDPM's learned variance (L_hybrid) and GLIDE's mask-conditioned input, together
         config.diffusion.learn_sigma = True
@@ -120,6 +131,14 @@ def get_config(name="diffusion"):
         config.model.inpaint = True
         config.sample.sampler = "ddpm"
         config.sample.ddpm_variance = "learned"
+    elif name == "dit":
+        config.model.backbone = "dit"
+        config.model.dit.update(dict(out_channels=1, patch_size=2, width=64, depth=2,
+                                     num_heads=2, freq_dim=32))
+        # and flow matching's process: the shared tests cover both new paths in one entry
+        config.diffusion.process = "flow"
+        config.diffusion.shift = 2.0
+        config.sample.sampler = "euler"
     elif name in ("sd_finetune", "sd_lora"):
         # the tiny SD 1.x folder (tests/fixtures/sd) fine-tuned on the digits as 64x64 RGB:
         # full (bf16 compute, remat, the VAE and CLIP frozen in the step) or LoRA (rank 2)

@@ -43,7 +43,7 @@ class Decoder(Diffusion):
         base = Diffusion.from_config(config)
         if base.conditioning.kind == "label":
             raise ValueError("an unCLIP decoder is conditioned on text and an image embedding, "
-                             "not class labels: set model.unet.num_classes=None.")
+                             f"not class labels: set model.{base.model.cfg.backbone}.num_classes=None.")
         t = config.train
         rates = dict(p_text=float(t.get("p_text", 0.5)), p_image=float(t.get("p_image", 0.1)))
         for k, v in rates.items():

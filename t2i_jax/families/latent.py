@@ -23,6 +23,7 @@ from t2i_jax.families.base import image_shape
 from t2i_jax.families.diffusion import Diffusion
 from t2i_jax.families.frozen import (Frozen, check_recorded, check_same_data, load_frozen,
                                      resolve)
+from t2i_jax.models.denoiser import ModelConfig
 
 _POSTERIOR = 8   # stream of the step's key: z ~ q(z | x0) (the diffusion family: 0..3)
 FLAG = "config.model.autoencoder"
@@ -122,14 +123,21 @@ def check_autoencoder(config, frozen: Frozen) -> None:
                     "Train the autoencoder on this model's data set and image size (or point "
                     "config.model.autoencoder at one that was).")
     h, w, c = frozen.family.latent_shape
-    u = config.model.unet
-    if u.out_channels != c:
-        raise ValueError(f"model.unet.out_channels={u.out_channels}, but the autoencoder in "
+    model = ModelConfig.from_config(config.model)
+    net = f"model.{model.backbone}"  # the backbone's section: model.unet or model.dit
+    if model.out_channels != c:
+        raise ValueError(f"{net}.out_channels={model.out_channels}, but the autoencoder in "
                          f"{frozen.workdir} makes latents of {c} channels ([{h}, {w}, {c}]): set "
-                         f"--config.model.unet.out_channels={c}.")
-    halvings = len(u.channel_mult) - 1
-    if h % (2 ** halvings):
-        raise ValueError(f"the UNet halves its input {halvings} times (model.unet.channel_mult="
-                         f"{tuple(u.channel_mult)}), but the autoencoder in {frozen.workdir} makes "
-                         f"{h}x{w} latents (f={frozen.family.ae_config.factor}): use fewer levels "
-                         "or an autoencoder with a smaller factor.")
+                         f"--config.{net}.out_channels={c}.")
+    if h % model.size_multiple or w % model.size_multiple:
+        if model.backbone == "dit":
+            p = model.dit.patch_size
+            what, fix = (f"the DiT cuts its input into {p}x{p} patches (model.dit.patch_size="
+                         f"{p})", "a patch size that divides them")
+        else:
+            halvings = len(model.unet.channel_mult) - 1
+            what, fix = (f"the UNet halves its input {halvings} times (model.unet.channel_mult="
+                         f"{model.unet.channel_mult})", "fewer levels")
+        raise ValueError(f"{what}, but the autoencoder in {frozen.workdir} makes {h}x{w} latents "
+                         f"(f={frozen.family.ae_config.factor}): use {fix} or an autoencoder "
+                         "with a smaller factor.")

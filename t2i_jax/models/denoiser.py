@@ -1,7 +1,8 @@
 """The model the train step and the sampler call: (x_t, t, Condition) -> eps_hat.
 
-It composes the text encoder and the UNet, split in two methods so that a sampling run encodes
-the prompts ONCE and reuses the features at every step:
+It composes the text encoder and the backbone (`model.backbone`: "unet", models/unet.py, or
+"dit", models/dit.py; the same call either way), split in two methods so that a sampling run
+encodes the prompts ONCE and reuses the features at every step:
 
     enc = model.apply(params, cond, method=Denoiser.encode)          # once
     eps = model.apply(params, x_t, t, enc, method=Denoiser.denoise)  # every step
@@ -21,13 +22,18 @@ import jax.numpy as jnp
 from flax import struct
 
 from t2i_jax.conditioning import Condition, check_null_mode
+from t2i_jax.models.dit import DiT, DiTConfig
 from t2i_jax.models.text import TextConfig, TextEncoder, TextFeatures
 from t2i_jax.models.unet import UNet, UNetConfig
+
+BACKBONES = ("unet", "dit")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     unet: UNetConfig = UNetConfig()
+    backbone: str = "unet"                     # which network maps (x_t, t, condition): BACKBONES
+    dit: DiTConfig = DiTConfig()               # read when backbone == "dit"
     text: Optional[TextConfig] = TextConfig()  # None: class-conditional or unconditional
     null: str = "empty_prompt"                 # or "learned" (see t2i_jax.conditioning)
     pooled_text: bool = True                   # add the pooled text feature to the time embedding
@@ -52,14 +58,18 @@ class ModelConfig:
         d.pop("clip", None)         # an unCLIP decoder's frozen CLIP (families/decoder.py)
         d.pop("text_encoder", None)  # which text encoder: the family reads it (frozen_text.py)
         text_cfg = d.pop("text", None)
-        return cls(unet=UNetConfig(**dict(d.pop("unet"))),
+        dit_cfg = d.pop("dit", None)  # absent from configs written before the DiT existed
+        return cls(unet=UNetConfig(**dict(d.pop("unet", {}))),
+                   dit=DiTConfig() if dit_cfg is None else DiTConfig(**dict(dit_cfg)),
                    text=None if text_cfg is None else TextConfig(**dict(text_cfg)), **d)
 
     def __post_init__(self):
         check_null_mode(self.null)
-        if self.text_conditioned and self.unet.num_classes is not None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown model.backbone {self.backbone!r}; choose one of {BACKBONES}.")
+        if self.text_conditioned and self.num_classes is not None:
             raise ValueError("condition on text or on class labels, not both: set text=None or "
-                             "unet.num_classes=None.")
+                             f"{self.backbone}.num_classes=None.")
         if self.frozen_text_width is not None:
             if self.text is not None:
                 raise ValueError("a frozen text encoder replaces the trained one: text=None.")
@@ -76,6 +86,34 @@ class ModelConfig:
     def context_width(self) -> Optional[int]:
         """The width of the text tokens cross-attention reads."""
         return self.text.width if self.text is not None else self.frozen_text_width
+
+    # What the rest of the library reads of the network, whichever the backbone.
+    @property
+    def backbone_cfg(self):
+        """The backbone's typed config (UNetConfig or DiTConfig)."""
+        return self.dit if self.backbone == "dit" else self.unet
+
+    @property
+    def out_channels(self) -> int:
+        return self.backbone_cfg.out_channels
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return self.backbone_cfg.num_classes
+
+    @property
+    def size_multiple(self) -> int:
+        """Image (or latent) sides must be multiples of this: the UNet halves them len(channel_mult)
+        - 1 times, the DiT cuts them into patches."""
+        if self.backbone == "dit":
+            return self.dit.patch_size
+        return 2 ** (len(self.unet.channel_mult) - 1)
+
+    @property
+    def embedding_width(self) -> int:
+        """The width of the extra context tokens of an image embedding when there are no text
+        tokens (unCLIP; the UNet's time-embedding width, the DiT's width)."""
+        return self.dit.width if self.backbone == "dit" else 4 * self.unet.channels
 
 
 @struct.dataclass
@@ -97,9 +135,12 @@ class Denoiser(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.unet = UNet(cfg.unet)
+        if cfg.backbone == "dit":
+            self.dit = DiT(cfg.dit)
+        else:
+            self.unet = UNet(cfg.unet)  # the attribute names the parameters' subtree
         if cfg.embedding_dim is not None:
-            width = cfg.context_width or 4 * cfg.unet.channels
+            width = cfg.context_width or cfg.embedding_width
             self.embedding_tokens = nn.Dense(cfg.embedding_tokens * width)
         if cfg.frozen_text_width is not None:
             self.text_norm = nn.LayerNorm(name="text_norm")
@@ -153,7 +194,7 @@ class Denoiser(nn.Module):
             return Encoded(context=context, context_mask=cond.mask, pooled=pooled,
                            low_res=cond.low_res, aug_level=cond.aug_level)
         if cfg.text is None:
-            if cfg.unet.num_classes is not None and cond.label is None:
+            if cfg.num_classes is not None and cond.label is None:
                 raise ValueError("this model is class-conditional: the Condition needs label [B].")
             return Encoded(label=cond.label, low_res=cond.low_res, aug_level=cond.aug_level)
         if cond.tokens is None:
@@ -172,9 +213,10 @@ class Denoiser(nn.Module):
 
     def denoise(self, x_t, t, enc: Encoded, deterministic: bool = True):
         """Returns eps_hat [B, H, W, C_out] (float32)."""
-        return self.unet(x_t, t, enc.context, enc.context_mask, enc.pooled, enc.label, deterministic,
-                         low_res=enc.low_res, aug_level=enc.aug_level, embedding=enc.embedding,
-                         known=enc.known, known_mask=enc.known_mask)
+        net = self.dit if self.cfg.backbone == "dit" else self.unet
+        return net(x_t, t, enc.context, enc.context_mask, enc.pooled, enc.label, deterministic,
+                   low_res=enc.low_res, aug_level=enc.aug_level, embedding=enc.embedding,
+                   known=enc.known, known_mask=enc.known_mask)
 
     def __call__(self, x_t, t, cond: Condition, deterministic: bool = True):
         return self.denoise(x_t, t, self.encode(cond), deterministic)
