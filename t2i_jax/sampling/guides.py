@@ -82,10 +82,11 @@ def check_matches(guide: Trained, model: Trained, flag: str) -> None:
                      f"model's x_t is {tuple(model.family.image_shape)}"
                      + (" (a latent: guides of a latent model are trained on its latents)"
                         if model.family.latent else ""))
-    for key in ("schedule", "num_timesteps", "zero_terminal_snr"):
-        if g.diffusion.get(key) != m.diffusion.get(key):
-            diffs.append(f"diffusion.{key}: {g.diffusion.get(key)!r} (guide) vs "
-                         f"{m.diffusion.get(key)!r} (model)")
+    for key, default in (("process", "vp"), ("schedule", None), ("num_timesteps", None),
+                         ("zero_terminal_snr", None)):
+        if g.diffusion.get(key, default) != m.diffusion.get(key, default):
+            diffs.append(f"diffusion.{key}: {g.diffusion.get(key, default)!r} (guide) vs "
+                         f"{m.diffusion.get(key, default)!r} (model)")
     if diffs:
         raise ValueError(f"{flag} {guide.workdir} was trained for another model than "
                          f"{model.workdir}: " + "; ".join(diffs) + ". Train the guide with the "
