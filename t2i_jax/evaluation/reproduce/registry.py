@@ -4,8 +4,8 @@ run(a) -> exit code."""
 
 from __future__ import annotations
 
-from t2i_jax.evaluation.reproduce import (cascade, cfg, checkpoints, classifier, ddim, iddpm,
-                                          inpaint, latent, sdg, unclip)
+from t2i_jax.evaluation.reproduce import (cascade, cfg, checkpoints, classifier, ddim, flow,
+                                          iddpm, inpaint, latent, sdg, unclip)
 
 EXPERIMENTS = {
     "cfg": cfg,
@@ -18,4 +18,5 @@ EXPERIMENTS = {
     "unclip": unclip,
     "iddpm": iddpm,
     "inpaint": inpaint,
+    "flow": flow,
 }
