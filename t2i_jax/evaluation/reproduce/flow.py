@@ -11,7 +11,7 @@ the DiT (Peebles & Xie 2023) at matched parameters.
    and Heun (2N - 1 calls for N steps: 5, 9, 19, 49).
 2. CFG, guidance rescale (Lin et al. 2023), a guidance interval (Kynkäänniemi et al. 2024) and
    APG (Sadat et al. 2024) on the flow model over their parameters: alignment, FD, precision,
-   recall and saturation (the fraction of pixels at 0 or 255).
+   recall and saturation (the fraction of pixel values at 255).
 3. With --dit: the UNet against the DiT: parameters, training images/s (the median of the
    run's logged rates) and quality at the config's sampler, 50 steps, w = 3.
 4. --parts shapes, on a shapes model (configs/shapes_dit_flow.py): "a large COLOUR SHAPE" for

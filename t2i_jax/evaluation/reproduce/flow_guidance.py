@@ -9,8 +9,9 @@ parameters, each row one sampling job (a sweep over a method's values shares one
   APG       eta in APG_ETAS, and a norm threshold and momentum, at w = HIGH_W (Sadat et al.
             2024: dropping the update's part parallel to x0(y) removes oversaturation)
 
-Columns: alignment, FD, precision, recall and saturation (the fraction of pixels at 0 or 255),
-with the real data's saturation beside them.
+Columns: alignment, FD, precision, recall and saturation (cascade.saturation: the fraction of
+pixel values clipped at the top, 255; the black background makes values at 0 say nothing), with
+the real data's saturation beside them.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import numpy as np
-
 from t2i_jax.evaluation.reproduce import common
+from t2i_jax.evaluation.reproduce.cascade import saturation
 
 CFG_WEIGHTS = (0.0, 3.0, 10.0)
 HIGH_W = 10.0
@@ -29,11 +29,6 @@ INTERVALS = ((0.2, 0.8), (0.0, 0.5))
 # (eta, norm threshold r, momentum beta)
 APG_SETTINGS = ((0.0, 0.0, 0.0), (0.0, 2.5, -0.5))
 KEYS = ["alignment", "fd", "precision", "recall", "saturation"]
-
-
-def saturation(x: np.ndarray) -> float:
-    """The fraction of pixels at 0 or 255 (uint8 images): what oversaturation clips."""
-    return float(np.mean((x == 0) | (x == 255)))
 
 
 def score(scorer, x, rows) -> dict:
