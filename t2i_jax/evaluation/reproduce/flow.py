@@ -141,7 +141,8 @@ def shapes_table(trained, out: str, scorer, *, num_per_prompt, seed, batch_size,
     pred = scorer.ev.predict(x)                                   # bool [N, 30]
     table = []
     for p in prompts:
-        c, s = (shapes.COLOURS.index(w) for w in p.split()[2:4])
+        colour, shape = p.split()[2:4]
+        c, s = shapes.COLOURS.index(colour), shapes.SHAPES.index(shape)
         sel = [i for i, r in enumerate(rows) if r["prompt"] == p]
         found = [{(int(j) // 6, int(j) // 2 % 3) for j in np.flatnonzero(pred[i])} for i in sel]
         table.append(dict(prompt=p, held_out=shapes.is_held_out(c, s), n=len(sel),
