@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2i_jax.diffusion import guidance, noise
+from t2i_jax.diffusion import forward, guidance, noise
 from t2i_jax.diffusion.schedules import Schedule
 from t2i_jax.diffusion.steps import (SPACINGS, StepCoefficients, Steps, check_chain,  # noqa: F401
                                      check_steps, plms_steps, step_coefficients, steps_of,
@@ -169,10 +169,10 @@ def ode_variables(alpha_bar, ode: str):
     """Returns (c, a, b) with c x_t = a x0 + b eps the ODE's state and b its time: k-diffusion's
     x / sqrt(abar) = x0 + sigma eps (c = 1 / sqrt(abar), a = 1, b = sigma), or the flow path's
     (1 - tau) x0 + tau eps (c = 1 / (sqrt(abar) + sqrt(1 - abar)), a = 1 - tau, b = tau)."""
-    root, root_m = jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
     if ode == "flow":
-        c = 1.0 / (root + root_m)
-        return c, root * c, root_m * c
+        inv_n, tau = forward.flow_scale(alpha_bar)  # the flow path's variables, one definition
+        return inv_n, 1.0 - tau, tau
+    root, root_m = jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
     return 1.0 / root, jnp.ones_like(root), root_m / root
 
 
