@@ -48,7 +48,9 @@ Inpainting: regenerate part of an image, keep the rest (every record says which 
         --repaint_jumps 4 --repaint_jump_length 5 --prompt "..." --outdir out/repaint  # any model
 
 Improved DDPM's learned variance: --sampler ddpm --ddpm_variance learned (the default of a model
-trained with diffusion.learn_sigma).
+trained with diffusion.learn_sigma). Heun on a VP model: --sampler heun --ode_variables flow solves
+the ODE in the flow path's time tau in [0, 1]; the default sigma form's sigma_max (3e4 on the cosine
+schedule, inf at zero terminal SNR) scales its corrector's errors.
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ def parse_args(argv):
                    help="ddpm sampler's variance: posterior beta~, beta (DDIM paper's sigma-hat), or "
                         "learned (a model trained with diffusion.learn_sigma, IDDPM; also DDIM's "
                         "sigma at eta > 0); default: the config's")
+    p.add_argument("--ode_variables", choices=("sigma", "flow"),
+                   help="Heun's variables: sigma (k-diffusion's x / sqrt(abar) in sigma = "
+                        "sqrt((1 - abar) / abar)) or flow (the flow path's, time tau in [0, 1]: "
+                        "well conditioned where sigma_max is large, e.g. the cosine schedule's "
+                        "3e4); default: the model's process (flow on a flow model, else sigma)")
     p.add_argument("--thresholding", choices=THRESHOLDINGS, help="x0 clipping; default: the config's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=64,

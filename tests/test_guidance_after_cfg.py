@@ -348,6 +348,7 @@ def test_bad_rules_are_refused_with_the_flag_named():
     (["--apg", "--apg_momentum", "inf"], "--apg_momentum must be a finite number"),
     (["--apg", "--apg_norm_threshold", "-1"], "--apg_norm_threshold must be >= 0"),
     (["--apg", "--prior", "P"], "--apg act on stage 0's classifier-free guidance; with --prior"),
+    (["--sampler", "ddim", "--ode_variables", "flow"], "--sampler ddim does not read it"),
 ])
 def test_sample_py_refuses_bad_guidance_rule_flags_before_anything_is_written(tmp_path, capfd,
                                                                              extra, words):

@@ -137,7 +137,7 @@ def repaint_chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Arra
                   spacing: str = "trailing", ddpm_variance: str = "posterior",
                   sample_ids: Optional[jax.Array] = None, jumps: int = 0,
                   jump_length: int = 10, paste_known: bool = True,
-                  steps: Optional[samplers.Steps] = None) -> jax.Array:
+                  steps: Optional[samplers.Steps] = None, ode: Optional[str] = None) -> jax.Array:
     """Returns x0 [B, ...] of RePaint (Lugmayr et al. 2022, Alg. 1) on `sampler`'s chain: one
     lax.scan over repaint_transitions. known [B, ...] in [-1, 1]; mask [B, ..., 1] (1 = known).
 
@@ -166,7 +166,8 @@ def repaint_chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Arra
                                         steps.final_alpha_bar)
     x_T = (x_T * steps.x_T_scale).astype(x_T.dtype)
     kind, step = repaint_transitions(len(steps.t), jumps, jump_length)
-    opts = samplers.Options(eta=jnp.asarray(eta, x_T.dtype), ddpm_variance=ddpm_variance)
+    opts = samplers.Options(eta=jnp.asarray(eta, x_T.dtype), ddpm_variance=ddpm_variance,
+                            ode=samplers.ode_of(schedule, ode))
     step_keys = noise.per_sample_keys(rng, sample_ids, noise.STEP_NOISE)
     known_keys = noise.per_sample_keys(rng, sample_ids, noise.KNOWN_NOISE)
     mask = jnp.broadcast_to(mask, x_T.shape[:-1] + (1,)).astype(x_T.dtype)

@@ -16,6 +16,9 @@
             the DDIM transfer, eq. 11): a linear multistep method of order up to 4 on eps, its
             first step a Heun-like pair (the model called again at the step's end, the two eps
             averaged: diffusers' PNDMScheduler with skip_prk_steps, SD 1.x's default)
+  heun      Heun's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 without churn),
+            two model calls a step, in k-diffusion's sigma form or in the flow path's variables
+            (`ode`; default the model's own: "flow" on a flow model, "sigma" on a VP one)
 
 Here t is the timestep a step starts from and s the next (less noisy) visited one; after the
 last visited timestep s is the data itself (abar_s = 1), so every sampler ends on x0_hat. A
@@ -45,6 +48,7 @@ from t2i_jax.diffusion.steps import (SPACINGS, StepCoefficients, Steps, check_ch
                                      timesteps, truncated)
 
 DDPM_VARIANCES = ("posterior", "beta", "learned")
+ODES = ("sigma", "flow")  # Heun's variables (ode_variables)
 
 initial_noise = noise.initial_noise  # re-exported: x_T for sample(), drawn per sample index
 
@@ -168,7 +172,10 @@ def plms_step(x_t, eps_hat, x0_hat, c, z, state, opts, v=None):
 def ode_variables(alpha_bar, ode: str):
     """Returns (c, a, b) with c x_t = a x0 + b eps the ODE's state and b its time: k-diffusion's
     x / sqrt(abar) = x0 + sigma eps (c = 1 / sqrt(abar), a = 1, b = sigma), or the flow path's
-    (1 - tau) x0 + tau eps (c = 1 / (sqrt(abar) + sqrt(1 - abar)), a = 1 - tau, b = tau)."""
+    (1 - tau) x0 + tau eps (c = 1 / (sqrt(abar) + sqrt(1 - abar)), a = 1 - tau, b = tau).
+    The two are one ODE; only the time differs: sigma = sqrt((1 - abar) / abar) is unbounded
+    (the cosine schedule's sigma_max at t = T-1 is ~3e4, inf at zero SNR), tau lies in [0, 1]
+    (tau = 1 at abar = 0)."""
     if ode == "flow":
         inv_n, tau = forward.flow_scale(alpha_bar)  # the flow path's variables, one definition
         return inv_n, 1.0 - tau, tau
@@ -176,12 +183,27 @@ def ode_variables(alpha_bar, ode: str):
     return 1.0 / root, jnp.ones_like(root), root_m / root
 
 
+def ode_of(schedule: Schedule, ode: Optional[str]) -> str:
+    """Heun's variables: `ode` checked, or None for the model's own ("flow" on a flow model's
+    schedule, else "sigma")."""
+    if ode is None:
+        return "flow" if schedule.process == "flow" else "sigma"
+    if ode not in ODES:
+        raise ValueError(f"unknown ode {ode!r} (Heun's variables); choose one of {ODES}, or None "
+                         "for the model's own.")
+    return ode
+
+
 def heun_step(x_t, eps_hat, x0_hat, c, z, state, opts, v=None):
     """Returns Heun's step (Karras et al. 2022, Alg. 1 without churn) over calls paired by
     steps.heun_steps: call 2k (the model at t) takes Euler's step to s, which is DDIM's eta = 0
     update, and keeps y_t and the slope d; call 2k + 1 (the model at s, on that x) returns
     y_s = y_t + (b_s - b_t) (d + d') / 2, in the ODE's variables (ode_variables: k-diffusion's
-    sigma form, d = eps_hat; the flow path's, d = eps_hat - x0_hat, rectified flow's u)."""
+    sigma form, d = eps_hat; the flow path's, d = eps_hat - x0_hat, rectified flow's u).
+    The corrector's trapezoid multiplies the error of d' by (b_s - b_t) / 2: in the sigma form
+    that is ~sigma_max / 2 = 1.5e4 on the cosine schedule's first step, in the flow form at most
+    1 / 2, so opts.ode = "flow" is Heun for a VP model with a large sigma_max. (Euler's step is
+    the same in both.)"""
     del z, v
     y_kept, d_kept, n = state
     _, a_t, b_t = ode_variables(c.alpha_bar_t, opts.ode)
@@ -240,7 +262,7 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
            guidance_fn: Optional[Callable] = None, classifier_scale=1.0,
            prediction: str = "eps", spacing: str = "trailing", ddpm_variance: str = "posterior",
            sample_ids: Optional[jax.Array] = None, learn_sigma: bool = False,
-           guidance_rule: Any = None) -> jax.Array:
+           guidance_rule: Any = None, ode: Optional[str] = None) -> jax.Array:
     """Returns the final x0 estimate [B, ...] of a reverse diffusion from x_T [B, ...]: the
     common guides composed (guidance.py: the network with CFG, then gradient guidance, then
     thresholding) and checked, then `chain`. Other compositions call `chain` themselves.
@@ -258,7 +280,7 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
       eps -= sqrt(1 - abar_t) * classifier_scale * grad (ADM). classifier_scale is [] or [B].
     thresholding: None, "static", "dynamic" or a function x0 -> x0, applied to x0_hat each step
       (eps_hat is then recomputed from it).
-    rng, sample_ids: see `chain`.
+    rng, sample_ids, ode: see `chain`.
     """
     if x_T.ndim < 1:
         raise ValueError(f"x_T must have a leading batch axis, got shape {x_T.shape}.")
@@ -286,7 +308,7 @@ def sample(denoise_fn: Callable, schedule: Schedule, x_T: jax.Array, *, cond: An
     denoiser = guidance.thresholded(denoiser, schedule, thresholding)
     return chain(denoiser, schedule, x_T, sampler=sampler, num_steps=num_steps, eta=eta, rng=rng,
                  prediction=prediction, spacing=spacing, ddpm_variance=ddpm_variance,
-                 sample_ids=sample_ids)
+                 sample_ids=sample_ids, ode=ode)
 
 
 def check_variance_output(ddpm_variance: str, rest) -> None:
@@ -299,7 +321,8 @@ def check_variance_output(ddpm_variance: str, rest) -> None:
 def chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Array, *,
           sampler: str = "ddim", num_steps: int = 50, eta=0.0, rng: Optional[jax.Array] = None,
           prediction: str = "eps", spacing: str = "trailing", ddpm_variance: str = "posterior",
-          sample_ids: Optional[jax.Array] = None, steps: Optional[Steps] = None) -> jax.Array:
+          sample_ids: Optional[jax.Array] = None, steps: Optional[Steps] = None,
+          ode: Optional[str] = None) -> jax.Array:
     """The sampling chain: one lax.scan over the visited timesteps, each step one call of
     denoiser(x_t [B, ...], t int32 [B]) -> (eps_hat, x0_hat[, v]) (guidance.py's model_denoiser
     with any guides applied; v: a learned-variance model's output, read by ddpm_variance
@@ -314,9 +337,13 @@ def chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Array, *,
     rng: key for the noise of ddpm and of ddim with eta != 0; sample i's noise at step k comes
       from fold_in(fold_in(fold_in(rng, STEP_NOISE), sample_ids[i]), k) (noise.py; default ids
       0..B-1), so it is the same in any batch and on any number of devices.
+    ode: Heun's variables (ode_variables): "sigma" (k-diffusion's) or "flow" (the flow path's);
+      None: the model's own ("flow" for schedule.process "flow", else "sigma"). Other samplers
+      do not read it.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {tuple(SAMPLERS)}.")
+    ode = ode_of(schedule, ode)
     if ddpm_variance not in DDPM_VARIANCES:
         raise ValueError(f"unknown ddpm_variance {ddpm_variance!r}; choose one of {DDPM_VARIANCES}.")
     if x_T.ndim < 1:
@@ -338,18 +365,18 @@ def chain(denoiser: guidance.Denoiser, schedule: Schedule, x_T: jax.Array, *,
                          + " draws noise: pass rng=jax.random.key(seed).")
     steps = steps_of(schedule, num_steps, spacing, prediction, sampler) if steps is None \
         else check_steps(schedule, steps, prediction)
-    if sampler == "heun" and schedule.process != "flow" and schedule.zero_terminal_snr \
+    # In the flow variables zero SNR is tau = 1, a finite start; in the sigma form, sigma = inf.
+    if sampler == "heun" and ode == "sigma" and schedule.zero_terminal_snr \
             and np.any(np.asarray(steps.t) >= schedule.num_timesteps - 1):
         raise ValueError("Heun in k-diffusion's sigma form cannot start at zero SNR (sigma = "
-                         "inf at t = T-1): use --sampler euler, dpmpp_2m or ddim, or "
-                         "--spacing leading.")
+                         "inf at t = T-1): use --ode_variables flow, --sampler euler, dpmpp_2m "
+                         "or ddim, or --spacing leading.")
     ts = jnp.asarray(steps.t)
     coeffs = step_coefficients(schedule, jnp.asarray(steps.starts), jnp.asarray(steps.s),
                                steps.final_alpha_bar)
     if steps.x_T_scale != 1.0:
         x_T = (x_T * steps.x_T_scale).astype(x_T.dtype)
-    opts = Options(eta=jnp.asarray(eta, x_T.dtype), ddpm_variance=ddpm_variance,
-                   ode="flow" if schedule.process == "flow" else "sigma")
+    opts = Options(eta=jnp.asarray(eta, x_T.dtype), ddpm_variance=ddpm_variance, ode=ode)
     keys = noise.per_sample_keys(rng, sample_ids, noise.STEP_NOISE) if noisy else None
 
     def body(carry, inputs):

@@ -47,6 +47,8 @@ class SampleOptions:
     repaint_jump_length: int = 10     # and the segment's length in steps
     strength: Optional[float] = None  # img2img / SDEdit: start from the image noised to the
                                       # chain's step S - int(S * strength) (diffusers' rule)
+    ode_variables: Optional[str] = None  # Heun's variables, "sigma" or "flow" (samplers.chain's
+                                         # ode); None: the model's own
 
     @classmethod
     def from_config(cls, sample) -> "SampleOptions":
@@ -71,6 +73,13 @@ class SampleOptions:
         if self.sampler not in samplers.SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of "
                              f"{sorted(samplers.SAMPLERS)}.")
+        if self.ode_variables not in (None,) + samplers.ODES:
+            raise ValueError(f"unknown ode_variables {self.ode_variables!r} (Heun's variables); "
+                             f"choose one of {samplers.ODES}, or None for the model's own.")
+        if self.ode_variables is not None and self.sampler != "heun":
+            raise ValueError(f"--ode_variables chooses the variables Heun's steps solve the ODE "
+                             f"in; sampler {self.sampler!r} does not read it: pass --sampler heun, "
+                             "or leave --ode_variables out.")
         if not 0.0 <= _number(self.eta) <= 1.0:  # NaN fails too
             raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: as much "
                              f"noise as DDPM), got {self.eta}.")
@@ -191,7 +200,8 @@ def make_generate_fn(family, options: SampleOptions, guided: bool = True,
         denoiser = guidance.thresholded(denoiser, family.schedule, threshold)
         chain_args = dict(sampler=options.sampler, num_steps=options.num_steps, eta=options.eta,
                           rng=rng, prediction=family.prediction, spacing=options.spacing,
-                          ddpm_variance=options.ddpm_variance, sample_ids=sample_ids, steps=steps)
+                          ddpm_variance=options.ddpm_variance, sample_ids=sample_ids, steps=steps,
+                          ode=options.ode_variables)
         if options.inpaint == "glide":  # the known pixels overwrite x0_hat at every step
             denoiser = inpainting.known_region(denoiser, family.schedule, cond.known,
                                                cond.known_mask)

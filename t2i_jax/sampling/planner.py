@@ -49,7 +49,7 @@ def build(request: Request, prompts=None) -> Plan:
             ddpm_variance=r.ddpm_variance, inpaint=method,
             repaint_jumps=r.repaint_jumps if r.inpaint else 0,
             repaint_jump_length=r.repaint_jump_length,
-            strength=r.strength if r.init_image else None)
+            strength=r.strength if r.init_image else None, ode_variables=r.ode_variables)
         kw = dict(shard_size=r.shard_size)
         _given_sd_inputs(r, trained, prompts, kw)
         if r.inpaint:

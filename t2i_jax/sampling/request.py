@@ -58,6 +58,7 @@ class Request:
     steps: Optional[int] = None
     eta: Optional[float] = None
     ddpm_variance: Optional[str] = None
+    ode_variables: Optional[str] = None      # Heun's variables (default: the model's process)
     thresholding: Optional[str] = None
     seed: int = 0
     batch_size: int = 64
@@ -181,6 +182,10 @@ class Request:
             raise ValueError(f"--seed must be in [0, 2^32) (JAX keys hold 32 bits), got {self.seed}.")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}.")
+        if self.ode_variables is not None and self.sampler not in (None, "heun"):
+            raise ValueError(f"--ode_variables chooses the variables Heun's steps solve the ODE "
+                             f"in; --sampler {self.sampler} does not read it: pass --sampler "
+                             "heun, or leave --ode_variables out.")
         if self.eta is not None and not 0.0 <= self.eta <= 1.0:  # NaN fails too
             raise ValueError(f"--eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM's "
                              f"noise), got {self.eta}.")

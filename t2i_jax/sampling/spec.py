@@ -63,6 +63,7 @@ class JobSpec:
     guidance_interval: tuple = ()       # (lo, hi) of the chain's time (Kynkaanniemi et al. 2024)
     guidance_interval_sigma: tuple = ()  # (lo, hi] of sigma
     apg: tuple = ()         # APG's (eta, norm_threshold, momentum) as frozen items (Sadat et al.)
+    ode_variables: Optional[str] = None  # Heun's variables when given ("sigma" or "flow")
 
     @property
     def options(self) -> SampleOptions:
@@ -72,7 +73,8 @@ class JobSpec:
                              0.995 if self.percentile is None else self.percentile,
                              inpaint=paint.get("method"), repaint_jumps=paint.get("jumps", 0),
                              repaint_jump_length=paint.get("jump_length", 10),
-                             strength=thaw(self.img2img)["strength"] if self.img2img else None)
+                             strength=thaw(self.img2img)["strength"] if self.img2img else None,
+                             ode_variables=self.ode_variables)
 
     @property
     def num_stages(self) -> int:
@@ -107,6 +109,8 @@ class JobSpec:
                 "eta": self.eta, "thresholding": self.thresholding or "none",
                 "ddpm_variance": self.ddpm_variance,
                 **({"percentile": self.percentile} if self.percentile is not None else {}),
+                **({"ode_variables": self.ode_variables} if self.ode_variables is not None
+                   else {}),
                 "checkpoint_step": self.checkpoint_step, "params": self.params,
                 **({"guides": [dict(g) for g in self.guides]} if self.guides else {}),
                 **({"rerank": self.rerank} if self.rerank > 1 else {}),
@@ -185,7 +189,8 @@ class JobSpec:
                            ("candidates", 1), ("shared_noise", False), ("inpaint", ()),
                            ("negative_prompts", ()), ("init_noise", ()), ("img2img", ()),
                            ("guidance_rescale", 0.0), ("guidance_interval", ()),
-                           ("guidance_interval_sigma", ()), ("apg", ())):
+                           ("guidance_interval_sigma", ()), ("apg", ()),
+                           ("ode_variables", None)):
             if getattr(self, key) == empty:
                 del d[key]
         d.update(self.rule_record())

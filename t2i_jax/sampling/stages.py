@@ -54,6 +54,8 @@ class Stage:
                "guidance": self.guidance, "aug_level": self.aug_level}
         if o.thresholding == "dynamic":
             out["percentile"] = o.percentile
+        if o.ode_variables is not None:
+            out["ode_variables"] = o.ode_variables
         decoder = self.trained.family.decoder_record()
         if decoder:
             out["decoder"] = decoder
@@ -112,7 +114,8 @@ def check_prior_decoder(prior: Trained, decoder: Trained, flag: str = "--prior")
 
 def stage_options(trained: Trained, *, sampler=None, steps=None, eta=None, thresholding=None,
                   ddpm_variance=None, flag: str = "--steps", inpaint=None, repaint_jumps: int = 0,
-                  repaint_jump_length: int = 10, strength=None) -> SampleOptions:
+                  repaint_jump_length: int = 10, strength=None,
+                  ode_variables=None) -> SampleOptions:
     """A stage's options: the given ones, else its own config's (config.sample); ValueError
     naming `flag` for a step count outside 1..T."""
     cfg = trained.config
@@ -129,7 +132,7 @@ def stage_options(trained: Trained, *, sampler=None, steps=None, eta=None, thres
         spacing=trained.family.spacing_of(sampler) or base.spacing,
         ddpm_variance=ddpm_variance or base.ddpm_variance, percentile=base.percentile,
         inpaint=inpaint, repaint_jumps=repaint_jumps, repaint_jump_length=repaint_jump_length,
-        strength=strength)
+        strength=strength, ode_variables=ode_variables)
     trained.family.check_options(options, flag.replace("steps", "thresholding"))
     return options
 

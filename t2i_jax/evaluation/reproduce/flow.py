@@ -33,8 +33,11 @@ from t2i_jax.evaluation.reproduce.flow_guidance import saturation, score
 from t2i_jax.evaluation.scorer import Scorer, evaluator_cache
 
 NFES = (5, 10, 20, 50)
-# (label, sampler): DDIM and Euler are one update on the same steps (tests/test_flow.py)
-NFE_SAMPLERS = (("DDIM = Euler", "ddim"), ("DPM-Solver++(2M)", "dpmpp_2m"), ("Heun", "heun"))
+# (label, sampler, Heun's variables): DDIM and Euler are one update on the same steps
+# (tests/test_flow.py); Heun runs in the model's own variables (a VP model's: k-diffusion's sigma)
+# and, on a VP model, in the flow path's too (on a flow model that is the same row)
+NFE_SAMPLERS = (("DDIM = Euler", "ddim", None), ("DPM-Solver++(2M)", "dpmpp_2m", None),
+                ("Heun", "heun", None), ("Heun, flow variables", "heun", "flow"))
 GUIDANCE_W = 3.0
 
 PARTS = ("nfe", "guidance", "backbone", "shapes")
@@ -85,12 +88,17 @@ def nfe_table(models: dict, out: str, prompts, scorer, *, num_per_prompt, seed, 
     table = []
     for name, trained in models.items():
         base = SampleOptions.from_config(trained.config.sample)
-        for label, sampler in NFE_SAMPLERS:
+        flow = trained.config.diffusion.get("process", "vp") == "flow"
+        for label, sampler, ode in NFE_SAMPLERS:
+            if ode == "flow" and flow:
+                continue  # the model's own variables: the row above
             for nfe in NFES:
                 n = steps_for(sampler, nfe)
-                options = dataclasses.replace(base, sampler=sampler, num_steps=n, eta=0.0)
+                options = dataclasses.replace(base, sampler=sampler, num_steps=n, eta=0.0,
+                                              ode_variables=ode)
                 x, rows, stats = common.sample_job(
-                    trained, os.path.join(out, "samples", f"{name}_{sampler}_{n}"), prompts,
+                    trained, os.path.join(out, "samples", f"{name}_{sampler}{ode or ''}_{n}"),
+                    prompts,
                     num_per_prompt=num_per_prompt, guidance=(GUIDANCE_W,), seed=seed,
                     options=options, batch_size=batch_size, progress=progress)
                 table.append(dict(model=name, method=label, steps=n, target=nfe,
@@ -208,7 +216,7 @@ def reproduce_flow(flow_trained, vp_trained, out: str, *, dit_trained=None, num_
 def nfe_markdown(table) -> str:
     md = ""
     keys = sorted({(r["model"], r["method"]) for r in table},
-                  key=lambda k: (k[0] != "vp", [m for m, _ in NFE_SAMPLERS].index(k[1])))
+                  key=lambda k: (k[0] != "vp", [m for m, _, _ in NFE_SAMPLERS].index(k[1])))
     for metric in ("fd", "alignment"):
         md += f"\n{metric} by model calls (NFE; Heun's 2N - 1: 5, 9, 19, 49), w = {GUIDANCE_W:g}:\n\n"
         rows = [[model, method] + [next((r[metric] for r in table if r["model"] == model and
@@ -232,7 +240,7 @@ def _plot_nfe(table, floor, path):
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for model, style in (("vp", "--"), ("flow", "-")):
-        for method, _ in NFE_SAMPLERS:
+        for method, _, _ in NFE_SAMPLERS:
             rs = [r for r in table if r["model"] == model and r["method"] == method]
             if not rs:
                 continue
