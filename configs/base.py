@@ -43,7 +43,7 @@ def get_config():
         dit=dict(
             out_channels=3, patch_size=2, width=384, depth=12, num_heads=6, mlp_ratio=4.0,
             num_classes=None, freq_dim=256, dropout=0.0, attention_impl="einsum",
-            dtype="float32", remat=False, scan=True),
+            dtype="float32", remat=False, scan=True, conv_stem=0, conv_head=0),
         text=dict(max_length=16, width=128, num_layers=2, num_heads=4, mlp_ratio=4,
                   attention_impl="einsum", dtype="float32"),
         null="empty_prompt",      # or "learned": see t2i_jax/conditioning/
@@ -60,10 +60,11 @@ def get_config():
 
     config.diffusion = ml_collections.ConfigDict(dict(
         # "vp": DDPM's process on `schedule`, predicting `prediction`; "flow": flow matching's
-        # linear path x = (1 - tau) x0 + tau eps, predicting u = eps - x0, tau drawn by
+        # linear path x = (1 - tau) x0 + tau eps, predicting u = eps - x0 (or x0 itself with
+        # prediction="x0", JiT's x-prediction with the velocity's loss), tau drawn by
         # `flow_time` ("logit_normal" (SD3): sigmoid(N(flow_logit_mean, flow_logit_std)), or
         # "uniform") and shifted by `shift` in training and sampling (SD3's resolution shift;
-        # t2i_jax/diffusion/flow.py); schedule, zero_terminal_snr and prediction are then unused
+        # t2i_jax/diffusion/flow.py); schedule and zero_terminal_snr are then unused
         process="vp", flow_time="logit_normal", flow_logit_mean=0.0, flow_logit_std=1.0,
         shift=1.0,
         schedule="linear", num_timesteps=1000, zero_terminal_snr=False, prediction="eps",

@@ -3,7 +3,9 @@
 On a 1-D Gaussian mixture the exact flow velocity u*(x_tau, tau) = E[eps - x0 | x_tau] is known
 (analytic.flow_fn), so a sampler's only errors are its discretisation and the draws': Euler
 with many steps must reach the mixture's weights, means and variances; Heun reaches them with
-fewer. The loss is checked against NumPy, the time density by a KS test.
+fewer, and on a VP model (the cosine schedule, sigma_max = 3e4) Heun in the flow variables
+does where Heun in k-diffusion's sigma cannot. The loss is checked against NumPy, the time
+density by a KS test.
 """
 
 import jax
@@ -110,6 +112,14 @@ def test_euler_is_rectified_flows_step_and_ddim():
                 x_, FLOW.at("alphas_cumprod", t_, 2), "flow"),
             FLOW, x_T, sampler=sampler, steps=steps, prediction="flow")
         np.testing.assert_allclose(np.asarray(got), np.asarray(x), atol=2e-5)
+    # a model of x0 itself (JiT) that agrees with u, x0 = x_tau - tau u, takes the same steps
+    def x0_model(x_, t_):
+        ab = FLOW.at("alphas_cumprod", t_, 2)
+        x_tau = forward.model_input(x_, ab, "flow_x0")
+        tau_ = ((t_ + 1) / T).reshape(-1, 1)
+        return forward.eps_and_x0(x_tau - tau_ * u(x_tau, t_, None), x_, ab, "flow_x0")
+    got = samplers.chain(x0_model, FLOW, x_T, sampler="euler", steps=steps, prediction="flow_x0")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(x), atol=2e-5)
 
 
 def test_heun_is_heuns_method_in_the_flow_time():
@@ -132,7 +142,8 @@ def test_heun_is_heuns_method_in_the_flow_time():
 
 def test_heun_on_a_vp_model_is_k_diffusions_sigma_form():
     """On a VP model, Heun in y = x / sqrt(abar), sigma = sqrt((1 - abar) / abar), dy/dsigma = eps
-    (DDPM's linear schedule: sigma_max = 157, as SD's; the cosine's 3e4 is no start for Heun)."""
+    (DDPM's linear schedule: sigma_max = 157, as SD's; the cosine's 3e4 is no start for Heun in
+    sigma: see the next test, in the flow variables)."""
     schedule = make_schedule("linear", T)
     eps_fn = analytic.eps_fn(MIXTURE, schedule)
     n, b = 5, 32
@@ -150,6 +161,92 @@ def test_heun_on_a_vp_model_is_k_diffusions_sigma_form():
                thresholding=None)
     assert np.all(np.abs(got) < 6)
     np.testing.assert_allclose(got, np.asarray(y)[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_heun_on_a_vp_model_in_the_flow_variables_is_heuns_method_in_tau():
+    """On a VP model with ode="flow", Heun in y = x / n, tau = sqrt(1 - abar) / n, n = sqrt(abar)
+    + sqrt(1 - abar), dy/dtau = eps - x0 (the flow path's variables): the cosine schedule's
+    sigma_max = 3e4 becomes tau = 0.9999, so 20 steps reach the mixture where the sigma form's
+    corrector (its first step's error times sigma_max / 2) gives garbage even with exact eps."""
+    schedule = make_schedule("cosine", T)
+    eps_fn = analytic.eps_fn(MIXTURE, schedule)
+    n, b = 5, 32
+    x_T = _x_T(b, seed=3)
+    ts = samplers.timesteps(schedule, n)
+    ab = np.append(np.asarray(schedule.alphas_cumprod, np.float64)[ts], 1.0)
+    norm = np.sqrt(ab) + np.sqrt(1 - ab)
+    tau = np.sqrt(1 - ab) / norm
+    assert tau[0] > 0.9999 and tau[-1] == 0
+
+    def slope(y, i):  # eps_hat - x0_hat at x_t = n y
+        x = y * norm[i]
+        e = np.asarray(eps_fn(jnp.asarray(x, jnp.float32), jnp.full((b,), ts[i], jnp.int32), None),
+                       np.float64)
+        return e - (x - np.sqrt(1 - ab[i]) * e) / np.sqrt(ab[i])
+    y = np.asarray(x_T, np.float64) / norm[0]
+    for i in range(n):
+        d = slope(y, i)
+        y_pred = y + (tau[i + 1] - tau[i]) * d
+        y = y_pred if i == n - 1 else y + (tau[i + 1] - tau[i]) * 0.5 * (d + slope(y_pred, i + 1))
+    got = _run("heun", n, schedule=schedule, denoise=eps_fn, prediction="eps", x_T=x_T,
+               ode="flow")
+    assert np.all(np.abs(got) < 6)
+    np.testing.assert_allclose(got, y[:, 0], rtol=1e-4, atol=1e-4)
+    heun = _run("heun", 20, schedule=schedule, denoise=eps_fn, prediction="eps", ode="flow")
+    assert np.all(_mixture_errors(heun) < 4.0), _mixture_errors(heun)
+    sigma = _run("heun", 20, schedule=schedule, denoise=eps_fn, prediction="eps")  # the default
+    assert np.max(_mixture_errors(sigma)) > 100, _mixture_errors(sigma)
+
+
+def test_heun_in_the_flow_variables_starts_at_zero_snr_and_bad_odes_are_refused():
+    """abar = 0 is sigma = inf (refused) but tau = 1 (a finite start): a v model on the cosine
+    schedule with zero terminal SNR reaches the mixture with Heun in the flow variables."""
+    zero = make_schedule("cosine", T, zero_terminal_snr=True)
+    v_fn = analytic.v_fn(MIXTURE, zero)
+    for ode in (None, "sigma"):
+        with pytest.raises(ValueError, match="sigma form cannot start at zero SNR .* use "
+                                             "--ode_variables flow"):
+            samplers.sample(v_fn, zero, _x_T(4), sampler="heun", num_steps=5, prediction="v",
+                            ode=ode)
+    heun = _run("heun", 20, schedule=zero, denoise=v_fn, prediction="v", ode="flow")
+    assert np.all(_mixture_errors(heun) < 4.0), _mixture_errors(heun)
+    with pytest.raises(ValueError, match=r"unknown ode 'tau' \(Heun's variables\); choose one "
+                                         r"of \('sigma', 'flow'\)"):
+        samplers.sample(v_fn, zero, _x_T(4), sampler="heun", num_steps=5, prediction="v",
+                        ode="tau")
+    with pytest.raises(ValueError, match="sigma form cannot start at zero SNR"):  # a flow model
+        samplers.sample(analytic.flow_fn(MIXTURE, FLOW), FLOW, _x_T(4), sampler="heun",
+                        num_steps=5, prediction="flow", ode="sigma")
+
+
+def test_ode_variables_is_in_the_jobs_identity_only_when_given(data_dir):
+    """SampleOptions.ode_variables travels to job.json, every record and a later stage's record
+    only when set (old jobs keep their identity), and is refused for a sampler other than heun."""
+    from runs import tiny
+    from t2i_jax import families
+    from t2i_jax.sampling.generate import SampleOptions
+    from t2i_jax.sampling.load import Trained
+    from t2i_jax.sampling.plan import Plan
+    from t2i_jax.sampling.stages import Stage
+    trained = Trained(families.build(tiny(data_dir)), None, 40, "ema", "/runs/text")
+
+    def make(**kw):
+        return Plan.create(trained, ["3"], num_per_prompt=2, guidance=(0.0,), seed=0,
+                           options=SampleOptions("heun", 3, **kw)).spec
+    plain, flow_spec = make(), make(ode_variables="flow")
+    assert "ode_variables" not in plain.to_json() and "ode_variables" not in plain.record(1)
+    assert {k: v for k, v in flow_spec.to_json().items() if k not in plain.to_json()} == \
+        {"ode_variables": "flow"}
+    assert flow_spec.record(1)["ode_variables"] == "flow"
+    assert flow_spec.options == SampleOptions("heun", 3, ode_variables="flow")
+    assert make(ode_variables="sigma").to_json()["ode_variables"] == "sigma"
+    stage = lambda o: Stage(trained, o, 1.0, None).record(1)  # noqa: E731
+    assert stage(SampleOptions("heun", 3, ode_variables="flow"))["ode_variables"] == "flow"
+    assert "ode_variables" not in stage(SampleOptions("heun", 3))
+    with pytest.raises(ValueError, match="sampler 'ddim' does not read it: pass --sampler heun"):
+        SampleOptions("ddim", 3, ode_variables="flow")
+    with pytest.raises(ValueError, match="unknown ode_variables 'tau'"):
+        SampleOptions("heun", 3, ode_variables="tau")
 
 
 def test_euler_with_many_steps_reaches_the_mixture():
@@ -182,9 +279,12 @@ def test_flow_steps_refuse_what_they_cannot_run():
                         num_steps=5, prediction="v")
 
 
-def test_the_familys_flow_loss_is_the_numpy_one():
+@pytest.mark.parametrize("prediction,mean", [("eps", 0.3), ("x0", -3.5)])
+def test_the_familys_flow_loss_is_the_numpy_one(prediction, mean):
     """Diffusion.loss with diffusion.process="flow": tau = sigmoid(m + s z) shifted,
-    x_tau = (1 - tau) x0 + tau eps, the network at t = tau T - 1, |u_hat - (eps - x0)|^2."""
+    x_tau = (1 - tau) x0 + tau eps, the network at t = tau T - 1, |u_hat - (eps - x0)|^2 with
+    u_hat the output, or (JiT, prediction x0) (x_tau - output) / max(tau, 0.05); the mean -3.5
+    puts some tau under JiT's clip."""
     import sys, os  # noqa: E401
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import tiny_families
@@ -192,8 +292,10 @@ def test_the_familys_flow_loss_is_the_numpy_one():
     config = tiny_families.get_config("flow")
     config.model.text = None          # unconditional: the batch is its images
     config.train.p_uncond = 0.0
-    config.diffusion.flow_logit_mean, config.diffusion.flow_logit_std = 0.3, 0.8
+    config.diffusion.flow_logit_mean, config.diffusion.flow_logit_std = mean, 0.8
+    config.diffusion.prediction = prediction  # "eps": unset, the velocity
     family = families.build(config)
+    assert family.prediction == {"eps": "flow", "x0": "flow_x0"}[prediction]
     params = family.init_params(jax.random.key(0))
     params = jax.tree_util.tree_map(  # a model whose output is not 0 (its last conv is)
         lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
@@ -202,7 +304,7 @@ def test_the_familys_flow_loss_is_the_numpy_one():
     per_example, metrics = family.loss(params, {"image": x0}, key, family.hparams())
     # the same draws, the rest in NumPy (the streams are the family's: 0 time, 1 noise)
     z = np.asarray(jax.random.normal(jax.random.fold_in(key, 0), (5,)), np.float64)
-    tau = 1 / (1 + np.exp(-(0.3 + 0.8 * z)))
+    tau = 1 / (1 + np.exp(-(mean + 0.8 * z)))
     tau = 2.0 * tau / (1 + tau)                                    # shift 2
     eps = np.asarray(jax.random.normal(jax.random.fold_in(key, 1), x0.shape), np.float64)
     x_np = np.asarray(x0, np.float64)
@@ -211,6 +313,9 @@ def test_the_familys_flow_loss_is_the_numpy_one():
                                         jnp.asarray(tau * T - 1, jnp.float32),
                                         family.conditioning.of_batch({"image": x0})),
                      np.float64)
+    if prediction == "x0":
+        assert 0 < np.sum(tau < 0.05) < 5, tau
+        out = (x_tau - out) / np.maximum(tau, 0.05)[:, None, None, None]
     want = np.mean(np.square(out - (eps - x_np)).reshape(5, -1), axis=1)
     np.testing.assert_allclose(np.asarray(per_example), want, rtol=2e-5)
     assert set(metrics) >= {"loss_q0", "loss_q3"}

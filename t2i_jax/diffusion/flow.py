@@ -13,6 +13,12 @@ Training time tau: uniform, or logit-normal(m, s) (SD3 sec. 3.1: tau = sigmoid(m
 optionally shifted, tau' = shift tau / (1 + (shift - 1) tau) (SD3 sec. 5.3.2's resolution shift,
 shift = sqrt(m / n) for m pixels against a base of n). Sampling visits tau_i = shift(1 - i / N),
 i = 0..N-1, then the data.
+
+The network may instead predict x0 itself ("flow_x0", diffusion.prediction = "x0"; Li & He
+2025, "Back to Basics: Let Denoising Generative Models Denoise", JiT): clean images lie near a
+low-dimensional manifold where the noise does not, so a pixel transformer with large patches
+learns x0 where it struggles to pass eps through. Its loss stays the velocity's (JiT's "x-pred,
+v-loss"): u_hat = (x_tau - x0_hat) / max(tau, TAU_MIN) against u = eps - x0.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
+TAU_MIN = 0.05  # JiT's clip of the velocity's denominator (its t_eps)
 
 
 def shift_time(tau, shift: float):
@@ -75,13 +82,22 @@ def model_time(tau: jax.Array, num_timesteps: int) -> jax.Array:
     return tau * num_timesteps - 1.0
 
 
-def per_example_loss(output: jax.Array, x0: jax.Array, noise: jax.Array) -> jax.Array:
-    """Returns mean((output - (noise - x0))^2) over every non-batch axis [B], in float32."""
+def per_example_loss(output: jax.Array, x0: jax.Array, noise: jax.Array,
+                     tau: jax.Array = None, prediction: str = "flow") -> jax.Array:
+    """Returns mean((u_hat - (noise - x0))^2) over every non-batch axis [B], in float32: u_hat
+    the output ("flow"), or (x_tau - output) / max(tau, TAU_MIN) for an x0 output ("flow_x0",
+    tau [B] needed)."""
     if output.shape != x0.shape or noise.shape != x0.shape:
         raise ValueError(f"output {output.shape}, x0 {x0.shape} and noise {noise.shape} must "
                          "have the same shape.")
-    target = noise.astype(jnp.float32) - x0.astype(jnp.float32)
-    err = jnp.square(output.astype(jnp.float32) - target)
+    x0, noise, u_hat = (a.astype(jnp.float32) for a in (x0, noise, output))
+    if prediction == "flow_x0":
+        tau = jnp.asarray(tau, jnp.float32)
+        tau_b = tau.reshape(tau.shape + (1,) * (x0.ndim - 1))
+        u_hat = (interpolate(x0, noise, tau) - u_hat) / jnp.maximum(tau_b, TAU_MIN)
+    elif prediction != "flow":
+        raise ValueError(f"a flow model predicts 'flow' (u) or 'flow_x0', not {prediction!r}.")
+    err = jnp.square(u_hat - (noise - x0))
     return jnp.mean(err.reshape(err.shape[0], -1), axis=1)
 
 

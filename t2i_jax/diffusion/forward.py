@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from t2i_jax.diffusion.schedules import Schedule
 
-PREDICTIONS = ("eps", "x0", "v", "flow")
+PREDICTIONS = ("eps", "x0", "v", "flow", "flow_x0")
+FLOW_PREDICTIONS = ("flow", "flow_x0")  # a flow model's: u = eps - x0, or x0 itself (JiT)
 
 
 def check_timesteps(x: jax.Array, t: jax.Array, name: str = "x") -> None:
@@ -94,7 +95,7 @@ def flow_scale(alpha_bar):
 
 def model_input(x_t, alpha_bar, prediction: str):
     """What the network reads for x_t at abar: x_t itself, or a flow model's point x_t / n."""
-    if prediction != "flow":
+    if prediction not in FLOW_PREDICTIONS:
         return x_t
     return x_t * flow_scale(alpha_bar)[0].astype(x_t.dtype)
 
@@ -106,7 +107,8 @@ def check_prediction(prediction: str) -> None:
 
 def eps_and_x0(output: jax.Array, x_t: jax.Array, alpha_bar: jax.Array, prediction: str):
     """Returns (eps_hat, x0_hat) from a model output that predicts `prediction` (eps, x0, v, or
-    flow's u = eps - x0 at the point x = x_t / n: eps = x + (1 - tau) u, x0 = x - tau u)."""
+    flow's u = eps - x0 at the point x = x_t / n: eps = x + (1 - tau) u, x0 = x - tau u; a
+    flow_x0 model's output is x0 read at that point, and eps follows as for x0)."""
     check_prediction(prediction)
     if prediction == "flow":
         inv_n, tau = flow_scale(alpha_bar)
@@ -114,7 +116,7 @@ def eps_and_x0(output: jax.Array, x_t: jax.Array, alpha_bar: jax.Array, predicti
         return x + (1.0 - tau) * output, x - tau * output
     if prediction == "eps":
         return output, x0_from_eps(x_t, output, alpha_bar)
-    if prediction == "x0":
+    if prediction in ("x0", "flow_x0"):
         return eps_from_x0(x_t, output, alpha_bar), output
     return eps_from_v(x_t, output, alpha_bar), x0_from_v(x_t, output, alpha_bar)
 
@@ -124,7 +126,7 @@ def prediction_target(x0: jax.Array, eps: jax.Array, alpha_bar: jax.Array, predi
     check_prediction(prediction)
     if prediction == "eps":
         return eps
-    if prediction == "x0":
+    if prediction in ("x0", "flow_x0"):
         return x0
     if prediction == "flow":
         return eps - x0

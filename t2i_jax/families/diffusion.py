@@ -93,9 +93,10 @@ class FlowConfig:
         if d.get("learn_sigma", False):
             raise ValueError("diffusion.learn_sigma is IDDPM's variance of a VP chain; a flow "
                              "model's sampler is an ODE: drop one of the two.")
-        if d.get("prediction", "eps") not in ("eps", "flow"):
+        if d.get("prediction", "eps") not in ("eps", "flow", "x0"):
             raise ValueError(f"diffusion.prediction={d.prediction!r} is a VP model's target; flow "
-                             "matching predicts u = eps - x0: leave diffusion.prediction unset.")
+                             "matching predicts u = eps - x0 (leave diffusion.prediction unset) "
+                             "or x0 itself (diffusion.prediction='x0', JiT).")
         return cfg
 
 
@@ -155,7 +156,8 @@ class Diffusion(Family):
             raise ValueError(f"train.loss_weighting={t.loss_weighting!r} weighs a VP model's "
                              "timesteps by SNR; flow matching's time density is diffusion."
                              "flow_time: use loss_weighting='uniform'.")
-        loss_cfg = LossConfig(prediction="flow" if flow_cfg else d.prediction,
+        flow_prediction = "flow_x0" if d.prediction == "x0" else "flow"
+        loss_cfg = LossConfig(prediction=flow_prediction if flow_cfg else d.prediction,
                               weighting=t.loss_weighting,
                               min_snr_gamma=t.min_snr_gamma, p_uncond=t.p_uncond,
                               learn_sigma=learn_sigma, lambda_vlb=lambda_vlb)
@@ -276,7 +278,7 @@ class Diffusion(Family):
         x_tau = flow.interpolate(x0, noise, tau)
         out = self.apply_model(params, x_tau, flow.model_time(tau, T), cond,
                                jax.random.fold_in(key, _DROPOUT), hp)
-        per_example = flow.per_example_loss(out, x0, noise)  # [B]
+        per_example = flow.per_example_loss(out, x0, noise, tau, self.loss_cfg.prediction)  # [B]
         quarter = jnp.minimum(jnp.floor(tau * T), T - 1).astype(jnp.int32)
         return per_example, self.condition_metrics(quarter_means(per_example, quarter, T, "loss"),
                                                    cond)
