@@ -99,7 +99,8 @@ def _get(d: dict, dotted: str):
 LATER_OPTIONS = {"model": {"inpaint": False, "backbone": "unet"},
                  "diffusion": {"learn_sigma": False, "lambda_vlb": 0.001, "process": "vp",
                                "flow_time": "logit_normal", "flow_logit_mean": 0.0,
-                               "flow_logit_std": 1.0, "shift": 1.0}}
+                               "flow_logit_std": 1.0, "shift": 1.0},
+                 "model.dit": {"conv_stem": 0, "conv_head": 0}}
 
 
 def _section(config: dict, key: str):
@@ -116,7 +117,12 @@ def _section(config: dict, key: str):
         defaults["dit"] = section["dit"]  # a UNet model's unused DiT options (and the reverse)
     if key == "model" and section.get("backbone") == "dit" and "unet" in section:
         defaults["unet"] = section["unet"]
-    return {k: v for k, v in section.items() if not (k in defaults and v == defaults[k])}
+    out = {k: v for k, v in section.items() if not (k in defaults and v == defaults[k])}
+    for name, value in out.items():  # a subsection's later options (model.dit)
+        later = LATER_OPTIONS.get(f"{key}.{name}")
+        if later and isinstance(value, dict):
+            out[name] = {k: v for k, v in value.items() if not (k in later and v == later[k])}
+    return out
 
 
 def config_differences(stored: dict, current: dict) -> list[str]:

@@ -2,6 +2,7 @@
 closed form, scan = remat = unrolled, text through cross-attention under the padding mask, the
 Denoiser's choice of backbone, and FSDP never splitting the scanned layer axis (8 CPU devices)."""
 
+import copy
 import dataclasses
 import math
 import os
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t2i_jax import conditioning, sharding
+from t2i_jax import checkpoint, conditioning, sharding
 from t2i_jax.config_utils import load_config
 from t2i_jax.models import dit as dit_lib
 from t2i_jax.models.denoiser import Denoiser, Encoded, ModelConfig
@@ -92,14 +93,24 @@ def _np_unpatches(tokens, p, h, w):
     return out
 
 
-def test_adaln_zero_blocks_are_the_identity_so_the_output_is_the_final_layer_of_the_embedding():
+def _np_conv3x3(x, d):
+    """A 3x3 'SAME' convolution of x [B, H, W, Ci] by flax's kernel [3, 3, Ci, Co], zero padded."""
+    pad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[1:3]
+    return sum(pad[:, i:i + h, j:j + w] @ d["kernel"][i, j] for i in range(3) for j in range(3)) \
+        + d["bias"]
+
+
+@pytest.mark.parametrize("convs", [False, True], ids=["dit", "conv_stem_and_head"])
+def test_adaln_zero_blocks_are_the_identity_so_the_output_is_the_final_layer_of_the_embedding(convs):
     x, t, context, mask, pooled = _inputs()
-    params = _init(CFG, x, t, context, mask, pooled)
+    cfg = dataclasses.replace(CFG, conv_stem=5, conv_head=3) if convs else CFG
+    params = _init(cfg, x, t, context, mask, pooled)
     final = params["params"]["final_layer"]
     rnd = lambda k, a: 0.3 * jax.random.normal(jax.random.key(k), a.shape)
     final = jax.tree_util.tree_map(lambda a: a + rnd(a.size + 7, a), final)
     params = {"params": dict(params["params"], final_layer=final)}
-    out = np.asarray(_apply(CFG)(params, x, t, context, mask, pooled), np.float64)
+    out = np.asarray(_apply(cfg)(params, x, t, context, mask, pooled), np.float64)
 
     P = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params["params"])
     silu = lambda z: z / (1 + np.exp(-z))
@@ -108,24 +119,34 @@ def test_adaln_zero_blocks_are_the_identity_so_the_output_is_the_final_layer_of_
     c = dense(silu(dense(_np_timestep_embedding(t, CFG.freq_dim), P["t_embed"]["Dense_0"])),
               P["t_embed"]["Dense_1"]) + dense(np.asarray(pooled, np.float64), P["pooled_proj"])
     p = CFG.patch_size
-    h = dense(_np_patches(np.asarray(x, np.float64), p), P["patch_embed"])
+    image = np.asarray(x, np.float64)
+    if convs:  # the stem: conv, SiLU, before patchify
+        image = silu(_np_conv3x3(image, P["conv_stem"]))
+    h = dense(_np_patches(image, p), P["patch_embed"])
     h = h + _mae_pos_embed(CFG.width, S // p)                                   # [B, N, D]
     shift, scale = np.split(dense(silu(c), P["final_layer"]["adaLN"])[:, None], 2, axis=-1)
     norm = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
     want = _np_unpatches(dense(norm * (1 + scale) + shift, P["final_layer"]["linear"]), p, S, S)
+    if convs:  # the head: a conv after unpatchify
+        want = _np_conv3x3(want, P["conv_head"])
     assert np.abs(want).max() > 0.1
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
     # the blocks are not idle: with their adaLN (the gates) away from zero, the output moves
     stack = params["params"][dit_lib.STACK]
     moved = dict(stack, adaLN=jax.tree_util.tree_map(lambda a: a + rnd(a.size, a), stack["adaLN"]))
     moved = {"params": dict(params["params"], **{dit_lib.STACK: moved})}
-    assert np.abs(np.asarray(_apply(CFG)(moved, x, t, context, mask, pooled)) - out).max() > 1e-3
+    assert np.abs(np.asarray(_apply(cfg)(moved, x, t, context, mask, pooled)) - out).max() > 1e-3
 
 
 def test_eps_hat_is_exactly_zero_at_init_and_the_block_layers_differ():
     x, t, context, mask, pooled = _inputs()
     params = _init(CFG, x, t, context, mask, pooled)
     assert np.all(np.asarray(_apply(CFG)(params, x, t, context, mask, pooled)) == 0.0)
+    convs = dataclasses.replace(CFG, conv_stem=4, conv_head=3)  # the head reads the zero Dense
+    conv_params = _init(convs, x, t, context, mask, pooled)
+    assert np.all(np.asarray(_apply(convs)(conv_params, x, t, context, mask, pooled)) == 0.0)
+    assert np.abs(np.asarray(_apply(convs)(_randomize(conv_params), x, t, context, mask,
+                                           pooled))).max() > 1e-2
     q = np.asarray(params["params"][dit_lib.STACK]["self_attn"]["to_q"]["kernel"])  # [depth, D, H, D/H]
     assert q.shape == (CFG.depth, CFG.width, 2, 16) and not np.allclose(q[0], q[1])
 
@@ -150,7 +171,12 @@ def _closed_form(cfg, c_in, context_width=None, pooled=None, embedding=None, aug
     """Parameters of the DiT, Dense by Dense (kernel + bias), from the paper's layers."""
     D, M, p, F = cfg.width, cfg.mlp_width, cfg.patch_size, cfg.freq_dim
     dense = lambda i, o: i * o + o
-    n = dense(p * p * c_in, D)                                # patch embedding
+    stem, head = cfg.conv_stem, cfg.out_channels
+    n = dense(9 * c_in, stem) if stem else 0                  # 3x3 conv stem
+    if cfg.conv_head:                                         # a 3x3 conv after unpatchify
+        n += dense(9 * cfg.conv_head, head)
+        head = cfg.conv_head                                  # what the final Dense emits
+    n += dense(p * p * (stem or c_in), D)                     # patch embedding
     n += dense(F, D) + dense(D, D)                            # t MLP
     n += (dense(F, D) + dense(D, D)) if aug else 0            # augmentation level MLP
     n += dense(pooled, D) if pooled else 0
@@ -161,7 +187,7 @@ def _closed_form(cfg, c_in, context_width=None, pooled=None, embedding=None, aug
     if context_width:
         block += 2 * dense(D, D) + 2 * dense(context_width, D) + 2 * D  # cross q, out; k, v; LN'
     block += dense(D, M) + dense(M, D)                        # MLP
-    final = dense(D, 2 * D) + dense(D, p * p * cfg.out_channels)
+    final = dense(D, 2 * D) + dense(D, p * p * head)
     return n + cfg.depth * block + final
 
 
@@ -170,7 +196,8 @@ def test_parameter_count_is_the_closed_form():
     text = jax.eval_shape(lambda: DiT(CFG).init(jax.random.key(0), x, t, context, mask, pooled))
     assert count_params(text) == _closed_form(CFG, C, context_width=DC, pooled=DC)
     # class-conditional SR inpainting model with an image embedding: every other input
-    cfg = dataclasses.replace(CFG, num_classes=10, mlp_ratio=3.0, depth=2)
+    cfg = dataclasses.replace(CFG, num_classes=10, mlp_ratio=3.0, depth=2, conv_stem=5,
+                              conv_head=3)
     low_res, emb = jnp.zeros((B, S // 2, S // 2, C)), jnp.zeros((B, 7))
     other = jax.eval_shape(lambda: DiT(cfg).init(
         jax.random.key(0), x, t, label=jnp.zeros((B,), jnp.int32), low_res=low_res,
@@ -287,6 +314,13 @@ def test_the_denoiser_builds_the_configured_backbone_and_refuses_unknown_ones():
     del old["backbone"], old["dit"]
     unet_cfg = ModelConfig.from_config(old)
     assert unet_cfg.backbone == "unet" and unet_cfg.out_channels == 1 and unet_cfg.size_multiple == 4
+    # a DiT checkpoint written before the convolutions existed is the DiT without them
+    current = load_config(os.path.join(ROOT, "configs", "digits_dit.py")).to_dict()
+    stored = copy.deepcopy(current)
+    del stored["model"]["dit"]["conv_stem"], stored["model"]["dit"]["conv_head"]
+    assert checkpoint.config_differences(stored, current) == []
+    current["model"]["dit"]["conv_head"] = 8
+    assert checkpoint.config_differences(stored, current) == ["model.dit.conv_head: None -> 8"]
 
 
 def test_a_class_conditional_dit_reads_the_label_and_its_null_row():

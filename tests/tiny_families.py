@@ -23,8 +23,10 @@ the step.
 output channels) and GLIDE's mask-conditioned input (random boxes and strokes), both at once.
 
 "dit" is the tiny diffusion model with a DiT backbone (models/dit.py: 2 scanned blocks of width
-64, cross-attention to the text) in place of the UNet; wide enough that fsdp splits its stack.
-It trains with flow matching (diffusion/flow.py, shift 2), so the shared tests cover both.
+64, cross-attention to the text, a conv stem and head) in place of the UNet; wide enough that
+fsdp splits its stack. It trains with flow matching (diffusion/flow.py, shift 2), so the shared
+tests cover all of these. (It predicts u: after a few steps an x0-predicting model's samples
+are nearly its mean image, which would make the device-invariance test trivially true.)
 "flow" is the tiny UNet model with flow matching alone.
 """
 
@@ -134,8 +136,8 @@ def get_config(name="diffusion"):
     elif name == "dit":
         config.model.backbone = "dit"
         config.model.dit.update(dict(out_channels=1, patch_size=2, width=64, depth=2,
-                                     num_heads=2, freq_dim=32))
-        # and flow matching's process: the shared tests cover both new paths in one entry
+                                     num_heads=2, freq_dim=32, conv_stem=4, conv_head=4))
+        # and flow matching's process: the shared tests cover every new path in one entry
         config.diffusion.process = "flow"
         config.diffusion.shift = 2.0
         config.sample.sampler = "euler"

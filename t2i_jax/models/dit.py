@@ -18,6 +18,15 @@ so every block is exactly the identity at initialisation and eps_hat is exactly 
 low-resolution image and an inpainting model's [known * mask, mask] are concatenated with x_t on
 the channel axis before patchify, as in the UNet; the label table has a null row (num_classes).
 
+Optionally there are convolutions on either side (off by default, as in DiT): `conv_stem` F, a
+3x3 conv to F channels and SiLU before patchify (Xiao et al. 2021, "Early convolutions help
+transformers see better"), and `conv_head` G: the final Dense emits G features a pixel, and
+after unpatchify a 3x3 conv maps them to C_out (with G = C_out, U-ViT's "extra 3x3 conv block
+after the linear projection", Bao et al. 2023, sec. 3.1). With large patches on a small image
+(4x4 at 32x32) they let a token see its neighbours' edges and let the output cross patch seams;
+the head's input is the zero Dense's output and its bias starts at 0, so eps_hat is still 0 at
+init.
+
 Text enters by cross-attention (PixArt-alpha sec. 2.3) rather than MMDiT's joint attention over
 image and text tokens (SD3): it adds O(N L) per block for L text tokens where joint attention
 costs O((N + L)^2) and a second stream of weights; it reads the text encoders' token features
@@ -64,6 +73,10 @@ class DiTConfig:
     dtype: str = "float32"            # computation dtype; parameters stay float32
     remat: bool = False               # rematerialise each block in the backward pass
     scan: bool = True                 # nn.scan over the blocks; False: an unrolled loop
+    conv_stem: int = 0                # > 0: a 3x3 conv to this many channels (+ SiLU) before
+    #                                   patchify (Xiao et al. 2021, early convolutions)
+    conv_head: int = 0                # > 0: the final layer emits this many features a pixel,
+    #                                   a 3x3 conv after unpatchify maps them to out_channels
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLS:
@@ -74,6 +87,9 @@ class DiTConfig:
         if self.width % 4:
             raise ValueError(f"dit.width={self.width} must be a multiple of 4 (the 2-D sin-cos "
                              "position embedding has sin and cos of the row and of the column).")
+        if self.conv_stem < 0 or self.conv_head < 0 or isinstance(self.conv_head, bool):
+            raise ValueError(f"dit.conv_stem={self.conv_stem} and dit.conv_head={self.conv_head} "
+                             "are channel counts >= 0 (0: none).")
         if self.patch_size < 1 or self.depth < 1:
             raise ValueError(f"dit.patch_size={self.patch_size} and dit.depth={self.depth} must "
                              "be >= 1.")
@@ -182,7 +198,8 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm, then a zero-initialised Dense: [B, N, D] -> [B, N, p p C_out]."""
+    """adaLN-modulated LayerNorm, then a zero-initialised Dense: [B, N, D] -> [B, N, p p C_out]
+    (p p conv_head with a conv head)."""
     cfg: DiTConfig
 
     @nn.compact
@@ -191,8 +208,8 @@ class FinalLayer(nn.Module):
         ada = nn.Dense(2 * h.shape[-1], dtype=dtype, kernel_init=zeros_init, name="adaLN")(nn.silu(c))
         shift, scale = jnp.split(ada[:, None, :], 2, axis=-1)  # [B, 1, D]
         h = modulate(_layer_norm(dtype)(h), shift, scale)
-        return nn.Dense(cfg.patch_size ** 2 * cfg.out_channels, dtype=dtype, kernel_init=zeros_init,
-                        name="linear")(h)
+        return nn.Dense(cfg.patch_size ** 2 * (cfg.conv_head or cfg.out_channels), dtype=dtype,
+                        kernel_init=zeros_init, name="linear")(h)
 
 
 def _blocks(cfg: DiTConfig):
@@ -233,7 +250,10 @@ class DiT(nn.Module):
         if known is not None:  # GLIDE's inpainting input: [x_t, known * mask, mask]
             m = known_mask.astype(x.dtype)
             x = jnp.concatenate([x, known.astype(x.dtype) * m, m], -1)
-        patches = patchify(x.astype(dtype), p)                                       # [B, N, p p C]
+        x = x.astype(dtype)
+        if cfg.conv_stem:  # each token sees its patch's neighbours' edges, not only its pixels
+            x = nn.silu(nn.Conv(cfg.conv_stem, (3, 3), dtype=dtype, name="conv_stem")(x))
+        patches = patchify(x, p)                                              # [B, N, p p C']
         h = nn.Dense(d, dtype=dtype, kernel_init=xavier, name="patch_embed")(patches)  # [B, N, D]
         h = h + jnp.asarray(pos_embed_2d(d, height // p, width // p), dtype)
         Block = _blocks(cfg)
@@ -242,5 +262,8 @@ class DiT(nn.Module):
         else:
             for i in range(cfg.depth):
                 h, _ = Block(cfg, deterministic, name=f"block_{i}")(h, c, context, context_mask)
-        out = FinalLayer(cfg, name="final_layer")(h, c)                    # [B, N, p p C_out]
-        return unpatchify(out, p, height, width).astype(jnp.float32)      # [B, H, W, C_out]
+        out = FinalLayer(cfg, name="final_layer")(h, c)                    # [B, N, p p C']
+        out = unpatchify(out, p, height, width)                            # [B, H, W, C']
+        if cfg.conv_head:  # mends the seams between patches; 0 in, 0 out, so still 0 at init
+            out = nn.Conv(cfg.out_channels, (3, 3), dtype=dtype, name="conv_head")(out)
+        return out.astype(jnp.float32)
